@@ -1,0 +1,7 @@
+"""hybridsearch: embedded hybrid retrieval on BGE-M3 (dense + learned sparse + ColBERT + BM25)."""
+
+from ._version import __version__
+from .encode import BGEM3Encoder
+from .representations import Encoded
+
+__all__ = ["BGEM3Encoder", "Encoded", "__version__"]

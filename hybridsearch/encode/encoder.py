@@ -1,0 +1,428 @@
+"""BGE-M3 encoding: one forward pass gives dense, sparse and ColBERT representations.
+
+:class:`BGEM3Encoder` has two faces:
+
+* :meth:`BGEM3Encoder.encode_arrays` returns an :class:`~hybridsearch.representations.Encoded`
+  (arrays only), which is what the engine uses;
+* :meth:`BGEM3Encoder.encode`, :meth:`~BGEM3Encoder.compute_score` and friends reproduce
+  FlagEmbedding's ``BGEM3FlagModel`` API and output formats for users who know it.
+
+Texts are tokenised once, sorted by length so a batch holds texts of similar length, run under
+``torch.inference_mode`` (fp16 on CUDA by default), and put back in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from ..errors import ModelFormatError
+from ..representations import Encoded
+from ..representations import colbert_score as _colbert_score
+from ..representations import lexical_matching_score as _lexical_score
+from . import heads as H
+from .resolve import resolve_model
+from .spec import ModelSpec, known_prefixes, read_max_seq_length, read_pooling
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["query", "passage", "raw"]
+M3_QUERY_MAX_LENGTH = 512
+M3_PASSAGE_MAX_LENGTH = 8192
+
+
+def check_texts(texts: Any, what: str = "texts") -> list[str]:
+    """Validate a non-empty list of strings; return it as a list."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise TypeError(f"{what} must be a list of strings, got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise ValueError(f"{what} is empty: pass at least one text")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{what}[{i}] is {type(t).__name__}, expected str")
+    return list(texts)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class BGEM3Encoder:
+    """Encoder for BGE-M3 checkpoints and plain Hugging Face encoders.
+
+    Args:
+        model_name_or_path: hub id (``"BAAI/bge-m3"``), or a local folder in the bge-m3 layout
+            (encoder weights, tokenizer, ``colbert_linear.pt``, ``sparse_linear.pt``), or any
+            encoder folder without those heads (then only dense output exists).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
+        dtype: ``"fp32"``, ``"fp16"`` or ``"bf16"``; default fp16 on CUDA and fp32 on CPU.
+        pooling: override the pooling read from the model files (``"cls"``/``"mean"``).
+        query_instruction, passage_instruction: prefixes; default from the model name
+            (none for BGE-M3).
+        query_max_length, passage_max_length: default truncation lengths.
+        batch_size: texts per forward pass (at most; long texts also obey ``max_batch_tokens``).
+        max_batch_tokens: cap on ``batch rows x padded length`` per forward pass.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike = "BAAI/bge-m3",
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        pooling: str | None = None,
+        query_instruction: str | None = None,
+        passage_instruction: str | None = None,
+        query_max_length: int | None = None,
+        passage_max_length: int | None = None,
+        batch_size: int = 64,
+        max_batch_tokens: int = 64 * 512,
+        cache_dir: str | None = None,
+    ) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        if batch_size < 1 or max_batch_tokens < 1:
+            raise ValueError("batch_size and max_batch_tokens must be positive")
+        path = resolve_model(model_name_or_path, cache_dir=cache_dir)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            model = AutoModel.from_pretrained(str(path))
+        except Exception as e:
+            raise ModelFormatError(f"cannot load the encoder in {path}: {type(e).__name__}: {e}") from e
+        hidden = int(model.config.hidden_size)
+        sparse_linear, colbert_linear = H.load_heads(path, hidden)
+        is_m3 = sparse_linear is not None
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = "fp16" if self.device.type == "cuda" else "fp32"
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if dtype not in dtypes:
+            raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+        self.dtype = dtypes[dtype]
+        self.model = model.eval().to(self.device, self.dtype)
+        self.sparse_linear = sparse_linear.to(self.device, self.dtype) if is_m3 else None
+        self.colbert_linear = colbert_linear.to(self.device, self.dtype) if is_m3 else None
+
+        limit = self._position_limit(model.config)
+        st_len = read_max_seq_length(path)
+        q_default = M3_QUERY_MAX_LENGTH if is_m3 else (st_len or 512)
+        p_default = M3_PASSAGE_MAX_LENGTH if is_m3 else (st_len or 512)
+        kq, kp = known_prefixes(str(model_name_or_path))
+        pool = pooling or read_pooling(path, is_m3)
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pool!r}")
+        self.spec = ModelSpec(
+            name=str(model_name_or_path),
+            path=str(path),
+            pooling=pool,
+            has_sparse=is_m3,
+            has_colbert=is_m3,
+            dim=hidden,
+            colbert_dim=int(colbert_linear.out_features) if is_m3 else 0,
+            vocab_size=max(len(self.tokenizer), int(model.config.vocab_size)),
+            query_prefix=kq if query_instruction is None else query_instruction,
+            passage_prefix=kp if passage_instruction is None else passage_instruction,
+            query_max_length=min(query_max_length or q_default, limit),
+            passage_max_length=min(passage_max_length or p_default, limit),
+        )
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        tok = self.tokenizer
+        self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # FlagEmbedding drops these ids from lexical weights.
+        self._unused_ids = np.array(
+            sorted({i for i in (tok.cls_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) if i is not None}),
+            dtype=np.int64,
+        )
+
+    @staticmethod
+    def _position_limit(config) -> int:
+        n = int(getattr(config, "max_position_embeddings", 512) or 512)
+        # RoBERTa-family models offset positions by padding_idx + 1.
+        if getattr(config, "model_type", "") in {"xlm-roberta", "roberta", "camembert", "xlm-roberta-xl"}:
+            n -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+        return max(n, 2)
+
+    # ------------------------------------------------------------------ engine API
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Representations this model has: ``("dense",)`` or ``("dense", "sparse", "colbert")``."""
+        return self.spec.outputs
+
+    def encode_arrays(
+        self,
+        texts: Sequence[str],
+        *,
+        kind: Kind = "passage",
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        dense: bool = True,
+        sparse: bool | None = None,
+        colbert: bool = False,
+        show_progress: bool | None = None,
+    ) -> Encoded:
+        """Encode ``texts`` into arrays, in input order.
+
+        Args:
+            kind: ``"query"`` or ``"passage"`` pick the instruction prefix and default max length;
+                ``"raw"`` adds no prefix and uses the passage length.
+            sparse: default ``True`` when the model has a sparse head.
+        """
+        texts = check_texts(texts)
+        if kind not in ("query", "passage", "raw"):
+            raise ValueError(f"kind must be 'query', 'passage' or 'raw', got {kind!r}")
+        sparse = self.spec.has_sparse if sparse is None else sparse
+        for want, have, name in ((sparse, self.spec.has_sparse, "sparse"), (colbert, self.spec.has_colbert, "colbert")):
+            if want and not have:
+                raise ValueError(
+                    f"model {self.spec.name} has no {name} head (it provides: {', '.join(self.outputs)})"
+                )
+        if not (dense or sparse or colbert):
+            raise ValueError("nothing to compute: set at least one of dense, sparse, colbert")
+        prefix = {"query": self.spec.query_prefix, "passage": self.spec.passage_prefix, "raw": ""}[kind]
+        if max_length is None:
+            max_length = self.spec.query_max_length if kind == "query" else self.spec.passage_max_length
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if prefix:
+            texts = [prefix + t for t in texts]
+        ids = self.tokenizer(
+            texts, truncation=True, max_length=max_length,
+            return_attention_mask=False, return_token_type_ids=False,
+        )["input_ids"]
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
+        if show_progress is None:
+            show_progress = len(texts) >= 256
+        out = self._run(ids, lengths, order, batch_size or self.batch_size, dense, sparse, colbert, show_progress)
+        return out
+
+    def _run(self, ids, lengths, order, batch_size, want_dense, want_sparse, want_colbert, show_progress) -> Encoded:
+        from tqdm.auto import tqdm
+
+        n = len(ids)
+        dense_out = np.zeros((n, self.spec.dim), dtype=np.float32) if want_dense else None
+        sp_rows, sp_cols, sp_vals = [], [], []
+        cb_chunks: list[np.ndarray | None] = [None] * n if want_colbert else []
+        bar = tqdm(total=n, desc="encode", unit="text", disable=not show_progress)
+        start = 0
+        with torch.inference_mode():
+            while start < n:
+                width = int(lengths[order[start]])  # longest in this batch: sorted descending
+                b = max(1, min(batch_size, n - start, self.max_batch_tokens // max(width, 1)))
+                idx = order[start : start + b]
+                try:
+                    d, s, c = self._forward_batch([ids[i] for i in idx], width, want_dense, want_sparse, want_colbert)
+                except RuntimeError as e:
+                    if not _is_oom(e) or b == 1:
+                        raise
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    batch_size = max(1, b // 2)
+                    log.warning("out of memory on a batch of %d; retrying with %d", b, batch_size)
+                    continue
+                if d is not None:
+                    dense_out[idx] = d
+                if s is not None:
+                    r, t, w = s
+                    sp_rows.append(idx[r])
+                    sp_cols.append(t)
+                    sp_vals.append(w)
+                if c is not None:
+                    ends = np.cumsum(lengths[idx] - 1)
+                    for j, piece in enumerate(np.split(c, ends[:-1])):
+                        cb_chunks[idx[j]] = piece
+                start += b
+                bar.update(b)
+        bar.close()
+        sparse_out = self._build_csr(sp_rows, sp_cols, sp_vals, n) if want_sparse else None
+        cb, offs = None, None
+        if want_colbert:
+            offs = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(lengths - 1, out=offs[1:])
+            cb = np.concatenate(cb_chunks, axis=0) if n else np.zeros((0, self.spec.colbert_dim), np.float32)
+        return Encoded(dense=dense_out, sparse=sparse_out, colbert=cb, colbert_offsets=offs, n_tokens=lengths)
+
+    def _forward_batch(self, batch_ids, width, want_dense, want_sparse, want_colbert):
+        b = len(batch_ids)
+        input_ids = np.full((b, width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((b, width), dtype=np.int64)
+        for j, row in enumerate(batch_ids):
+            input_ids[j, : len(row)] = row
+            mask[j, : len(row)] = 1
+        t_ids = torch.from_numpy(input_ids).to(self.device)
+        t_mask = torch.from_numpy(mask).to(self.device)
+        h = self.model(input_ids=t_ids, attention_mask=t_mask, return_dict=True).last_hidden_state
+        d = s = c = None
+        if want_dense:
+            d = H.pool_dense(h, t_mask, self.spec.pooling).float().cpu().numpy()
+        if want_sparse:
+            w = H.token_weights(h, self.sparse_linear).float().cpu().numpy()
+            keep = (mask == 1) & (w > 0) & ~np.isin(input_ids, self._unused_ids)
+            r, p = np.nonzero(keep)
+            s = (r, input_ids[r, p], w[r, p])
+        if want_colbert:
+            v = H.colbert_vectors(h, t_mask, self.colbert_linear).float().cpu().numpy()
+            c = v[mask[:, 1:] == 1]  # row-major: each text's n-1 vectors, texts in batch order
+        return d, s, c
+
+    def _build_csr(self, rows, cols, vals, n) -> sp.csr_matrix:
+        """COO pieces -> CSR, keeping the maximum weight of a token id repeated in one text."""
+        V = self.spec.vocab_size
+        if rows:
+            r = np.concatenate(rows).astype(np.int64)
+            t = np.concatenate(cols).astype(np.int64)
+            w = np.concatenate(vals).astype(np.float32)
+        else:
+            r = t = np.zeros(0, np.int64)
+            w = np.zeros(0, np.float32)
+        key = r * V + t
+        o = np.argsort(key, kind="stable")
+        key, w = key[o], w[o]
+        first = np.ones(len(key), dtype=bool)
+        first[1:] = key[1:] != key[:-1]
+        starts = np.flatnonzero(first)
+        ukey = key[starts]
+        uw = np.maximum.reduceat(w, starts) if len(w) else w
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.add.at(indptr, (ukey // V) + 1, 1)
+        np.cumsum(indptr, out=indptr)
+        return sp.csr_matrix((uw, (ukey % V).astype(np.int32), indptr), shape=(n, V))
+
+    # ------------------------------------------------------- FlagEmbedding-compatible API
+
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        return_dense: bool = True,
+        return_sparse: bool | None = None,
+        return_colbert_vecs: bool = False,
+        *,
+        kind: Kind = "raw",
+    ) -> dict[str, Any]:
+        """FlagEmbedding ``BGEM3FlagModel.encode``.
+
+        Returns ``{"dense_vecs": (n, d) float32, "lexical_weights": [{str(id): w}], "colbert_vecs":
+        [(n_i, d) float32]}``; an output not asked for is ``None``. As in FlagEmbedding, a single
+        string gives a single result (a 1-D vector, one dict, one array). ``return_sparse``
+        defaults to whether the model has a sparse head.
+        """
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else sentences
+        enc = self.encode_arrays(
+            texts, kind=kind, batch_size=batch_size, max_length=max_length,
+            dense=return_dense, sparse=return_sparse, colbert=return_colbert_vecs,
+        )
+        out: dict[str, Any] = {
+            "dense_vecs": enc.dense,
+            "lexical_weights": enc.lexical_dicts() if enc.sparse is not None else None,
+            "colbert_vecs": enc.colbert_list() if enc.colbert is not None else None,
+        }
+        if single:
+            out = {k: (v[0] if v is not None else None) for k, v in out.items()}
+        return out
+
+    def encode_queries(self, queries, batch_size=None, max_length=None, return_dense=True,
+                       return_sparse=None, return_colbert_vecs=False):
+        """:meth:`encode` with the query instruction and the query max length."""
+        return self.encode(queries, batch_size, max_length, return_dense, return_sparse,
+                           return_colbert_vecs, kind="query")
+
+    def encode_corpus(self, corpus, batch_size=None, max_length=None, return_dense=True,
+                      return_sparse=None, return_colbert_vecs=False):
+        """:meth:`encode` with the passage instruction and the passage max length."""
+        return self.encode(corpus, batch_size, max_length, return_dense, return_sparse,
+                           return_colbert_vecs, kind="passage")
+
+    @staticmethod
+    def compute_lexical_matching_score(lexical_weights_1, lexical_weights_2):
+        """Sum of ``w1 * w2`` over shared token ids. Two dicts give a float; two lists a matrix."""
+        if isinstance(lexical_weights_1, dict) and isinstance(lexical_weights_2, dict):
+            return _lexical_score(lexical_weights_1, lexical_weights_2)
+        if isinstance(lexical_weights_1, list) and isinstance(lexical_weights_2, list):
+            return np.array([[_lexical_score(a, b) for b in lexical_weights_2] for a in lexical_weights_1])
+        raise TypeError("lexical weights must be two dicts or two lists of dicts")
+
+    @staticmethod
+    def colbert_score(q_reps: np.ndarray, p_reps: np.ndarray) -> float:
+        """Mean over query vectors of the best dot product against the passage vectors."""
+        return _colbert_score(q_reps, p_reps)
+
+    def compute_score(
+        self,
+        sentence_pairs,
+        batch_size: int | None = None,
+        max_query_length: int | None = None,
+        max_passage_length: int | None = None,
+        weights_for_different_modes: Sequence[float] | None = None,
+    ) -> dict[str, Any]:
+        """Score (query, passage) pairs with every channel, as FlagEmbedding's ``compute_score``.
+
+        Returns ``{"colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense"}`` -> list
+        of floats (one pair: floats). Weights are ``[dense, sparse, colbert]``, default all 1.
+        """
+        if not (self.spec.has_sparse and self.spec.has_colbert):
+            raise ValueError(f"compute_score needs the BGE-M3 heads; {self.spec.name} only has: {', '.join(self.outputs)}")
+        single = (isinstance(sentence_pairs, (tuple, list)) and len(sentence_pairs) == 2
+                  and all(isinstance(x, str) for x in sentence_pairs))
+        pairs = [tuple(sentence_pairs)] if single else list(sentence_pairs)
+        if not pairs:
+            raise ValueError("sentence_pairs is empty")
+        for i, p in enumerate(pairs):
+            if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)):
+                raise TypeError(f"sentence_pairs[{i}] must be a (query, passage) pair of strings")
+        w = [1.0, 1.0, 1.0] if weights_for_different_modes is None else [float(x) for x in weights_for_different_modes]
+        if len(w) != 3:
+            raise ValueError("weights_for_different_modes must be [dense, sparse, colbert]")
+        bs = batch_size or self.batch_size
+        qlen = max_query_length or self.spec.query_max_length
+        plen = max_passage_length or self.spec.passage_max_length
+        res: dict[str, list[float]] = {k: [] for k in ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")}
+        with torch.inference_mode():
+            for i in range(0, len(pairs), bs):
+                chunk = pairs[i : i + bs]
+                q = self._padded_reps([self.spec.query_prefix + a for a, _ in chunk], qlen)
+                p = self._padded_reps([self.spec.passage_prefix + b for _, b in chunk], plen)
+                dense = (q["dense"] * p["dense"]).sum(-1)
+                sparse = (q["sparse"] * p["sparse"]).sum(-1)
+                # Padded passage positions are zero vectors and take part in the max, as in
+                # FlagEmbedding; the mean divides by the real query token count.
+                tok = torch.einsum("bin,bjn->bij", q["colbert"], p["colbert"]).max(-1).values
+                colbert = tok.sum(1) / q["mask"][:, 1:].sum(-1)
+                res["dense"] += dense.tolist()
+                res["sparse"] += sparse.tolist()
+                res["colbert"] += colbert.tolist()
+                res["sparse+dense"] += ((sparse * w[1] + dense * w[0]) / (w[0] + w[1])).tolist()
+                res["colbert+sparse+dense"] += ((colbert * w[2] + sparse * w[1] + dense * w[0]) / sum(w)).tolist()
+        if single:
+            return {k: v[0] for k, v in res.items()}
+        return res
+
+    def _padded_reps(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, truncation=True, max_length=max_length, padding=True,
+                             return_token_type_ids=False, return_tensors="pt")
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        h = self.model(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
+        w = H.token_weights(h, self.sparse_linear).float()
+        vocab = torch.zeros(ids.shape[0], self.spec.vocab_size, dtype=w.dtype, device=w.device)
+        vocab = vocab.scatter_reduce(-1, ids, w * mask, reduce="amax")
+        vocab[:, torch.from_numpy(self._unused_ids).to(self.device)] = 0
+        return {
+            "dense": H.pool_dense(h, mask, self.spec.pooling).float(),
+            "sparse": vocab,
+            "colbert": H.colbert_vectors(h, mask, self.colbert_linear).float(),
+            "mask": mask.float(),
+        }
+
+    def __repr__(self) -> str:
+        return f"BGEM3Encoder({self.spec.name!r}, outputs={self.outputs}, device={self.device})"

@@ -1,0 +1,77 @@
+"""Tiny random checkpoints in the exact ``BAAI/bge-m3`` file layout, for tests and benchmarks.
+
+Nothing here touches the network: the tokenizer is trained on the spot with ``tokenizers``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "dense retrieval uses a single vector per text",
+    "sparse retrieval scores shared tokens with learned weights",
+    "colbert compares every query token with every passage token",
+    "bm25 is a classic lexical ranking function from information retrieval",
+    "hybrid search fuses several channels into one ranking",
+    "vectors are stored in faiss and token matrices are memory mapped",
+    "el zorro marrón salta sobre el perro perezoso",
+    "le renard brun saute par dessus le chien paresseux",
+    "der schnelle braune fuchs springt über den faulen hund",
+    "数据检索 混合搜索 向量 稀疏 词元",
+]
+
+
+def train_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
+    """A small Unigram tokenizer with XLM-RoBERTa's special tokens, as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import XLMRobertaTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
+    tok.train_from_iterator((corpus or DEFAULT_CORPUS) * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    return XLMRobertaTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+        cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+        model_max_length=128,
+    )
+
+
+def make_tiny_m3(path: str | Path, *, seed: int = 0, hidden: int = 32, layers: int = 2,
+                 colbert_dim: int | None = None, max_positions: int = 128,
+                 corpus: list[str] | None = None, heads: bool = True) -> Path:
+    """Write a random XLM-RoBERTa encoder, its tokenizer and (if ``heads``) both M3 head files.
+
+    Returns the folder. ``colbert_dim`` defaults to ``hidden``, as in bge-m3.
+    """
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(corpus)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=4, intermediate_size=hidden * 2,
+        max_position_embeddings=max_positions + 2, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, type_vocab_size=1, initializer_range=0.2,
+    )
+    XLMRobertaModel(config).eval().save_pretrained(path)
+    if heads:
+        colbert = torch.nn.Linear(hidden, colbert_dim or hidden)
+        sparse = torch.nn.Linear(hidden, 1)
+        with torch.no_grad():
+            sparse.bias.fill_(0.05)  # so that most, not all, tokens get a positive weight
+        torch.save(colbert.state_dict(), path / "colbert_linear.pt")
+        torch.save(sparse.state_dict(), path / "sparse_linear.pt")
+    return path
