@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 from pathlib import Path
 
 from ..errors import ModelFormatError, ModelNotFoundError
@@ -61,6 +62,23 @@ def check_model_folder(path: Path) -> Path:
     return path
 
 
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None if the hub's host accepts a TCP connection, else why not.
+
+    huggingface_hub retries a failed request with back-off for about half a minute; probing
+    once first keeps an offline machine's error instant.
+    """
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{url.hostname}:{port} unreachable ({e})"
+
+
 def _hub_download(repo_id: str, cache_dir: str | None, local_only: bool) -> Path:
     from huggingface_hub import HfApi, snapshot_download
 
@@ -102,13 +120,14 @@ def resolve_model(name_or_path: str | os.PathLike, cache_dir: str | None = None)
         return check_model_folder(_hub_download(name, cache_dir, local_only=True))
     except Exception as e:  # not cached (or cached incompletely)
         errors.append(f"cache: {type(e).__name__}")
-    if not _truthy(os.environ.get("HF_HUB_OFFLINE")):
+    why_not = "HF_HUB_OFFLINE is set" if _truthy(os.environ.get("HF_HUB_OFFLINE")) else _hub_reachable()
+    if why_not is None:
         try:
             return check_model_folder(_hub_download(name, cache_dir, local_only=False))
         except Exception as e:
             errors.append(f"hub: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     else:
-        errors.append("hub: skipped because HF_HUB_OFFLINE is set")
+        errors.append(f"hub: {why_not}")
     hint = ""
     for short, (module, _) in PACKAGED_MODELS.items():
         if short == name:

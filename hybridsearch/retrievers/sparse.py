@@ -1,0 +1,406 @@
+"""Learned-sparse retrieval over one immutable segment: an inverted index scored by Numba.
+
+The index is the transpose of the documents' ``(n_docs, V)`` lexical-weight matrix, stored as
+postings per term. A query is scored term-at-a-time into a float32 accumulator, in the order of
+the query's CSR entries, which is the order scipy's ``q @ D.T`` uses: scores from :meth:`search`,
+:meth:`score` and :func:`brute_force_topk` are bit-identical, so rankings agree exactly.
+
+Conventions shared by every function here: a document is a hit only if its score is positive
+(it shares a token with the query) and it is allowed; ties are broken by the lower row; result
+slots beyond the hits hold score ``0`` and id ``-1``.
+
+Files written by :meth:`SparsePostings.save` (all plain ``.npy``, never pickled):
+``{prefix}_indptr.npy``, ``{prefix}_docs.npy``, ``{prefix}_weights.npy``,
+``{prefix}_term_max.npy`` and ``{prefix}_n_docs.npy`` (a 0-d int64: trailing empty documents
+cannot be derived from the postings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numba
+import numpy as np
+import scipy.sparse as sp
+from numba import njit, prange
+
+from hybridsearch.errors import IndexFormatError
+
+# Accumulators of this many float32 fit in L2; bigger segments are scored block by block, which
+# also lets a single query use several threads.
+BLOCK_DOCS = 1 << 16
+# Below this many postings a query batch is scored on the calling thread: waking the pool costs
+# more than the work.
+PARALLEL_MIN_POSTINGS = 1 << 17
+
+
+@njit(cache=True, inline="always")
+def _worse(s_a, i_a, s_b, i_b):
+    return s_a < s_b or (s_a == s_b and i_a > i_b)
+
+
+@njit(cache=True)
+def _sift_down(hs, hi, size, pos):
+    # Min-heap on "worse first", so the root is the entry the next better hit evicts.
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            return
+        if child + 1 < size and _worse(hs[child + 1], hi[child + 1], hs[child], hi[child]):
+            child += 1
+        if not _worse(hs[child], hi[child], hs[pos], hi[pos]):
+            return
+        hs[pos], hs[child] = hs[child], hs[pos]
+        hi[pos], hi[child] = hi[child], hi[pos]
+        pos = child
+
+
+@njit(cache=True)
+def _heap_push(hs, hi, size, k, s, i):
+    """Offer ``(s, i)`` to a heap holding ``size`` of at most ``k`` entries; returns the new size."""
+    if size < k:
+        pos = size
+        hs[pos] = s
+        hi[pos] = i
+        while pos > 0:
+            parent = (pos - 1) // 2
+            if not _worse(hs[pos], hi[pos], hs[parent], hi[parent]):
+                break
+            hs[pos], hs[parent] = hs[parent], hs[pos]
+            hi[pos], hi[parent] = hi[parent], hi[pos]
+            pos = parent
+        return size + 1
+    if _worse(hs[0], hi[0], s, i):
+        hs[0] = s
+        hi[0] = i
+        _sift_down(hs, hi, size, 0)
+    return size
+
+
+@njit(cache=True)
+def _heap_drain(hs, hi, size, out_s, out_i):
+    """Write the heap best-first into ``out_s``/``out_i`` (length k), padding with 0 / -1."""
+    out_s[:] = 0.0
+    out_i[:] = -1
+    while size > 0:
+        size -= 1
+        out_s[size] = hs[0]
+        out_i[size] = hi[0]
+        hs[0] = hs[size]
+        hi[0] = hi[size]
+        _sift_down(hs, hi, size, 0)
+
+
+@njit(cache=True)
+def _search_items(indptr, docs, weights, q_indptr, q_idx, q_w, allowed, use_allowed,
+                  n_docs, block, n_blocks, item_lo, item_hi, out_s, out_i):
+    """Score work items ``[item_lo, item_hi)``; item ``q * n_blocks + b`` is query ``q`` over the
+    docs of block ``b``. Writes each item's top-k (k = out_s.shape[1]) into its output row."""
+    k = out_s.shape[1]
+    acc = np.zeros(block, np.float32)
+    # One spare slot: the branch-free record below writes before it knows whether to keep.
+    touched = np.empty(block + 1, np.int32)
+    hs = np.empty(k, np.float32)
+    hi = np.empty(k, np.int64)
+    for item in range(item_lo, item_hi):
+        q = item // n_blocks
+        d_lo = (item % n_blocks) * block
+        d_hi = min(d_lo + block, n_docs)
+        n_touched = 0
+        for e in range(q_indptr[q], q_indptr[q + 1]):
+            w = q_w[e]
+            if w == 0.0:
+                continue
+            t = q_idx[e]
+            p_lo = indptr[t]
+            p_hi = indptr[t + 1]
+            if n_blocks > 1:
+                p_lo += np.searchsorted(docs[p_lo:p_hi], d_lo)
+                p_hi = p_lo + np.searchsorted(docs[p_lo:p_hi], d_hi)
+            for p in range(p_lo, p_hi):
+                d = docs[p] - d_lo
+                old = acc[d]
+                new = old + w * weights[p]
+                acc[d] = new
+                # Branch-free first-touch record; weights are >= 0 so acc never returns to 0.
+                touched[n_touched] = d
+                n_touched += (old == 0.0) & (new > 0.0)
+        size = 0
+        for j in range(n_touched):
+            d = touched[j]
+            s = acc[d]
+            acc[d] = 0.0
+            if use_allowed and not allowed[d_lo + d]:
+                continue
+            size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
+        _heap_drain(hs, hi, size, out_s[item], out_i[item])
+
+
+@njit(cache=True, parallel=True)
+def _search_parallel(indptr, docs, weights, q_indptr, q_idx, q_w, allowed, use_allowed,
+                     n_docs, block, n_blocks, n_chunks, out_s, out_i):
+    n_items = out_s.shape[0]
+    for c in prange(n_chunks):
+        _search_items(indptr, docs, weights, q_indptr, q_idx, q_w, allowed, use_allowed,
+                      n_docs, block, n_blocks, c * n_items // n_chunks,
+                      (c + 1) * n_items // n_chunks, out_s, out_i)
+
+
+@njit(cache=True)
+def _merge_blocks(part_s, part_i, n_blocks, out_s, out_i):
+    """Top-k of each query over its ``n_blocks`` consecutive rows of partial results."""
+    k = out_s.shape[1]
+    hs = np.empty(k, np.float32)
+    hi = np.empty(k, np.int64)
+    for q in range(out_s.shape[0]):
+        size = 0
+        for r in range(q * n_blocks, (q + 1) * n_blocks):
+            for j in range(k):
+                if part_i[r, j] < 0:
+                    break
+                size = _heap_push(hs, hi, size, k, part_s[r, j], part_i[r, j])
+        _heap_drain(hs, hi, size, out_s[q], out_i[q])
+
+
+@njit(cache=True)
+def _score_candidates(indptr, docs, weights, q_idx, q_w, cand):
+    order = np.argsort(cand, kind="mergesort")
+    out = np.zeros(cand.shape[0], np.float32)
+    for e in range(q_idx.shape[0]):
+        w = q_w[e]
+        t = q_idx[e]
+        p = indptr[t]
+        p_hi = indptr[t + 1]
+        # Candidates are visited in increasing row order, so each search resumes where the last
+        # one stopped: a merge of the posting list with the sorted candidates.
+        for j in range(order.shape[0]):
+            if p >= p_hi:
+                break
+            c = order[j]
+            p += np.searchsorted(docs[p:p_hi], cand[c])
+            if p < p_hi and docs[p] == cand[c]:
+                out[c] += w * weights[p]
+    return out
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    # Kernels always see read-only arrays (as loaded memmaps are), so each compiles once.
+    v = np.asarray(a).view()
+    v.flags.writeable = False
+    return v
+
+
+def _as_query_csr(q, vocab_size: int) -> sp.csr_matrix:
+    if not sp.issparse(q):
+        raise TypeError(f"queries must be a scipy.sparse CSR matrix (nq, {vocab_size}), got {type(q)}")
+    if q.ndim != 2 or q.shape[1] != vocab_size:
+        raise ValueError(f"queries have shape {q.shape}; this index has a vocabulary of {vocab_size}")
+    if not np.issubdtype(q.dtype, np.floating):
+        raise TypeError(f"query weights must be floating point, got {q.dtype}")
+    q = sp.csr_matrix(q, dtype=np.float32)
+    if q.nnz and q.data.min() < 0:
+        raise ValueError("query weights must be >= 0 (learned-sparse weights are non-negative)")
+    return q
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def _check_allowed(allowed, n_docs: int) -> tuple[np.ndarray, bool]:
+    if allowed is None:
+        return np.zeros(0, np.bool_), False
+    allowed = np.asarray(allowed)
+    if allowed.dtype != np.bool_:
+        raise TypeError(f"allowed must be a bool mask, got dtype {allowed.dtype}")
+    if allowed.shape != (n_docs,):
+        raise ValueError(f"allowed has shape {allowed.shape}, expected ({n_docs},)")
+    return np.ascontiguousarray(allowed), True
+
+
+class SparsePostings:
+    """Inverted index of one segment's learned-sparse weights.
+
+    Attributes:
+        indptr: ``(V + 1,)`` int64; term ``t`` owns postings ``indptr[t]:indptr[t + 1]``.
+        docs: ``(nnz,)`` int32 local document rows, strictly ascending within each term.
+        weights: ``(nnz,)`` float32 positive document weights, aligned with ``docs``.
+        term_max: ``(V,)`` float32 largest weight of each term (0 for unused terms), an upper
+            bound for pruning.
+        n_docs: number of documents (rows) in the segment, empty ones included.
+    """
+
+    def __init__(self, indptr, docs, weights, term_max, n_docs: int):
+        self.indptr = _readonly(indptr)
+        self.docs = _readonly(docs)
+        self.weights = _readonly(weights)
+        self.term_max = _readonly(term_max)
+        self.n_docs = int(n_docs)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.indptr.shape[0] - 1)
+
+    @classmethod
+    def from_csr(cls, csr) -> SparsePostings:
+        """Build from a ``(n_docs, V)`` scipy CSR of float32 weights (explicit zeros are dropped)."""
+        if not sp.issparse(csr) or csr.ndim != 2:
+            raise TypeError(f"from_csr needs a 2-d scipy.sparse matrix, got {type(csr)}")
+        if not np.issubdtype(csr.dtype, np.floating):
+            raise TypeError(f"document weights must be floating point, got {csr.dtype}")
+        n_docs, vocab = csr.shape
+        if n_docs >= 2**31:
+            raise ValueError("a segment holds fewer than 2**31 documents (rows are int32)")
+        csc = sp.csc_matrix(csr, dtype=np.float32, copy=True)
+        csc.sum_duplicates()  # also sorts rows within each term
+        csc.eliminate_zeros()
+        if csc.nnz and csc.data.min() < 0:
+            raise ValueError("document weights must be >= 0 (learned-sparse weights are non-negative)")
+        term_max = np.zeros(vocab, np.float32)
+        lengths = np.diff(csc.indptr)
+        used = lengths > 0
+        if csc.nnz:
+            term_max[used] = np.maximum.reduceat(csc.data, csc.indptr[:-1][used])
+        return cls(csc.indptr.astype(np.int64), csc.indices.astype(np.int32),
+                   csc.data, term_max, n_docs)
+
+    def save(self, folder: str | Path, prefix: str = "sparse") -> None:
+        """Write the five ``{prefix}_*.npy`` files listed in the module docstring into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, arr in self._files().items():
+            np.save(folder / f"{prefix}_{name}.npy", arr, allow_pickle=False)
+
+    def _files(self) -> dict[str, np.ndarray]:
+        return {"indptr": self.indptr, "docs": self.docs, "weights": self.weights,
+                "term_max": self.term_max, "n_docs": np.array(self.n_docs, np.int64)}
+
+    @classmethod
+    def load(cls, folder: str | Path, prefix: str = "sparse", mmap: bool = True) -> SparsePostings:
+        """Open files written by :meth:`save`; with ``mmap`` the postings stay on disk until read.
+
+        Only O(V) structural checks are made: the postings themselves are trusted, as written by
+        :meth:`save` (an out-of-range row would be read out of bounds by the kernels).
+        """
+        folder = Path(folder)
+        arrs = {}
+        for name in ("indptr", "docs", "weights", "term_max", "n_docs"):
+            path = folder / f"{prefix}_{name}.npy"
+            if not path.is_file():
+                raise IndexFormatError(f"missing {path}; was this segment saved with prefix {prefix!r}?")
+            arrs[name] = np.load(path, mmap_mode="r" if mmap and name != "n_docs" else None,
+                                 allow_pickle=False)
+        expect = {"indptr": np.int64, "docs": np.int32, "weights": np.float32,
+                  "term_max": np.float32, "n_docs": np.int64}
+        for name, dtype in expect.items():
+            if arrs[name].dtype != dtype:
+                raise IndexFormatError(f"{prefix}_{name}.npy has dtype {arrs[name].dtype}, expected {np.dtype(dtype)}")
+        indptr, docs = arrs["indptr"], arrs["docs"]
+        ok = (indptr.ndim == 1 and indptr.shape[0] >= 1 and indptr[0] == 0
+              and indptr[-1] == docs.shape[0] == arrs["weights"].shape[0]
+              and arrs["term_max"].shape == (indptr.shape[0] - 1,) and arrs["n_docs"].ndim == 0
+              and bool(np.all(np.diff(indptr) >= 0)))
+        if not ok:
+            raise IndexFormatError(f"sparse files under {folder} with prefix {prefix!r} are inconsistent")
+        return cls(indptr, docs, arrs["weights"], arrs["term_max"], int(arrs["n_docs"]))
+
+    def search(self, q, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by sparse dot product for a batch of queries.
+
+        Args:
+            q: ``(nq, V)`` scipy CSR of non-negative float query weights.
+            k: number of results per query, >= 1.
+            allowed: ``(n_docs,)`` bool mask, False for deleted or filtered-out rows; None allows all.
+
+        Returns:
+            ``scores`` ``(nq, k)`` float32 and ``ids`` ``(nq, k)`` int64 local rows, best first.
+        """
+        q = _as_query_csr(q, self.vocab_size)
+        k = _check_k(k)
+        allowed, use_allowed = _check_allowed(allowed, self.n_docs)
+        nq = q.shape[0]
+        out_s = np.zeros((nq, k), np.float32)
+        out_i = np.full((nq, k), -1, np.int64)
+        if nq == 0 or self.n_docs == 0:
+            return out_s, out_i
+        q_indptr = _readonly(q.indptr.astype(np.int64))
+        q_idx = _readonly(q.indices.astype(np.int32))
+        q_w = _readonly(q.data)
+        postings = int((self.indptr[q.indices + 1] - self.indptr[q.indices]).sum())
+        threads = numba.get_num_threads()
+        block = min(self.n_docs, BLOCK_DOCS)
+        n_blocks = -(-self.n_docs // block)
+        args = (self.indptr, self.docs, self.weights, q_indptr, q_idx, q_w, _readonly(allowed),
+                use_allowed, self.n_docs, block, n_blocks)
+        part_s, part_i = (out_s, out_i) if n_blocks == 1 else (
+            np.zeros((nq * n_blocks, k), np.float32), np.full((nq * n_blocks, k), -1, np.int64))
+        n_items = nq * n_blocks
+        if threads == 1 or n_items == 1 or postings < PARALLEL_MIN_POSTINGS:
+            _search_items(*args, 0, n_items, part_s, part_i)
+        else:
+            _search_parallel(*args, min(threads, n_items), part_s, part_i)
+        if n_blocks > 1:
+            _merge_blocks(part_s, part_i, n_blocks, out_s, out_i)
+        return out_s, out_i
+
+    def score(self, q_indices: np.ndarray, q_weights: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """Exact scores of one query against chosen rows, equal to what :meth:`search` computes.
+
+        Args:
+            q_indices: ``(e,)`` integer term ids of the query.
+            q_weights: ``(e,)`` non-negative float query weights.
+            cand: ``(c,)`` integer local rows (any order, repeats allowed).
+
+        Returns:
+            ``(c,)`` float32 scores aligned with ``cand`` (0 for rows sharing no term).
+        """
+        q_idx = np.ascontiguousarray(q_indices)
+        q_w = np.ascontiguousarray(q_weights)
+        cand = np.ascontiguousarray(cand)
+        if q_idx.ndim != 1 or q_w.shape != q_idx.shape:
+            raise ValueError(f"q_indices {q_idx.shape} and q_weights {q_w.shape} must be equal 1-d")
+        for name, a in (("q_indices", q_idx), ("cand", cand)):
+            if a.size and not np.issubdtype(a.dtype, np.integer):
+                raise TypeError(f"{name} must be integers, got {a.dtype}")
+        if q_w.size and not np.issubdtype(q_w.dtype, np.floating):
+            raise TypeError(f"q_weights must be floating point, got {q_w.dtype}")
+        if cand.ndim != 1:
+            raise ValueError(f"cand must be 1-d, got shape {cand.shape}")
+        if q_idx.size and (q_idx.min() < 0 or q_idx.max() >= self.vocab_size):
+            raise ValueError(f"q_indices must lie in [0, {self.vocab_size})")
+        if q_w.size and q_w.min() < 0:
+            raise ValueError("query weights must be >= 0")
+        if cand.size and (cand.min() < 0 or cand.max() >= self.n_docs):
+            raise ValueError(f"cand rows must lie in [0, {self.n_docs})")
+        return _score_candidates(self.indptr, self.docs, self.weights,
+                                 _readonly(q_idx.astype(np.int32)),
+                                 _readonly(q_w.astype(np.float32)),
+                                 _readonly(cand.astype(np.int64)))
+
+
+def brute_force_topk(doc_csr, q_csr, k: int, allowed: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Reference for :meth:`SparsePostings.search`: ``q @ doc.T`` densified, then a full sort.
+
+    ``doc_csr`` ``(n_docs, V)``, ``q_csr`` ``(nq, V)``; returns ``(nq, k)`` float32 scores and
+    int64 ids with the module's conventions.
+    """
+    k = _check_k(k)
+    n_docs = doc_csr.shape[0]
+    allowed, use_allowed = _check_allowed(allowed, n_docs)
+    q = _as_query_csr(q_csr, doc_csr.shape[1])
+    dense = (q @ sp.csr_matrix(doc_csr, dtype=np.float32).T).toarray().astype(np.float32)
+    out_s = np.zeros((q.shape[0], k), np.float32)
+    out_i = np.full((q.shape[0], k), -1, np.int64)
+    rows = np.arange(n_docs)
+    for r in range(q.shape[0]):
+        hit = dense[r] > 0
+        if use_allowed:
+            hit &= allowed
+        ids = rows[hit]
+        order = np.lexsort((ids, -dense[r, ids]))[:k]
+        out_s[r, : order.size] = dense[r, ids[order]]
+        out_i[r, : order.size] = ids[order]
+    return out_s, out_i
