@@ -348,9 +348,9 @@ class BM25Index:
         hits = searcher.search(query, limit=limit, offset=offset, count=False).hits
         if not hits:
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        scores = np.fromiter((h[0] for h in hits), np.float32, len(hits))
-        docnos = searcher.fast_field_values(DOCNO, [h[1] for h in hits])
-        return scores, np.asarray(docnos, dtype=np.int64)
+        scores, addresses = zip(*hits)  # C-level unzip: cheaper than two generator passes
+        docnos = searcher.fast_field_values(DOCNO, addresses)
+        return np.array(scores, dtype=np.float32), np.array(docnos, dtype=np.int64)
 
     def search(
         self, queries: list[str], k: int, allowed: np.ndarray | None = None, *, threads: int = 1
