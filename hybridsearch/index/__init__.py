@@ -1,0 +1,1 @@
+"""The hybrid index: segments on disk, a versioned manifest, and the HybridIndex API."""

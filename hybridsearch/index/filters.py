@@ -1,0 +1,90 @@
+"""Metadata filters: equality and ranges on metadata fields, compiled to a bool mask over docnos.
+
+Syntax (all conditions must hold)::
+
+    {"lang": "en"}                          # equality
+    {"year": {"gte": 2000, "lt": 2010}}     # range: gt, gte, lt, lte
+    {"tag": {"in": ["a", "b"]}, "draft": {"ne": True}}
+
+A document without the field fails every condition on it except ``ne``. Ranges only match numbers.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+OPS = {"eq", "ne", "in", "gt", "gte", "lt", "lte"}
+_MISSING = object()
+
+
+def check_filter(flt) -> dict:
+    """Validate the filter's shape; return it (None -> {})."""
+    if flt is None:
+        return {}
+    if not isinstance(flt, dict):
+        raise TypeError(f"filter must be a dict of field -> value or {{op: value}}, got {type(flt).__name__}")
+    for field, cond in flt.items():
+        if not isinstance(field, str):
+            raise TypeError(f"filter field names must be strings, got {field!r}")
+        if isinstance(cond, dict):
+            bad = set(cond) - OPS
+            if bad or not cond:
+                raise ValueError(f"filter on {field!r}: unknown operator(s) {sorted(bad)}; use {sorted(OPS)}")
+            for op in ("gt", "gte", "lt", "lte"):
+                if op in cond and not _is_number(cond[op]):
+                    raise ValueError(f"filter on {field!r}: {op} needs a number, got {cond[op]!r}")
+            if "in" in cond and not isinstance(cond["in"], (list, tuple, set)):
+                raise ValueError(f"filter on {field!r}: 'in' needs a list")
+    return flt
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+class MetadataColumns:
+    """Lazily built per-field columns over all docnos of one index state."""
+
+    def __init__(self, metadata_by_docno):
+        self._meta = metadata_by_docno  # callable: () -> list of dicts, docno order
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def column(self, field: str) -> tuple[np.ndarray, np.ndarray]:
+        """(values as object array with a sentinel for missing, numeric float64 view with NaN)."""
+        if field not in self._cache:
+            metas = self._meta()
+            vals = np.empty(len(metas), dtype=object)
+            vals[:] = [m.get(field, _MISSING) if m else _MISSING for m in metas]
+            num = np.array([float(v) if _is_number(v) else np.nan for v in vals], dtype=np.float64)
+            self._cache[field] = (vals, num)
+        return self._cache[field]
+
+    def mask(self, flt: dict, n: int) -> np.ndarray:
+        out = np.ones(n, dtype=bool)
+        for field, cond in flt.items():
+            vals, num = self.column(field)
+            present = np.array([v is not _MISSING for v in vals], dtype=bool)
+            if not isinstance(cond, dict):
+                cond = {"eq": cond}
+            for op, v in cond.items():
+                if op == "eq":
+                    m = present & _equals(vals, v)
+                elif op == "ne":
+                    m = ~(present & _equals(vals, v))
+                elif op == "in":
+                    m = np.zeros(n, bool)
+                    for x in v:
+                        m |= present & _equals(vals, x)
+                else:
+                    with np.errstate(invalid="ignore"):
+                        m = {"gt": num > v, "gte": num >= v, "lt": num < v, "lte": num <= v}[op]
+                out &= m
+        return out
+
+
+def _equals(vals: np.ndarray, v) -> np.ndarray:
+    # Elementwise ==, but True never equals 1 and lists compare by value.
+    return np.fromiter(((type(x) is type(v) or (_is_number(x) and _is_number(v))) and x == v for x in vals),
+                       dtype=bool, count=len(vals))

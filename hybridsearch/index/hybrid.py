@@ -1,0 +1,647 @@
+"""HybridIndex: add/upsert/delete documents, search every channel, fuse, persist atomically.
+
+Data flow of a hybrid query::
+
+    query --encode once--> dense vec, sparse weights, ColBERT vecs
+      dense top-C (FAISS)  +  sparse top-C (inverted index)  +  BM25 top-C (tantivy)
+      -> union U of docnos -> rescore U with every channel the model has (ColBERT MaxSim incl.)
+      -> fuse (weighted sum or RRF) -> top-k hits
+
+State is an immutable snapshot swapped by writers, so searches never see a half-made commit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..encode import BGEM3Encoder
+from ..errors import IndexFormatError, ModelMismatchError
+from ..fusion import CHANNELS, FusionConfig, fuse
+from ..representations import Encoded
+from ..retrievers.bm25 import BM25Index
+from . import storage as st
+from .filters import MetadataColumns, check_filter
+from .segment import Segment, write_segment
+
+log = logging.getLogger(__name__)
+
+MODES = ("dense", "sparse", "colbert", "bm25", "hybrid")
+# BGE-M3 authors' recommendation for their three channels. BM25's weight for M3 is 0 by default:
+# it could not be measured offline with real M3 weights (see bench/results/scifact.md).
+M3_WEIGHTS = {"dense": 0.4, "sparse": 0.2, "colbert": 0.4, "bm25": 0.0}
+# Dense-only models (e.g. all-MiniLM-L6-v2) + BM25: tuned on SciFact *train* queries
+# (bench/tune_fusion.py); the test split is only used to report.
+DENSE_BM25_WEIGHTS = {"dense": 1.0, "bm25": 0.3}
+DENSE_BM25_NORMALIZE = ("dense", "bm25")
+
+
+@dataclass
+class Hit:
+    """One search result. ``scores`` holds each channel's score, None where it did not see the doc."""
+
+    id: str
+    score: float
+    text: str
+    metadata: dict
+    scores: dict[str, float | None] = field(default_factory=dict)
+    rerank_score: float | None = None
+
+
+@dataclass(frozen=True)
+class _State:
+    manifest: dict
+    segments: tuple[Segment, ...]
+    bases: np.ndarray  # (S,) int64 docno of each segment's row 0
+    alive: np.ndarray  # (next_docno,) bool
+    ids: dict  # id -> docno for live documents
+    columns: MetadataColumns
+
+    @property
+    def next_docno(self) -> int:
+        return int(self.manifest["next_docno"])
+
+    def locate(self, docnos: np.ndarray) -> np.ndarray:
+        """Segment index of each docno."""
+        return np.searchsorted(self.bases, docnos, side="right") - 1
+
+
+class HybridIndex:
+    """A folder holding every representation of a document collection. See the module docstring."""
+
+    def __init__(self, path: Path, encoder: BGEM3Encoder, manifest: dict):
+        self.path = path
+        self.encoder = encoder
+        self._lock = threading.RLock()
+        self._bm25: BM25Index | None = None
+        self._state = self._load_state(manifest)
+
+    # ---------------------------------------------------------------- create / open
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, model: str | BGEM3Encoder = "BAAI/bge-m3", *,
+               dense_factory: str = "Flat", bm25: bool = True, exist_ok: bool = False) -> HybridIndex:
+        """Make a new, empty index folder for ``model`` (a name/path or a loaded encoder)."""
+        path = Path(path)
+        if (path / st.MANIFEST).exists():
+            if exist_ok:
+                return cls.open(path, model)
+            raise FileExistsError(f"{path} already holds an index; use HybridIndex.open")
+        if path.exists() and any(path.iterdir()):
+            raise FileExistsError(f"{path} exists and is not empty; refusing to write an index there")
+        encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(model)
+        from ..retrievers.dense import _min_train  # noqa: F401 - validates lazily below
+        import faiss
+
+        try:
+            faiss.index_factory(encoder.spec.dim, dense_factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(f"invalid FAISS factory string {dense_factory!r}") from e
+        spec = encoder.spec
+        model_info = {
+            "name": spec.name, "fingerprint": st.model_fingerprint(spec.path), "dim": spec.dim,
+            "colbert_dim": spec.colbert_dim, "vocab_size": spec.vocab_size, "pooling": spec.pooling,
+            "outputs": list(spec.outputs),
+        }
+        channels = {"dense": {"factory": dense_factory}, "sparse": spec.has_sparse,
+                    "colbert": spec.has_colbert, "bm25": bool(bm25)}
+        path.mkdir(parents=True, exist_ok=True)
+        m = st.new_manifest(model_info, channels)
+        if bm25:
+            m["bm25"] = "bm25-000000"
+            BM25Index.create(path / m["bm25"]).close()
+        st.write_json_durable(path / st.MANIFEST, m)
+        st.fsync_dir(path)
+        return cls(path, encoder, m)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, model: str | BGEM3Encoder | None = None) -> HybridIndex:
+        """Open an existing index; ``model`` defaults to the one recorded in the manifest."""
+        path = Path(path)
+        m = st.read_manifest(path)
+        encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(model or m["model"]["name"])
+        fp = st.model_fingerprint(encoder.spec.path)
+        want = m["model"]
+        if fp != want["fingerprint"] or encoder.spec.dim != want["dim"]:
+            raise ModelMismatchError(
+                f"{path} was built with model {want['name']!r} (fingerprint {want['fingerprint']}, "
+                f"dim {want['dim']}), but {encoder.spec.name!r} (fingerprint {fp}, dim "
+                f"{encoder.spec.dim}) was given. Open it with the model that built it."
+            )
+        return cls(path, encoder, m)
+
+    def _load_state(self, m: dict) -> _State:
+        segs, bases, base = [], [], 0
+        for entry in m["segments"]:
+            segs.append(Segment.open(self.path, entry, base))
+            bases.append(base)
+            base += int(entry["count"])
+        if base != m["next_docno"]:
+            raise IndexFormatError(f"{self.path}/{st.MANIFEST}: segment counts do not add up to next_docno")
+        alive = np.ones(base, dtype=bool)
+        if m["deleted"]:
+            dead = st.load_npy(self.path / m["deleted"], mmap=False)
+            if dead.size and (dead.min() < 0 or dead.max() >= base):
+                raise IndexFormatError(f"index file corrupted: {self.path / m['deleted']}")
+            alive[dead] = False
+        ids = {}
+        for s in segs:
+            for row, doc_id in enumerate(s.docs["ids"]):
+                if alive[s.base + row]:
+                    ids[doc_id] = s.base + row
+        if m["channels"]["bm25"]:
+            if self._bm25 is None or Path(self._bm25.folder).name != m["bm25"]:
+                if self._bm25 is not None:
+                    self._bm25.close()
+                try:
+                    self._bm25 = BM25Index.open(self.path / m["bm25"])
+                except Exception as e:
+                    raise IndexFormatError(f"BM25 index {self.path / m['bm25']} cannot be opened: {e}") from e
+            else:
+                self._bm25.reload()
+
+        def metadata():
+            return [md for s in segs for md in s.docs["metadata"]]
+
+        return _State(m, tuple(segs), np.array(bases, dtype=np.int64), alive, ids, MetadataColumns(metadata))
+
+    # ---------------------------------------------------------------- writing
+
+    @contextmanager
+    def _writing(self):
+        """Hold the in-process and the on-disk writer lock; reload if another process committed."""
+        with self._lock:
+            with open(self.path / st.LOCK, "a") as lockf:
+                fcntl.flock(lockf, fcntl.LOCK_EX)
+                try:
+                    disk = st.read_manifest(self.path)
+                    if disk["generation"] != self._state.manifest["generation"]:
+                        self._state = self._load_state(disk)
+                    self._cleanup_orphans()
+                    yield
+                finally:
+                    fcntl.flock(lockf, fcntl.LOCK_UN)
+
+    def _cleanup_orphans(self) -> None:
+        """Remove what a crashed writer left: unnamed segments, temp files, uncommitted BM25 docs."""
+        m = self._state.manifest
+        named = {e["name"] for e in m["segments"]} | {m["deleted"], m["bm25"], st.MANIFEST, st.LOCK}
+        for p in self.path.iterdir():
+            if p.name not in named and (p.name.startswith(("seg-", "deleted-", "bm25-")) or p.name.endswith(".tmp")):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if self._bm25 is not None:
+            self._bm25.delete_from(m["next_docno"])
+            self._bm25.commit()
+
+    def add(self, docs: Sequence[Mapping[str, Any]], *, encoded: Encoded | None = None,
+            batch_size: int | None = None, show_progress: bool | None = None) -> int:
+        """Add documents ``{"id": str, "text": str, "metadata": dict (optional)}``; one commit.
+
+        ``encoded`` supplies precomputed representations (in ``docs`` order) instead of running
+        the model. Fails, writing nothing, on a duplicate or already-present id, empty text, bad
+        metadata, or representations of the wrong shape. Returns the number added.
+        """
+        ids, texts, metas = _check_docs(docs)
+        with self._writing():
+            present = [i for i in ids if i in self._state.ids]
+            if present:
+                raise ValueError(f"{len(present)} id(s) already in the index (e.g. {present[:3]}); use upsert")
+            enc = self._encode_docs(texts, encoded, batch_size, show_progress)
+            self._commit(ids, texts, metas, enc, delete_docnos=np.zeros(0, np.int64))
+        return len(ids)
+
+    def upsert(self, docs: Sequence[Mapping[str, Any]], *, encoded: Encoded | None = None,
+               batch_size: int | None = None, show_progress: bool | None = None) -> int:
+        """Add documents, replacing any with the same id; one commit. Returns the number written."""
+        ids, texts, metas = _check_docs(docs)
+        with self._writing():
+            enc = self._encode_docs(texts, encoded, batch_size, show_progress)
+            old = np.array([self._state.ids[i] for i in ids if i in self._state.ids], dtype=np.int64)
+            self._commit(ids, texts, metas, enc, delete_docnos=old)
+        return len(ids)
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete documents by id; one commit. An unknown id is an error and nothing is deleted."""
+        if isinstance(ids, str) or not isinstance(ids, Sequence):
+            raise TypeError("delete() takes a list of ids")
+        with self._writing():
+            unknown = [i for i in ids if i not in self._state.ids]
+            if unknown:
+                raise KeyError(f"{len(unknown)} unknown id(s), nothing deleted: {unknown[:5]}")
+            docnos = np.array(sorted({self._state.ids[i] for i in ids}), dtype=np.int64)
+            self._commit([], [], [], None, delete_docnos=docnos)
+        return len(docnos)
+
+    def _encode_docs(self, texts, encoded, batch_size, show_progress) -> Encoded:
+        spec = self.encoder.spec
+        if encoded is None:
+            return self.encoder.encode_arrays(texts, kind="passage", batch_size=batch_size,
+                                              sparse=spec.has_sparse, colbert=spec.has_colbert,
+                                              show_progress=show_progress)
+        _check_encoded(encoded, len(texts), spec)
+        return encoded
+
+    def _commit(self, ids, texts, metas, enc: Encoded | None, delete_docnos: np.ndarray) -> None:
+        """Write a new generation: segment, deletions, BM25, then switch the manifest."""
+        old = self._state
+        m = json.loads(json.dumps(old.manifest))  # deep copy
+        gen = m["generation"] + 1
+        m["generation"] = gen
+        base = m["next_docno"]
+        if ids:
+            name = f"seg-{gen:06d}"
+            entry = write_segment(self.path / name, ids, texts, metas, enc, m["channels"]["dense"]["factory"])
+            m["segments"].append(entry)
+            m["next_docno"] = base + len(ids)
+            m["counts"]["tokens"] += int(enc.n_tokens.sum())
+        dead = np.flatnonzero(~old.alive).astype(np.int64)
+        if len(delete_docnos):
+            dead = np.union1d(dead, delete_docnos)
+            for s in old.segments:
+                rows = delete_docnos[(delete_docnos >= s.base) & (delete_docnos < s.base + s.count)] - s.base
+                m["counts"]["tokens"] -= int(np.asarray(s.n_tokens)[rows].sum())
+        if len(dead) != int((~old.alive).sum()):
+            m["deleted"] = f"deleted-{gen:06d}.npy"
+            tmp = self.path / (m["deleted"] + ".tmp")
+            st.save_npy(tmp, dead)
+            os.replace(tmp, self.path / m["deleted"])
+        m["counts"]["documents"] = m["next_docno"] - len(dead)
+        m["counts"]["deleted"] = len(dead)
+        if self._bm25 is not None and ids:
+            self._bm25.add(np.arange(base, base + len(ids), dtype=np.int64), texts)
+            self._bm25.commit()
+        st.write_json_durable(self.path / st.MANIFEST, m)
+        st.fsync_dir(self.path)
+        # Committed. Tidy up: BM25 forgets deleted docs (searches filter them anyway).
+        if self._bm25 is not None and len(delete_docnos):
+            self._bm25.delete(delete_docnos)
+            self._bm25.commit()
+        if old.manifest["deleted"] and old.manifest["deleted"] != m["deleted"]:
+            (self.path / old.manifest["deleted"]).unlink(missing_ok=True)
+        self._state = self._load_state(m)
+
+    def compact(self) -> None:
+        """Rewrite all live documents into one segment and a fresh BM25 index; reclaims space."""
+        with self._writing():
+            old = self._state
+            live = np.flatnonzero(old.alive)
+            m = json.loads(json.dumps(old.manifest))
+            gen = m["generation"] + 1
+            m["generation"] = gen
+            m["segments"], m["deleted"] = [], None
+            if len(live):
+                ids, texts, metas, enc = self._gather(old, live)
+                m["segments"].append(write_segment(self.path / f"seg-{gen:06d}", ids, texts, metas, enc,
+                                                   m["channels"]["dense"]["factory"]))
+            m["next_docno"] = len(live)
+            m["counts"].update(documents=len(live), deleted=0)
+            if m["channels"]["bm25"]:
+                m["bm25"] = f"bm25-{gen:06d}"
+                b = BM25Index.create(self.path / m["bm25"])
+                if len(live):
+                    b.add(np.arange(len(live), dtype=np.int64), texts)
+                    b.commit()
+                b.close()
+            st.write_json_durable(self.path / st.MANIFEST, m)
+            st.fsync_dir(self.path)
+            self._state = self._load_state(m)
+            self._cleanup_orphans()
+
+    def _gather(self, state: _State, docnos: np.ndarray):
+        """Stored representations of ``docnos`` as one Encoded (for compaction)."""
+        ids, texts, metas, dense, ntok, csr, cb, cb_off = [], [], [], [], [], [], [], [0]
+        seg_of = state.locate(docnos)
+        for si in np.unique(seg_of):
+            s = state.segments[si]
+            rows = docnos[seg_of == si] - s.base
+            d = s.docs
+            ids += [d["ids"][r] for r in rows]
+            texts += [d["texts"][r] for r in rows]
+            metas += [d["metadata"][r] for r in rows]
+            ntok.append(np.asarray(s.n_tokens)[rows])
+            if s.dense is not None:
+                dense.append(np.asarray(s.dense[rows]))
+            if s.sparse is not None:
+                p = s.sparse
+                mat = sp.csc_matrix((np.asarray(p.weights), np.asarray(p.docs), np.asarray(p.indptr)),
+                                    shape=(s.count, p.vocab_size)).tocsr()
+                csr.append(mat[rows])
+            if s.colbert is not None:
+                for r in rows:
+                    v = s.colbert.vectors[s.colbert.offsets[r]:s.colbert.offsets[r + 1]]
+                    cb.append(np.asarray(v, dtype=np.float32))
+                    cb_off.append(cb_off[-1] + len(v))
+        enc = Encoded(
+            dense=np.concatenate(dense) if dense else None,
+            sparse=sp.vstack(csr).tocsr() if csr else None,
+            colbert=np.concatenate(cb) if cb else None,
+            colbert_offsets=np.array(cb_off, dtype=np.int64) if cb else None,
+            n_tokens=np.concatenate(ntok),
+        )
+        return ids, texts, metas, enc
+
+    # ---------------------------------------------------------------- reading
+
+    def __len__(self) -> int:
+        return len(self._state.ids)
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self._state.ids
+
+    def get(self, doc_id: str) -> dict:
+        """The stored ``{"id", "text", "metadata"}`` of a live document."""
+        state = self._state
+        if doc_id not in state.ids:
+            raise KeyError(doc_id)
+        return self._doc(state, state.ids[doc_id])
+
+    @staticmethod
+    def _doc(state: _State, docno: int) -> dict:
+        s = state.segments[int(state.locate(np.array([docno]))[0])]
+        r = docno - s.base
+        return {"id": s.docs["ids"][r], "text": s.docs["texts"][r], "metadata": s.docs["metadata"][r]}
+
+    def default_fusion(self) -> FusionConfig:
+        """Defaults by model: BGE-M3's recommended weights, or dense+BM25 tuned on SciFact."""
+        spec = self.encoder.spec
+        if spec.has_sparse or spec.has_colbert:
+            return FusionConfig(weights=dict(M3_WEIGHTS))
+        return FusionConfig(weights=dict(DENSE_BM25_WEIGHTS), normalize=DENSE_BM25_NORMALIZE)
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        c = self._state.manifest["channels"]
+        return tuple(x for x in CHANNELS if (c[x] if x != "dense" else True))
+
+    def search(self, query: str | Sequence[str], k: int = 10, mode: str = "hybrid", *,
+               weights: Mapping[str, float] | None = None, filter: Mapping | None = None,
+               candidates: int = 100, fusion: str = "weighted", normalize: Sequence[str] | None = None,
+               query_encoded: Encoded | None = None):
+        """Search one query (returns ``list[Hit]``) or a batch (returns ``list[list[Hit]]``).
+
+        Args:
+            mode: ``dense``, ``sparse``, ``colbert``, ``bm25`` or ``hybrid``.
+            weights: per-channel weights for hybrid, merged over :meth:`default_fusion`.
+            filter: metadata filter, see :mod:`hybridsearch.index.filters`; applies to every channel.
+            candidates: how many each first-stage channel contributes to the hybrid union.
+            fusion: ``"weighted"`` or ``"rrf"``.
+            normalize: channels min-max normalised per query before a weighted sum.
+            query_encoded: the queries' representations, precomputed with
+                ``encoder.encode_arrays(queries, kind="query", ...)``, to skip encoding.
+        """
+        single = isinstance(query, str)
+        queries = [query] if single else list(query)
+        if not queries or not all(isinstance(q, str) for q in queries):
+            raise TypeError("query must be a string or a non-empty list of strings")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if mode != "hybrid" and mode not in self.channels:
+            raise ValueError(f"this index has no {mode} channel (it has: {', '.join(self.channels)})")
+        base = self.default_fusion()
+        w = dict(base.weights)
+        w.update(weights or {})
+        cfg = FusionConfig(weights=w, method="rrf" if fusion == "rrf" else fusion,
+                           normalize=tuple(normalize) if normalize is not None else base.normalize)
+        state = self._state
+        allowed = state.alive.copy()
+        flt = check_filter(filter)
+        if flt:
+            allowed &= state.columns.mask(flt, len(allowed))
+        if query_encoded is not None and len(query_encoded) != len(queries):
+            raise ValueError(f"query_encoded holds {len(query_encoded)} queries, {len(queries)} given")
+        results = self._search(state, queries, k, mode, cfg, allowed, max(candidates, k), query_encoded)
+        return results[0] if single else results
+
+    def _search(self, state, queries, k, mode, cfg, allowed, C, q=None) -> list[list[Hit]]:
+        spec = self.encoder.spec
+        need_dense = mode in ("dense", "hybrid")
+        need_sparse = spec.has_sparse and mode in ("sparse", "hybrid")
+        need_colbert = spec.has_colbert and mode in ("colbert", "hybrid")
+        if q is None and (need_dense or need_sparse or need_colbert):
+            q = self.encoder.encode_arrays(queries, kind="query", dense=need_dense, sparse=need_sparse,
+                                           colbert=need_colbert, show_progress=False)
+        if mode == "dense":
+            return self._hits(state, *self._dense_topk(state, q.dense, k, allowed), "dense")
+        if mode == "sparse":
+            return self._hits(state, *self._sparse_topk(state, q.sparse, k, allowed), "sparse")
+        if mode == "colbert":
+            rows = [self._colbert_topk(state, q.colbert_of(i), k, allowed) for i in range(len(queries))]
+            return self._hits(state, np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), "colbert")
+        if mode == "bm25":
+            return self._hits(state, *self._bm25_topk(state, queries, k, allowed), "bm25")
+        return self._hybrid(state, queries, q, k, cfg, allowed, C)
+
+    def _hybrid(self, state, queries, q, k, cfg, allowed, C) -> list[list[Hit]]:
+        spec = self.encoder.spec
+        firsts = [self._dense_topk(state, q.dense, C, allowed)]
+        if spec.has_sparse:
+            firsts.append(self._sparse_topk(state, q.sparse, C, allowed))
+        bm = self._bm25_topk(state, queries, C, allowed) if self._bm25 is not None else None
+        if bm is not None:
+            firsts.append(bm)
+        out = []
+        for j in range(len(queries)):
+            union = np.unique(np.concatenate([ids[j][ids[j] >= 0] for _, ids in firsts]))
+            if len(union) == 0:
+                out.append([])
+                continue
+            scores = self._rescore(state, q, j, union)
+            if bm is not None:
+                b = np.full(len(union), np.nan, np.float32)
+                ok = bm[1][j] >= 0
+                b[np.searchsorted(union, bm[1][j][ok])] = bm[0][j][ok]
+                scores["bm25"] = b
+            fused = fuse(scores, cfg)
+            top = np.argsort(-fused, kind="stable")[:k]
+            hits = []
+            for t in top:
+                doc = self._doc(state, int(union[t]))
+                ch = {c: (None if np.isnan(s[t]) else float(s[t])) for c, s in scores.items()}
+                hits.append(Hit(doc["id"], float(fused[t]), doc["text"], doc["metadata"], ch))
+            out.append(hits)
+        return out
+
+    def _rescore(self, state, q: Encoded, j: int, union: np.ndarray) -> dict[str, np.ndarray]:
+        """Every model channel's exact score for the docnos in ``union`` (sorted)."""
+        spec = self.encoder.spec
+        res = {"dense": np.empty(len(union), np.float32)}
+        if spec.has_sparse:
+            res["sparse"] = np.empty(len(union), np.float32)
+            qi = q.sparse.indices[q.sparse.indptr[j]:q.sparse.indptr[j + 1]]
+            qw = q.sparse.data[q.sparse.indptr[j]:q.sparse.indptr[j + 1]]
+        if spec.has_colbert:
+            res["colbert"] = np.empty(len(union), np.float32)
+            qc = q.colbert_of(j)
+        seg_of = state.locate(union)
+        for si in np.unique(seg_of):
+            s = state.segments[si]
+            sel = seg_of == si
+            rows = union[sel] - s.base
+            res["dense"][sel] = np.asarray(s.dense[rows]) @ q.dense[j]
+            if spec.has_sparse:
+                res["sparse"][sel] = s.sparse.score(qi, qw, rows)
+            if spec.has_colbert:
+                res["colbert"][sel] = s.colbert.maxsim(qc, rows)
+        return res
+
+    # first-stage channels: each returns (scores (nq, k) float32, docnos (nq, k) int64, -1 = none)
+
+    def _merge(self, parts, nq, k):
+        if not parts:
+            return np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
+        s = np.concatenate([p[0] for p in parts], axis=1)
+        i = np.concatenate([p[1] for p in parts], axis=1)
+        s = np.where(i >= 0, s, -np.inf)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+        s[i < 0] = 0
+        if s.shape[1] < k:
+            pad = k - s.shape[1]
+            s = np.pad(s, ((0, 0), (0, pad)))
+            i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
+        return s.astype(np.float32), i
+
+    def _dense_topk(self, state, qd, k, allowed):
+        parts = []
+        for s in state.segments:
+            sc, ids = s.dense_index.search(qd, k, allowed[s.base:s.base + s.count])
+            parts.append((sc, np.where(ids >= 0, ids + s.base, -1)))
+        return self._merge(parts, len(qd), k)
+
+    def _sparse_topk(self, state, qs, k, allowed):
+        parts = []
+        for s in state.segments:
+            sc, ids = s.sparse.search(qs, k, allowed[s.base:s.base + s.count])
+            parts.append((sc, np.where(ids >= 0, ids + s.base, -1)))
+        return self._merge(parts, qs.shape[0], k)
+
+    def _colbert_topk(self, state, qc, k, allowed):
+        parts = []
+        for s in state.segments:
+            sc, ids = s.colbert.search(qc, k, allowed[s.base:s.base + s.count])
+            parts.append((sc[None], np.where(ids >= 0, ids + s.base, -1)[None]))
+        sc, ids = self._merge(parts, 1, k)
+        return sc[0], ids[0]
+
+    def _bm25_topk(self, state, queries, k, allowed):
+        return self._bm25.search(queries, k, allowed)
+
+    def _hits(self, state, scores, docnos, channel) -> list[list[Hit]]:
+        out = []
+        for srow, drow in zip(scores, docnos):
+            hits = []
+            for s, d in zip(srow, drow):
+                if d < 0:
+                    break
+                doc = self._doc(state, int(d))
+                hits.append(Hit(doc["id"], float(s), doc["text"], doc["metadata"], {channel: float(s)}))
+            out.append(hits)
+        return out
+
+    # ---------------------------------------------------------------- stats
+
+    def stats(self) -> dict:
+        """Documents, tokens, and bytes (total and per live document) for each channel."""
+        state = self._state
+        m = state.manifest
+        n = max(len(state.ids), 1)
+        per = {}
+        prefixes = {"dense": ("dense",), "sparse": ("sparse_",), "colbert": ("colbert_",), "docstore": ("docs.", "n_tokens")}
+        for ch, pref in prefixes.items():
+            b = sum(s.bytes_of(p) for s in state.segments for p in pref)
+            per[ch] = {"bytes": b, "bytes_per_doc": b / n}
+        if self._bm25 is not None:
+            b = self._bm25.disk_bytes()
+            per["bm25"] = {"bytes": b, "bytes_per_doc": b / n}
+        return {
+            "path": str(self.path), "format_version": m["format_version"], "generation": m["generation"],
+            "model": m["model"]["name"], "outputs": m["model"]["outputs"], "channels": list(self.channels),
+            "documents": len(state.ids), "deleted_pending_compaction": int((~state.alive).sum()),
+            "segments": len(state.segments), "tokens": m["counts"]["tokens"], "channel_bytes": per,
+        }
+
+    def verify(self) -> None:
+        """Check every segment file against its recorded sha256; raises IndexFormatError."""
+        for s in self._state.segments:
+            s.verify()
+
+    def close(self) -> None:
+        if self._bm25 is not None:
+            self._bm25.close()
+            self._bm25 = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"HybridIndex({str(self.path)!r}, documents={len(self)}, channels={self.channels})"
+
+
+def _check_docs(docs) -> tuple[list[str], list[str], list[dict]]:
+    """Validate documents before anything is encoded or written."""
+    if isinstance(docs, (str, Mapping)) or not isinstance(docs, Sequence):
+        raise TypeError("documents must be a list of {'id', 'text', 'metadata'} dicts")
+    if not docs:
+        raise ValueError("no documents given")
+    ids, texts, metas = [], [], []
+    for n, d in enumerate(docs):
+        if not isinstance(d, Mapping):
+            raise TypeError(f"document {n} is {type(d).__name__}, expected a dict with id and text")
+        i, t, md = d.get("id"), d.get("text"), d.get("metadata") or {}
+        if not isinstance(i, str) or not i:
+            raise ValueError(f"document {n}: 'id' must be a non-empty string, got {i!r}")
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"document {i!r}: 'text' must be a non-empty string")
+        if not isinstance(md, dict):
+            raise ValueError(f"document {i!r}: 'metadata' must be a dict")
+        try:
+            json.dumps(md, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"document {i!r}: metadata is not JSON-serialisable ({e})") from e
+        ids.append(i)
+        texts.append(t)
+        metas.append(md)
+    seen, dups = set(), []
+    for i in ids:
+        if i in seen:
+            dups.append(i)
+        seen.add(i)
+    if dups:
+        raise ValueError(f"duplicate id(s) in one batch: {sorted(set(dups))[:5]}")
+    return ids, texts, metas
+
+
+def _check_encoded(enc: Encoded, n: int, spec) -> None:
+    if not isinstance(enc, Encoded):
+        raise TypeError("encoded must be a hybridsearch.Encoded")
+    if len(enc) != n:
+        raise ValueError(f"encoded holds {len(enc)} documents, but {n} were given")
+    if enc.dense is None or enc.dense.shape != (n, spec.dim):
+        got = None if enc.dense is None else enc.dense.shape
+        raise ValueError(f"dense vectors must have shape ({n}, {spec.dim}) for model {spec.name}, got {got}")
+    if not np.isfinite(enc.dense).all():
+        raise ValueError("dense vectors contain NaN or infinity")
+    if spec.has_sparse and (enc.sparse is None or enc.sparse.shape != (n, spec.vocab_size)):
+        raise ValueError(f"sparse weights must be a ({n}, {spec.vocab_size}) CSR matrix")
+    if spec.has_colbert:
+        if enc.colbert is None or enc.colbert.ndim != 2 or enc.colbert.shape[1] != spec.colbert_dim:
+            raise ValueError(f"ColBERT vectors must have {spec.colbert_dim} columns")
+        if enc.colbert_offsets is None or len(enc.colbert_offsets) != n + 1:
+            raise ValueError(f"colbert_offsets must have {n + 1} entries")
