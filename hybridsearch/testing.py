@@ -66,12 +66,19 @@ def make_tiny_m3(path: str | Path, *, seed: int = 0, hidden: int = 32, layers: i
         max_position_embeddings=max_positions + 2, pad_token_id=1, bos_token_id=0,
         eos_token_id=2, type_vocab_size=1, initializer_range=0.2,
     )
-    XLMRobertaModel(config).eval().save_pretrained(path)
+    model = XLMRobertaModel(config).eval()
+    model.save_pretrained(path)
     if heads:
         colbert = torch.nn.Linear(hidden, colbert_dim or hidden)
         sparse = torch.nn.Linear(hidden, 1)
+        # A random model's token states share a large common component, so a random sparse head
+        # gives every token the same sign. Centre it on the training corpus instead: about three
+        # tokens in four get a positive weight, the rest are dropped, as with real checkpoints.
         with torch.no_grad():
-            sparse.bias.fill_(0.05)  # so that most, not all, tokens get a positive weight
+            enc = tokenizer(corpus or DEFAULT_CORPUS, padding=True, return_tensors="pt")
+            h = model(**enc).last_hidden_state[enc["attention_mask"].bool()]
+            z = sparse(h).squeeze(-1) - sparse.bias
+            sparse.bias.fill_(-float(torch.quantile(z, 0.25)))
         torch.save(colbert.state_dict(), path / "colbert_linear.pt")
         torch.save(sparse.state_dict(), path / "sparse_linear.pt")
     return path
