@@ -82,3 +82,28 @@ def make_tiny_m3(path: str | Path, *, seed: int = 0, hidden: int = 32, layers: i
         torch.save(colbert.state_dict(), path / "colbert_linear.pt")
         torch.save(sparse.state_dict(), path / "sparse_linear.pt")
     return path
+
+
+def make_tiny_reranker(path: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """Write a random cross-encoder in the ``BAAI/bge-reranker-v2-m3`` layout and its tokenizer.
+
+    The model is an ``XLMRobertaForSequenceClassification`` with ``num_labels=1`` (positions for
+    128 tokens); the tokenizer is :func:`train_tokenizer`'s. Offline. Returns the folder.
+    """
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=4, intermediate_size=hidden * 2, max_position_embeddings=130,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1,
+        initializer_range=0.2, num_labels=1,
+    )
+    model = XLMRobertaForSequenceClassification(config).eval()
+    model.save_pretrained(path)
+    return path
