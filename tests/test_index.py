@@ -190,3 +190,18 @@ def test_stats(index):
     assert s["documents"] == 50 and s["segments"] == 2 and s["tokens"] > 50
     for ch in ("dense", "sparse", "colbert", "bm25", "docstore"):
         assert s["channel_bytes"][ch]["bytes_per_doc"] > 0
+
+
+def test_rerank_stage(index, tmp_path_factory):
+    from hybridsearch.rerank import Reranker
+    from hybridsearch.testing import make_tiny_reranker
+
+    rr = Reranker(make_tiny_reranker(tmp_path_factory.mktemp("rr")), device="cpu")
+    fused = index.search("fox dense ranking", k=8)
+    hits = index.search("fox dense ranking", k=3, reranker=rr, rerank_top=8)
+    want = rr.compute_score([("fox dense ranking", h.text) for h in fused])
+    order = np.argsort(-np.array(want), kind="stable")[:3]
+    assert ids_of(hits) == [fused[i].id for i in order]
+    for h, i in zip(hits, order):
+        assert h.rerank_score == pytest.approx(want[i], abs=1e-5)
+        assert h.score == pytest.approx(fused[i].score, abs=1e-6)  # fused score kept

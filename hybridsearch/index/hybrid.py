@@ -70,6 +70,10 @@ class _State:
     columns: MetadataColumns
 
     @property
+    def all_alive(self) -> bool:
+        return self.manifest["counts"]["deleted"] == 0
+
+    @property
     def next_docno(self) -> int:
         return int(self.manifest["next_docno"])
 
@@ -388,7 +392,7 @@ class HybridIndex:
     def search(self, query: str | Sequence[str], k: int = 10, mode: str = "hybrid", *,
                weights: Mapping[str, float] | None = None, filter: Mapping | None = None,
                candidates: int = 100, fusion: str = "weighted", normalize: Sequence[str] | None = None,
-               query_encoded: Encoded | None = None):
+               query_encoded: Encoded | None = None, reranker=None, rerank_top: int = 50):
         """Search one query (returns ``list[Hit]``) or a batch (returns ``list[list[Hit]]``).
 
         Args:
@@ -400,6 +404,9 @@ class HybridIndex:
             normalize: channels min-max normalised per query before a weighted sum.
             query_encoded: the queries' representations, precomputed with
                 ``encoder.encode_arrays(queries, kind="query", ...)``, to skip encoding.
+            reranker: a :class:`hybridsearch.rerank.Reranker`; when given, the top ``rerank_top``
+                fused hits are rescored by the cross-encoder and returned in its order, each
+                with ``rerank_score`` set and ``score`` still the fused score.
         """
         single = isinstance(query, str)
         queries = [query] if single else list(query)
@@ -417,13 +424,19 @@ class HybridIndex:
         cfg = FusionConfig(weights=w, method="rrf" if fusion == "rrf" else fusion,
                            normalize=tuple(normalize) if normalize is not None else base.normalize)
         state = self._state
-        allowed = state.alive.copy()
         flt = check_filter(filter)
+        # None means "everything": channels then skip mask handling entirely.
+        allowed = None if state.all_alive else state.alive
         if flt:
-            allowed &= state.columns.mask(flt, len(allowed))
+            allowed = state.columns.mask(flt, state.next_docno) & state.alive
         if query_encoded is not None and len(query_encoded) != len(queries):
             raise ValueError(f"query_encoded holds {len(query_encoded)} queries, {len(queries)} given")
-        results = self._search(state, queries, k, mode, cfg, allowed, max(candidates, k), query_encoded)
+        if reranker is not None and (not isinstance(rerank_top, int) or rerank_top < 1):
+            raise ValueError(f"rerank_top must be a positive integer, got {rerank_top!r}")
+        depth = max(k, rerank_top) if reranker is not None else k
+        results = self._search(state, queries, depth, mode, cfg, allowed, max(candidates, depth), query_encoded)
+        if reranker is not None:
+            results = [_rerank(reranker, q, hits, k) for q, hits in zip(queries, results)]
         return results[0] if single else results
 
     def _search(self, state, queries, k, mode, cfg, allowed, C, q=None) -> list[list[Hit]]:
@@ -518,21 +531,21 @@ class HybridIndex:
     def _dense_topk(self, state, qd, k, allowed):
         parts = []
         for s in state.segments:
-            sc, ids = s.dense_index.search(qd, k, allowed[s.base:s.base + s.count])
+            sc, ids = s.dense_index.search(qd, k, _slice(allowed, s))
             parts.append((sc, np.where(ids >= 0, ids + s.base, -1)))
         return self._merge(parts, len(qd), k)
 
     def _sparse_topk(self, state, qs, k, allowed):
         parts = []
         for s in state.segments:
-            sc, ids = s.sparse.search(qs, k, allowed[s.base:s.base + s.count])
+            sc, ids = s.sparse.search(qs, k, _slice(allowed, s))
             parts.append((sc, np.where(ids >= 0, ids + s.base, -1)))
         return self._merge(parts, qs.shape[0], k)
 
     def _colbert_topk(self, state, qc, k, allowed):
         parts = []
         for s in state.segments:
-            sc, ids = s.colbert.search(qc, k, allowed[s.base:s.base + s.count])
+            sc, ids = s.colbert.search(qc, k, _slice(allowed, s))
             parts.append((sc[None], np.where(ids >= 0, ids + s.base, -1)[None]))
         sc, ids = self._merge(parts, 1, k)
         return sc[0], ids[0]
@@ -592,6 +605,21 @@ class HybridIndex:
 
     def __repr__(self) -> str:
         return f"HybridIndex({str(self.path)!r}, documents={len(self)}, channels={self.channels})"
+
+
+def _rerank(reranker, query: str, hits: list[Hit], k: int) -> list[Hit]:
+    """Rescore ``hits`` with a cross-encoder; best ``k`` by reranker score (fused score kept)."""
+    if not hits:
+        return hits
+    scores = reranker.compute_score([(query, h.text) for h in hits])
+    scores = [scores] if isinstance(scores, float) else scores
+    for h, s in zip(hits, scores):
+        h.rerank_score = float(s)
+    return sorted(hits, key=lambda h: -h.rerank_score)[:k]
+
+
+def _slice(allowed: np.ndarray | None, s: Segment) -> np.ndarray | None:
+    return None if allowed is None else allowed[s.base:s.base + s.count]
 
 
 def _check_docs(docs) -> tuple[list[str], list[str], list[dict]]:
