@@ -1,0 +1,653 @@
+"""The HTTP API, over real sockets on 127.0.0.1 (ephemeral ports), on a tiny random BGE-M3 index.
+
+Every response a test receives is checked against the OpenAPI document's schema for its path and
+status when jsonschema is installed.
+"""
+
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from hybridsearch import HybridIndex
+from hybridsearch.server import DEFAULT_MAX_BODY_BYTES, MAX_K, OPENAPI, ROUTES, make_server
+
+WORDS = ["fox", "dog", "river", "cloud", "light", "water", "ranking", "vector", "token", "search"]
+
+
+def make_docs(n, prefix="d", **md):
+    return [{"id": f"{prefix}{i}", "text": f"{WORDS[i % len(WORDS)]} {WORDS[(3 * i + 1) % len(WORDS)]} {prefix}{i}",
+             "metadata": {"i": i, **md}} for i in range(n)]
+
+
+# --------------------------------------------------------------------------- OpenAPI schema checks
+
+try:
+    import jsonschema
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+except ImportError:  # the contract checks need jsonschema; the HTTP tests run without it
+    jsonschema = None
+
+_DOC_URI = "urn:hybridsearch:openapi"
+
+
+def _validator(pointer):
+    reg = Registry().with_resource(_DOC_URI, Resource.from_contents(OPENAPI, default_specification=DRAFT202012))
+    return jsonschema.Draft202012Validator({"$ref": f"{_DOC_URI}#{pointer}"}, registry=reg)
+
+
+def _esc(s):
+    return s.replace("~", "~0").replace("/", "~1")
+
+
+def _deref(obj):
+    while "$ref" in obj:
+        node = OPENAPI
+        for part in obj["$ref"].lstrip("#/").split("/"):
+            node = node[part.replace("~1", "/").replace("~0", "~")]
+        obj = node
+    return obj
+
+
+def response_pointer(path, method, status):
+    """JSON pointer of the documented schema of a response, or None if the status is undocumented."""
+    op = OPENAPI["paths"][path][method.lower()]
+    resp = op["responses"].get(str(status))
+    if resp is None:
+        return None
+    if "$ref" in resp:
+        return resp["$ref"].lstrip("#") + "/content/application~1json/schema"
+    return f"/paths/{_esc(path)}/{method.lower()}/responses/{status}/content/application~1json/schema"
+
+
+def check_against_openapi(path, method, status, body):
+    if path not in OPENAPI["paths"]:
+        assert status == 404 and set(body) == {"error"}
+        return
+    if method.lower() not in OPENAPI["paths"][path]:
+        assert status == 405 and set(body) == {"error"}
+        return
+    pointer = response_pointer(path, method, status)
+    assert pointer is not None, f"{method} {path} answered {status}, which the OpenAPI document does not list"
+    if jsonschema is not None:
+        _validator(pointer).validate(body)
+
+
+# --------------------------------------------------------------------------- client helpers
+
+
+class Client:
+    """Minimal JSON client; one keep-alive connection."""
+
+    def __init__(self, port):
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def request(self, method, path, body=None, raw=None, headers=None, check=True):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        h = {"Content-Type": "application/json", **(headers or {})}
+        self.conn.request(method, path, body=data, headers=h)
+        r = self.conn.getresponse()
+        payload = r.read()
+        out = json.loads(payload) if payload else None
+        if r.getheader("Connection", "").lower() == "close":
+            self.conn.close()
+        if check and method != "HEAD":
+            check_against_openapi(path.split("?")[0], method, r.status, out)
+        return r.status, out, r
+
+    def get(self, path, **kw):
+        s, b, _ = self.request("GET", path, **kw)
+        return s, b
+
+    def post(self, path, body=None, **kw):
+        s, b, _ = self.request("POST", path, body, **kw)
+        return s, b
+
+    def close(self):
+        self.conn.close()
+
+
+@pytest.fixture
+def index(tmp_path, m3_encoder):
+    idx = HybridIndex.create(tmp_path / "idx", m3_encoder)
+    idx.add(make_docs(12))
+    yield idx
+    idx.close()
+
+
+@pytest.fixture
+def log():
+    return io.StringIO()
+
+
+def _start(index, log, **kw):
+    server = make_server(index, "127.0.0.1", 0, log=log, **kw)
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    return server, t
+
+
+@pytest.fixture
+def server(index, log):
+    server, t = _start(index, log)
+    yield server
+    server.shutdown()
+    server.server_close()
+    t.join(10)
+
+
+@pytest.fixture
+def client(server):
+    c = Client(server.server_address[1])
+    yield c
+    c.close()
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_binds_to_loopback_ephemeral_port(server):
+    host, port = server.server_address[:2]
+    assert host == "127.0.0.1" and port > 0
+    assert server.url == f"http://127.0.0.1:{port}"
+
+
+def test_round_trip(client, index):
+    assert client.get("/health") == (200, {"status": "ok", "documents": 12})
+    s, stats = client.get("/stats")
+    assert s == 200 and stats["documents"] == 12 and stats["channels"] == ["dense", "sparse", "colbert", "bm25"]
+
+    s, body = client.post("/search", {"query": "fox river", "k": 3})
+    assert s == 200 and len(body["hits"]) == 3
+    want = index.search("fox river", k=3)
+    assert [h["id"] for h in body["hits"]] == [h.id for h in want]
+    h0 = body["hits"][0]
+    assert h0["score"] == pytest.approx(want[0].score) and h0["text"] == want[0].text
+    assert h0["metadata"] == want[0].metadata and set(h0["scores"]) == {"dense", "sparse", "colbert", "bm25"}
+
+    docs = [{"id": "new1", "text": "zebra quagga savanna", "metadata": {"kind": "animal", "year": 2024}},
+            {"id": "new2", "text": "quagga extinct zebra"}]
+    assert client.post("/add", {"documents": docs}) == (200, {"added": 2, "upsert": False, "documents": 14})
+    s, body = client.post("/search", {"query": "quagga", "k": 5, "mode": "bm25"})
+    assert {h["id"] for h in body["hits"]} == {"new1", "new2"}
+    s, body = client.post("/search", {"query": "zebra", "k": 5, "filter": {"kind": "animal"}})
+    assert [h["id"] for h in body["hits"]] == ["new1"]
+
+    # add of an existing id is refused; upsert replaces
+    s, body = client.post("/add", {"documents": [{"id": "new1", "text": "again"}]})
+    assert s == 400 and "already in the index" in body["error"]
+    s, body = client.post("/add", {"documents": [{"id": "new1", "text": "okapi giraffe"}], "upsert": True})
+    assert (s, body) == (200, {"added": 1, "upsert": True, "documents": 14})
+    assert index.get("new1")["text"] == "okapi giraffe" and index.get("new1")["metadata"] == {}
+
+    assert client.post("/delete", {"ids": ["new1", "new2"]}) == (200, {"deleted": 2, "documents": 12})
+    s, body = client.post("/search", {"query": "quagga okapi", "k": 5, "mode": "bm25"})
+    assert s == 200 and body == {"hits": []}
+    s, body = client.post("/delete", {"ids": ["d1", "nope"]})
+    assert s == 404 and "nope" in body["error"]
+    assert "d1" in index  # nothing deleted
+
+
+def test_search_options(client, index):
+    s, body = client.post("/search", {"query": ["fox", "water cloud"], "k": 2, "mode": "dense"})
+    assert s == 200 and [len(r) for r in body["results"]] == [2, 2]
+    assert [h["id"] for h in body["results"][1]] == [h.id for h in index.search("water cloud", k=2, mode="dense")]
+    for mode in ("dense", "sparse", "colbert", "bm25"):
+        s, body = client.post("/search", {"query": "fox dog", "k": 4, "mode": mode})
+        assert s == 200 and all(set(h["scores"]) == {mode} for h in body["hits"])
+    s, body = client.post("/search", {"query": "fox", "k": 12, "filter": {"i": {"gte": 3, "lt": 6}}})
+    assert sorted(h["metadata"]["i"] for h in body["hits"]) == [3, 4, 5]
+    s, body = client.post("/search", {"query": "fox", "k": 3, "fusion": "rrf", "candidates": 5,
+                                      "weights": {"bm25": 1.0}, "normalize": ["bm25", "dense"]})
+    assert s == 200 and len(body["hits"]) == 3
+    want = index.search("fox", k=3, fusion="rrf", candidates=5, weights={"bm25": 1.0}, normalize=["bm25", "dense"])
+    assert [h["id"] for h in body["hits"]] == [h.id for h in want]
+    assert client.post("/search", {"query": "fox", "weights": None, "filter": None, "normalize": None})[0] == 200
+    s, body = client.post("/search", {"query": "fox", "k": MAX_K})
+    assert s == 200 and len(body["hits"]) == 12
+
+
+def test_keep_alive_survives_errors(client):
+    conn = client.conn
+    assert client.get("/health")[0] == 200
+    sock = conn.sock
+    assert client.post("/nowhere", {"x": 1})[0] == 404
+    assert client.post("/health", {"x": 1})[0] == 405
+    assert client.post("/search", raw=b"{oops")[0] == 400
+    assert client.post("/search", {"query": "fox", "k": 1})[0] == 200
+    assert conn.sock is sock  # the same connection served all of them
+
+
+# --------------------------------------------------------------------------- errors
+
+BAD_BODIES = [
+    ("/search", {"k": 5}),
+    ("/search", {"query": 5}),
+    ("/search", {"query": []}),
+    ("/search", {"query": ["a", 1]}),
+    ("/search", {"query": "x", "k": 0}),
+    ("/search", {"query": "x", "k": MAX_K + 1}),
+    ("/search", {"query": "x", "k": "5"}),
+    ("/search", {"query": "x", "k": True}),
+    ("/search", {"query": "x", "mode": "semantic"}),
+    ("/search", {"query": "x", "fusion": "max"}),
+    ("/search", {"query": "x", "weights": {"splade": 1}}),
+    ("/search", {"query": "x", "weights": {"dense": -1}}),
+    ("/search", {"query": "x", "weights": [1]}),
+    ("/search", {"query": "x", "filter": [1]}),
+    ("/search", {"query": "x", "filter": {"i": {"between": [1, 2]}}}),
+    ("/search", {"query": "x", "filter": {"i": {"gte": "a"}}}),
+    ("/search", {"query": "x", "normalize": ["nope"]}),
+    ("/search", {"query": "x", "candidates": 0}),
+    ("/search", {"query": "x", "extra": 1}),
+    ("/search", ["x"]),
+    ("/add", {"documents": []}),
+    ("/add", {"documents": "x"}),
+    ("/add", {"documents": [{"id": "a"}]}),
+    ("/add", {"documents": [{"id": "", "text": "x"}]}),
+    ("/add", {"documents": [{"id": 3, "text": "x"}]}),
+    ("/add", {"documents": [{"id": "a", "text": "   "}]}),
+    ("/add", {"documents": [{"id": "a", "text": "x", "metadata": [1]}]}),
+    ("/add", {"documents": [{"id": "a", "text": "x", "meta": {}}]}),
+    ("/add", {"documents": [{"id": "a", "text": "x"}], "upsert": "yes"}),
+    ("/add", {"docs": []}),
+    ("/delete", {"ids": []}),
+    ("/delete", {"ids": "d1"}),
+    ("/delete", {"ids": [1]}),
+    ("/delete", {}),
+]
+
+
+@pytest.mark.parametrize("path,body", BAD_BODIES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(BAD_BODIES)])
+def test_wrong_shapes_are_400_and_the_schema_agrees(client, index, path, body):
+    s, out = client.post(path, body)
+    assert s == 400 and isinstance(out["error"], str) and out["error"]
+    assert len(index) == 12
+    if jsonschema is not None:
+        schema = _deref(OPENAPI["paths"][path]["post"]["requestBody"])["content"]["application/json"]["schema"]
+        assert not _validator(schema["$ref"].lstrip("#")).is_valid(body), f"the schema accepts {body}"
+
+
+def test_library_errors_are_400(client, index):
+    s, out = client.post("/add", {"documents": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]})
+    assert s == 400 and "duplicate" in out["error"]
+    s, out = client.post("/add", {"documents": [{"id": "a", "text": "x", "metadata": {"x": {"y": [1, 2]}}},
+                                                {"id": "d3", "text": "y"}]})
+    assert s == 400 and "already" in out["error"]
+    assert "a" not in index and len(index) == 12
+
+
+@pytest.mark.parametrize("raw", [b"{bad", b"", b"   ", b"[1, 2]", b'"text"', b'{"query": NaN}',
+                                 b"\xff\xfe{}", b"[" * 100_000, b'{"query": "x"} trailing'])
+def test_malformed_json_is_400(client, raw):
+    s, out = client.post("/search", raw=raw)
+    assert s == 400 and out["error"]
+    assert client.get("/health")[0] == 200
+
+
+def test_unknown_route_404_and_wrong_method_405(client):
+    for path in ("/", "/searches", "/search/", "/health/x", "/../etc/passwd"):
+        s, out = client.get(path)
+        assert s == 404 and "openapi" in out["error"]
+    s, out, r = client.request("GET", "/search")
+    assert s == 405 and r.getheader("Allow") == "POST"
+    for method in ("PUT", "DELETE", "PATCH"):
+        s, out, r = client.request(method, "/add", {"documents": []})
+        assert s == 405 and r.getheader("Allow") == "POST"
+    s, out, r = client.request("POST", "/stats", {})
+    assert s == 405 and r.getheader("Allow") == "GET"
+    s, out, r = client.request("HEAD", "/health")
+    assert s == 405 and out is None
+    assert client.get("/health?verbose=1")[0] == 200  # query strings are ignored
+
+
+def test_unexpected_error_is_500_and_the_server_lives(client, index, log, monkeypatch):
+    def boom(*a, **kw):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(index, "search", boom)
+    s, out = client.post("/search", {"query": "fox"})
+    assert s == 500 and "RuntimeError" in out["error"] and "kaboom" not in out["error"]
+    assert "Traceback" in log.getvalue() and "kaboom" in log.getvalue()
+    monkeypatch.undo()
+    assert client.post("/search", {"query": "fox", "k": 1})[0] == 200
+
+
+def test_access_log_one_line_per_request(client, log):
+    client.get("/health")
+    client.post("/search", {"query": "fox", "k": 1})
+    client.get("/missing")
+    client.post("/search", raw=b"{")
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 4
+    assert '"GET /health HTTP/1.1" 200' in lines[0] and lines[0].startswith("127.0.0.1 ")
+    assert '"POST /search HTTP/1.1" 200' in lines[1] and lines[1].endswith("ms")
+    assert '"GET /missing HTTP/1.1" 404' in lines[2]
+    assert '"POST /search HTTP/1.1" 400' in lines[3]
+
+
+def test_shutting_down_answers_503(server, client):
+    assert client.get("/health")[0] == 200
+    server.stopping = True
+    s, out, r = client.request("POST", "/search", {"query": "fox"})
+    assert s == 503 and "shutting down" in out["error"] and r.getheader("Connection") == "close"
+    server.stopping = False
+    assert Client(server.server_address[1]).get("/health")[0] == 200
+
+
+def test_missing_content_length_and_chunked(server, client):
+    port = server.server_address[1]
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.putrequest("POST", "/search")
+    c.putheader("Transfer-Encoding", "chunked")
+    c.endheaders()
+    c.send(b"5\r\nhello\r\n0\r\n\r\n")
+    r = c.getresponse()
+    assert r.status == 411 and "Content-Length" in json.loads(r.read())["error"]
+    c.close()
+    s, out = client.post("/search", raw=b"", headers={"Content-Length": "abc"})
+    assert s == 400 and "Content-Length" in out["error"]
+
+
+# --------------------------------------------------------------------------- body limit
+
+
+def _raw_post(port, path, declared, payload, expect_continue=False):
+    """Send headers declaring ``declared`` bytes and then ``payload`` (maybe less); read the answer."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.putrequest("POST", path)
+    c.putheader("Content-Type", "application/json")
+    c.putheader("Content-Length", str(declared))
+    if expect_continue:
+        c.putheader("Expect", "100-continue")
+    c.endheaders()
+    if payload:
+        try:
+            c.send(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may stop listening once it has answered; the answer is what counts
+    r = c.getresponse()
+    out = r.status, json.loads(r.read()), r.getheader("Connection")
+    c.close()
+    return out
+
+
+def test_oversized_body_is_413_before_it_is_read(server, client):
+    port = server.server_address[1]
+    assert server.max_body_bytes == DEFAULT_MAX_BODY_BYTES == 8 * 1024 * 1024
+    t0 = time.monotonic()
+    # declares 9 MiB but sends 1 KiB: the server must answer without waiting for the rest
+    s, out, conn = _raw_post(port, "/add", 9 * 1024 * 1024, b"x" * 1024)
+    assert (s, conn) == (413, "close") and "limit" in out["error"]
+    assert time.monotonic() - t0 < 10
+    # a real 9 MiB body, sent in full
+    s, out, _ = _raw_post(port, "/search", 9 * 1024 * 1024, b" " * (9 * 1024 * 1024))
+    assert s == 413
+    # Expect: 100-continue -> refused before the client sends anything
+    s, out, _ = _raw_post(port, "/add", 100 * 1024 * 1024, b"", expect_continue=True)
+    assert s == 413
+    check_against_openapi("/add", "POST", 413, out)
+    assert client.get("/health") == (200, {"status": "ok", "documents": 12})
+    assert client.post("/search", {"query": "fox", "k": 1})[0] == 200
+
+
+def test_body_limit_is_configurable(index, log):
+    server, t = _start(index, log, max_body_bytes=2048)
+    try:
+        c = Client(server.server_address[1])
+        docs = [{"id": "big", "text": "word " * 1000}]
+        s, out = c.post("/add", {"documents": docs})
+        assert s == 413 and "2048" in out["error"]
+        c = Client(server.server_address[1])
+        assert c.post("/add", {"documents": [{"id": "small", "text": "word"}]})[0] == 200
+        assert "big" not in index and "small" in index
+        c.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        t.join(10)
+    with pytest.raises(ValueError):
+        make_server(index, "127.0.0.1", 0, max_body_bytes=0)
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_searches_while_writing(server, index, tmp_path, m3_encoder):
+    port = server.server_address[1]
+    n_batches, per_batch, n_readers = 4, 5, 3
+    stop = threading.Event()
+    errors, counts = [], [0] * n_readers
+    during_writes = [0]
+    writing = threading.Event()
+
+    def reader(r):
+        c = Client(port)
+        modes = ("hybrid", "dense", "bm25", "sparse")
+        try:
+            for it in range(2000):  # bounded; normally ends when the writer is done
+                if stop.is_set():
+                    break
+                q = ["fox river", "zz3 cloud"][it % 2]
+                s, out, _ = c.request("POST", "/search", {"query": q, "k": 5, "mode": modes[it % 4]})
+                if s != 200 or not isinstance(out.get("hits"), list):
+                    errors.append((s, out))
+                counts[r] += 1
+                if writing.is_set():
+                    during_writes[0] += 1
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+        finally:
+            c.close()
+
+    def writer():
+        c = Client(port)
+        try:
+            writing.set()
+            for b in range(n_batches):
+                docs = [{"id": f"w{b}-{i}", "text": f"zz{b * per_batch + i} cloud water batch",
+                         "metadata": {"batch": b}} for i in range(per_batch)]
+                s, out = c.post("/add", {"documents": docs})
+                if s != 200 or out["added"] != per_batch:
+                    errors.append(("add", s, out))
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+        finally:
+            writing.clear()
+            stop.set()
+            c.close()
+
+    threads = [threading.Thread(target=reader, args=(r,)) for r in range(n_readers)]
+    threads.append(threading.Thread(target=writer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert all(n > 0 for n in counts) and during_writes[0] > 0
+
+    # nothing lost: every added document is live, searchable, and on disk
+    c = Client(port)
+    total = 12 + n_batches * per_batch
+    assert c.get("/health") == (200, {"status": "ok", "documents": total})
+    for b in range(n_batches):
+        s, out = c.post("/search", {"query": "cloud", "k": 10, "mode": "dense", "filter": {"batch": b}})
+        assert s == 200
+        assert sorted(h["id"] for h in out["hits"]) == sorted(f"w{b}-{i}" for i in range(per_batch))
+        j = b * per_batch + 2
+        _, out = c.post("/search", {"query": f"zz{j}", "k": 1, "mode": "bm25"})
+        assert out["hits"][0]["id"] == f"w{b}-2"
+    c.close()
+    again = HybridIndex.open(index.path, m3_encoder)
+    assert len(again) == total and all(f"w{b}-{i}" in again for b in range(n_batches) for i in range(per_batch))
+    again.close()
+
+
+def test_concurrent_writers_are_serialised(server, index):
+    port = server.server_address[1]
+    results = []
+
+    def writer(w):
+        c = Client(port)
+        for b in range(2):
+            results.append(c.post("/add", {"documents": [{"id": f"x{w}-{b}-{i}", "text": f"text {w} {b} {i}"}
+                                                         for i in range(3)]}))
+        c.close()
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert [s for s, _ in results] == [200] * 6
+    assert len(index) == 12 + 18 and index.stats()["generation"] == 1 + 6
+
+
+# --------------------------------------------------------------------------- OpenAPI document
+
+
+def test_openapi_documents_every_route(client):
+    s, doc = client.get("/openapi.json")
+    assert s == 200 and doc == json.loads(json.dumps(OPENAPI))
+    assert doc["openapi"].startswith("3.1")
+    assert set(doc["paths"]) == set(ROUTES)
+    for path, methods in ROUTES.items():
+        assert set(doc["paths"][path]) == {m.lower() for m in methods}
+        for m in methods:
+            op = doc["paths"][path][m.lower()]
+            assert op["operationId"] and op["summary"]
+            codes = set(op["responses"])
+            assert {"200", "405"} <= codes
+            if m == "POST":
+                assert op["requestBody"]["content"]["application/json"]["examples"]
+                assert {"400", "411", "413", "500"} <= codes
+
+    def refs(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "$ref":
+                    yield v
+                else:
+                    yield from refs(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from refs(v)
+
+    for ref in refs(doc):  # every $ref resolves
+        assert _deref({"$ref": ref})
+
+
+def test_openapi_examples_validate():
+    pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(
+        {"$defs": OPENAPI["components"]["schemas"]})
+    n = 0
+    for path, item in OPENAPI["paths"].items():
+        for method, op in item.items():
+            if "requestBody" in op:
+                media = op["requestBody"]["content"]["application/json"]
+                v = _validator(media["schema"]["$ref"].lstrip("#"))
+                for ex in media["examples"].values():
+                    v.validate(ex["value"])
+                    n += 1
+            for status, resp in op["responses"].items():
+                media = _deref(resp).get("content", {}).get("application/json", {})
+                examples = [e["value"] for e in media.get("examples", {}).values()]
+                examples += [media["example"]] if "example" in media else []
+                for ex in examples:
+                    _validator(response_pointer(path, method, status)).validate(ex)
+                    n += 1
+    assert n >= 20
+
+
+def test_openapi_example_requests_run(client):
+    """The documented example requests are accepted by the server (not just by the schema)."""
+    for path in ("/search", "/delete", "/add"):  # the delete example removes d1, d2; add puts them back
+        media = OPENAPI["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        for name, ex in media["examples"].items():
+            s, out = client.post(path, ex["value"])
+            assert s == 200, (path, name, out)
+
+
+# --------------------------------------------------------------------------- serve()
+
+
+def test_serve_opens_serves_and_closes(index, m3_encoder, monkeypatch, capsys):
+    import hybridsearch.server as srv
+
+    index.close()
+    made, opened = [], []
+    real_make, real_open = srv.make_server, HybridIndex.open
+
+    def spy_make(*a, **kw):
+        made.append(real_make(*a, **kw))
+        return made[-1]
+
+    def spy_open(path, model=None):
+        assert model is None  # serve() passes its model argument on
+        opened.append(real_open(path, m3_encoder))
+        return opened[-1]
+
+    monkeypatch.setattr(srv, "make_server", spy_make)
+    monkeypatch.setattr(HybridIndex, "open", staticmethod(spy_open))
+    t = threading.Thread(target=srv.serve, args=(str(index.path),), kwargs={"port": 0}, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not made:
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.05)
+    server = made[0]
+    c = Client(server.server_address[1])
+    assert c.get("/health") == (200, {"status": "ok", "documents": 12})
+    c.close()
+    server.shutdown()
+    t.join(30)
+    assert not t.is_alive()
+    assert opened[0]._bm25 is None  # serve() closed the index
+    err = capsys.readouterr().err
+    assert server.url in err and "server stopped" in err
+
+
+@pytest.mark.slow
+def test_serve_runs_until_sigterm(tmp_path, tiny_m3, index):
+    index.close()
+    with socket.socket() as s:  # a free port for the child (tiny race, fine for a test)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (f"from hybridsearch.server import serve; "
+            f"serve({str(index.path)!r}, port={port}, model={str(tiny_m3)!r})")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                c = Client(port)
+                s, out = c.get("/health")
+                c.close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert (s, out) == (200, {"status": "ok", "documents": 12})
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        err = proc.stderr.read()
+        assert f"http://127.0.0.1:{port}" in err and '"GET /health HTTP/1.1" 200' in err
+        assert "server stopped" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
