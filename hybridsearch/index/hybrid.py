@@ -44,8 +44,12 @@ MODES = ("dense", "sparse", "colbert", "bm25", "hybrid")
 M3_WEIGHTS = {"dense": 0.4, "sparse": 0.2, "colbert": 0.4, "bm25": 0.0}
 # Dense-only models (e.g. all-MiniLM-L6-v2) + BM25: tuned on SciFact *train* queries
 # (bench/tune_fusion.py); the test split is only used to report.
-DENSE_BM25_WEIGHTS = {"dense": 1.0, "bm25": 0.3}
-DENSE_BM25_NORMALIZE = ("dense", "bm25")
+DENSE_BM25_WEIGHTS = {"dense": 1.0, "bm25": 0.7}
+DENSE_BM25_NORMALIZE = ("bm25",)
+# Hybrid first-stage depth per channel. Dense+BM25 gains from a deep union (cheap to rescore);
+# with ColBERT every candidate costs a MaxSim, and BGE-M3's channels already agree closely.
+DENSE_BM25_CANDIDATES = 1000
+M3_CANDIDATES = 100
 
 
 @dataclass
@@ -384,6 +388,11 @@ class HybridIndex:
             return FusionConfig(weights=dict(M3_WEIGHTS))
         return FusionConfig(weights=dict(DENSE_BM25_WEIGHTS), normalize=DENSE_BM25_NORMALIZE)
 
+    def default_candidates(self) -> int:
+        """Hybrid first-stage depth when ``search(candidates=None)``."""
+        spec = self.encoder.spec
+        return M3_CANDIDATES if (spec.has_sparse or spec.has_colbert) else DENSE_BM25_CANDIDATES
+
     @property
     def channels(self) -> tuple[str, ...]:
         c = self._state.manifest["channels"]
@@ -391,7 +400,7 @@ class HybridIndex:
 
     def search(self, query: str | Sequence[str], k: int = 10, mode: str = "hybrid", *,
                weights: Mapping[str, float] | None = None, filter: Mapping | None = None,
-               candidates: int = 100, fusion: str = "weighted", normalize: Sequence[str] | None = None,
+               candidates: int | None = None, fusion: str = "weighted", normalize: Sequence[str] | None = None,
                query_encoded: Encoded | None = None, reranker=None, rerank_top: int = 50):
         """Search one query (returns ``list[Hit]``) or a batch (returns ``list[list[Hit]]``).
 
@@ -399,7 +408,8 @@ class HybridIndex:
             mode: ``dense``, ``sparse``, ``colbert``, ``bm25`` or ``hybrid``.
             weights: per-channel weights for hybrid, merged over :meth:`default_fusion`.
             filter: metadata filter, see :mod:`hybridsearch.index.filters`; applies to every channel.
-            candidates: how many each first-stage channel contributes to the hybrid union.
+            candidates: how many each first-stage channel contributes to the hybrid union
+                (default :meth:`default_candidates`: 100 for BGE-M3, 1000 for dense-only models).
             fusion: ``"weighted"`` or ``"rrf"``.
             normalize: channels min-max normalised per query before a weighted sum.
             query_encoded: the queries' representations, precomputed with
@@ -434,6 +444,10 @@ class HybridIndex:
         if reranker is not None and (not isinstance(rerank_top, int) or rerank_top < 1):
             raise ValueError(f"rerank_top must be a positive integer, got {rerank_top!r}")
         depth = max(k, rerank_top) if reranker is not None else k
+        if candidates is None:
+            candidates = self.default_candidates()
+        if not isinstance(candidates, int) or candidates < 1:
+            raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
         results = self._search(state, queries, depth, mode, cfg, allowed, max(candidates, depth), query_encoded)
         if reranker is not None:
             results = [_rerank(reranker, q, hits, k) for q, hits in zip(queries, results)]
