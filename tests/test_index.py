@@ -205,3 +205,16 @@ def test_rerank_stage(index, tmp_path_factory):
     for h, i in zip(hits, order):
         assert h.rerank_score == pytest.approx(want[i], abs=1e-5)
         assert h.score == pytest.approx(fused[i].score, abs=1e-6)  # fused score kept
+
+
+def test_hnsw_index_with_deletions(tmp_path, m3_encoder):
+    idx = HybridIndex.create(tmp_path / "hnsw", m3_encoder, dense_factory="HNSW32")
+    idx.add(make_docs(40))
+    gone = ids_of(idx.search("fox", k=3, mode="dense"))
+    idx.delete(gone)
+    hits = idx.search("fox", k=40, mode="dense")
+    assert not set(gone) & set(ids_of(hits)) and len(hits) == 37
+    idx.close()
+    with pytest.raises(ValueError, match="factory"):
+        HybridIndex.create(tmp_path / "bad", m3_encoder, dense_factory="Nope")
+    assert not (tmp_path / "bad").exists()

@@ -110,7 +110,6 @@ class HybridIndex:
         if path.exists() and any(path.iterdir()):
             raise FileExistsError(f"{path} exists and is not empty; refusing to write an index there")
         encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(model)
-        from ..retrievers.dense import _min_train  # noqa: F401 - validates lazily below
         import faiss
 
         try:

@@ -1,0 +1,51 @@
+"""Dense channel: FAISS factories, selectors for deleted/filtered rows, against brute force."""
+
+import numpy as np
+import pytest
+
+from hybridsearch.retrievers.dense import DenseIndex
+
+
+def unit(n, d, seed):
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF4,Flat"])
+def test_factories_and_masks(tmp_path, factory):
+    x, q = unit(400, 16, 0), unit(5, 16, 1)
+    di = DenseIndex.build(x, factory)
+    assert di.factory == factory
+    di.save(tmp_path)
+    di = DenseIndex.load(tmp_path, x, factory, use_gpu=False)
+    allowed = np.random.default_rng(2).random(400) < 0.3
+    for mask in (None, allowed):
+        s, i = di.search(q, 10, mask, nprobe=4, ef_search=200)
+        ref = q @ x.T
+        if mask is not None:
+            ref[:, ~mask] = -np.inf
+        want = np.sort(ref, axis=1)[:, ::-1][:, :10]
+        assert (i >= 0).all()
+        if mask is not None:
+            assert mask[i].all()  # never a deleted/filtered row
+        np.testing.assert_allclose(s, np.take_along_axis(q @ x.T, i, 1), atol=1e-5)  # true scores
+        if factory == "Flat":
+            np.testing.assert_allclose(s, want, atol=1e-5)
+        else:  # approximate indexes: high recall on this easy set
+            assert np.mean([len(set(i[r]) & set(np.argsort(-ref[r])[:10])) / 10 for r in range(5)]) >= 0.8
+
+
+def test_small_segment_falls_back_to_flat_and_pads():
+    x = unit(20, 8, 3)
+    di = DenseIndex.build(x, "IVF64,Flat")  # needs 39*64 training points
+    assert di.factory == "Flat"
+    s, i = di.search(unit(2, 8, 4), 30, None)
+    assert (i[:, 20:] == -1).all() and (s[:, 20:] == 0).all()
+    none = np.zeros(20, bool)
+    s, i = di.search(unit(1, 8, 5), 5, none)
+    assert (i == -1).all()
+
+
+def test_bad_factory():
+    with pytest.raises(ValueError, match="factory"):
+        DenseIndex.build(unit(10, 8, 0), "NotAnIndex")
