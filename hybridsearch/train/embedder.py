@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -300,8 +299,8 @@ class EmbedderTrainer:
         q_tok = self.model.tokenize(queries, self.query_max_len)
         p_tok = self.model.tokenize(passages, self.passage_max_len)
         t = torch.as_tensor(teacher, dtype=torch.float32) if teacher is not None else None
-        kw = dict(unified=self.unified, self_distill=self._self_distill_now(), temperature=self.temperature,
-                  in_batch=self.in_batch, teacher=t)
+        kw = {"unified": self.unified, "self_distill": self._self_distill_now(), "temperature": self.temperature,
+                  "in_batch": self.in_batch, "teacher": t}
         chunk = self.sub_batch_size
         if chunk is None or (chunk >= len(queries) and chunk >= len(passages)):
             q = self._encode(q_tok)
