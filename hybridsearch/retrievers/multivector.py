@@ -23,8 +23,9 @@ from hybridsearch.errors import IndexFormatError
 
 # Reassociation lets LLVM vectorise the dot products; no "ninf", since -inf seeds the maxima.
 _FASTMATH = {"reassoc", "contract", "nsz"}
-# Below this many multiply-adds a batch runs on the calling thread: waking the pool costs more.
-PARALLEL_MIN_FLOPS = 1 << 22
+# Below this many multiply-adds (about a millisecond) a batch runs on the calling thread: waking
+# the pool costs microseconds on an idle machine but milliseconds on a busy one.
+PARALLEL_MIN_FLOPS = 1 << 24
 
 
 @intrinsic
@@ -172,11 +173,13 @@ class ColbertStore:
 
     @classmethod
     def from_arrays(cls, vectors: np.ndarray, offsets: np.ndarray) -> ColbertStore:
-        """``vectors`` ``(T, d)`` float32 or float16 (stored as float16), ``offsets`` ``(n_docs + 1,)``."""
+        """``vectors`` ``(T, d)`` float32/16 (stored as float16); ``offsets`` ``(n_docs + 1,)``."""
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
-            raise TypeError(f"vectors must be a 2-d float array, got {vectors.dtype} {vectors.shape}")
-        v16 = np.ascontiguousarray(vectors, dtype=np.float16)
+            raise TypeError(f"vectors must be a 2-d float array, "
+                            f"got {vectors.dtype} {vectors.shape}")
+        with np.errstate(over="ignore"):  # overflow is reported below, as an error
+            v16 = np.ascontiguousarray(vectors, dtype=np.float16)
         if not np.isfinite(v16).all():
             raise ValueError("vectors must be finite and within float16 range (|x| <= 65504)")
         return cls(v16, _check_offsets(offsets, v16.shape[0], "offsets"))
@@ -196,7 +199,8 @@ class ColbertStore:
         for name, dtype in (("vectors", np.float16), ("offsets", np.int64)):
             path = folder / f"{prefix}_{name}.npy"
             if not path.is_file():
-                raise IndexFormatError(f"missing {path}; was this segment saved with prefix {prefix!r}?")
+                raise IndexFormatError(f"missing {path}; was this segment saved with "
+                                       f"prefix {prefix!r}?")
             a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
             if a.dtype != dtype:
                 raise IndexFormatError(f"{path} has dtype {a.dtype}, expected {np.dtype(dtype)}")
@@ -257,7 +261,12 @@ class ColbertStore:
         if threads == 1 or cand.shape[0] == 1 or flops < PARALLEL_MIN_FLOPS:
             _maxsim_range(*args, 0, cand.shape[0], out)
         else:
-            _maxsim_parallel(*args, min(threads, cand.shape[0]), out)
+            # Chunks are handed out one at a time, so a thread slowed by other load takes fewer.
+            old = numba.set_parallel_chunksize(1)
+            try:
+                _maxsim_parallel(*args, min(8 * threads, cand.shape[0]), out)
+            finally:
+                numba.set_parallel_chunksize(old)
         return out
 
     def search(self, q: np.ndarray, k: int, allowed: np.ndarray | None = None

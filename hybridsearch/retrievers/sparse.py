@@ -2,8 +2,9 @@
 
 The index is the transpose of the documents' ``(n_docs, V)`` lexical-weight matrix, stored as
 postings per term. A query is scored term-at-a-time into a float32 accumulator, in the order of
-the query's CSR entries, which is the order scipy's ``q @ D.T`` uses: scores from :meth:`search`,
-:meth:`score` and :func:`brute_force_topk` are bit-identical, so rankings agree exactly.
+the query's CSR entries, which is the order scipy's ``q @ D.T`` uses, without fused
+multiply-adds: :meth:`search`, :meth:`score` and :func:`brute_force_topk` compute the same
+float32 sums (bit-identical on the machines tested), so their rankings agree.
 
 Conventions shared by every function here: a document is a hit only if its score is positive
 (it shares a token with the query) and it is allowed; ties are broken by the lower row; result
@@ -29,9 +30,9 @@ from hybridsearch.errors import IndexFormatError
 # Accumulators of this many float32 fit in L2; bigger segments are scored block by block, which
 # also lets a single query use several threads.
 BLOCK_DOCS = 1 << 16
-# Below this many postings a query batch is scored on the calling thread: waking the pool costs
-# more than the work.
-PARALLEL_MIN_POSTINGS = 1 << 17
+# Below this many postings (a few ms of work) a batch is scored on the calling thread: waking
+# the pool costs microseconds on an idle machine but milliseconds on a busy one.
+PARALLEL_MIN_POSTINGS = 1 << 20
 
 
 @njit(cache=True, inline="always")
@@ -57,7 +58,7 @@ def _sift_down(hs, hi, size, pos):
 
 @njit(cache=True)
 def _heap_push(hs, hi, size, k, s, i):
-    """Offer ``(s, i)`` to a heap holding ``size`` of at most ``k`` entries; returns the new size."""
+    """Offer ``(s, i)`` to a heap of ``size`` <= ``k`` entries; returns the new size."""
     if size < k:
         pos = size
         hs[pos] = s
@@ -98,41 +99,71 @@ def _search_items(indptr, docs, weights, q_indptr, q_idx, q_w, allowed, use_allo
     docs of block ``b``. Writes each item's top-k (k = out_s.shape[1]) into its output row."""
     k = out_s.shape[1]
     acc = np.zeros(block, np.float32)
-    # One spare slot: the branch-free record below writes before it knows whether to keep.
-    touched = np.empty(block + 1, np.int32)
+    touched = np.empty(block, np.int32)
     hs = np.empty(k, np.float32)
     hi = np.empty(k, np.int64)
+    max_terms = 0
+    for item in range(item_lo, item_hi):
+        q = item // n_blocks
+        max_terms = max(max_terms, q_indptr[q + 1] - q_indptr[q])
+    starts = np.empty(max_terms, np.int64)
+    ends = np.empty(max_terms, np.int64)
     for item in range(item_lo, item_hi):
         q = item // n_blocks
         d_lo = (item % n_blocks) * block
-        d_hi = min(d_lo + block, n_docs)
-        n_touched = 0
-        for e in range(q_indptr[q], q_indptr[q + 1]):
-            w = q_w[e]
-            if w == 0.0:
-                continue
-            t = q_idx[e]
+        width = min(d_lo + block, n_docs) - d_lo
+        e0 = q_indptr[q]
+        n_terms = q_indptr[q + 1] - e0
+        total = 0
+        for e in range(n_terms):
+            t = q_idx[e0 + e]
             p_lo = indptr[t]
             p_hi = indptr[t + 1]
             if n_blocks > 1:
                 p_lo += np.searchsorted(docs[p_lo:p_hi], d_lo)
-                p_hi = p_lo + np.searchsorted(docs[p_lo:p_hi], d_hi)
-            for p in range(p_lo, p_hi):
-                d = docs[p] - d_lo
-                old = acc[d]
-                new = old + w * weights[p]
-                acc[d] = new
-                # Branch-free first-touch record; weights are >= 0 so acc never returns to 0.
-                touched[n_touched] = d
-                n_touched += (old == 0.0) & (new > 0.0)
+                p_hi = p_lo + np.searchsorted(docs[p_lo:p_hi], d_lo + width)
+            starts[e] = p_lo
+            ends[e] = p_hi
+            total += p_hi - p_lo
         size = 0
-        for j in range(n_touched):
-            d = touched[j]
-            s = acc[d]
-            acc[d] = 0.0
-            if use_allowed and not allowed[d_lo + d]:
-                continue
-            size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
+        if total * 4 >= width:
+            # Dense regime: most docs get touched, so skip the bookkeeping and scan them all.
+            for e in range(n_terms):
+                w = q_w[e0 + e]
+                for p in range(starts[e], ends[e]):
+                    # Unsigned: skips numba's negative-index wraparound on the hot path.
+                    acc[np.uint32(docs[p] - d_lo)] += w * weights[p]
+            for d in range(width):
+                s = acc[d]
+                # Most docs lose to the current k-th best: test that before any heap work.
+                if s <= 0.0 or (size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0]))):
+                    continue
+                if use_allowed and not allowed[d_lo + d]:
+                    continue
+                size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
+            acc[:width] = 0.0
+        else:
+            n_touched = 0
+            for e in range(n_terms):
+                w = q_w[e0 + e]
+                for p in range(starts[e], ends[e]):
+                    d = np.uint32(docs[p] - d_lo)
+                    old = acc[d]
+                    new = old + w * weights[p]
+                    acc[d] = new
+                    # Weights are >= 0, so a doc leaves 0 at most once: recorded exactly once.
+                    if old == 0.0 and new > 0.0:
+                        touched[n_touched] = d
+                        n_touched += 1
+            for j in range(n_touched):
+                d = touched[j]
+                s = acc[d]
+                acc[d] = 0.0
+                if size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0])):
+                    continue
+                if use_allowed and not allowed[d_lo + d]:
+                    continue
+                size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
         _heap_drain(hs, hi, size, out_s[item], out_i[item])
 
 
@@ -183,6 +214,85 @@ def _score_candidates(indptr, docs, weights, q_idx, q_w, cand):
     return out
 
 
+@njit(cache=True)
+def _count_part(indptr, indices, data, n_parts, r, counts, maxima):
+    """Non-zero entries per term, and their largest weight, among the docs of range ``r`` of
+    ``n_parts``: accumulated into ``counts`` and ``maxima`` ``(V,)``."""
+    n_docs = indptr.shape[0] - 1
+    for p in range(indptr[r * n_docs // n_parts], indptr[(r + 1) * n_docs // n_parts]):
+        t = np.uint32(indices[p])
+        w = data[p]
+        counts[t] += w != 0.0  # branch-free: twice as fast
+        maxima[t] = max(maxima[t], w)
+
+
+@njit(cache=True)
+def _scatter_part(indptr, indices, data, n_parts, r, fill, docs, weights):
+    """Second half of the counting-sort transpose for doc range ``r``: it writes each term's
+    postings from ``fill[t]`` on, after those of earlier ranges, so rows come out ascending."""
+    n_docs = indptr.shape[0] - 1
+    for d in range(r * n_docs // n_parts, (r + 1) * n_docs // n_parts):
+        for p in range(indptr[d], indptr[d + 1]):
+            w = data[p]
+            if w != 0.0:
+                # Unsigned indices skip numba's negative-index wraparound: ~30% here.
+                t = np.uint32(indices[p])
+                f = np.uint64(fill[t])
+                docs[f] = d
+                weights[f] = w
+                fill[t] += 1
+
+
+@njit(cache=True, parallel=True)
+def _count_parallel(indptr, indices, data, counts, maxima):
+    for r in prange(counts.shape[0]):
+        _count_part(indptr, indices, data, counts.shape[0], r, counts[r], maxima[r])
+
+
+@njit(cache=True, parallel=True)
+def _scatter_parallel(indptr, indices, data, fill, docs, weights):
+    for r in prange(fill.shape[0]):
+        _scatter_part(indptr, indices, data, fill.shape[0], r, fill[r], docs, weights)
+
+
+@njit(cache=True)
+def _offsets(counts, indptr, fill):
+    """Term pointers from per-range counts ``(n_parts, V)``, and where each range starts
+    writing each term: after the earlier ranges' postings of that term."""
+    pos = 0
+    for t in range(counts.shape[1]):
+        indptr[t] = pos
+        for r in range(counts.shape[0]):
+            fill[r, t] = pos
+            pos += counts[r, t]
+    indptr[counts.shape[1]] = pos
+
+
+def _transpose(csr: sp.csr_matrix, n_parts: int):
+    """(indptr, docs, weights, term_max) of the postings of a canonical float32 CSR."""
+    vocab = csr.shape[1]
+    counts = np.zeros((n_parts, vocab), np.int32)  # a term has < 2**31 docs per range
+    maxima = np.zeros((n_parts, vocab), np.float32)
+    if n_parts == 1:
+        _count_part(csr.indptr, csr.indices, csr.data, 1, 0, counts[0], maxima[0])
+    else:
+        _count_parallel(csr.indptr, csr.indices, csr.data, counts, maxima)
+    nnz = int(counts.sum(dtype=np.int64))
+    indptr = np.empty(vocab + 1, np.int64)
+    # int32 positions where they fit: half the cache footprint of the scatter's hot array.
+    fill = np.empty((n_parts, vocab), np.int32 if nnz < 2**31 else np.int64)
+    _offsets(counts, indptr, fill)
+    # Allocated by numpy, which asks for huge pages: the scatter is TLB-bound without them.
+    docs = np.empty(nnz, np.int32)
+    weights = np.empty(nnz, np.float32)
+    if n_parts == 1:
+        _scatter_part(csr.indptr, csr.indices, csr.data, 1, 0, fill[0], docs, weights)
+    else:
+        _scatter_parallel(csr.indptr, csr.indices, csr.data, fill, docs, weights)
+    term_max = maxima.max(axis=0)
+    return indptr, docs, weights, term_max
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     # Kernels always see read-only arrays (as loaded memmaps are), so each compiles once.
     v = np.asarray(a).view()
@@ -192,14 +302,18 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 def _as_query_csr(q, vocab_size: int) -> sp.csr_matrix:
     if not sp.issparse(q):
-        raise TypeError(f"queries must be a scipy.sparse CSR matrix (nq, {vocab_size}), got {type(q)}")
+        raise TypeError(f"queries must be a scipy.sparse CSR matrix (nq, {vocab_size}), "
+                        f"got {type(q)}")
     if q.ndim != 2 or q.shape[1] != vocab_size:
-        raise ValueError(f"queries have shape {q.shape}; this index has a vocabulary of {vocab_size}")
+        raise ValueError(f"queries have shape {q.shape}; "
+                         f"this index has a vocabulary of {vocab_size}")
     if not np.issubdtype(q.dtype, np.floating):
         raise TypeError(f"query weights must be floating point, got {q.dtype}")
-    q = sp.csr_matrix(q, dtype=np.float32)
-    if q.nnz and q.data.min() < 0:
-        raise ValueError("query weights must be >= 0 (learned-sparse weights are non-negative)")
+    if q.format != "csr" or q.dtype != np.float32:
+        q = sp.csr_matrix(q, dtype=np.float32)
+    if q.nnz and not q.data.min() >= 0:  # also catches NaN, which min() propagates
+        raise ValueError("query weights must be >= 0 and not NaN "
+                         "(learned-sparse weights are non-negative)")
     return q
 
 
@@ -245,29 +359,27 @@ class SparsePostings:
 
     @classmethod
     def from_csr(cls, csr) -> SparsePostings:
-        """Build from a ``(n_docs, V)`` scipy CSR of float32 weights (explicit zeros are dropped)."""
+        """Build from a ``(n_docs, V)`` scipy CSR of float weights (explicit zeros dropped)."""
         if not sp.issparse(csr) or csr.ndim != 2:
             raise TypeError(f"from_csr needs a 2-d scipy.sparse matrix, got {type(csr)}")
         if not np.issubdtype(csr.dtype, np.floating):
             raise TypeError(f"document weights must be floating point, got {csr.dtype}")
         n_docs, vocab = csr.shape
-        if n_docs >= 2**31:
-            raise ValueError("a segment holds fewer than 2**31 documents (rows are int32)")
-        csc = sp.csc_matrix(csr, dtype=np.float32, copy=True)
-        csc.sum_duplicates()  # also sorts rows within each term
-        csc.eliminate_zeros()
-        if csc.nnz and csc.data.min() < 0:
-            raise ValueError("document weights must be >= 0 (learned-sparse weights are non-negative)")
-        term_max = np.zeros(vocab, np.float32)
-        lengths = np.diff(csc.indptr)
-        used = lengths > 0
-        if csc.nnz:
-            term_max[used] = np.maximum.reduceat(csc.data, csc.indptr[:-1][used])
-        return cls(csc.indptr.astype(np.int64), csc.indices.astype(np.int32),
-                   csc.data, term_max, n_docs)
+        if n_docs >= 2**31 or vocab >= 2**31:
+            raise ValueError("a segment holds fewer than 2**31 documents and terms (int32 ids)")
+        csr = sp.csr_matrix(csr, dtype=np.float32)
+        if not csr.has_canonical_format:  # repeated (doc, term) entries would repeat postings
+            csr = csr.copy()
+            csr.sum_duplicates()
+        if csr.nnz and not csr.data.min() >= 0:  # also catches NaN, which min() propagates
+            raise ValueError("document weights must be >= 0 and not NaN "
+                             "(learned-sparse weights are non-negative)")
+        # Parallel only where the pool wake-up is negligible next to the work.
+        n_parts = numba.get_num_threads() if csr.nnz >= PARALLEL_MIN_POSTINGS else 1
+        return cls(*_transpose(csr, n_parts), n_docs)
 
     def save(self, folder: str | Path, prefix: str = "sparse") -> None:
-        """Write the five ``{prefix}_*.npy`` files listed in the module docstring into ``folder``."""
+        """Write the five ``{prefix}_*.npy`` files of the module docstring into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, arr in self._files().items():
@@ -289,21 +401,24 @@ class SparsePostings:
         for name in ("indptr", "docs", "weights", "term_max", "n_docs"):
             path = folder / f"{prefix}_{name}.npy"
             if not path.is_file():
-                raise IndexFormatError(f"missing {path}; was this segment saved with prefix {prefix!r}?")
+                raise IndexFormatError(f"missing {path}; was this segment saved with "
+                                       f"prefix {prefix!r}?")
             arrs[name] = np.load(path, mmap_mode="r" if mmap and name != "n_docs" else None,
                                  allow_pickle=False)
         expect = {"indptr": np.int64, "docs": np.int32, "weights": np.float32,
                   "term_max": np.float32, "n_docs": np.int64}
         for name, dtype in expect.items():
             if arrs[name].dtype != dtype:
-                raise IndexFormatError(f"{prefix}_{name}.npy has dtype {arrs[name].dtype}, expected {np.dtype(dtype)}")
+                raise IndexFormatError(f"{prefix}_{name}.npy has dtype {arrs[name].dtype}, "
+                                       f"expected {np.dtype(dtype)}")
         indptr, docs = arrs["indptr"], arrs["docs"]
         ok = (indptr.ndim == 1 and indptr.shape[0] >= 1 and indptr[0] == 0
               and indptr[-1] == docs.shape[0] == arrs["weights"].shape[0]
               and arrs["term_max"].shape == (indptr.shape[0] - 1,) and arrs["n_docs"].ndim == 0
               and bool(np.all(np.diff(indptr) >= 0)))
         if not ok:
-            raise IndexFormatError(f"sparse files under {folder} with prefix {prefix!r} are inconsistent")
+            raise IndexFormatError(f"sparse files under {folder} with prefix {prefix!r} "
+                                   "are inconsistent")
         return cls(indptr, docs, arrs["weights"], arrs["term_max"], int(arrs["n_docs"]))
 
     def search(self, q, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -312,7 +427,8 @@ class SparsePostings:
         Args:
             q: ``(nq, V)`` scipy CSR of non-negative float query weights.
             k: number of results per query, >= 1.
-            allowed: ``(n_docs,)`` bool mask, False for deleted or filtered-out rows; None allows all.
+            allowed: ``(n_docs,)`` bool mask, False for deleted or filtered-out rows; None
+                allows all.
 
         Returns:
             ``scores`` ``(nq, k)`` float32 and ``ids`` ``(nq, k)`` int64 local rows, best first.
@@ -370,8 +486,8 @@ class SparsePostings:
             raise ValueError(f"cand must be 1-d, got shape {cand.shape}")
         if q_idx.size and (q_idx.min() < 0 or q_idx.max() >= self.vocab_size):
             raise ValueError(f"q_indices must lie in [0, {self.vocab_size})")
-        if q_w.size and q_w.min() < 0:
-            raise ValueError("query weights must be >= 0")
+        if q_w.size and not q_w.min() >= 0:
+            raise ValueError("query weights must be >= 0 and not NaN")
         if cand.size and (cand.min() < 0 or cand.max() >= self.n_docs):
             raise ValueError(f"cand rows must lie in [0, {self.n_docs})")
         return _score_candidates(self.indptr, self.docs, self.weights,

@@ -1,0 +1,172 @@
+"""ColbertStore MaxSim (Numba, float16 storage) against the numpy einsum reference."""
+
+import mmap as _mmap
+
+import numpy as np
+import pytest
+from numba import njit
+
+from hybridsearch.errors import IndexFormatError
+from hybridsearch.representations import colbert_score
+from hybridsearch.retrievers import multivector
+from hybridsearch.retrievers.multivector import ColbertStore, maxsim_reference
+
+DIM = 16
+
+
+def unit_rows(rng, n, d=DIM):
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """40 docs of 0..9 vectors (several empty, odd and even lengths), float32 originals."""
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 10, 40)
+    lengths[[0, 17, 39]] = 0
+    lengths[1] = 1
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    vectors = unit_rows(rng, int(offsets[-1]))
+    queries = [unit_rows(rng, m) for m in (1, 3, 4, 5, 9)]
+    return vectors, offsets, queries
+
+
+def docs_of(store, vectors, offsets, cand, upcast):
+    src = store.vectors if upcast else vectors
+    return [src[offsets[c]:offsets[c + 1]] for c in cand]
+
+
+def test_maxsim_matches_references(corpus):
+    vectors, offsets, queries = corpus
+    store = ColbertStore.from_arrays(vectors, offsets)
+    assert store.vectors.dtype == np.float16 and store.offsets.dtype == np.int64
+    cand = np.array([5, 0, 39, 1, 5, 22, 17, 3], np.int64)  # unsorted, repeated, empty docs
+    for q in queries:
+        got = store.maxsim(q, cand)
+        assert got.dtype == np.float32 and got.shape == cand.shape
+        exact = maxsim_reference(q, docs_of(store, vectors, offsets, cand, upcast=True))
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6)
+        loose = maxsim_reference(q, docs_of(store, vectors, offsets, cand, upcast=False))
+        np.testing.assert_allclose(got, loose, rtol=1e-3, atol=1e-3)
+        assert got[1] == got[2] == got[6] == 0  # docs without vectors
+        one = colbert_score(q, store.vectors[offsets[1]:offsets[2]])
+        assert got[3] == pytest.approx(one, rel=1e-5)
+
+
+def test_empty_query_and_candidates(corpus):
+    vectors, offsets, _ = corpus
+    store = ColbertStore.from_arrays(vectors, offsets)
+    np.testing.assert_array_equal(store.maxsim(np.zeros((0, DIM), np.float32), np.arange(4)), 0)
+    assert store.maxsim(vectors[:2], np.zeros(0, np.int64)).shape == (0,)
+    assert maxsim_reference(np.zeros((0, DIM)), [vectors[:3]])[0] == 0
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_maxsim_batch_equals_single_queries(corpus, monkeypatch, parallel):
+    vectors, offsets, queries = corpus
+    if parallel:
+        monkeypatch.setattr(multivector, "PARALLEL_MIN_FLOPS", 0)
+    store = ColbertStore.from_arrays(vectors, offsets)
+    rng = np.random.default_rng(1)
+    qs = queries + [np.zeros((0, DIM), np.float32)]
+    cands = [rng.integers(0, 40, n) for n in (6, 0, 40, 3, 11, 5)]  # a query with no candidates
+    Q = np.concatenate(qs)
+    q_offsets = np.concatenate([[0], np.cumsum([len(q) for q in qs])])
+    cand_offsets = np.concatenate([[0], np.cumsum([len(c) for c in cands])])
+    got = store.maxsim_batch(Q, q_offsets, np.concatenate(cands), cand_offsets)
+    want = np.concatenate([maxsim_reference(q, docs_of(store, vectors, offsets, c, True))
+                           for q, c in zip(qs, cands)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_search_exhaustive(corpus):
+    vectors, offsets, queries = corpus
+    store = ColbertStore.from_arrays(vectors, offsets)
+    allowed = np.random.default_rng(2).random(40) < 0.5
+    q = queries[2]
+    full = maxsim_reference(q, docs_of(store, vectors, offsets, range(40), True))
+    scores, ids = store.search(q, 5)
+    np.testing.assert_allclose(scores, np.sort(full)[::-1][:5], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(full[ids], scores, rtol=1e-5, atol=1e-6)
+    scores, ids = store.search(q, 60, allowed=allowed)
+    n = int(allowed.sum())
+    assert sorted(ids[:n]) == list(np.flatnonzero(allowed))
+    assert (ids[n:] == -1).all() and (scores[n:] == 0).all()
+    assert np.all(np.diff(scores[:n]) <= 0)
+
+
+def file_backed(a):
+    while a is not None:
+        if isinstance(a, (np.memmap, _mmap.mmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_round_trip(corpus, tmp_path, mmap):
+    vectors, offsets, queries = corpus
+    store = ColbertStore.from_arrays(vectors, offsets)
+    store.save(tmp_path, prefix="seg1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg1_offsets.npy", "seg1_vectors.npy"]
+    back = ColbertStore.load(tmp_path, prefix="seg1", mmap=mmap)
+    assert file_backed(back.vectors) == mmap and back.vectors.dtype == np.float16
+    np.testing.assert_array_equal(back.vectors, store.vectors)
+    np.testing.assert_array_equal(back.offsets, store.offsets)
+    cand = np.arange(40)
+    np.testing.assert_array_equal(back.maxsim(queries[4], cand), store.maxsim(queries[4], cand))
+
+
+def test_load_errors(corpus, tmp_path):
+    vectors, offsets, _ = corpus
+    ColbertStore.from_arrays(vectors, offsets).save(tmp_path)
+    with pytest.raises(IndexFormatError, match="missing"):
+        ColbertStore.load(tmp_path, prefix="nope")
+    np.save(tmp_path / "colbert_offsets.npy", np.append(offsets[:-1], offsets[-1] + 1))
+    with pytest.raises(IndexFormatError, match="end at"):
+        ColbertStore.load(tmp_path)
+    np.save(tmp_path / "colbert_vectors.npy", vectors)
+    with pytest.raises(IndexFormatError, match="dtype"):
+        ColbertStore.load(tmp_path)
+
+
+def test_bad_inputs(corpus):
+    vectors, offsets, queries = corpus
+    store = ColbertStore.from_arrays(vectors, offsets)
+    with pytest.raises(ValueError, match="end at"):
+        ColbertStore.from_arrays(vectors, np.append(offsets[:-1], offsets[-1] + 1))
+    with pytest.raises(ValueError, match="never decrease"):
+        ColbertStore.from_arrays(vectors, offsets[::-1])
+    with pytest.raises(ValueError, match="float16"):
+        ColbertStore.from_arrays(vectors * 1e6, offsets)
+    with pytest.raises(TypeError):
+        ColbertStore.from_arrays(vectors.astype(np.int32), offsets)
+    with pytest.raises(ValueError, match=r"\(m, 16\)"):
+        store.maxsim(queries[0][:, :8], np.arange(3))
+    with pytest.raises(ValueError, match="cand"):
+        store.maxsim(queries[0], np.array([40]))
+    with pytest.raises(ValueError, match="k must"):
+        store.search(queries[0], 0)
+    with pytest.raises(ValueError, match="bool"):
+        store.search(queries[0], 3, allowed=np.ones(40, np.int8))
+    with pytest.raises(ValueError, match="same number"):
+        store.maxsim_batch(queries[1], [0, 1, 3], np.arange(3), [0, 3])
+
+
+@njit
+def _widen_all(bits):
+    out = np.empty(bits.shape[0], np.float32)
+    for i in range(bits.shape[0]):
+        out[i] = multivector._half_to_float(bits[i])
+    return out
+
+
+def test_half_to_float_is_exact():
+    bits = np.arange(2**16, dtype=np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    got = _widen_all(bits)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+    assert np.array_equal(got[np.isinf(want)], want[np.isinf(want)])
+    assert np.isnan(got[np.isnan(want)]).all()
