@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_info, table  # noqa: E402
+from common import machine_info, table
 
-from hybridsearch import BGEM3Encoder  # noqa: E402
-from hybridsearch.evaluation import evaluate, load_beir  # noqa: E402
-from hybridsearch.index.hybrid import HybridIndex  # noqa: E402
-from hybridsearch.train.data import doc_text, from_beir  # noqa: E402
-from hybridsearch.train.embedder import M3Model, train_embedder  # noqa: E402
-from hybridsearch.train.mining import mine_hard_negatives  # noqa: E402
+from hybridsearch import BGEM3Encoder
+from hybridsearch.evaluation import evaluate, load_beir
+from hybridsearch.index.hybrid import HybridIndex
+from hybridsearch.train.data import doc_text, from_beir
+from hybridsearch.train.embedder import M3Model, train_embedder
+from hybridsearch.train.mining import mine_hard_negatives
 
 MODES = ("dense", "sparse", "colbert", "hybrid")
 
