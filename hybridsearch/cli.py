@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     s.add_argument("--model", metavar="M", help="encoder to open the index with (default: the one that built it)")
     s.set_defaults(func=cmd_serve)
+
+    # train, mine (hybridsearch/train/cli.py owns their arguments)
+    from .train.cli import add_train_parser
+
+    add_train_parser(sub)
     return p
 
 

@@ -367,6 +367,10 @@ class HybridIndex:
     def __contains__(self, doc_id: str) -> bool:
         return doc_id in self._state.ids
 
+    def ids(self) -> list[str]:
+        """Ids of all live documents (in docno order)."""
+        return list(self._state.ids)
+
     def get(self, doc_id: str) -> dict:
         """The stored ``{"id", "text", "metadata"}`` of a live document."""
         state = self._state
