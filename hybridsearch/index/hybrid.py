@@ -568,7 +568,16 @@ class HybridIndex:
         return sc[0], ids[0]
 
     def _bm25_topk(self, state, queries, k, allowed):
-        return self._bm25.search(queries, k, allowed)
+        if allowed is not None:
+            return self._bm25.search(queries, k, allowed)
+        # BM25 may hold documents of a commit that crashed before its manifest switch (docno >=
+        # next_docno) until the next writer removes them. Drop them; if that leaves a row short,
+        # redo the search with an explicit mask (exact, and rare).
+        s, d = self._bm25.search(queries, k, None)
+        stray = d >= state.next_docno
+        if stray.any():
+            return self._bm25.search(queries, k, state.alive)
+        return s, d
 
     def _hits(self, state, scores, docnos, channel) -> list[list[Hit]]:
         out = []
