@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .jsonl import iter_jsonl
+
 __all__ = [
     "CorpusError", "Document", "Passage", "passage_ids", "read_corpus", "split_documents",
     "split_spans", "validate_corpus",
@@ -120,24 +122,8 @@ def validate_corpus(path: str | Path) -> int:
 
 
 def _read_jsonl(path: Path) -> Iterator[Document]:
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise CorpusError(f"cannot read corpus {path}: {e.strerror or e}") from None
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise CorpusError(f"{where}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise CorpusError(f"{where}: not valid JSON ({e})") from None
-            yield _record(obj, where)
+    for obj, where in iter_jsonl(path, CorpusError):
+        yield _record(obj, where)
 
 
 def _record(obj: Any, where: str) -> Document:

@@ -16,11 +16,12 @@ A document listed twice in a ranking counts at its first rank only.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
+
+from .jsonl import iter_jsonl
 
 __all__ = ["evaluate", "load_beir", "mrr_at_k", "ndcg_at_k", "recall_at_k"]
 
@@ -112,27 +113,19 @@ def _read_jsonl(path: Path, fields: tuple[str, ...]) -> dict[str, dict[str, str]
     if not path.is_file():
         raise FileNotFoundError(f"BEIR file {path} not found")
     out: dict[str, dict[str, str]] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict) or "_id" not in obj:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with an '_id' key")
-            rec = {}
-            for name in fields:
-                v = obj.get(name, "")
-                if v is None:
-                    v = ""
-                if not isinstance(v, str):
-                    # ValueError like every other malformed line, so callers catch one type
-                    msg = f"{path}:{lineno}: field {name!r} is not a string"
-                    raise ValueError(msg)  # noqa: TRY004
-                rec[name] = v
-            out[str(obj["_id"])] = rec
+    for obj, where in iter_jsonl(path, ValueError):
+        if not isinstance(obj, dict) or "_id" not in obj:
+            raise ValueError(f"{where}: expected a JSON object with an '_id' key")
+        rec = {}
+        for name in fields:
+            v = obj.get(name, "")
+            if v is None:
+                v = ""
+            if not isinstance(v, str):
+                # ValueError like every other malformed line, so callers catch one type
+                raise ValueError(f"{where}: field {name!r} is not a string")  # noqa: TRY004
+            rec[name] = v
+        out[str(obj["_id"])] = rec
     return out
 
 

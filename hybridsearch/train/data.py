@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from ..jsonl import iter_jsonl
+
 Record = dict[str, Any]
 
 
@@ -91,16 +93,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training data file {path} not found")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise TrainingDataError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            out.append(check_record(obj, f"{path}:{lineno}"))
+    out = [check_record(obj, where) for obj, where in iter_jsonl(path, TrainingDataError)]
     if not out:
         raise TrainingDataError(f"{path}: no training records")
     return out
