@@ -24,7 +24,15 @@ DEFAULT_CORPUS = [
 
 def train_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     """A small Unigram tokenizer with XLM-RoBERTa's special tokens, as a fast HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import XLMRobertaTokenizerFast
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]

@@ -1,6 +1,5 @@
 """A writer killed with SIGKILL at any moment leaves an index that opens at its last commit."""
 
-import os
 import signal
 import subprocess
 import sys

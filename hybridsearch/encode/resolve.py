@@ -42,7 +42,7 @@ def packaged_model_path(name: str) -> Path | None:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / sub
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
     return path if (path / "config.json").is_file() else None
 
 
@@ -118,7 +118,7 @@ def resolve_model(name_or_path: str | os.PathLike, cache_dir: str | None = None)
     errors = []
     try:
         return check_model_folder(_hub_download(name, cache_dir, local_only=True))
-    except Exception as e:  # not cached (or cached incompletely)
+    except Exception as e:  # noqa: BLE001 - not cached, or cached incompletely: try the hub
         errors.append(f"cache: {type(e).__name__}")
     why_not = "HF_HUB_OFFLINE is set" if _truthy(os.environ.get("HF_HUB_OFFLINE")) else _hub_reachable()
     if why_not is None:
