@@ -277,11 +277,11 @@ def _transpose(csr: sp.csr_matrix, n_parts: int):
         _count_part(csr.indptr, csr.indices, csr.data, 1, 0, counts[0], maxima[0])
     else:
         _count_parallel(csr.indptr, csr.indices, csr.data, counts, maxima)
-    nnz = int(counts.sum(dtype=np.int64))
     indptr = np.empty(vocab + 1, np.int64)
     # int32 positions where they fit: half the cache footprint of the scatter's hot array.
-    fill = np.empty((n_parts, vocab), np.int32 if nnz < 2**31 else np.int64)
+    fill = np.empty((n_parts, vocab), np.int32 if csr.nnz < 2**31 else np.int64)
     _offsets(counts, indptr, fill)
+    nnz = int(indptr[-1])
     # Allocated by numpy, which asks for huge pages: the scatter is TLB-bound without them.
     docs = np.empty(nnz, np.int32)
     weights = np.empty(nnz, np.float32)
@@ -289,7 +289,7 @@ def _transpose(csr: sp.csr_matrix, n_parts: int):
         _scatter_part(csr.indptr, csr.indices, csr.data, 1, 0, fill[0], docs, weights)
     else:
         _scatter_parallel(csr.indptr, csr.indices, csr.data, fill, docs, weights)
-    term_max = maxima.max(axis=0)
+    term_max = maxima[0] if n_parts == 1 else maxima.max(axis=0)
     return indptr, docs, weights, term_max
 
 
