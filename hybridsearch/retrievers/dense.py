@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,29 @@ def gpu_available() -> bool:
     """True when the installed faiss was built with GPU support and sees a device."""
     faiss = _faiss()
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+@contextmanager
+def _threads_for(nq: int, on_gpu: bool):
+    """One OpenMP thread for a handful of queries on CPU.
+
+    FAISS parallelises a single query over the database; on a machine whose cores are busy the
+    OpenMP threads then wait on each other (measured here, 100k x 384 Flat under load: 43 ms with
+    2 threads, 12 ms with 1). Batches keep every thread.
+    """
+    faiss = _faiss()
+    if on_gpu or nq >= SINGLE_THREAD_BELOW:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+SINGLE_THREAD_BELOW = 4
 
 
 def _min_train(factory: str) -> int:
@@ -100,6 +124,14 @@ class DenseIndex:
         if n_allowed == 0 or nq == 0:
             return scores, ids
         kk = min(k, self.n)
+        with _threads_for(nq, self.on_gpu):
+            s, i = self._search(q, kk, allowed, n_allowed, nprobe, ef_search)
+        scores[:, :kk] = np.where(i >= 0, s, 0)
+        ids[:, :kk] = i
+        return scores, ids
+
+    def _search(self, q, kk, allowed, n_allowed, nprobe, ef_search):
+        faiss = _faiss()
         if allowed is None or n_allowed == self.n:
             s, i = self.index.search(q, kk, params=self._params(None, nprobe, ef_search))
         elif self.on_gpu:
@@ -107,9 +139,7 @@ class DenseIndex:
         else:
             sel = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(np.packbits(allowed, bitorder="little")))
             s, i = self.index.search(q, kk, params=self._params(sel, nprobe, ef_search))
-        scores[:, :kk] = np.where(i >= 0, s, 0)
-        ids[:, :kk] = i
-        return scores, ids
+        return s, i
 
     def _params(self, sel, nprobe, ef_search):
         faiss = _faiss()
