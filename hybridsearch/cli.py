@@ -460,19 +460,6 @@ def _display_text(h) -> str:
     return h.text
 
 
-def _import_reranker():
-    try:
-        from .rerank import Reranker
-    except ModuleNotFoundError as e:
-        if e.name in ("hybridsearch.rerank", f"{__package__}.rerank"):
-            raise CLIError("reranking is not available yet in this version (hybridsearch.rerank is "
-                           "missing); run without --rerank") from None
-        raise
-    except ImportError as e:
-        raise CLIError(f"reranking cannot be used: hybridsearch.rerank failed to import ({e})") from None
-    return Reranker
-
-
 def _load_reranker(Reranker, name: str, device: str | None):
     from .errors import ModelNotFoundError
 
@@ -502,10 +489,11 @@ def cmd_query(args) -> int:
         if bad:
             raise CLIError(f"--weights: expected numbers for channels among {', '.join(MODES[:4])}, "
                            f"got {bad[0]!r}: {weights[bad[0]]!r}")
-    Reranker = _import_reranker() if args.rerank else None
+    from .rerank import Reranker
+
     index = _open_index(args.index, args.model, args.device)
     try:
-        reranker = _load_reranker(Reranker, args.rerank, args.device) if Reranker else None
+        reranker = _load_reranker(Reranker, args.rerank, args.device) if args.rerank else None
         hits = index.search(args.text, k=args.k, mode=args.mode, filter=flt, weights=weights, fusion=args.fusion,
                             reranker=reranker, rerank_top=max(args.k, args.rerank_candidates))
     finally:
@@ -648,15 +636,8 @@ def cmd_stats(args) -> int:
 
 def cmd_serve(args) -> int:
     _require_index(Path(args.index))
-    try:
-        from .server import serve
-    except ModuleNotFoundError as e:
-        if e.name in ("hybridsearch.server", f"{__package__}.server"):
-            raise CLIError("the HTTP server is not available yet in this version (hybridsearch.server "
-                           "is missing)") from None
-        raise
-    except ImportError as e:
-        raise CLIError(f"the HTTP server cannot be used: hybridsearch.server failed to import ({e})") from None
+    from .server import serve
+
     _quiet_libraries()
     serve(str(args.index), args.host, args.port, args.model)
     return 0

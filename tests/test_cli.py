@@ -368,12 +368,7 @@ def test_more_errors_in_process(tmp_path, tiny_m3, tiny_dense, capsys, monkeypat
     assert_one_line_error(*call(capsys, "query", index, "x", "--weights", '{"dense": "a"}')[::2], "--weights")
     assert_one_line_error(*call(capsys, "query", index, "x", "-k", "0")[::2], "-k must be >= 1")
 
-    # modules that may not exist yet: one line each
-    monkeypatch.setitem(sys.modules, "hybridsearch.rerank", None)
-    assert_one_line_error(*call(capsys, "query", index, "x", "--rerank", "some/reranker")[::2],
-                          "reranking is not available yet")
-    monkeypatch.setitem(sys.modules, "hybridsearch.server", None)
-    assert_one_line_error(*call(capsys, "serve", index)[::2], "server is not available yet")
+    # an optional package missing: one line
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert_one_line_error(*call(capsys, "eval", tmp_path, "--index", index, "--plot", tmp_path / "p.png")[::2],
                           "--plot needs matplotlib")
