@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .retriever import Passage, Retriever
+from .retriever import Passage, coerce_retriever
 
 __all__ = ["as_langchain_retriever", "langchain_retriever_class", "passage_to_document"]
 
@@ -72,10 +72,5 @@ def as_langchain_retriever(index, k: int = 5, mode: str = "hybrid", *, tags: lis
     ``tags``/``metadata`` are LangChain's run tags and metadata for callbacks and tracing.
     """
     cls = langchain_retriever_class()
-    if isinstance(index, Retriever):
-        if search_kwargs:
-            raise TypeError("search options go to the Retriever, not here, when a Retriever is given")
-        r = index
-    else:
-        r = Retriever(index, k=k, mode=mode, **search_kwargs)
+    r = coerce_retriever(index, k, mode, search_kwargs)
     return cls(retriever=r, tags=tags, metadata=metadata)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .retriever import Passage, Retriever
+from .retriever import Passage, Retriever, coerce_retriever
 
 __all__ = ["as_llamaindex_retriever", "llamaindex_retriever_class", "passage_to_node"]
 
@@ -89,10 +89,5 @@ def as_llamaindex_retriever(index, k: int = 5, mode: str = "hybrid", *, callback
     (``weights``, ``filter``, ``candidates``, ``fusion``, ``normalize``) go to every search.
     """
     cls = llamaindex_retriever_class()
-    if isinstance(index, Retriever):
-        if search_kwargs:
-            raise TypeError("search options go to the Retriever, not here, when a Retriever is given")
-        r = index
-    else:
-        r = Retriever(index, k=k, mode=mode, **search_kwargs)
+    r = coerce_retriever(index, k, mode, search_kwargs)
     return cls(r, callback_manager=callback_manager, verbose=verbose)

@@ -100,6 +100,15 @@ class Retriever:
         return f"Retriever({self.index!r}, k={self.k}, mode={self.mode!r}, **{self.search_kwargs!r})"
 
 
+def coerce_retriever(index, k: int, mode: str, search_kwargs: Mapping[str, Any]) -> Retriever:
+    """``index`` itself if it is a Retriever (then no search options may be given), else a new one."""
+    if isinstance(index, Retriever):
+        if search_kwargs:
+            raise TypeError("search options go to the Retriever, not here, when a Retriever is given")
+        return index
+    return Retriever(index, k=k, mode=mode, **search_kwargs)
+
+
 def _check_k(k: Any) -> int:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
