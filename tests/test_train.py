@@ -547,3 +547,24 @@ def test_cli_train_and_mine(tiny_m3, m3_encoder, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["steps"] == 2
     assert (tmp_path / "out" / "sparse_linear.pt").is_file()
+
+
+def test_reranker_resume_continues_from_the_saved_step(tmp_path):
+    from hybridsearch.train.reranker import load_cross_encoder, train_reranker
+
+    path = make_tiny_reranker(tmp_path / "rr")
+    kw = {"group_size": 3, "batch_size": 2, "lr": 1e-3, "max_length": 48, "show_progress": False,
+          "device": "cpu"}
+    full = train_reranker(path, _records(), tmp_path / "a", max_steps=5, save_steps=2, **kw)
+    state = torch.load(tmp_path / "a" / "checkpoint-2" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2
+    resumed = train_reranker(path, _records(), tmp_path / "b", max_steps=5,
+                             resume_from=tmp_path / "a" / "checkpoint-2", **kw)
+    assert resumed.step == 5 and len(resumed.losses) == 3
+    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-4)
+    a, _ = load_cross_encoder(tmp_path / "a")
+    b, _ = load_cross_encoder(tmp_path / "b")
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-5), n
+    with pytest.raises(FileNotFoundError, match="not a resumable reranker checkpoint"):
+        train_reranker(path, _records(), tmp_path / "c", max_steps=1, resume_from=path, **kw)

@@ -62,6 +62,7 @@ def add_train_parser(subparsers) -> None:
     r.add_argument("--max-length", type=int, default=256)
     r.add_argument("--query-max-length", type=int, default=None)
     r.add_argument("--save-steps", type=int, default=None)
+    r.add_argument("--resume-from", default=None)
     r.add_argument("--gradient-checkpointing", action="store_true")
     r.set_defaults(func=cmd_train_reranker)
 
@@ -120,7 +121,7 @@ def cmd_train_reranker(a) -> int:
         epochs=a.epochs, max_steps=a.max_steps, max_length=a.max_length,
         query_max_length=a.query_max_length, seed=a.seed, save_steps=a.save_steps, bf16=a.bf16,
         fp16=a.fp16, gradient_checkpointing=a.gradient_checkpointing, device=a.device,
-        show_progress=_progress(a)))
+        show_progress=_progress(a), resume_from=a.resume_from))
 
 
 def cmd_pretrain(a) -> int:

@@ -5,6 +5,8 @@ with one label; the loss is :func:`~hybridsearch.train.losses.reranker_group_ce`
 ``(B, G)`` logits (plus, when every record of a batch has teacher scores, the group-wise
 :func:`~hybridsearch.train.losses.distill_loss` with temperature 1, averaged with it). The saved
 folder (``save_pretrained`` + tokenizer) loads in :class:`hybridsearch.rerank.Reranker`.
+Every saved folder also holds ``trainer_state.pt`` (step, optimizer, scheduler, RNG), so
+``resume_from`` continues a stopped run where it left off.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from . import losses as L
 from .data import GroupCollator, batch_order, load_records
-from .embedder import TrainResult, _autocast, linear_schedule
+from .embedder import STATE_FILE, TrainResult, _autocast, linear_schedule
 
 
 def load_cross_encoder(model_name_or_path: str | os.PathLike, cache_dir: str | None = None):
@@ -53,11 +55,24 @@ def train_reranker(model_path: str | os.PathLike, data: Any, out_dir: str | os.P
                    max_length: int = 256, query_max_length: int | None = None, seed: int = 0,
                    save_steps: int | None = None, bf16: bool = False, fp16: bool = False,
                    gradient_checkpointing: bool = False, device: str | None = None,
-                   show_progress: bool = True, max_grad_norm: float | None = 1.0) -> TrainResult:
-    """Fine-tune a cross-encoder; save it (and ``checkpoint-N`` every ``save_steps``) to ``out_dir``."""
+                   show_progress: bool = True, max_grad_norm: float | None = 1.0,
+                   resume_from: str | os.PathLike | None = None) -> TrainResult:
+    """Fine-tune a cross-encoder; save it (and ``checkpoint-N`` every ``save_steps``) to ``out_dir``.
+
+    ``resume_from``: a folder this function saved (``checkpoint-N`` or ``out_dir``); its weights,
+    optimizer, schedule, RNG and step are restored and training goes on with the same batches it
+    would have seen. Pass the same data and arguments as the first run.
+    """
     from tqdm.auto import tqdm
 
     records = load_records(data)
+    state = None
+    if resume_from is not None:
+        sp = Path(resume_from) / STATE_FILE
+        if not sp.is_file():
+            raise FileNotFoundError(f"{sp} not found: {resume_from} is not a resumable reranker checkpoint")
+        state = torch.load(sp, map_location="cpu", weights_only=True)
+        model_path = resume_from
     torch.manual_seed(seed)
     model, tok = load_cross_encoder(model_path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -72,12 +87,31 @@ def train_reranker(model_path: str | os.PathLike, data: Any, out_dir: str | os.P
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     sched = linear_schedule(opt, int(total * warmup_ratio), total)
     scaler = torch.amp.GradScaler("cuda") if fp16 and dev.type == "cuda" else None
+    step = 0
+    if state is not None:
+        step = int(state["step"])
+        opt.load_state_dict(state["optimizer"])
+        sd = sched.state_dict()
+        sd.update(state["scheduler"])
+        sched.load_state_dict(sd)
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
     out_dir = Path(out_dir)
-    result = TrainResult(out_dir, 0)
-    bar = tqdm(total=total, desc="train reranker", unit="step", disable=not show_progress)
-    step, epoch, t0, seen = 0, 0, time.perf_counter(), 0
+    result = TrainResult(out_dir, step)
+
+    def save(folder: Path) -> None:
+        _save(model, tok, folder)
+        st = {"step": step, "rng_cpu": torch.get_rng_state(), "optimizer": opt.state_dict(),
+              "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}}
+        if scaler is not None:
+            st["scaler"] = scaler.state_dict()
+        torch.save(st, folder / STATE_FILE)
+
+    bar = tqdm(total=total, initial=step, desc="train reranker", unit="step", disable=not show_progress)
+    epoch, t0, seen = step // per_epoch, time.perf_counter(), 0
     while step < total:
-        for b in batch_order(records, batch_size, seed, epoch):
+        for b in batch_order(records, batch_size, seed, epoch)[step - epoch * per_epoch:]:
             if step >= total:
                 break
             batch = collator([records[i] for i in b], step=step)
@@ -108,11 +142,11 @@ def train_reranker(model_path: str | os.PathLike, data: Any, out_dir: str | os.P
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", qps=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
             bar.update(1)
             if save_steps and step % save_steps == 0 and step < total:
-                _save(model, tok, out_dir / f"checkpoint-{step}")
+                save(out_dir / f"checkpoint-{step}")
         epoch += 1
     bar.close()
     model.eval()
-    _save(model, tok, out_dir)
+    save(out_dir)
     result.step = step
     return result
 
