@@ -51,15 +51,15 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def make_model(folder: Path, colbert: bool) -> Path:
-    """A 1-layer random encoder whose config has a 250k vocabulary (heads sized as above)."""
+def make_model(folder: Path, colbert: bool, layers: int = 1) -> Path:
+    """A random encoder (1 layer by default) whose config has a 250k vocabulary (heads as above)."""
     import json
 
     import torch
 
     from hybridsearch.testing import make_tiny_m3
 
-    p = make_tiny_m3(folder, hidden=D, layers=1, colbert_dim=DC, heads=colbert)
+    p = make_tiny_m3(folder, hidden=D, layers=layers, colbert_dim=DC, heads=colbert, max_positions=512)
     cfg = json.loads((p / "config.json").read_text())
     cfg["vocab_size"] = V
     (p / "config.json").write_text(json.dumps(cfg))

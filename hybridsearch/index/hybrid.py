@@ -380,9 +380,22 @@ class HybridIndex:
 
     @staticmethod
     def _doc(state: _State, docno: int) -> dict:
-        s = state.segments[int(state.locate(np.array([docno]))[0])]
-        r = docno - s.base
-        return {"id": s.docs["ids"][r], "text": s.docs["texts"][r], "metadata": s.docs["metadata"][r]}
+        return HybridIndex._docs(state, [docno])[0]
+
+    @staticmethod
+    def _docs(state: _State, docnos) -> list[dict]:
+        """Stored documents for many docnos, segments located in one vectorised call."""
+        if len(state.segments) == 1:
+            d, base = state.segments[0].docs, state.segments[0].base
+            return [{"id": d["ids"][r], "text": d["texts"][r], "metadata": d["metadata"][r]}
+                    for r in (int(x) - base for x in docnos)]
+        segs = state.locate(np.asarray(docnos, np.int64))
+        out = []
+        for docno, si in zip(docnos, segs.tolist()):
+            s = state.segments[si]
+            r = int(docno) - s.base
+            out.append({"id": s.docs["ids"][r], "text": s.docs["texts"][r], "metadata": s.docs["metadata"][r]})
+        return out
 
     def default_fusion(self) -> FusionConfig:
         """Defaults by model: BGE-M3's recommended weights, or dense+BM25 tuned on SciFact."""
@@ -498,8 +511,7 @@ class HybridIndex:
             fused = fuse(scores, cfg)
             top = np.argsort(-fused, kind="stable")[:k]
             hits = []
-            for t in top:
-                doc = self._doc(state, int(union[t]))
+            for t, doc in zip(top, self._docs(state, union[top])):
                 ch = {c: (None if np.isnan(s[t]) else float(s[t])) for c, s in scores.items()}
                 hits.append(Hit(doc["id"], float(fused[t]), doc["text"], doc["metadata"], ch))
             out.append(hits)
@@ -533,6 +545,9 @@ class HybridIndex:
     def _merge(self, parts, nq, k):
         if not parts:
             return np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
+        if len(parts) == 1 and parts[0][1].shape[1] == k:  # one segment: already sorted, nothing to merge
+            sc, ids = parts[0]
+            return np.where(ids >= 0, sc, 0).astype(np.float32, copy=False), ids
         s = np.concatenate([p[0] for p in parts], axis=1)
         i = np.concatenate([p[1] for p in parts], axis=1)
         s = np.where(i >= 0, s, -np.inf)
@@ -581,14 +596,11 @@ class HybridIndex:
 
     def _hits(self, state, scores, docnos, channel) -> list[list[Hit]]:
         out = []
-        for srow, drow in zip(scores, docnos):
-            hits = []
-            for s, d in zip(srow, drow):
-                if d < 0:
-                    break
-                doc = self._doc(state, int(d))
-                hits.append(Hit(doc["id"], float(s), doc["text"], doc["metadata"], {channel: float(s)}))
-            out.append(hits)
+        for srow, drow in zip(scores.tolist(), docnos):
+            n = int(np.argmin(drow >= 0)) if (drow < 0).any() else len(drow)
+            docs = self._docs(state, drow[:n].tolist())
+            out.append([Hit(doc["id"], s, doc["text"], doc["metadata"], {channel: s})
+                        for s, doc in zip(srow, docs)])
         return out
 
     # ---------------------------------------------------------------- stats

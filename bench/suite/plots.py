@@ -1,0 +1,104 @@
+"""PNG figures for RESULTS.md, drawn with matplotlib (Agg backend) from the sections' data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def latency_curves(data: dict, out: Path) -> Path | None:
+    """p50 latency against corpus size, one line per system (log-log)."""
+    lat = data.get("latency", {})
+    if not lat:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    groups = [("dense", ("hybridsearch dense", "bare FAISS dense (1 thread)", "Milvus Lite dense")),
+              ("BM25", ("hybridsearch bm25", "bm25s BM25", "Milvus Lite BM25")),
+              ("learned sparse", ("hybridsearch sparse", "Milvus Lite sparse")),
+              ("hybrid", ("hybridsearch hybrid", "Milvus Lite hybrid (weighted)", "Milvus Lite hybrid (RRF)"))]
+    for ax, (title, names) in zip(axes, groups):
+        for name in names:
+            if name in lat:
+                xs = sorted(lat[name])
+                ax.plot(xs, [lat[name][x] for x in xs], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{title}: p50 latency, top 10")
+        ax.set_xlabel("documents")
+        ax.set_ylabel("ms")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def build_rates(data: dict, out: Path) -> Path | None:
+    build, sizes = data.get("build", {}), data.get("sizes", [])
+    if not build:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, vals in build.items():
+        ax.plot(sizes[:len(vals)], vals, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title("build rate")
+    ax.set_xlabel("documents")
+    ax.set_ylabel("documents / s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def quality_bars(data: dict, out: Path) -> Path | None:
+    nd = data.get("ndcg@10", {})
+    if not nd:
+        return None
+    plt = _plt()
+    labels = list(nd)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1))
+    colors = ["tab:blue" if lbl.startswith("hybridsearch") else "tab:gray" for lbl in labels]
+    ax.barh(range(len(labels)), [nd[lbl] for lbl in labels], color=colors)
+    ax.set_yticks(range(len(labels)), [lbl[:60] for lbl in labels], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("nDCG@10, SciFact test")
+    lo = min(nd.values())
+    ax.set_xlim(max(0.0, lo - 0.1), min(1.0, max(nd.values()) + 0.03))
+    for i, lbl in enumerate(labels):
+        ax.text(nd[lbl], i, f" {nd[lbl]:.3f}", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def stage_bars(data: dict, out: Path) -> Path | None:
+    st = {k: v for k, v in data.get("stages_ms", {}).items() if not k.startswith(("sum", "search()"))}
+    if not st:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(st) + 1))
+    ax.barh(range(len(st)), list(st.values()), color="tab:blue")
+    ax.set_yticks(range(len(st)), list(st), fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median ms (log scale)")
+    ax.set_title("one hybrid query, stage by stage")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

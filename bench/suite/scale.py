@@ -1,0 +1,248 @@
+"""Scale curves on synthetic data: build rate, query latency per channel and hybrid, bytes per
+document and memory, for hybridsearch and, on the same vectors and texts in the same run, bare
+FAISS (dense), bm25s (BM25) and Milvus Lite (dense + learned sparse + BM25, ``hybrid_search``).
+
+The synthetic corpus is ``bench_index_scale.synth``: dense d=384 unit vectors, learned-sparse
+weights over a 250k vocabulary (~40 terms a document), ColBERT d=128 (~48 vectors a document)
+and ~60-word Zipf texts. Query representations are precomputed, so these are the engines' own
+costs; the encoder is measured in its own section.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import milvus as mv
+from .report import Section, interleaved, ratio, rss_mib, version
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_index_scale import D, _row, make_model, query_set, synth  # noqa: E402
+from common import table  # noqa: E402
+
+from hybridsearch import BGEM3Encoder, HybridIndex  # noqa: E402
+
+
+def _data(n: int, colbert: bool):
+    """Synthetic documents in 100k chunks (returned whole: dense, CSR, ColBERT, texts)."""
+    import scipy.sparse as sp
+
+    from hybridsearch.representations import Encoded
+
+    rng = np.random.default_rng(n)
+    parts, texts = [], []
+    for s in range(0, n, 100_000):
+        e, t = synth(min(100_000, n - s), rng, colbert)
+        parts.append(e)
+        texts += t
+    if len(parts) == 1:
+        return parts[0], texts
+    cb = off = None
+    if colbert:
+        cb = np.concatenate([p.colbert for p in parts])
+        lens = np.concatenate([np.diff(p.colbert_offsets) for p in parts])
+        off = np.zeros(n + 1, np.int64)
+        np.cumsum(lens, out=off[1:])
+    enc = Encoded(dense=np.concatenate([p.dense for p in parts]),
+                  sparse=sp.vstack([p.sparse for p in parts]).tocsr() if colbert else None,
+                  colbert=cb, colbert_offsets=off, n_tokens=np.concatenate([p.n_tokens for p in parts]))
+    return enc, texts
+
+
+def run(cfg, tmp_root: Path, log) -> Section:
+    import faiss
+
+    sizes, nq, rounds = cfg.sizes, cfg.queries, cfg.rounds
+    build_rows, lat_rows, cmp_rows, mem_rows, notes, losses = [], [], [], [], [], []
+    data = {"sizes": [], "latency": {}, "build": {}, "bytes": {}}
+    have_bm25s = version("bm25s") is not None
+    have_milvus = mv.available()
+    with tempfile.TemporaryDirectory(dir=tmp_root) as mtmp:
+        models = {True: make_model(Path(mtmp) / "m3", colbert=True),
+                  False: make_model(Path(mtmp) / "dense", colbert=False)}
+        for n in sizes:
+            t_size = time.perf_counter()
+            colbert = n <= cfg.colbert_max
+            log(f"scale: {n:,} docs ({'all channels' if colbert else 'dense+BM25'}): generating")
+            enc, texts = _data(n, colbert)
+            qenc, qtexts = query_set(nq, np.random.default_rng(7), colbert)
+            data["sizes"].append(n)
+            key = f"{n:,}"
+            with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+                # ---- builds, one after the other; RSS growth of this process while each builds
+                gc.collect()
+                r0 = rss_mib()
+                idx = HybridIndex.create(Path(tmp) / "ours", BGEM3Encoder(models[colbert], device="cpu"))
+                t = time.perf_counter()
+                for s in range(0, n, 100_000):
+                    e = slice(s, min(n, s + 100_000))
+                    part = enc if n <= 100_000 else _slice(enc, e)
+                    idx.add([{"id": f"d{i}", "text": texts[i]} for i in range(e.start, e.stop)], encoded=part,
+                            show_progress=False)
+                t_ours = time.perf_counter() - t
+                mem_ours = rss_mib() - r0
+                st = idx.stats()
+                disk_ours = sum(v["bytes"] for v in st["channel_bytes"].values())
+                build_rows.append([key, "hybridsearch (" + "+".join(idx.channels) + ")", t_ours, n / t_ours])
+                data["build"].setdefault("hybridsearch", []).append(n / t_ours)
+                log(f"scale: {n:,}: ours built in {t_ours:.1f} s")
+
+                gc.collect()
+                r0 = rss_mib()
+                flat = faiss.IndexFlatIP(D)
+                t = time.perf_counter()
+                flat.add(enc.dense)
+                t_faiss = time.perf_counter() - t
+                build_rows.append([key, "bare FAISS IndexFlatIP (dense only)", t_faiss, n / t_faiss])
+                mem_faiss = rss_mib() - r0
+
+                retr = None
+                if have_bm25s:
+                    import bm25s
+
+                    gc.collect()
+                    r0 = rss_mib()
+                    t = time.perf_counter()
+                    retr = bm25s.BM25(method="lucene", k1=1.2, b=0.75)
+                    retr.index(bm25s.tokenize(texts, stopwords=None, show_progress=False), show_progress=False)
+                    t_b = time.perf_counter() - t
+                    mem_bm25s = rss_mib() - r0
+                    build_rows.append([key, f"bm25s {version('bm25s')} (BM25 only)", t_b, n / t_b])
+                    data["build"].setdefault("bm25s", []).append(n / t_b)
+
+                mil = None
+                if have_milvus and n <= cfg.milvus_max:
+                    gc.collect()
+                    r0 = rss_mib()
+                    mil = mv.MilvusLite(Path(tmp) / "milvus", D, sparse=colbert, bm25=True)
+                    t_m = mil.insert(enc.dense, texts, enc.sparse if colbert else None)
+                    mem_milvus = rss_mib() - r0
+                    build_rows.append([key, f"Milvus Lite {version('milvus-lite')} ({'+'.join(mil.channels)}), "
+                                       "insert + flush", t_m, n / t_m])
+                    data["build"].setdefault("Milvus Lite", []).append(n / t_m)
+                    log(f"scale: {n:,}: Milvus Lite built in {t_m:.1f} s")
+                elif have_milvus:
+                    notes.append(f"Milvus Lite was not run at {key} documents: at the insert rate it showed at "
+                                 f"smaller sizes and ~1 s+ per hybrid query there, it would not fit this run's time "
+                                 f"box (--milvus-max {cfg.milvus_max:,}).")
+
+                # ---- queries, interleaved rounds
+                systems = {}
+
+                def ours(mode):
+                    return lambda i: idx.search(qtexts[i], k=10, mode=mode, query_encoded=_row(qenc, i))
+
+                modes = ["dense", "bm25", "hybrid"] + (["sparse"] if colbert else [])
+                for m in modes:
+                    systems[f"hybridsearch {m}"] = (ours(m), nq)
+                threads = faiss.omp_get_max_threads()
+                systems["bare FAISS dense (1 thread)"] = (lambda i: flat.search(qenc.dense[i:i + 1], 10), nq)
+                if retr is not None:
+                    systems["bm25s BM25"] = (lambda i: retr.retrieve(
+                        bm25s.tokenize(qtexts[i:i + 1], stopwords=None, show_progress=False), k=10,
+                        show_progress=False), nq)
+                if mil is not None:
+                    mq = min(nq, cfg.milvus_queries(n))
+                    qsp = [mv._sparse_row(qenc.sparse, i) for i in range(nq)] if colbert else None
+                    systems["Milvus Lite dense"] = (lambda i: mil.search("dense", dense=qenc.dense[i]), mq)
+                    systems["Milvus Lite BM25"] = (lambda i: mil.search("bm25", text=qtexts[i]), mq)
+                    if colbert:
+                        systems["Milvus Lite sparse"] = (lambda i: mil.search("sparse", sparse=qsp[i]), mq)
+                    ch = mil.channels
+                    w = {"dense": 0.4, "sparse": 0.2, "bm25": 0.4} if colbert else {"dense": 0.5, "bm25": 0.5}
+                    systems["Milvus Lite hybrid (weighted)"] = (lambda i: mil.hybrid(
+                        ch, dense=qenc.dense[i], sparse=qsp[i] if qsp else None, text=qtexts[i],
+                        weights=[w[c] for c in ch]), mq)
+                    systems["Milvus Lite hybrid (RRF)"] = (lambda i: mil.hybrid(
+                        ch, dense=qenc.dense[i], sparse=qsp[i] if qsp else None, text=qtexts[i], rrf_k=60), mq)
+                log(f"scale: {n:,}: timing {len(systems)} query paths, {rounds} interleaved rounds")
+                faiss.omp_set_num_threads(1)  # the bare FAISS row; ours already runs single queries on 1 thread
+                try:
+                    lat = interleaved(systems, rounds)
+                finally:
+                    faiss.omp_set_num_threads(threads)
+                for name, (_, q) in systems.items():
+                    lat_rows.append([key, name, lat[name].p50, lat[name].p99, q])
+                    data["latency"].setdefault(name, {})[n] = lat[name].p50
+
+                def cmp(what, mine, theirs):
+                    if theirs not in lat:
+                        return
+                    r = ratio(lat[mine], lat[theirs])
+                    cmp_rows.append([key, what, mine, theirs, lat[mine].p50, lat[theirs].p50, r])
+                    if r > 1.0:
+                        losses.append(f"{key} docs, {what}: {mine} p50 {lat[mine].p50:.3g} ms vs {theirs} "
+                                      f"{lat[theirs].p50:.3g} ms ({r:.2f}x slower"
+                                      + (", within noise)" if r < 1.1 else ")"))
+
+                cmp("dense top-10", "hybridsearch dense", "bare FAISS dense (1 thread)")
+                cmp("dense top-10", "hybridsearch dense", "Milvus Lite dense")
+                cmp("BM25 top-10", "hybridsearch bm25", "bm25s BM25")
+                cmp("BM25 top-10", "hybridsearch bm25", "Milvus Lite BM25")
+                cmp("learned sparse top-10", "hybridsearch sparse", "Milvus Lite sparse")
+                cmp("hybrid top-10", "hybridsearch hybrid", "Milvus Lite hybrid (weighted)")
+                cmp("hybrid top-10", "hybridsearch hybrid", "Milvus Lite hybrid (RRF)")
+
+                # ---- memory and disk
+                for ch_, v in st["channel_bytes"].items():
+                    mem_rows.append([key, f"hybridsearch {ch_} (disk)", v["bytes_per_doc"]])
+                    data["bytes"].setdefault(f"hybridsearch {ch_}", {})[n] = v["bytes_per_doc"]
+                mem_rows.append([key, "hybridsearch all channels (disk)", disk_ours / n])
+                mem_rows.append([key, "hybridsearch RSS growth while building (MiB)", mem_ours])
+                mem_rows.append([key, "bare FAISS RSS growth (MiB)", mem_faiss])
+                if retr is not None:
+                    mem_rows.append([key, "bm25s RSS growth while building (MiB)", mem_bm25s])
+                if mil is not None:
+                    mem_rows.append([key, f"Milvus Lite ({'+'.join(mil.channels)}) (disk)", mil.disk_bytes() / n])
+                    mem_rows.append([key, "Milvus Lite RSS growth while building (MiB)", mem_milvus])
+                    if mem_ours > mem_milvus * 1.1:
+                        losses.append(f"{key} docs, memory: hybridsearch grew RSS by {mem_ours:.0f} MiB while "
+                                      f"building vs Milvus Lite {mem_milvus:.0f} MiB (ours also holds ColBERT"
+                                      f" vectors, which Milvus Lite has no field for)" if colbert else "")
+                    mil.close()
+                ours_bps = n / t_ours
+                for peer in ("Milvus Lite",):
+                    if peer in data["build"] and len(data["build"][peer]) == len(data["build"]["hybridsearch"]):
+                        if data["build"][peer][-1] > ours_bps:
+                            losses.append(f"{key} docs, build: Milvus Lite inserts {data['build'][peer][-1]:,.0f} "
+                                          f"docs/s vs ours {ours_bps:,.0f}")
+                idx.close()
+                flat = retr = mil = idx = None
+            del enc, texts
+            gc.collect()
+            log(f"scale: {n:,} docs done in {time.perf_counter() - t_size:.0f} s")
+
+    losses = [x for x in losses if x]
+    body = "\n\n".join([
+        "Synthetic corpus: dense d=384 (FAISS Flat in every engine), learned sparse over a 250k "
+        "vocabulary (~40 terms a document), ColBERT d=128 (~48 vectors a document, float16 on disk) up "
+        f"to {cfg.colbert_max:,} documents, ~60-word texts for BM25. Query representations are "
+        "precomputed (encoding is excluded everywhere). Latency: single queries, top 10; p50 and p99 are "
+        f"per round and the figure is the median over {rounds} interleaved rounds. Our hybrid takes the "
+        "top 100 of dense, sparse and BM25, rescoring the union exactly with dense, sparse and ColBERT; "
+        "Milvus Lite's hybrid takes 100 per route (dense, sparse, BM25) and fuses with its ranker (it "
+        "has no ColBERT), so ours does strictly more work per query.",
+        "### Build", table(["docs", "engine", "seconds", "docs/s"], build_rows),
+        "### Query latency (ms)", table(["docs", "system", "p50", "p99", "queries/round"], lat_rows),
+        "### Ours against each peer (ratio = median over rounds of our p50 / theirs; < 1 means we are faster)",
+        table(["docs", "task", "ours", "peer", "ours p50 ms", "peer p50 ms", "ratio"], cmp_rows),
+        "### Bytes per document and memory", table(["docs", "what", "value"], mem_rows),
+        *notes,
+    ])
+    return Section("Scale: build, latency, memory (synthetic)", body, losses=losses, data=data)
+
+
+def _slice(enc, sl: slice):
+    from hybridsearch.representations import Encoded
+
+    cb = off = None
+    if enc.colbert is not None:
+        a, b = enc.colbert_offsets[sl.start], enc.colbert_offsets[sl.stop]
+        cb, off = enc.colbert[a:b], enc.colbert_offsets[sl.start:sl.stop + 1] - a
+    return Encoded(dense=enc.dense[sl], sparse=enc.sparse[sl] if enc.sparse is not None else None,
+                   colbert=cb, colbert_offsets=off, n_tokens=enc.n_tokens[sl])
