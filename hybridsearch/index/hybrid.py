@@ -444,11 +444,15 @@ class HybridIndex:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if mode != "hybrid" and mode not in self.channels:
             raise ValueError(f"this index has no {mode} channel (it has: {', '.join(self.channels)})")
-        base = self.default_fusion()
-        w = dict(base.weights)
-        w.update(weights or {})
-        cfg = FusionConfig(weights=w, method="rrf" if fusion == "rrf" else fusion,
-                           normalize=tuple(normalize) if normalize is not None else base.normalize)
+        if fusion not in ("weighted", "rrf"):
+            raise ValueError(f"unknown fusion {fusion!r}; use 'weighted' or 'rrf'")
+        cfg = None
+        if mode == "hybrid":  # single-channel modes skip building (and validating) a fusion config
+            base = self.default_fusion()
+            w = dict(base.weights)
+            w.update(weights or {})
+            cfg = FusionConfig(weights=w, method="rrf" if fusion == "rrf" else fusion,
+                               normalize=tuple(normalize) if normalize is not None else base.normalize)
         state = self._state
         flt = check_filter(filter)
         # None means "everything": channels then skip mask handling entirely.
