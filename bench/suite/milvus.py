@@ -1,8 +1,13 @@
 """Milvus Lite (``milvus-lite`` + ``pymilvus``) as a user would set it up for hybrid search:
 one collection with a dense FLOAT_VECTOR (FLAT, inner product), optionally a learned-sparse
 SPARSE_FLOAT_VECTOR (inverted index, inner product) and a BM25 function over the text field
-(English analyzer: standard tokenizer, lowercase, English stopwords, English stemmer), queried
+(standard tokenizer, lowercase, English stopwords), queried
 with ``search`` per channel and ``hybrid_search`` with ``WeightedRanker`` or ``RRFRanker``.
+
+Milvus Lite 3.2's analyzer is a pure-Python ``\w+`` tokenizer with lowercase and an optional
+explicit stopword list: it ignores stemmer filters and does not expand ``_english_``. So the
+collection gets the standard tokenizer with the same English stopword list as our BM25 channel,
+and no stemming (ours stems: the quality section says so next to the figures).
 
 Milvus Lite returns BM25 scores negated in ``distance``; :meth:`MilvusLite.search` flips them.
 """
@@ -15,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-ENGLISH = {"tokenizer": "standard",
-           "filter": ["lowercase", {"type": "stop", "stop_words": ["_english_"]},
-                      {"type": "stemmer", "language": "english"}]}
+def english() -> dict:
+    from hybridsearch.retrievers.bm25 import ENGLISH_STOPWORDS
+
+    return {"tokenizer": "standard", "filter": ["lowercase", {"type": "stop", "stop_words": list(ENGLISH_STOPWORDS)}]}
 
 
 def available() -> bool:
@@ -45,7 +51,7 @@ class MilvusLite:
         s = self.client.create_schema(auto_id=False)
         s.add_field("id", DataType.INT64, is_primary=True)
         s.add_field("text", DataType.VARCHAR, max_length=65535, enable_analyzer=bm25,
-                    **({"analyzer_params": analyzer or ENGLISH} if bm25 else {}))
+                    **({"analyzer_params": analyzer or english()} if bm25 else {}))
         s.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
         ip = self.client.prepare_index_params()
         ip.add_index("dense", index_type="FLAT", metric_type="IP")
