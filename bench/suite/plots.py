@@ -70,10 +70,10 @@ def quality_bars(data: dict, out: Path) -> Path | None:
         return None
     plt = _plt()
     labels = list(nd)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1))
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(labels) + 1))
     colors = ["tab:blue" if lbl.startswith("hybridsearch") else "tab:gray" for lbl in labels]
     ax.barh(range(len(labels)), [nd[lbl] for lbl in labels], color=colors)
-    ax.set_yticks(range(len(labels)), [lbl[:60] for lbl in labels], fontsize=7)
+    ax.set_yticks(range(len(labels)), [lbl if len(lbl) <= 52 else lbl[:50] + "..." for lbl in labels], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("nDCG@10, SciFact test")
     lo = min(nd.values())
