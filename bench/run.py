@@ -49,6 +49,7 @@ class Config:
     colbert_max: int = 100_000
     milvus_max: int = 100_000
     breakdown_docs: int = 10_000
+    breakdown_queries: int = 30
     rerank_top: int = 20
     enc_texts: int = 128
     enc_layers: int = 6
@@ -64,7 +65,7 @@ class Config:
 
 
 MODES = {
-    "tiny": dict(sizes=[1_000], queries=5, rounds=1, breakdown_docs=1_000, enc_texts=8, enc_layers=1,
+    "tiny": dict(sizes=[1_000], queries=5, rounds=1, breakdown_docs=1_000, breakdown_queries=3, enc_texts=8, enc_layers=1,
                  score_docs=20, score_queries=2, rerank_top=5),
     "quick": dict(sizes=[10_000], queries=50, rounds=3, breakdown_docs=10_000, enc_texts=128,
                   score_docs=300, score_queries=10),

@@ -30,7 +30,7 @@ from hybridsearch.fusion import fuse  # noqa: E402
 
 
 def run(cfg, tmp_root: Path, log) -> Section:
-    n, nq, top = cfg.breakdown_docs, cfg.queries, cfg.rerank_top
+    n, nq, top = cfg.breakdown_docs, cfg.breakdown_queries, cfg.rerank_top
     stages: dict[str, list[float]] = {}
 
     def clock(name, fn, *a):
