@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def english() -> dict:
     from hybridsearch.retrievers.bm25 import ENGLISH_STOPWORDS
 
