@@ -139,8 +139,6 @@ def bench_size(n, args, model_m3, model_dense, rows_build, rows_q, rows_mem, row
             t = time.perf_counter()
             idx.add(docs, encoded=enc)
             t_total += time.perf_counter() - t
-            if n == min(args.docs):
-                keep_texts = texts
             del enc, docs
         rows_build.append([f"{n:,}", "+".join(idx.channels), t_total, n / t_total])
         idx.close()
@@ -183,7 +181,7 @@ def bench_size(n, args, model_m3, model_dense, rows_build, rows_q, rows_mem, row
         faiss.omp_set_num_threads(threads)
         rows_alt.append([f"{n:,}", "dense top-10: ours vs bare FAISS FlatIP, 1 thread (p50 ms)",
                          ours[0], bare1[0], ours[0] / bare1[0]])
-        del flat, dense
+        flat = dense = None
         idx.close()
     if not args.skip_bm25s and n <= args.bm25s_max:
         import bm25s

@@ -115,7 +115,6 @@ class DenseIndex:
 
         Returns scores (nq, k) float32 and local ids (nq, k) int64, -1 where there is no hit.
         """
-        faiss = _faiss()
         q = np.ascontiguousarray(q, dtype=np.float32)
         nq = len(q)
         scores = np.zeros((nq, k), np.float32)
