@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rerank", metavar="MODEL", help="rerank the top hits with this cross-encoder")
     s.add_argument("--rerank-candidates", type=_positive("--rerank-candidates"), default=50, metavar="N",
                    help="hits passed to the reranker (default 50, at least -k)")
+    s.add_argument("--rerank-weight", type=float, default=1.0, metavar="W",
+                   help="order reranked hits by W*rerank + (1-W)*fused, both min-max normalised "
+                        "(default 1.0: the reranker alone)")
     s.add_argument("--model", metavar="M", help="encoder to open the index with (default: the one that built it)")
     s.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
     s.add_argument("--snippet", type=_non_negative, default=200, metavar="CHARS",
@@ -495,7 +498,8 @@ def cmd_query(args) -> int:
     try:
         reranker = _load_reranker(Reranker, args.rerank, args.device) if args.rerank else None
         hits = index.search(args.text, k=args.k, mode=args.mode, filter=flt, weights=weights, fusion=args.fusion,
-                            reranker=reranker, rerank_top=max(args.k, args.rerank_candidates))
+                            reranker=reranker, rerank_top=max(args.k, args.rerank_candidates),
+                            rerank_weight=args.rerank_weight)
     finally:
         index.close()
     if args.json:

@@ -206,6 +206,21 @@ def test_rerank_stage(index, tmp_path_factory):
         assert h.rerank_score == pytest.approx(want[i], abs=1e-5)
         assert h.score == pytest.approx(fused[i].score, abs=1e-6)  # fused score kept
 
+    # interpolation: w * minmax(rerank) + (1 - w) * minmax(fused), by hand
+    def mm(x):
+        x = np.asarray(x, np.float64)
+        return (x - x.min()) / (x.max() - x.min())
+
+    for w in (0.0, 0.5):
+        mixed = index.search("fox dense ranking", k=3, reranker=rr, rerank_top=8, rerank_weight=w)
+        key = w * mm(want) + (1 - w) * mm([h.score for h in fused])
+        assert ids_of(mixed) == [fused[i].id for i in np.argsort(-key, kind="stable")[:3]]
+    assert ids_of(index.search("fox dense ranking", k=3, reranker=rr, rerank_top=8, rerank_weight=0.0)) \
+        == ids_of(fused[:3])  # weight 0 keeps the fused order
+    for bad in (-0.1, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="rerank_weight"):
+            index.search("fox", k=3, reranker=rr, rerank_weight=bad)
+
 
 def test_hnsw_index_with_deletions(tmp_path, m3_encoder):
     idx = HybridIndex.create(tmp_path / "hnsw", m3_encoder, dense_factory="HNSW32")

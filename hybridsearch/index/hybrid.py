@@ -29,7 +29,7 @@ import scipy.sparse as sp
 
 from ..encode import BGEM3Encoder
 from ..errors import IndexFormatError, ModelMismatchError
-from ..fusion import CHANNELS, FusionConfig, fuse
+from ..fusion import CHANNELS, FusionConfig, fuse, minmax
 from ..representations import Encoded
 from ..retrievers.bm25 import BM25Index
 from . import storage as st
@@ -417,7 +417,8 @@ class HybridIndex:
     def search(self, query: str | Sequence[str], k: int = 10, mode: str = "hybrid", *,
                weights: Mapping[str, float] | None = None, filter: Mapping | None = None,
                candidates: int | None = None, fusion: str = "weighted", normalize: Sequence[str] | None = None,
-               query_encoded: Encoded | None = None, reranker=None, rerank_top: int = 50):
+               query_encoded: Encoded | None = None, reranker=None, rerank_top: int = 50,
+               rerank_weight: float = 1.0):
         """Search one query (returns ``list[Hit]``) or a batch (returns ``list[list[Hit]]``).
 
         Args:
@@ -433,6 +434,11 @@ class HybridIndex:
             reranker: a :class:`hybridsearch.rerank.Reranker`; when given, the top ``rerank_top``
                 fused hits are rescored by the cross-encoder and returned in its order, each
                 with ``rerank_score`` set and ``score`` still the fused score.
+            rerank_weight: 1.0 (default) orders the reranked hits by the cross-encoder alone;
+                ``w`` < 1 orders them by ``w * minmax(rerank) + (1 - w) * minmax(fused)`` over
+                the ``rerank_top`` hits of each query, which keeps the first stage's evidence
+                (on SciFact a briefly fine-tuned cross-encoder hurt alone and helped at 0.5:
+                bench/results/rerank_scifact.md).
         """
         single = isinstance(query, str)
         queries = [query] if single else list(query)
@@ -463,6 +469,9 @@ class HybridIndex:
             raise ValueError(f"query_encoded holds {len(query_encoded)} queries, {len(queries)} given")
         if reranker is not None and (not isinstance(rerank_top, int) or rerank_top < 1):
             raise ValueError(f"rerank_top must be a positive integer, got {rerank_top!r}")
+        if isinstance(rerank_weight, bool) or not isinstance(rerank_weight, (int, float)) \
+                or not 0.0 <= rerank_weight <= 1.0:
+            raise ValueError(f"rerank_weight must be a number in [0, 1], got {rerank_weight!r}")
         depth = max(k, rerank_top) if reranker is not None else k
         if candidates is None:
             candidates = self.default_candidates()
@@ -470,7 +479,7 @@ class HybridIndex:
             raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
         results = self._search(state, queries, depth, mode, cfg, allowed, max(candidates, depth), query_encoded)
         if reranker is not None:
-            results = [_rerank(reranker, q, hits, k) for q, hits in zip(queries, results)]
+            results = [_rerank(reranker, q, hits, k, float(rerank_weight)) for q, hits in zip(queries, results)]
         return results[0] if single else results
 
     def _search(self, state, queries, k, mode, cfg, allowed, C, q=None) -> list[list[Hit]]:
@@ -649,15 +658,20 @@ class HybridIndex:
         return f"HybridIndex({str(self.path)!r}, documents={len(self)}, channels={self.channels})"
 
 
-def _rerank(reranker, query: str, hits: list[Hit], k: int) -> list[Hit]:
-    """Rescore ``hits`` with a cross-encoder; best ``k`` by reranker score (fused score kept)."""
+def _rerank(reranker, query: str, hits: list[Hit], k: int, weight: float = 1.0) -> list[Hit]:
+    """Rescore ``hits`` with a cross-encoder; best ``k`` by reranker score, or by
+    ``weight * minmax(rerank) + (1 - weight) * minmax(fused)`` when ``weight < 1`` (fused score kept)."""
     if not hits:
         return hits
     scores = reranker.compute_score([(query, h.text) for h in hits])
     scores = [scores] if isinstance(scores, float) else scores
     for h, s in zip(hits, scores):
         h.rerank_score = float(s)
-    return sorted(hits, key=lambda h: -h.rerank_score)[:k]
+    if weight >= 1.0:
+        return sorted(hits, key=lambda h: -h.rerank_score)[:k]
+    key = weight * minmax(np.array([h.rerank_score for h in hits])) \
+        + (1.0 - weight) * minmax(np.array([h.score for h in hits]))
+    return [hits[i] for i in np.argsort(-key, kind="stable")[:k]]
 
 
 def _slice(allowed: np.ndarray | None, s: Segment) -> np.ndarray | None:
