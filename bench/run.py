@@ -150,6 +150,41 @@ def main(argv=None) -> int:
     return 0
 
 
+WHY = {
+    "BM25": (
+        "**BM25 against bm25s.** The scale section times tantivy's own `Searcher.search` call inside "
+        "our BM25 path: from 100k documents it is most of our latency, and by itself it is slower "
+        "than bm25s. bm25s computes every (term, document) BM25 score at index time into one static "
+        "sparse matrix, so a query is a sum of a few rows; tantivy scores postings at query time "
+        "(block-max WAND). The price of bm25s' design is that the matrix is frozen: IDF and the "
+        "average length change with every added document, so bm25s re-indexes from scratch, "
+        "while our index takes add/delete/upsert as single atomic commits. So the loss is inherent to "
+        "the BM25 engine we chose, not to our wrapper (our Python around tantivy, ~0.35 ms a query at "
+        "10k documents, was trimmed this round: batched document fetch, no merge for one segment, no fusion "
+        "config for single-channel searches). In a hybrid query BM25 is a small share of the time "
+        "(see the breakdown section). A BM25 channel scored by our own Numba postings kernel "
+        "(the one that serves learned sparse) is the way to close the gap; it is not built yet."),
+    "dense top-10": (
+        "**Dense against bare FAISS.** Same FAISS index and the same single thread; the difference "
+        "is what a search returns: our hits carry the id, text and metadata from the document store, "
+        "and deletions and filters go through FAISS's ID selector. At 10k documents that Python "
+        "costs ~0.35 ms a query. From 100k documents the gap is ~10%, more than that fixed cost, "
+        "and not explained yet (the 1M index holds 10 segments, one per add() call, searched one "
+        "after the other and merged; the 100k index is one segment)."),
+    "disk:": (
+        "**Bytes on disk against Milvus Lite.** Most of ours is the ColBERT channel (about 48 "
+        "vectors of 128 float16 a document, ~12 KB); Milvus Lite has no multi-vector field to hold "
+        "them, so it stores less and cannot do late interaction. Without ColBERT (the 1M row) ours "
+        "is ~2 KB a document."),
+    "memory:": (
+        "**Memory against Milvus Lite.** Our open index memory-maps every channel; the figure "
+        "includes the Numba-compiled kernels and ColBERT pages touched by the queries."),
+    "encoder:": (
+        "**Encoder against FlagEmbedding.** Both run the same forward pass; see the encoder table "
+        "for how far each is above a bare forward pass."),
+}
+
+
 def write(out: Path, cfg: Config, sections: list[Section], seconds: float) -> None:
     fe = next((s.data["flagembedding"] for s in sections if "flagembedding" in s.data),
               "not measured" + ("" if cfg.fe_python else " (no --fe-python)"))
@@ -168,6 +203,9 @@ def write(out: Path, cfg: Config, sections: list[Section], seconds: float) -> No
         ("\n".join(f"- {x}" for x in losses) if losses else "Nowhere in this run: every ratio above is in our favour.")
         + "\n\nEach line is computed from this run's tables, not written by hand.",
     ]
+    why = [text for key, text in WHY.items() if any(key in x for x in losses)]
+    if why:
+        parts += ["### Why, and what we do about it", "\n\n".join(why)]
     for s in sections:
         parts.append(f"## {s.title}")
         parts.append(s.body)

@@ -69,6 +69,19 @@ class MilvusLite:
             self.channels.append("bm25")
         self.client.create_collection("c", schema=s, index_params=ip)
 
+    @classmethod
+    def reopen(cls, folder: str | Path) -> MilvusLite:
+        """The collection a previous process built in ``folder``, loaded for search."""
+        self = cls.__new__(cls)
+        from pymilvus import MilvusClient
+
+        self.folder = Path(folder)
+        self.client = MilvusClient(str(self.folder / "milvus.db"))
+        self.client.load_collection("c")
+        fields = {f["name"] for f in self.client.describe_collection("c")["fields"]}
+        self.channels = [c for c in ("dense", "sparse", "bm25") if c in fields]
+        return self
+
     def insert(self, dense: np.ndarray, texts: list[str], sparse=None, chunk: int = 2000, base: int = 0) -> float:
         """Insert in chunks, then flush (so searches hit sealed, indexed segments). Seconds."""
         t = time.perf_counter()
@@ -110,7 +123,12 @@ class MilvusLite:
         return [h["id"] for h in res]
 
     def close(self) -> None:
+        """Close the client and stop Milvus Lite's in-process server for this file, which
+        otherwise keeps the database locked against other processes."""
         try:
             self.client.close()
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(str(self.folder / "milvus.db"))
         except Exception:  # noqa: BLE001 -- closing is best effort
             pass
