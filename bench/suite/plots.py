@@ -14,6 +14,23 @@ def _plt():
     return plt
 
 
+def _loglog(ax, title: str, ylabel: str, legend_size: int) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("documents")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(plt, fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def latency_curves(data: dict, out: Path) -> Path | None:
     """p50 latency against corpus size, one line per system (log-log)."""
     lat = data.get("latency", {})
@@ -30,17 +47,8 @@ def latency_curves(data: dict, out: Path) -> Path | None:
             if name in lat:
                 xs = sorted(lat[name])
                 ax.plot(xs, [lat[name][x] for x in xs], marker="o", label=name)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(f"{title}: p50 latency, top 10")
-        ax.set_xlabel("documents")
-        ax.set_ylabel("ms")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+        _loglog(ax, f"{title}: p50 latency, top 10", "ms", 7)
+    return _save(plt, fig, out)
 
 
 def build_rates(data: dict, out: Path) -> Path | None:
@@ -51,17 +59,8 @@ def build_rates(data: dict, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, vals in build.items():
         ax.plot(sizes[:len(vals)], vals, marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_title("build rate")
-    ax.set_xlabel("documents")
-    ax.set_ylabel("documents / s")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    _loglog(ax, "build rate", "documents / s", 8)
+    return _save(plt, fig, out)
 
 
 def quality_bars(data: dict, out: Path) -> Path | None:
@@ -80,10 +79,7 @@ def quality_bars(data: dict, out: Path) -> Path | None:
     ax.set_xlim(max(0.0, lo - 0.1), min(1.0, max(nd.values()) + 0.03))
     for i, lbl in enumerate(labels):
         ax.text(nd[lbl], i, f" {nd[lbl]:.3f}", va="center", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def stage_bars(data: dict, out: Path) -> Path | None:
@@ -98,7 +94,4 @@ def stage_bars(data: dict, out: Path) -> Path | None:
     ax.set_xscale("log")
     ax.set_xlabel("median ms (log scale)")
     ax.set_title("one hybrid query, stage by stage")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
