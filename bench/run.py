@@ -159,18 +159,18 @@ WHY = {
         "(block-max WAND). The price of bm25s' design is that the matrix is frozen: IDF and the "
         "average length change with every added document, so bm25s re-indexes from scratch, "
         "while our index takes add/delete/upsert as single atomic commits. So the loss is inherent to "
-        "the BM25 engine we chose, not to our wrapper (our Python around tantivy, ~0.35 ms a query at "
-        "10k documents, was trimmed this round: batched document fetch, no merge for one segment, no fusion "
+        "the BM25 engine we chose, not to our wrapper (our Python around tantivy, ~0.3 ms a query, was "
+        "trimmed this round: batched document fetch, no merge for one segment, no fusion "
         "config for single-channel searches). In a hybrid query BM25 is a small share of the time "
         "(see the breakdown section). A BM25 channel scored by our own Numba postings kernel "
         "(the one that serves learned sparse) is the way to close the gap; it is not built yet."),
     "dense top-10": (
         "**Dense against bare FAISS.** Same FAISS index and the same single thread; the difference "
         "is what a search returns: our hits carry the id, text and metadata from the document store, "
-        "and deletions and filters go through FAISS's ID selector. At 10k documents that Python "
-        "costs ~0.35 ms a query. From 100k documents the gap is ~10%, more than that fixed cost, "
-        "and not explained yet (the 1M index holds 10 segments, one per add() call, searched one "
-        "after the other and merged; the 100k index is one segment)."),
+        "and deletions and filters go through FAISS's ID selector. That Python costs ~0.3 ms a "
+        "query. At 100k and 1M documents the ratio moved between runs (1.10x and 1.24x at 100k, "
+        "1.11x and 1.02x at 1M, in two full runs on this machine); the part above that fixed cost "
+        "is not explained yet."),
     "disk:": (
         "**Bytes on disk against Milvus Lite.** Most of ours is the ColBERT channel (about 48 "
         "vectors of 128 float16 a document, ~12 KB); Milvus Lite has no multi-vector field to hold "
