@@ -39,7 +39,7 @@ def latency_curves(data: dict, out: Path) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     groups = [("dense", ("hybridsearch dense", "bare FAISS dense (1 thread)", "Milvus Lite dense")),
-              ("BM25", ("hybridsearch bm25", "bm25s BM25", "Milvus Lite BM25")),
+              ("BM25", ("hybridsearch bm25", "bm25s BM25", "bm25s BM25 (numba backend)", "Milvus Lite BM25")),
               ("learned sparse", ("hybridsearch sparse", "Milvus Lite sparse")),
               ("hybrid", ("hybridsearch hybrid", "Milvus Lite hybrid (weighted)", "Milvus Lite hybrid (RRF)"))]
     for ax, (title, names) in zip(axes, groups):
