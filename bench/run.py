@@ -77,8 +77,8 @@ MODES = {
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_const", dest="mode", const="quick", help="a few minutes (default)")
-    g.add_argument("--full", action="store_const", dest="mode", const="full", help="10k/100k/1M, about an hour")
+    g.add_argument("--quick", action="store_const", dest="mode", const="quick", help="~8 min on 2 cores (default)")
+    g.add_argument("--full", action="store_const", dest="mode", const="full", help="10k/100k/1M, ~28 min on 2 cores")
     g.add_argument("--tiny", action="store_const", dest="mode", const="tiny", help="smoke test only")
     ap.add_argument("--scifact", default=None, help="BEIR SciFact folder (quality section)")
     ap.add_argument("--fe-python", default=os.environ.get("HYBRIDSEARCH_FE_PYTHON"),
