@@ -23,6 +23,7 @@ from .report import Section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_encode import bare, make_texts  # noqa: E402
+from bench_index_scale import _row  # noqa: E402
 from common import table, timed  # noqa: E402
 
 from hybridsearch import BGEM3Encoder, HybridIndex  # noqa: E402
@@ -155,10 +156,3 @@ def run(cfg, tmp_root: Path, log) -> Section:
                    losses=losses, data={"encode_texts_per_s": {k: len(texts) / v for k, v in med.items()},
                                         **({"flagembedding": fe_version} if fe_version else {})})
 
-
-def _row(q, i):
-    from hybridsearch.representations import Encoded
-
-    cb = q.colbert[q.colbert_offsets[i]:q.colbert_offsets[i + 1]]
-    return Encoded(dense=q.dense[i:i + 1], sparse=q.sparse[i:i + 1], colbert=cb,
-                   colbert_offsets=np.array([0, len(cb)], np.int64), n_tokens=q.n_tokens[i:i + 1])

@@ -22,7 +22,7 @@ from . import milvus as mv
 from .report import Section, interleaved, ratio, rss_mib, version
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_index_scale import D, _row, make_model, query_set, synth  # noqa: E402
+from bench_index_scale import D, _row, _rows, make_model, query_set, synth  # noqa: E402
 from common import table  # noqa: E402
 
 from hybridsearch import BGEM3Encoder, HybridIndex  # noqa: E402
@@ -80,7 +80,7 @@ def run(cfg, tmp_root: Path, log) -> Section:
                 t = time.perf_counter()
                 for s in range(0, n, 100_000):
                     e = slice(s, min(n, s + 100_000))
-                    part = enc if n <= 100_000 else _slice(enc, e)
+                    part = enc if n <= 100_000 else _rows(enc, e.start, e.stop)
                     idx.add([{"id": f"d{i}", "text": texts[i]} for i in range(e.start, e.stop)], encoded=part,
                             show_progress=False)
                 t_ours = time.perf_counter() - t
@@ -308,13 +308,3 @@ def _serve_rss(*args: str) -> float:
         print(f"serve_rss {args[0]} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
         return float("nan")
 
-
-def _slice(enc, sl: slice):
-    from hybridsearch.representations import Encoded
-
-    cb = off = None
-    if enc.colbert is not None:
-        a, b = enc.colbert_offsets[sl.start], enc.colbert_offsets[sl.stop]
-        cb, off = enc.colbert[a:b], enc.colbert_offsets[sl.start:sl.stop + 1] - a
-    return Encoded(dense=enc.dense[sl], sparse=enc.sparse[sl] if enc.sparse is not None else None,
-                   colbert=cb, colbert_offsets=off, n_tokens=enc.n_tokens[sl])

@@ -385,16 +385,14 @@ class HybridIndex:
     @staticmethod
     def _docs(state: _State, docnos) -> list[dict]:
         """Stored documents for many docnos, segments located in one vectorised call."""
-        if len(state.segments) == 1:
-            d, base = state.segments[0].docs, state.segments[0].base
-            return [{"id": d["ids"][r], "text": d["texts"][r], "metadata": d["metadata"][r]}
-                    for r in (int(x) - base for x in docnos)]
-        segs = state.locate(np.asarray(docnos, np.int64))
+        docnos = [int(d) for d in docnos]
+        segs = ([0] * len(docnos) if len(state.segments) == 1
+                else state.locate(np.asarray(docnos, np.int64)).tolist())
         out = []
-        for docno, si in zip(docnos, segs.tolist()):
+        for d, si in zip(docnos, segs):
             s = state.segments[si]
-            r = int(docno) - s.base
-            out.append({"id": s.docs["ids"][r], "text": s.docs["texts"][r], "metadata": s.docs["metadata"][r]})
+            r, docs = d - s.base, s.docs
+            out.append({"id": docs["ids"][r], "text": docs["texts"][r], "metadata": docs["metadata"][r]})
         return out
 
     def default_fusion(self) -> FusionConfig:

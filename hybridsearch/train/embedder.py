@@ -224,6 +224,35 @@ def linear_schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
+def save_trainer_state(folder: Path, step: int, optimizer, scheduler, scaler=None, **extra) -> None:
+    """Write ``trainer_state.pt``: step, CPU RNG, optimizer, schedule (and AMP scaler) state."""
+    state = {"step": int(step), "rng_cpu": torch.get_rng_state(), **extra}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+        state["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    torch.save(state, Path(folder) / STATE_FILE)
+
+
+def load_trainer_state(folder: str | os.PathLike, optimizer, scheduler, scaler=None, what: str = "") -> dict:
+    """Read a folder's ``trainer_state.pt`` into the optimizer, schedule, scaler and CPU RNG;
+    returns the state (``step`` and any extras). FileNotFoundError names a folder without one."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {folder} is not a resumable {what}checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "optimizer" in state and optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        sd = scheduler.state_dict()
+        sd.update(state["scheduler"])
+        scheduler.load_state_dict(sd)
+    if "scaler" in state and scaler is not None:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    return state
+
+
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     s = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -386,29 +415,12 @@ class EmbedderTrainer:
 
     def save(self, out_dir: str | os.PathLike, epoch: int = 0) -> Path:
         out = self.model.save(out_dir)
-        state = {"step": int(self.step), "epoch": int(epoch), "rng_cpu": torch.get_rng_state()}
-        if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.state_dict()
-            state["scheduler"] = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        torch.save(state, out / STATE_FILE)
+        save_trainer_state(out, self.step, self.optimizer, self.scheduler, self.scaler, epoch=int(epoch))
         return out
 
     def load_state(self, folder: str | os.PathLike) -> dict:
-        path = Path(folder) / STATE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {folder} is not a resumable checkpoint")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_trainer_state(folder, self.optimizer, self.scheduler, self.scaler)
         self.step = int(state["step"])
-        if "optimizer" in state and self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            sd = self.scheduler.state_dict()
-            sd.update(state["scheduler"])
-            self.scheduler.load_state_dict(sd)
-        if "scaler" in state and self.scaler is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
         return state
 
     # ------------------------------------------------------------------ loop

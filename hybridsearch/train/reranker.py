@@ -21,7 +21,14 @@ import torch
 
 from . import losses as L
 from .data import GroupCollator, batch_order, load_records
-from .embedder import STATE_FILE, TrainResult, _autocast, linear_schedule
+from .embedder import (
+    STATE_FILE,
+    TrainResult,
+    _autocast,
+    linear_schedule,
+    load_trainer_state,
+    save_trainer_state,
+)
 
 
 def load_cross_encoder(model_name_or_path: str | os.PathLike, cache_dir: str | None = None):
@@ -66,12 +73,10 @@ def train_reranker(model_path: str | os.PathLike, data: Any, out_dir: str | os.P
     from tqdm.auto import tqdm
 
     records = load_records(data)
-    state = None
     if resume_from is not None:
-        sp = Path(resume_from) / STATE_FILE
-        if not sp.is_file():
-            raise FileNotFoundError(f"{sp} not found: {resume_from} is not a resumable reranker checkpoint")
-        state = torch.load(sp, map_location="cpu", weights_only=True)
+        if not (Path(resume_from) / STATE_FILE).is_file():  # before loading any model
+            raise FileNotFoundError(f"{Path(resume_from) / STATE_FILE} not found: {resume_from} is not a "
+                                    "resumable reranker checkpoint")
         model_path = resume_from
     torch.manual_seed(seed)
     model, tok = load_cross_encoder(model_path)
@@ -88,25 +93,14 @@ def train_reranker(model_path: str | os.PathLike, data: Any, out_dir: str | os.P
     sched = linear_schedule(opt, int(total * warmup_ratio), total)
     scaler = torch.amp.GradScaler("cuda") if fp16 and dev.type == "cuda" else None
     step = 0
-    if state is not None:
-        step = int(state["step"])
-        opt.load_state_dict(state["optimizer"])
-        sd = sched.state_dict()
-        sd.update(state["scheduler"])
-        sched.load_state_dict(sd)
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
+    if resume_from is not None:
+        step = int(load_trainer_state(resume_from, opt, sched, scaler, "reranker ")["step"])
     out_dir = Path(out_dir)
     result = TrainResult(out_dir, step)
 
     def save(folder: Path) -> None:
         _save(model, tok, folder)
-        st = {"step": step, "rng_cpu": torch.get_rng_state(), "optimizer": opt.state_dict(),
-              "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}}
-        if scaler is not None:
-            st["scaler"] = scaler.state_dict()
-        torch.save(st, folder / STATE_FILE)
+        save_trainer_state(folder, step, opt, sched, scaler)
 
     bar = tqdm(total=total, initial=step, desc="train reranker", unit="step", disable=not show_progress)
     epoch, t0, seen = step // per_epoch, time.perf_counter(), 0
