@@ -19,3 +19,11 @@ class IndexFormatError(HybridSearchError):
 
 class ModelMismatchError(HybridSearchError):
     """An index was opened with a different model than the one that built it."""
+
+
+class IndexLockedError(HybridSearchError):
+    """Another process holds an index's writer lock for longer than the caller would wait."""
+
+
+class DiskFullError(HybridSearchError, OSError):
+    """A write failed because the disk is full (ENOSPC); the previous commit is intact."""

@@ -136,8 +136,13 @@ class DenseIndex:
         elif self.on_gpu:
             s, i = self._overfetch(q, kk, allowed, n_allowed)
         else:
-            sel = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(np.packbits(allowed, bitorder="little")))
-            s, i = self.index.search(q, kk, params=self._params(sel, nprobe, ef_search))
+            # FAISS keeps only a raw pointer to the bitmap: hold the array (and the selector)
+            # in locals until the search has returned, or it reads freed memory.
+            bits = np.ascontiguousarray(np.packbits(allowed, bitorder="little"))
+            sel = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(bits))
+            params = self._params(sel, nprobe, ef_search)
+            s, i = self.index.search(q, kk, params=params)
+            del params, sel, bits
         return s, i
 
     def _params(self, sel, nprobe, ef_search):
