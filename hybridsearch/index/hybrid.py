@@ -689,10 +689,13 @@ def _check_docs(docs) -> tuple[list[str], list[str], list[dict]]:
         i, t, md = d.get("id"), d.get("text"), d.get("metadata") or {}
         if not isinstance(i, str) or not i:
             raise ValueError(f"document {n}: 'id' must be a non-empty string, got {i!r}")
+        _check_unicode(i, f"document {n}: the id")
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"document {i!r}: 'text' must be a non-empty string")
+        _check_unicode(t, f"document {i!r}: the text")
         if not isinstance(md, dict):
             raise ValueError(f"document {i!r}: 'metadata' must be a dict")
+        _check_metadata(md, f"document {i!r}: metadata")
         try:
             json.dumps(md, allow_nan=False)
         except (TypeError, ValueError) as e:
@@ -727,3 +730,90 @@ def _check_encoded(enc: Encoded, n: int, spec) -> None:
             raise ValueError(f"ColBERT vectors must have {spec.colbert_dim} columns")
         if enc.colbert_offsets is None or len(enc.colbert_offsets) != n + 1:
             raise ValueError(f"colbert_offsets must have {n + 1} entries")
+
+
+# ---------------------------------------------------------------- input checks (before any encoding)
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _check_unicode(s: str, what: str) -> None:
+    """Refuse a string holding a lone surrogate (e.g. JSON "\\ud800"): it cannot be encoded or stored."""
+    if s.isascii():
+        return
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} contains a lone surrogate (U+{ord(s[e.start]):04X}) at position "
+                         f"{e.start}; texts must be valid Unicode") from None
+
+
+def _short_int(v: int) -> str:
+    """An integer for an error message: in full when short, else its sign and about how many digits."""
+    if -10**30 < v < 10**30:
+        return str(v)
+    n = v.bit_length() * 30103 // 100000 + 1  # about the number of decimal digits, cheaply
+    return f"{'-' if v < 0 else ''}(about {n} digits)"
+
+
+def _check_metadata(md, what: str) -> None:
+    """Metadata values must be storable: integers within int64, finite floats, valid Unicode."""
+    import math
+
+    stack = [(md, what)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            _check_unicode(v, where)
+        elif isinstance(v, bool) or v is None:
+            pass
+        elif isinstance(v, int):
+            if not INT64_MIN <= v <= INT64_MAX:
+                raise ValueError(f"{where}: integer {_short_int(v)} is outside the 64-bit range "
+                                 f"[-2**63, 2**63-1]; store it as a string")
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                raise ValueError(f"{where}: {v!r} is not a finite number")
+        elif isinstance(v, Mapping):
+            for key, x in v.items():
+                if isinstance(key, str):
+                    _check_unicode(key, f"{where}: a field name")
+                stack.append((x, f"{where}[{key!r}]"))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, f"{where}[{j}]") for j, x in enumerate(v))
+
+
+def _check_query_inputs(queries, weights, channels) -> None:
+    """Validate search inputs before the query is encoded; raises TypeError / ValueError.
+
+    ``queries``: a string or a sequence of strings, none blank or holding a lone surrogate.
+    ``weights``: None or channel -> finite number >= 0, every channel one of ``channels`` (the index's).
+    """
+    import math
+
+    qs = [queries] if isinstance(queries, str) else queries
+    if isinstance(qs, Mapping) or not isinstance(qs, Sequence) or not qs \
+            or not all(isinstance(q, str) for q in qs):
+        raise TypeError("query must be a string or a non-empty list of strings")
+    for n, q in enumerate(qs):
+        what = "the query" if len(qs) == 1 else f"query {n}"
+        if not q.strip():
+            raise ValueError(f"{what} is empty or blank")
+        _check_unicode(q, what)
+    if weights is None:
+        return
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights must be a dict of channel -> number, got {type(weights).__name__}")
+    channels = tuple(channels)
+    for c, w in weights.items():
+        if c not in CHANNELS:
+            raise ValueError(f"weights: unknown channel {c!r}; channels are {', '.join(CHANNELS)}")
+        if c not in channels:
+            raise ValueError(f"weights: this index has no {c} channel (it has: {', '.join(channels)})")
+        ok = not isinstance(w, bool) and isinstance(w, (int, float, np.integer, np.floating))
+        try:
+            ok = ok and math.isfinite(w) and w >= 0
+        except OverflowError:  # an int too large for a float
+            ok = False
+        if not ok:
+            raise ValueError(f"weights: the weight of {c!r} must be a finite number >= 0, got {w!r}")
