@@ -7,15 +7,18 @@ Syntax (all conditions must hold)::
     {"tag": {"in": ["a", "b"]}, "draft": {"ne": True}}
 
 A document without the field fails every condition on it except ``ne``. Ranges only match numbers.
+Numbers in a filter must be finite, and integers within the 64-bit range (as in metadata).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
 
 OPS = {"eq", "ne", "in", "gt", "gte", "lt", "lte"}
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _MISSING = object()
 
 
@@ -28,6 +31,7 @@ def check_filter(flt) -> dict:
     for field, cond in flt.items():
         if not isinstance(field, str):
             raise TypeError(f"filter field names must be strings, got {field!r}")
+        _check_numbers(cond, f"filter on {field!r}")
         if isinstance(cond, dict):
             bad = set(cond) - OPS
             if bad or not cond:
@@ -38,6 +42,28 @@ def check_filter(flt) -> dict:
             if "in" in cond and not isinstance(cond["in"], (list, tuple, set)):
                 raise ValueError(f"filter on {field!r}: 'in' needs a list")
     return flt
+
+
+def _check_numbers(value, where: str) -> None:
+    """Every number in ``value`` (nested lists and dicts included) must be finite; integers must fit
+    in 64 bits, as metadata integers do (larger ones overflow the float comparisons)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, numbers.Integral):
+            n = int(v)
+            if not INT64_MIN <= n <= INT64_MAX:
+                shown = str(n) if abs(n) < 10**30 else f"with about {n.bit_length() * 30103 // 100000 + 1} digits"
+                raise ValueError(f"{where}: integer {shown} is outside the 64-bit range [-2**63, 2**63-1]")
+        elif isinstance(v, numbers.Real):
+            if not math.isfinite(v):
+                raise ValueError(f"{where}: {v!r} is not a finite number")
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack.extend(v)
 
 
 def _is_number(v) -> bool:

@@ -816,4 +816,5 @@ def _check_query_inputs(queries, weights, channels) -> None:
         except OverflowError:  # an int too large for a float
             ok = False
         if not ok:
-            raise ValueError(f"weights: the weight of {c!r} must be a finite number >= 0, got {w!r}")
+            got = _short_int(w) if isinstance(w, int) and not isinstance(w, bool) else repr(w)
+            raise ValueError(f"weights: the weight of {c!r} must be a finite number >= 0, got {got}")
