@@ -13,7 +13,12 @@ Endpoints (the full contract is :data:`OPENAPI`, served at ``GET /openapi.json``
 Errors are JSON ``{"error": "..."}``: 400 malformed JSON or a wrong shape (also ValueError /
 TypeError raised by the index), 404 unknown route or unknown id, 405 wrong method, 411 no
 Content-Length, 413 body over the limit (decided from Content-Length, before the body is read),
-500 anything unexpected (the traceback goes to the log; the server keeps running).
+503 shutting down, or the index's writer lock not obtained in time (with Retry-After), 507 the
+disk is full (ENOSPC / EDQUOT; the previous commit is intact), 500 anything unexpected (the
+traceback goes to the log; the server keeps running).
+
+Options a request leaves out are left to the library's defaults, so a query ranks the same over
+HTTP as ``index.search(query)`` in Python.
 
 Concurrency: :class:`http.server.ThreadingHTTPServer` gives each connection a thread. Searches
 read the index's immutable snapshot, so they run while a write is in progress; writes are
@@ -25,6 +30,7 @@ There is no authentication: the server binds to 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
@@ -41,8 +47,9 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from ._version import __version__
-from .errors import HybridSearchError
-from .index.hybrid import MODES, HybridIndex
+from .errors import DiskFullError, HybridSearchError, IndexLockedError
+from .index.filters import check_filter
+from .index.hybrid import MODES, HybridIndex, _check_query_inputs
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "OPENAPI", "ROUTES", "HybridSearchServer", "make_server", "serve"]
 
@@ -51,6 +58,7 @@ DEFAULT_REQUEST_TIMEOUT_S = 30.0
 MAX_K = 1000  # hits per query; bounds the arrays a request can make the index allocate
 MAX_CANDIDATES = 10_000
 MAX_QUERIES = 64  # queries in one batched search request
+LOCKED_RETRY_AFTER_S = 1  # Retry-After of a 503 when the index's writer lock was busy
 CHANNEL_NAMES = ("dense", "sparse", "colbert", "bm25")
 # After refusing a body without reading it, read and discard at most this much (for at most this
 # long) before closing, so that the client sees the response instead of a connection reset.
@@ -119,12 +127,17 @@ def _parse_search(body: Any) -> tuple[str | list[str], dict]:
             raise ApiError(400, f"'query' must be a string or a list of 1 to {MAX_QUERIES} strings")
     elif not isinstance(q, str):
         raise ApiError(400, f"'query' must be a string or a list of strings, got {_json_type(q)}")
-    kw: dict[str, Any] = {
-        "k": _int(body.get("k", 10), "k", 1, MAX_K),
-        "mode": _enum(body.get("mode", "hybrid"), "mode", MODES),
-        "candidates": _int(body.get("candidates", 100), "candidates", 1, MAX_CANDIDATES),
-        "fusion": _enum(body.get("fusion", "weighted"), "fusion", ("weighted", "rrf")),
-    }
+    # Only what the request says: every option left out keeps the library's default (e.g.
+    # candidates: 100 for BGE-M3, 1000 for a dense-only model), as in index.search(query).
+    kw: dict[str, Any] = {}
+    if "k" in body:
+        kw["k"] = _int(body["k"], "k", 1, MAX_K)
+    if "mode" in body:
+        kw["mode"] = _enum(body["mode"], "mode", MODES)
+    if body.get("candidates") is not None:
+        kw["candidates"] = _int(body["candidates"], "candidates", 1, MAX_CANDIDATES)
+    if "fusion" in body:
+        kw["fusion"] = _enum(body["fusion"], "fusion", ("weighted", "rrf"))
     w = body.get("weights")
     if w is not None:
         if not isinstance(w, dict):
@@ -138,7 +151,7 @@ def _parse_search(body: Any) -> tuple[str | list[str], dict]:
     if f is not None:
         if not isinstance(f, dict):
             raise ApiError(400, f"'filter' must be an object, got {_json_type(f)}")
-        kw["filter"] = f  # operators and values are checked by the index (ValueError -> 400)
+        kw["filter"] = check_filter(f)  # operators and values (ValueError / TypeError -> 400)
     n = body.get("normalize")
     if n is not None:
         if not isinstance(n, list):
@@ -204,6 +217,8 @@ def _openapi(index: HybridIndex, body: Any) -> tuple[int, dict]:
 
 def _search(index: HybridIndex, body: Any) -> tuple[int, dict]:
     query, kw = _parse_search(body)
+    # blank queries, lone surrogates, weights of channels this index lacks: 400 before encoding
+    _check_query_inputs(query, kw.get("weights"), index.channels)
     res = index.search(query, **kw)
     if isinstance(query, str):
         return 200, {"hits": [_hit_json(h) for h in res]}
@@ -333,7 +348,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(int(code), {"error": message or HTTPStatus(code).phrase})
 
     def _send_json(self, status: int, obj: Any, headers: tuple[tuple[str, str], ...] = ()) -> None:
-        body = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        try:
+            body = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (in an error message, say): \u-escape it
+            body = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -457,25 +475,67 @@ class _Handler(BaseHTTPRequestHandler):
                 self._discard(length)
             status, payload = endpoint(self.server.index, body)
             self._send_json(status, payload)
-        except ApiError as e:
-            self._send_json(e.status, {"error": e.message}, e.headers)
-        except KeyError as e:
-            self._send_json(404, {"error": str(e.args[0]) if e.args else "not found"})
-        except (ValueError, TypeError) as e:
-            self._send_json(400, {"error": str(e)})
         except Exception as e:  # noqa: BLE001 - the server must survive anything a request does
-            self.server.log(f"error handling {_printable(self.requestline)}:\n{traceback.format_exc()}")
-            msg = str(e) if isinstance(e, HybridSearchError) else (
-                f"internal error ({type(e).__name__}); see the server log")
-            self._send_json(500, {"error": msg})
+            status, message, headers = self._error_answer(e)
+            self._send_json(status, {"error": message}, headers)
         finally:
             self.server._leave()
+
+    def _error_answer(self, e: Exception) -> tuple[int, str, tuple[tuple[str, str], ...]]:
+        """(status, message, headers) for an exception a request raised; logs what is unexpected."""
+        if isinstance(e, ApiError):
+            return e.status, e.message, e.headers
+        if isinstance(e, IndexLockedError):  # another writer held the lock for too long
+            return 503, str(e) or "the index is locked by another writer", (
+                ("Retry-After", str(LOCKED_RETRY_AFTER_S)),)
+        full = disk_full_error(e)
+        if full is not None:  # DiskFullError, or ENOSPC / EDQUOT however it was wrapped
+            msg = disk_full_message(full)
+            self.server.log(f"{_printable(self.requestline)}: {msg}")
+            return 507, msg, ()
+        if isinstance(e, KeyError):
+            return 404, str(e.args[0]) if e.args else "not found", ()
+        if isinstance(e, (ValueError, TypeError)):
+            return 400, str(e), ()
+        self.server.log(f"error handling {_printable(self.requestline)}:\n{traceback.format_exc()}")
+        if isinstance(e, HybridSearchError):  # e.g. IndexFormatError: the message says what to do
+            return 500, str(e), ()
+        return 500, f"internal error ({type(e).__name__}); see the server log", ()
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
 
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
+
+
+_DISK_FULL_ERRNOS = frozenset(x for x in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if x is not None)
+
+
+def disk_full_error(e: BaseException) -> OSError | None:
+    """The disk-full error behind ``e`` -- a DiskFullError, or an OSError with errno ENOSPC or
+    EDQUOT, ``e`` itself or one of its causes -- or None."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def disk_full_message(e: OSError) -> str:
+    """``disk full (ENOSPC) writing PATH: detail`` for a disk-full error (the CLI prints the same)."""
+    code = errno.errorcode.get(e.errno, "ENOSPC") if isinstance(e.errno, int) else "ENOSPC"
+    path, cause, seen = e.filename, e, set()
+    while path is None and cause is not None and id(cause) not in seen:  # a cause may know the file
+        seen.add(id(cause))
+        path = getattr(cause, "filename", None)
+        cause = cause.__cause__ or cause.__context__
+    detail = " ".join((e.strerror or str(e) or "No space left on device").split())
+    if detail.startswith("disk full"):  # already a complete message
+        return detail
+    return f"disk full ({code}) writing {path}: {detail}" if path else f"disk full ({code}): {detail}"
 
 
 # --------------------------------------------------------------------------- entry points
@@ -563,13 +623,16 @@ _REF = "#/components/schemas/"
 _ERR = "#/components/responses/"
 _ERROR_REFS = {"400": "BadRequest", "405": "MethodNotAllowed", "408": "RequestTimeout",
                "411": "LengthRequired", "413": "PayloadTooLarge", "500": "InternalError",
-               "503": "ShuttingDown"}
+               "503": "Unavailable", "507": "InsufficientStorage"}
 
 
-def _errors(*extra: tuple[str, dict], write: bool = False) -> dict:
+def _errors(*extra: tuple[str, dict], write: bool = False, commits: bool = False) -> dict:
     """The error responses every operation can give (a GET can only get 400/411/413 from its
-    headers), plus ``extra`` (status, response) pairs."""
+    headers), plus ``extra`` (status, response) pairs. ``write``: it reads a body (408);
+    ``commits``: it writes to the index (507 when the disk is full)."""
     codes = ["400", "405", "408", "411", "413", "500", "503"] if write else ["400", "405", "411", "413", "500", "503"]
+    if commits:
+        codes.append("507")
     out = {c: {"$ref": _ERR + _ERROR_REFS[c]} for c in codes}
     out.update(extra)
     return dict(sorted(out.items()))
@@ -676,7 +739,7 @@ OPENAPI: dict = {
             "responses": {
                 "200": _json_ok("Committed.", {"$ref": _REF + "AddResponse"},
                                 {"added": 2, "upsert": False, "documents": 1236}),
-                **_errors(write=True),
+                **_errors(write=True, commits=True),
             },
         }},
         "/delete": {"post": {
@@ -688,7 +751,8 @@ OPENAPI: dict = {
                 "200": _json_ok("Committed.", {"$ref": _REF + "DeleteResponse"},
                                 {"deleted": 2, "documents": 1234}),
                 **_errors(("404", _error_response("An id is not in the index; nothing was deleted.",
-                                                  "1 unknown id(s), nothing deleted: ['d9']")), write=True),
+                                                  "1 unknown id(s), nothing deleted: ['d9']")),
+                          write=True, commits=True),
             },
         }},
     },
@@ -731,17 +795,20 @@ OPENAPI: dict = {
             "SearchRequest": {
                 "type": "object", "required": ["query"], "additionalProperties": False,
                 "properties": {
-                    "query": {"oneOf": [{"type": "string"},
-                                        {"type": "array", "items": {"type": "string"},
+                    "query": {"oneOf": [{"type": "string", "pattern": "\\S", "description": "must not be blank"},
+                                        {"type": "array", "items": {"type": "string", "pattern": "\\S"},
                                          "minItems": 1, "maxItems": MAX_QUERIES}]},
                     "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
                     "mode": {"enum": list(MODES), "default": "hybrid"},
                     "weights": {"type": ["object", "null"], "additionalProperties": False,
-                                "description": "hybrid only; merged over the model's default weights",
+                                "description": "hybrid only; merged over the model's default weights; "
+                                               "a channel the index lacks is a 400",
                                 "properties": {c: {"type": "number", "minimum": 0} for c in CHANNEL_NAMES}},
                     "filter": {"anyOf": [{"$ref": _REF + "Filter"}, {"type": "null"}]},
-                    "candidates": {"type": "integer", "minimum": 1, "maximum": MAX_CANDIDATES, "default": 100,
-                                   "description": "hits each first-stage channel contributes to the hybrid union"},
+                    "candidates": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CANDIDATES,
+                                   "description": "hits each first-stage channel contributes to the hybrid "
+                                                  "union (default, as in the library: 100 for BGE-M3, "
+                                                  "1000 for a dense-only model)"},
                     "fusion": {"enum": ["weighted", "rrf"], "default": "weighted"},
                     "normalize": {"type": ["array", "null"], "items": {"enum": list(CHANNEL_NAMES)},
                                   "description": "channels min-max normalised per query before a weighted sum "
@@ -810,7 +877,13 @@ OPENAPI: dict = {
                 "request body of 9000000 bytes is over the limit of 8388608 bytes"),
             "InternalError": _error_response("An unexpected error; the server logged it and keeps running.",
                                              "internal error (RuntimeError); see the server log"),
-            "ShuttingDown": _error_response("The server is shutting down.", "the server is shutting down"),
+            "Unavailable": _error_response(
+                "The server is shutting down, or (a write) another writer held the index's lock for too "
+                "long: retry after the Retry-After header's seconds.", "the server is shutting down"),
+            "InsufficientStorage": _error_response(
+                "The disk is full (ENOSPC or EDQUOT); nothing was committed and the previous commit is "
+                "intact. Free space and retry.",
+                "disk full (ENOSPC) writing indexes/demo/seg-000004.tmp/dense.npy: No space left on device"),
         },
     },
 }
