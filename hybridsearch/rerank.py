@@ -11,7 +11,9 @@ as one sequence and returns a relevance logit. :class:`Reranker` reproduces Flag
   when the pair is longer than ``max_length`` only the passage is cut (``only_second``);
 * the score is ``logits[:, 0]`` in float32, passed through a sigmoid with ``normalize=True``.
 
-Pairs are sorted by tokenised length so a batch holds pairs of similar length, padded by hand,
+Each distinct pair is scored once and every copy gets that score, so equal pairs get exactly equal
+scores (a batched forward pass rounds differently at different rows). Pairs are sorted by tokenised
+length so a batch holds pairs of similar length, padded by hand,
 run under ``torch.inference_mode`` (fp16 on CUDA by default) and put back in input order; a batch
 that runs out of memory is retried at half the size.
 """
@@ -124,6 +126,20 @@ def _check_pairs(sentence_pairs: Any) -> tuple[list[tuple[str, str]], bool]:
                 f"{where} must be a (query, passage) pair of two strings, got {_describe(p)}"
             )
     return [(p[0], p[1]) for p in pairs], single
+
+
+def _unique(items: Sequence) -> tuple[list[int], np.ndarray]:
+    """``(first, inverse)``: the index of each distinct item's first occurrence, in order of first
+    occurrence, and for every item the position of its distinct item in ``first``."""
+    seen: dict = {}
+    first: list[int] = []
+    inverse = np.empty(len(items), dtype=np.int64)
+    for i, x in enumerate(items):
+        j = seen.setdefault(x, len(first))
+        if j == len(first):
+            first.append(i)
+        inverse[i] = j
+    return first, inverse
 
 
 def _describe(x: Any) -> str:
@@ -301,10 +317,19 @@ class Reranker:
             raise TypeError(f"normalize must be True or False, got {normalize!r}")
         bs = self.batch_size if batch_size is None else _check_positive("batch_size", batch_size)
         ml, qmax = self._lengths(max_length, query_max_length)
-        ids, types = self._tokenize(pairs, ml, qmax)
+        # Each distinct pair is scored once and its score given to every copy: a batched forward
+        # pass rounds differently at different rows, so scoring copies separately can make equal
+        # pairs differ in the last bits (and flip the order of ties).
+        first, pair_of = _unique(pairs)
+        ids, types = self._tokenize([pairs[i] for i in first], ml, qmax)
+        # Different strings can give the same model input (e.g. after normalisation): once too.
+        keys = [(tuple(i), tuple(t)) for i, t in zip(ids, types)] if types is not None else [tuple(i) for i in ids]
+        first, input_of = _unique(keys)
+        ids = [ids[i] for i in first]
+        types = [types[i] for i in first] if types is not None else None
         if show_progress is None:
             show_progress = len(pairs) >= 256
-        logits = self._run(ids, types, bs, show_progress)
+        logits = self._run(ids, types, bs, show_progress)[input_of[pair_of]]
         if normalize:
             scores = [1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
                       for x in logits.astype(np.float64).tolist()]

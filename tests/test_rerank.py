@@ -182,8 +182,37 @@ def test_rerank(reranker):
     s3, top3 = reranker.rerank(query, passages, top_n=3)
     assert top3.tolist() == order[:3].tolist() and s3.shape == (len(passages),)
     assert len(reranker.rerank(query, passages, top_n=100)[1]) == len(passages)
-    _, o1 = reranker.rerank(query, ["same text", "same text"])
+    s1, o1 = reranker.rerank(query, ["same text", "same text"])
+    assert s1[0] == s1[1]  # equal texts: exactly equal scores (scored once)
     assert o1.tolist() == [0, 1]  # ties keep input order
+
+
+def test_equal_pairs_scored_once_equal_scores(reranker, monkeypatch):
+    rows = []
+    real = reranker._forward_batch
+
+    def counting(ids, types, idx, width):
+        rows.extend(ids[i] for i in idx)
+        return real(ids, types, idx, width)
+
+    monkeypatch.setattr(reranker, "_forward_batch", counting)
+    # Copies of pairs at different positions, among pairs of other lengths, over several batches.
+    pairs = [PAIRS[i] for i in (5, 0, 1, 0, 9, 5, 3, 0, 1, 2, 5, 0)]
+    for bs in (1, 3, 5, 64):
+        rows.clear()
+        got = reranker.compute_score(pairs, batch_size=bs)
+        assert len(rows) == len(set(pairs)) and len({tuple(r) for r in rows}) == len(rows)
+        for i, p in enumerate(pairs):
+            for j in range(i):
+                if pairs[j] == p:
+                    assert got[i] == got[j]  # exactly: one score per distinct pair
+        np.testing.assert_allclose(got, reference_scores(reranker, pairs, 128), atol=1e-5, rtol=0)
+    # Different strings that give the same model input are one input too.
+    tok = reranker.tokenizer
+    assert tok("fox  jumps")["input_ids"] == tok("fox jumps")["input_ids"]
+    rows.clear()
+    a, b = reranker.compute_score([("q", "fox jumps"), ("q", "fox  jumps")])
+    assert a == b and len(rows) == 1
 
 
 @pytest.mark.parametrize(
