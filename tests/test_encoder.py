@@ -218,3 +218,29 @@ def test_real_minilm_matches_sentence_transformers():
     model = st.SentenceTransformer(str(packaged_model_path("sentence-transformers/all-MiniLM-L6-v2")), device="cpu")
     theirs = model.encode(texts, normalize_embeddings=True)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_compute_score_equal_pairs_equal_scores(m3_encoder, monkeypatch):
+    rows = []
+    real = m3_encoder._forward_batch
+
+    def counting(batch_ids, *a):
+        rows.extend(tuple(r) for r in batch_ids)
+        return real(batch_ids, *a)
+
+    monkeypatch.setattr(m3_encoder, "_forward_batch", counting)
+    # Copies of pairs at different positions among pairs of other lengths.
+    pairs = [(TEXTS[i], TEXTS[j]) for i, j in ((0, 4), (2, 6), (0, 4), (1, 1), (5, 4), (0, 4), (2, 6), (4, 0))]
+    base = m3_encoder.compute_score(pairs, batch_size=64)
+    for bs in (1, 2, 3, 64):
+        rows.clear()
+        got = m3_encoder.compute_score(pairs, batch_size=bs)
+        # every distinct query and passage text is encoded once
+        assert len(rows) == len({a for a, _ in pairs}) + len({b for _, b in pairs})
+        for k, v in got.items():
+            assert len(v) == len(pairs)
+            for i, p in enumerate(pairs):
+                for j in range(i):
+                    if pairs[j] == p:
+                        assert v[i] == v[j], (k, i, j)  # exactly: one score per distinct pair
+            np.testing.assert_allclose(v, base[k], atol=1e-5, rtol=0)

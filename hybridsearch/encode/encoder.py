@@ -49,6 +49,13 @@ def check_texts(texts: Any, what: str = "texts") -> list[str]:
     return list(texts)
 
 
+def _distinct(texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """(distinct texts in order of first occurrence, position of each text among them)."""
+    pos: dict[str, int] = {}
+    inverse = np.fromiter((pos.setdefault(t, len(pos)) for t in texts), dtype=np.int64, count=len(texts))
+    return list(pos), inverse
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -370,6 +377,15 @@ class BGEM3Encoder:
 
         Returns ``{"colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense"}`` -> list
         of floats (one pair: floats). Weights are ``[dense, sparse, colbert]``, default all 1.
+
+        Per pair: dense = q . p; sparse = sum over shared token ids of q_w * p_w; colbert = mean
+        over the query's vectors of the best dot product with the passage's vectors. Each distinct
+        query and passage is encoded once (as :meth:`encode_arrays` does, ``batch_size`` texts per
+        forward pass at most) and each distinct pair scored once, so a pair's scores depend
+        neither on the other pairs nor on its position, and equal pairs get exactly equal scores.
+        (FlagEmbedding pads a batch's passages with zero vectors that take part in the ColBERT
+        max; they change a score only where every real dot product of a query vector is
+        negative, and then by how the batch happened to be padded. Here only real tokens count.)
         """
         if not (self.spec.has_sparse and self.spec.has_colbert):
             raise ValueError(f"compute_score needs the BGE-M3 heads; {self.spec.name} only has: {', '.join(self.outputs)}")
@@ -384,45 +400,25 @@ class BGEM3Encoder:
         w = [1.0, 1.0, 1.0] if weights_for_different_modes is None else [float(x) for x in weights_for_different_modes]
         if len(w) != 3:
             raise ValueError("weights_for_different_modes must be [dense, sparse, colbert]")
-        bs = batch_size or self.batch_size
-        qlen = max_query_length or self.spec.query_max_length
-        plen = max_passage_length or self.spec.passage_max_length
-        res: dict[str, list[float]] = {k: [] for k in ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")}
-        with torch.inference_mode():
-            for i in range(0, len(pairs), bs):
-                chunk = pairs[i : i + bs]
-                q = self._padded_reps([self.spec.query_prefix + a for a, _ in chunk], qlen)
-                p = self._padded_reps([self.spec.passage_prefix + b for _, b in chunk], plen)
-                dense = (q["dense"] * p["dense"]).sum(-1)
-                sparse = (q["sparse"] * p["sparse"]).sum(-1)
-                # Padded passage positions are zero vectors and take part in the max, as in
-                # FlagEmbedding; the mean divides by the real query token count.
-                tok = torch.einsum("bin,bjn->bij", q["colbert"], p["colbert"]).max(-1).values
-                colbert = tok.sum(1) / q["mask"][:, 1:].sum(-1)
-                res["dense"] += dense.tolist()
-                res["sparse"] += sparse.tolist()
-                res["colbert"] += colbert.tolist()
-                res["sparse+dense"] += ((sparse * w[1] + dense * w[0]) / (w[0] + w[1])).tolist()
-                res["colbert+sparse+dense"] += ((colbert * w[2] + sparse * w[1] + dense * w[0]) / sum(w)).tolist()
+        queries, q_of = _distinct([a for a, _ in pairs])
+        passages, p_of = _distinct([b for _, b in pairs])
+        keep, pair_of = np.unique(q_of * len(passages) + p_of, return_inverse=True)
+        qi, pi = keep // len(passages), keep % len(passages)
+        kw = {"batch_size": batch_size, "dense": True, "sparse": True, "colbert": True, "show_progress": False}
+        q = self.encode_arrays(queries, kind="query", max_length=max_query_length, **kw)
+        p = self.encode_arrays(passages, kind="passage", max_length=max_passage_length, **kw)
+        dense = np.einsum("ij,ij->i", q.dense[qi], p.dense[pi]).astype(np.float32)
+        sparse = np.asarray(q.sparse[qi].multiply(p.sparse[pi]).sum(axis=1), dtype=np.float32).reshape(-1)
+        colbert = np.array([(q.colbert_of(a) @ p.colbert_of(b).T).max(axis=1).mean()
+                            for a, b in zip(qi.tolist(), pi.tolist())], dtype=np.float32)
+        both = (sparse * np.float32(w[1]) + dense * np.float32(w[0])) / np.float32(w[0] + w[1])
+        every = (colbert * np.float32(w[2]) + sparse * np.float32(w[1]) + dense * np.float32(w[0])) / np.float32(sum(w))
+        res = {"colbert": colbert, "sparse": sparse, "dense": dense, "sparse+dense": both,
+               "colbert+sparse+dense": every}
+        res = {k: v[pair_of].tolist() for k, v in res.items()}
         if single:
             return {k: v[0] for k, v in res.items()}
         return res
-
-    def _padded_reps(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(texts, truncation=True, max_length=max_length, padding=True,
-                             return_token_type_ids=False, return_tensors="pt")
-        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        h = self.model(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
-        w = H.token_weights(h, self.sparse_linear).float()
-        vocab = torch.zeros(ids.shape[0], self.spec.vocab_size, dtype=w.dtype, device=w.device)
-        vocab = vocab.scatter_reduce(-1, ids, w * mask, reduce="amax")
-        vocab[:, torch.from_numpy(self._unused_ids).to(self.device)] = 0
-        return {
-            "dense": H.pool_dense(h, mask, self.spec.pooling).float(),
-            "sparse": vocab,
-            "colbert": H.colbert_vectors(h, mask, self.colbert_linear).float(),
-            "mask": mask.float(),
-        }
 
     def __repr__(self) -> str:
         return f"BGEM3Encoder({self.spec.name!r}, outputs={self.outputs}, device={self.device})"
