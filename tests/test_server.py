@@ -614,7 +614,7 @@ def test_serve_opens_serves_and_closes(index, m3_encoder, monkeypatch, capsys):
     server.shutdown()
     t.join(30)
     assert not t.is_alive()
-    assert opened[0]._bm25 is None  # serve() closed the index
+    assert opened[0].closed  # serve() closed the index
     err = capsys.readouterr().err
     assert server.url in err and "server stopped" in err
 
@@ -651,3 +651,221 @@ def test_serve_runs_until_sigterm(tmp_path, tiny_m3, index):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------- HTTP ranks like the library
+
+
+@pytest.fixture(scope="module")
+def dense_encoder(tiny_dense):
+    from hybridsearch import BGEM3Encoder
+
+    return BGEM3Encoder(tiny_dense, device="cpu")
+
+
+def _serving(index):
+    server, t = _start(index, None)
+    return server, t, Client(server.server_address[1])
+
+
+def _stop(server, t, client):
+    client.close()
+    server.shutdown()
+    server.server_close()
+    t.join(10)
+
+
+@pytest.mark.parametrize("model", ["dense_only", "m3"])
+def test_http_ranks_like_the_library_with_default_options(tmp_path, model, dense_encoder, m3_encoder):
+    """A request that leaves every option out gets exactly index.search(query) (ids and scores):
+    the server does not substitute its own defaults (it used to force candidates=100, while a
+    dense-only model's hybrid default is 1000)."""
+    enc = dense_encoder if model == "dense_only" else m3_encoder
+    idx = HybridIndex.create(tmp_path / "idx", enc)
+    # 150 documents that all contain "water", with different lengths: BM25 ranks all of them, so a
+    # first stage of 100 candidates and one of 1000 give different unions (and normalisations)
+    idx.add([{"id": f"w{i}", "text": " ".join(["water", WORDS[i % 10], WORDS[(i // 10) % 10]] + ["fox"] * (i % 7)),
+              "metadata": {"i": i}} for i in range(150)])
+    queries = ["water fox", "river water light"]
+    if model == "dense_only":  # the case that used to differ: the library's default depth matters here
+        assert idx.default_candidates() > 100
+        shallow = idx.search(queries[0], candidates=100)
+        deep = idx.search(queries[0])
+        assert [(h.id, h.score) for h in shallow] != [(h.id, h.score) for h in deep]
+    server, t, c = _serving(idx)
+    try:
+        for q in queries:
+            s, body = c.post("/search", {"query": q})
+            assert s == 200
+            want = idx.search(q)
+            assert [h["id"] for h in body["hits"]] == [h.id for h in want]
+            assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in want], rel=1e-6, abs=1e-7)
+            assert [h["scores"] for h in body["hits"]] == [h.scores for h in want]
+        s, body = c.post("/search", {"query": queries, "candidates": None, "weights": None})
+        assert s == 200
+        want = idx.search(queries)
+        assert [[h["id"] for h in hits] for hits in body["results"]] == [[h.id for h in w] for w in want]
+        assert [[h["score"] for h in hits] for hits in body["results"]] == \
+            [pytest.approx([h.score for h in w], rel=1e-6, abs=1e-7) for w in want]
+    finally:
+        _stop(server, t, c)
+        idx.close()
+
+
+# --------------------------------------------------------------------------- refused before encoding
+
+
+def _no_encoding(monkeypatch, encoder):
+    """Make any encoding fail loudly (500), so that a 400 proves the request was refused before."""
+    def refuse(*a, **kw):
+        raise RuntimeError("the model ran")
+
+    monkeypatch.setattr(encoder, "encode_arrays", refuse)
+    monkeypatch.setattr(encoder, "encode", refuse)
+
+
+BIG = "1" + "0" * 400  # a 401-digit integer, as JSON text
+
+UNSTORABLE = [  # (path, raw JSON body, fragment of the error)
+    ("/search", '{"query": "fox", "filter": {"i": %s}}' % BIG, "64-bit range"),
+    ("/search", '{"query": "fox", "filter": {"i": {"gte": %s}}}' % BIG, "64-bit range"),
+    ("/search", '{"query": "fox", "filter": {"i": {"in": [1, 18446744073709551616]}}}', "64-bit range"),
+    ("/search", '{"query": "fox", "filter": {"i": {"lt": 1e400}}}', "not a finite number"),
+    ("/search", '{"query": ""}', "empty or blank"),
+    ("/search", '{"query": " \\t\\n "}', "empty or blank"),
+    ("/search", '{"query": ["fox", "  "]}', "query 1 is empty or blank"),
+    ("/search", '{"query": "fox \\ud800"}', "lone surrogate (U+D800) at position 4"),
+    ("/search", '{"query": ["fox", "\\udfff"]}', "lone surrogate (U+DFFF)"),
+    ("/search", '{"query": "fox", "weights": {"dense": 1e400}}', "finite"),
+    ("/add", '{"documents": [{"id": "n", "text": "x", "metadata": {"n": 18446744073709551616}}]}', "64-bit range"),
+    ("/add", '{"documents": [{"id": "n", "text": "x", "metadata": {"n": -9223372036854775809}}]}', "64-bit range"),
+    ("/add", '{"documents": [{"id": "n", "text": "x", "metadata": {"a": [{"b": %s}]}}]}' % BIG, "64-bit range"),
+    ("/add", '{"documents": [{"id": "n", "text": "x", "metadata": {"a": 1e400}}]}', "not a finite number"),
+    ("/add", '{"documents": [{"id": "n", "text": "ab\\ud800cd"}]}', "lone surrogate (U+D800) at position 2"),
+    ("/add", '{"documents": [{"id": "n\\udc80", "text": "x"}]}', "lone surrogate (U+DC80)"),
+    ("/add", '{"documents": [{"id": "n", "text": "x", "metadata": {"t": "\\ud83d"}}]}', "lone surrogate"),
+    ("/add", '{"documents": [{"id": "n", "text": "x", "metadata": {"\\ud83d": 1}}]}', "lone surrogate"),
+    ("/add", '{"documents": [{"id": "ok", "text": "x"}, {"id": "n", "text": "\\ud800"}], "upsert": true}',
+     "lone surrogate"),
+]
+
+
+@pytest.mark.parametrize("path,raw,fragment", UNSTORABLE, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(UNSTORABLE)])
+def test_unstorable_inputs_are_400_before_encoding(client, index, monkeypatch, path, raw, fragment):
+    _no_encoding(monkeypatch, index.encoder)
+    generation = index.stats()["generation"]
+    s, out = client.post(path, raw=raw.encode())
+    assert s == 400, out
+    assert fragment in out["error"]
+    assert len(index) == 12 and index.stats()["generation"] == generation and "n" not in index
+    monkeypatch.undo()
+    assert client.post("/search", {"query": "fox", "k": 1})[0] == 200
+
+
+def test_valid_unicode_and_int64_bounds_are_accepted(client, index):
+    docs = [{"id": "emoji😀", "text": "surrogate pair 😀 é", "metadata": {"lo": -2**63, "hi": 2**63 - 1,
+                                                                        "t": "😀", "f": 1.5}}]
+    assert client.post("/add", {"documents": docs})[0] == 200
+    s, out = client.post("/search", {"query": "😀 pair", "k": 1, "filter": {"hi": 2**63 - 1, "lo": {"lte": -2**63}}})
+    assert s == 200 and [h["id"] for h in out["hits"]] == ["emoji😀"]
+    assert out["hits"][0]["metadata"]["hi"] == 2**63 - 1
+
+
+def test_weights_for_channels_the_index_lacks_are_400(tmp_path, dense_encoder, monkeypatch):
+    idx = HybridIndex.create(tmp_path / "idx", dense_encoder)
+    idx.add(make_docs(5))
+    server, t, c = _serving(idx)
+    try:
+        _no_encoding(monkeypatch, idx.encoder)
+        for w, fragment in [({"colbert": 1}, "this index has no colbert channel (it has: dense, bm25)"),
+                            ({"dense": 1, "sparse": 0}, "no sparse channel"),
+                            ({"splade": 1}, "splade"), ({"dense": -0.5}, ">= 0")]:
+            s, out = c.post("/search", {"query": "fox", "weights": w})
+            assert s == 400 and fragment in out["error"], (w, out)
+        monkeypatch.undo()
+        s, out = c.post("/search", {"query": "fox", "weights": {"dense": 0.5, "bm25": 0}})
+        assert s == 200 and len(out["hits"]) == 5
+    finally:
+        _stop(server, t, c)
+        idx.close()
+
+
+# --------------------------------------------------------------------------- disk full, lock, format errors
+
+
+def _fail_segment_writes(monkeypatch, exc):
+    """Every .npy a segment write saves raises ``exc`` (the first file already written)."""
+    import hybridsearch.index.segment as segment
+    import hybridsearch.index.storage as storage
+
+    calls = []
+
+    def failing(path, arr, *a, **kw):
+        calls.append(path)
+        raise exc
+
+    monkeypatch.setattr(storage, "save_npy", failing)
+    monkeypatch.setattr(segment, "save_npy", failing, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["oserror", "diskfull", "edquot", "wrapped"])
+def test_disk_full_is_507_and_nothing_is_committed(client, index, monkeypatch, log, kind):
+    import errno
+
+    from hybridsearch.errors import DiskFullError
+
+    enospc = OSError(errno.ENOSPC, "No space left on device", "/some/path")
+    if kind == "diskfull":
+        exc = DiskFullError(errno.ENOSPC, "No space left on device", "/some/path")
+    elif kind == "edquot":
+        exc = OSError(errno.EDQUOT, "Disk quota exceeded", "/some/path")
+    elif kind == "wrapped":  # e.g. a library turning the OSError into its own error
+        try:
+            raise enospc
+        except OSError as e:
+            try:
+                raise ValueError("tantivy: io error") from e
+            except ValueError as v:
+                exc = v
+    else:
+        exc = enospc
+    calls = _fail_segment_writes(monkeypatch, exc)
+    s, out, r = client.request("POST", "/add", {"documents": [{"id": "new", "text": "zebra quagga"}]})
+    assert calls and s == 507
+    code = "EDQUOT" if kind == "edquot" else "ENOSPC"
+    assert out["error"].startswith(f"disk full ({code}) writing /some/path: ")
+    assert ("Disk quota exceeded" if kind == "edquot" else "No space left on device") in out["error"]
+    assert "disk full" in log.getvalue()
+    assert "new" not in index and len(index) == 12
+    monkeypatch.undo()
+    assert client.post("/add", {"documents": [{"id": "new", "text": "zebra quagga"}]})[0] == 200
+    assert "new" in index and len(index) == 13
+
+
+def test_index_locked_is_503_with_retry_after(client, index, monkeypatch):
+    from hybridsearch.errors import IndexLockedError
+
+    def locked(*a, **kw):
+        raise IndexLockedError(f"{index.path} is locked by another writer (waited 10 s); retry later")
+
+    monkeypatch.setattr(index, "add", locked)
+    monkeypatch.setattr(index, "delete", locked)
+    for path, body in [("/add", {"documents": [{"id": "x", "text": "y"}]}), ("/delete", {"ids": ["d1"]})]:
+        s, out, r = client.request("POST", path, body)
+        assert s == 503 and "locked by another writer" in out["error"]
+        assert int(r.getheader("Retry-After")) >= 1
+    monkeypatch.undo()
+    assert client.post("/delete", {"ids": ["d1"]})[0] == 200
+
+
+def test_index_format_error_is_500_with_its_message(client, index, monkeypatch, log):
+    from hybridsearch.errors import IndexFormatError
+
+    def corrupt(*a, **kw):
+        raise IndexFormatError("index file corrupted: seg-000001/dense.npy; restore it from a backup")
+
+    monkeypatch.setattr(index, "search", corrupt)
+    s, out = client.post("/search", {"query": "fox"})
+    assert s == 500 and out["error"] == "index file corrupted: seg-000001/dense.npy; restore it from a backup"
+    assert "Traceback" in log.getvalue()

@@ -12,11 +12,9 @@ State is an immutable snapshot swapped by writers, so searches never see a half-
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -32,6 +30,7 @@ from ..errors import IndexFormatError, ModelMismatchError
 from ..fusion import CHANNELS, FusionConfig, fuse, minmax
 from ..representations import Encoded
 from ..retrievers.bm25 import BM25Index
+from . import locking
 from . import storage as st
 from .filters import MetadataColumns, check_filter
 from .segment import Segment, write_segment
@@ -66,12 +65,22 @@ class Hit:
 
 @dataclass(frozen=True)
 class _State:
+    """One generation of the index, everything a search reads. Immutable: a commit makes a new
+    one. While it is referenced, its lease keeps other processes from removing its files."""
+
     manifest: dict
     segments: tuple[Segment, ...]
     bases: np.ndarray  # (S,) int64 docno of each segment's row 0
     alive: np.ndarray  # (next_docno,) bool
     ids: dict  # id -> docno for live documents
     columns: MetadataColumns
+    bm25: BM25Index | None  # the BM25 folder's handle (shared by the states that use that folder)
+    bm25_searcher: Any  # tantivy searcher taken when this state was made
+    lease: locking.Lease | None
+
+    @property
+    def generation(self) -> int:
+        return int(self.manifest["generation"])
 
     @property
     def all_alive(self) -> bool:
@@ -89,26 +98,42 @@ class _State:
 class HybridIndex:
     """A folder holding every representation of a document collection. See the module docstring."""
 
-    def __init__(self, path: Path, encoder: BGEM3Encoder, manifest: dict):
+    def __init__(self, path: Path, encoder: BGEM3Encoder, manifest: dict | None = None, *,
+                 lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT):
         self.path = path
         self.encoder = encoder
-        self._lock = threading.RLock()
-        self._bm25: BM25Index | None = None
-        self._state = self._load_state(manifest)
+        #: seconds a write waits for another process's writer lock before IndexLockedError
+        self.lock_timeout = lock_timeout
+        self._write_lock = threading.RLock()  # one writing thread per object
+        self._swap_lock = threading.Lock()  # guards _state / _manifest_key swaps (never held long)
+        self._closed = False
+        self._state: _State | None = None
+        self._manifest_key = None
+        self._reload()
 
     # ---------------------------------------------------------------- create / open
 
     @classmethod
     def create(cls, path: str | os.PathLike, model: str | BGEM3Encoder = "BAAI/bge-m3", *,
-               dense_factory: str = "Flat", bm25: bool = True, exist_ok: bool = False) -> HybridIndex:
-        """Make a new, empty index folder for ``model`` (a name/path or a loaded encoder)."""
+               dense_factory: str = "Flat", bm25: bool = True, exist_ok: bool = False,
+               lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT) -> HybridIndex:
+        """Make a new, empty index folder for ``model`` (a name/path or a loaded encoder).
+
+        Safe against a concurrent ``create`` of the same folder: the folder is claimed under the
+        writer lock, the loser then opens the winner's index (``exist_ok=True``) or raises
+        ``FileExistsError``, and never removes what the winner wrote. A folder holding only the
+        left-overs of a create that died before its first commit is reused.
+        """
         path = Path(path)
-        if (path / st.MANIFEST).exists():
-            if exist_ok:
-                return cls.open(path, model)
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} exists and is not a folder")
+        if (path / st.MANIFEST).exists() and not exist_ok:
             raise FileExistsError(f"{path} already holds an index; use HybridIndex.open")
-        if path.exists() and any(path.iterdir()):
-            raise FileExistsError(f"{path} exists and is not empty; refusing to write an index there")
+        if path.is_dir() and not (path / st.MANIFEST).exists():
+            foreign = [p.name for p in path.iterdir() if not locking.owned_entry(p.name)]
+            if foreign:
+                raise FileExistsError(f"{path} exists and is not empty (e.g. {foreign[0]!r}); "
+                                      "refusing to write an index there")
         encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(model)
         import faiss
 
@@ -125,17 +150,35 @@ class HybridIndex:
         channels = {"dense": {"factory": dense_factory}, "sparse": spec.has_sparse,
                     "colbert": spec.has_colbert, "bm25": bool(bm25)}
         path.mkdir(parents=True, exist_ok=True)
-        m = st.new_manifest(model_info, channels)
-        if bm25:
-            m["bm25"] = "bm25-000000"
-            BM25Index.create(path / m["bm25"]).close()
-        st.write_json_durable(path / st.MANIFEST, m)
-        st.fsync_dir(path)
-        return cls(path, encoder, m)
+        with locking.WriterLock(path, lock_timeout):
+            if (path / st.MANIFEST).exists():  # another process won the race
+                if not exist_ok:
+                    raise FileExistsError(f"{path} already holds an index; use HybridIndex.open")
+                return cls.open(path, encoder, lock_timeout=lock_timeout)
+            foreign = [p.name for p in path.iterdir() if not locking.owned_entry(p.name)]
+            if foreign:
+                raise FileExistsError(f"{path} exists and is not empty (e.g. {foreign[0]!r}); "
+                                      "refusing to write an index there")
+            # No manifest and the lock held: whatever is here is ours and was never committed.
+            locking.collect(path, st.new_manifest(model_info, channels))
+            m = st.new_manifest(model_info, channels)
+            if bm25:
+                m["bm25"] = "bm25-000000"
+                BM25Index.create(path / m["bm25"]).close()
+            locking.write_lease(path, m)
+            st.write_json_durable(path / st.MANIFEST, m)
+            st.fsync_dir(path)
+        return cls(path, encoder, lock_timeout=lock_timeout)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, model: str | BGEM3Encoder | None = None) -> HybridIndex:
-        """Open an existing index; ``model`` defaults to the one recorded in the manifest."""
+    def open(cls, path: str | os.PathLike, model: str | BGEM3Encoder | None = None, *,
+             lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT) -> HybridIndex:
+        """Open an existing index; ``model`` defaults to the one recorded in the manifest.
+
+        Opening takes no lock and writes nothing, so an index on read-only media opens for
+        searching. The object follows commits made by other processes (checked before every
+        read, one ``stat`` of the manifest).
+        """
         path = Path(path)
         m = st.read_manifest(path)
         encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(model or m["model"]["name"])
@@ -147,12 +190,20 @@ class HybridIndex:
                 f"dim {want['dim']}), but {encoder.spec.name!r} (fingerprint {fp}, dim "
                 f"{encoder.spec.dim}) was given. Open it with the model that built it."
             )
-        return cls(path, encoder, m)
+        return cls(path, encoder, lock_timeout=lock_timeout)
 
-    def _load_state(self, m: dict) -> _State:
+    def _load_state(self, m: dict, prev: _State | None) -> _State:
+        """Open generation ``m``, reusing ``prev``'s immutable segments and BM25 handle.
+
+        Raises ``locking.LeaseGone`` when a writer collected that generation meanwhile."""
+        lease = locking.Lease.take(self.path, int(m["generation"]))
+        reuse = {s.folder.name: s for s in prev.segments} if prev is not None else {}
         segs, bases, base = [], [], 0
         for entry in m["segments"]:
-            segs.append(Segment.open(self.path, entry, base))
+            s = reuse.get(entry["name"])
+            if s is None or s.base != base or s.count != int(entry["count"]):
+                s = Segment.open(self.path, entry, base)
+            segs.append(s)
             bases.append(base)
             base += int(entry["count"])
         if base != m["next_docno"]:
@@ -168,49 +219,102 @@ class HybridIndex:
             for row, doc_id in enumerate(s.docs["ids"]):
                 if alive[s.base + row]:
                     ids[doc_id] = s.base + row
+        bm25 = searcher = None
         if m["channels"]["bm25"]:
-            if self._bm25 is None or Path(self._bm25.folder).name != m["bm25"]:
-                if self._bm25 is not None:
-                    self._bm25.close()
+            if prev is not None and prev.bm25 is not None and prev.bm25.folder.name == m["bm25"]:
+                bm25 = prev.bm25
+            else:
                 try:
-                    self._bm25 = BM25Index.open(self.path / m["bm25"])
+                    bm25 = BM25Index.open(self.path / m["bm25"])
                 except Exception as e:
                     raise IndexFormatError(f"BM25 index {self.path / m['bm25']} cannot be opened: {e}") from e
-            else:
-                self._bm25.reload()
+            searcher = bm25.fresh_searcher()
 
         def metadata():
             return [md for s in segs for md in s.docs["metadata"]]
 
-        return _State(m, tuple(segs), np.array(bases, dtype=np.int64), alive, ids, MetadataColumns(metadata))
+        return _State(m, tuple(segs), np.array(bases, dtype=np.int64), alive, ids,
+                      MetadataColumns(metadata), bm25, searcher, lease)
+
+    def _manifest_stat(self):
+        try:
+            r = os.stat(self.path / st.MANIFEST)
+        except OSError:
+            return None
+        return (r.st_ino, r.st_mtime_ns, r.st_size)
+
+    def _install(self, state: _State, key) -> None:
+        """Make ``state`` current unless a newer one already is (readers and writers race here)."""
+        with self._swap_lock:
+            cur = self._state
+            if cur is None or state.generation >= cur.generation:
+                self._state = state
+                self._manifest_key = key
+
+    def _reload(self) -> None:
+        """Load the generation the manifest on disk names, if it is not the current one."""
+        for _ in range(50):
+            key = self._manifest_stat()
+            m = st.read_manifest(self.path)
+            cur = self._state
+            if cur is not None and m["generation"] == cur.generation:
+                with self._swap_lock:
+                    if self._state is cur:
+                        self._manifest_key = key
+                return
+            try:
+                state = self._load_state(m, cur)
+            except locking.LeaseGone:
+                continue  # a writer collected that generation meanwhile: read the manifest again
+            except IndexFormatError:
+                if st.read_manifest(self.path)["generation"] != m["generation"]:
+                    continue  # its files were collected as we opened them (no lease): newer one
+                raise
+            self._install(state, key)
+            return
+        raise IndexFormatError(f"{self.path}: the manifest kept changing while it was being opened")
+
+    def _current(self) -> _State:
+        """The newest committed state: one ``stat`` of the manifest, a reload when it changed."""
+        if self._closed:
+            raise ValueError(f"index {self.path} is closed")
+        key = self._manifest_stat()
+        if key is not None and key != self._manifest_key:
+            self._reload()
+        return self._state
 
     # ---------------------------------------------------------------- writing
 
     @contextmanager
     def _writing(self):
-        """Hold the in-process and the on-disk writer lock; reload if another process committed."""
-        with self._lock:
-            with open(self.path / st.LOCK, "a") as lockf:
-                fcntl.flock(lockf, fcntl.LOCK_EX)
-                try:
-                    disk = st.read_manifest(self.path)
-                    if disk["generation"] != self._state.manifest["generation"]:
-                        self._state = self._load_state(disk)
-                    self._cleanup_orphans()
-                    yield
-                finally:
-                    fcntl.flock(lockf, fcntl.LOCK_UN)
+        """Hold the in-process and the on-disk writer lock, on the newest committed state.
 
-    def _cleanup_orphans(self) -> None:
-        """Remove what a crashed writer left: unnamed segments, temp files, uncommitted BM25 docs."""
-        m = self._state.manifest
-        named = {e["name"] for e in m["segments"]} | {m["deleted"], m["bm25"], st.MANIFEST, st.LOCK}
-        for p in self.path.iterdir():
-            if p.name not in named and (p.name.startswith(("seg-", "deleted-", "bm25-")) or p.name.endswith(".tmp")):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        if self._bm25 is not None:
-            self._bm25.delete_from(m["next_docno"])
-            self._bm25.commit()
+        Left-overs of a writer that died are removed first; on the way out BM25's writer (and
+        tantivy's lock file) is released and files no reader can still use are collected."""
+        if self._closed:
+            raise ValueError(f"index {self.path} is closed")
+        with self._write_lock, locking.WriterLock(self.path, self.lock_timeout):
+            start = self._state
+            try:
+                self._reload()
+                self._cleanup_uncommitted()
+                yield
+            finally:
+                for b in {id(x): x for x in (start.bm25, self._state.bm25) if x is not None}.values():
+                    b.close()
+                start = None
+                try:
+                    locking.collect(self.path, self._state.manifest)
+                except OSError as e:  # tidying only: the commit stands
+                    log.warning("could not remove old files in %s: %s", self.path, e)
+
+    def _cleanup_uncommitted(self) -> None:
+        """Remove what a crashed writer left: unnamed files, BM25 docs past ``next_docno``."""
+        state = self._state
+        locking.collect(self.path, state.manifest)
+        if state.bm25 is not None and state.bm25.has_docnos_from(state.next_docno):
+            state.bm25.delete_from(state.next_docno)
+            state.bm25.commit()
 
     def add(self, docs: Sequence[Mapping[str, Any]], *, encoded: Encoded | None = None,
             batch_size: int | None = None, show_progress: bool | None = None) -> int:
@@ -286,18 +390,21 @@ class HybridIndex:
             os.replace(tmp, self.path / m["deleted"])
         m["counts"]["documents"] = m["next_docno"] - len(dead)
         m["counts"]["deleted"] = len(dead)
-        if self._bm25 is not None and ids:
-            self._bm25.add(np.arange(base, base + len(ids), dtype=np.int64), texts)
-            self._bm25.commit()
+        if old.bm25 is not None and ids:
+            old.bm25.add(np.arange(base, base + len(ids), dtype=np.int64), texts)
+            old.bm25.commit()
+        self._switch(m)
+        # Committed. Tidy up: BM25 forgets deleted docs (searches filter them anyway).
+        if old.bm25 is not None and len(delete_docnos):
+            old.bm25.delete(delete_docnos)
+            old.bm25.commit()
+        self._install(self._load_state(m, old), self._manifest_stat())
+
+    def _switch(self, m: dict) -> None:
+        """The commit point: lease file of the new generation, then the manifest by rename."""
+        locking.write_lease(self.path, m)
         st.write_json_durable(self.path / st.MANIFEST, m)
         st.fsync_dir(self.path)
-        # Committed. Tidy up: BM25 forgets deleted docs (searches filter them anyway).
-        if self._bm25 is not None and len(delete_docnos):
-            self._bm25.delete(delete_docnos)
-            self._bm25.commit()
-        if old.manifest["deleted"] and old.manifest["deleted"] != m["deleted"]:
-            (self.path / old.manifest["deleted"]).unlink(missing_ok=True)
-        self._state = self._load_state(m)
 
     def compact(self) -> None:
         """Rewrite all live documents into one segment and a fresh BM25 index; reclaims space."""
@@ -321,10 +428,8 @@ class HybridIndex:
                     b.add(np.arange(len(live), dtype=np.int64), texts)
                     b.commit()
                 b.close()
-            st.write_json_durable(self.path / st.MANIFEST, m)
-            st.fsync_dir(self.path)
-            self._state = self._load_state(m)
-            self._cleanup_orphans()
+            self._switch(m)
+            self._install(self._load_state(m, old), self._manifest_stat())
 
     def _gather(self, state: _State, docnos: np.ndarray):
         """Stored representations of ``docnos`` as one Encoded (for compaction)."""
@@ -362,18 +467,18 @@ class HybridIndex:
     # ---------------------------------------------------------------- reading
 
     def __len__(self) -> int:
-        return len(self._state.ids)
+        return len(self._current().ids)
 
     def __contains__(self, doc_id: str) -> bool:
-        return doc_id in self._state.ids
+        return doc_id in self._current().ids
 
     def ids(self) -> list[str]:
         """Ids of all live documents (in docno order)."""
-        return list(self._state.ids)
+        return list(self._current().ids)
 
     def get(self, doc_id: str) -> dict:
         """The stored ``{"id", "text", "metadata"}`` of a live document."""
-        state = self._state
+        state = self._current()
         if doc_id not in state.ids:
             raise KeyError(doc_id)
         return self._doc(state, state.ids[doc_id])
@@ -409,7 +514,7 @@ class HybridIndex:
 
     @property
     def channels(self) -> tuple[str, ...]:
-        c = self._state.manifest["channels"]
+        c = self._current().manifest["channels"]
         return tuple(x for x in CHANNELS if (c[x] if x != "dense" else True))
 
     def search(self, query: str | Sequence[str], k: int = 10, mode: str = "hybrid", *,
@@ -457,7 +562,7 @@ class HybridIndex:
             w.update(weights or {})
             cfg = FusionConfig(weights=w, method="rrf" if fusion == "rrf" else fusion,
                                normalize=tuple(normalize) if normalize is not None else base.normalize)
-        state = self._state
+        state = self._current()
         flt = check_filter(filter)
         # None means "everything": channels then skip mask handling entirely.
         allowed = None if state.all_alive else state.alive
@@ -504,7 +609,7 @@ class HybridIndex:
         firsts = [self._dense_topk(state, q.dense, C, allowed)]
         if spec.has_sparse:
             firsts.append(self._sparse_topk(state, q.sparse, C, allowed))
-        bm = self._bm25_topk(state, queries, C, allowed) if self._bm25 is not None else None
+        bm = self._bm25_topk(state, queries, C, allowed) if state.bm25 is not None else None
         if bm is not None:
             firsts.append(bm)
         out = []
@@ -594,15 +699,16 @@ class HybridIndex:
         return sc[0], ids[0]
 
     def _bm25_topk(self, state, queries, k, allowed):
+        bm25, searcher = state.bm25, state.bm25_searcher
         if allowed is not None:
-            return self._bm25.search(queries, k, allowed)
+            return bm25.search(queries, k, allowed, searcher=searcher)
         # BM25 may hold documents of a commit that crashed before its manifest switch (docno >=
         # next_docno) until the next writer removes them. Drop them; if that leaves a row short,
         # redo the search with an explicit mask (exact, and rare).
-        s, d = self._bm25.search(queries, k, None)
+        s, d = bm25.search(queries, k, None, searcher=searcher)
         stray = d >= state.next_docno
         if stray.any():
-            return self._bm25.search(queries, k, state.alive)
+            return bm25.search(queries, k, state.alive, searcher=searcher)
         return s, d
 
     def _hits(self, state, scores, docnos, channel) -> list[list[Hit]]:
@@ -618,7 +724,7 @@ class HybridIndex:
 
     def stats(self) -> dict:
         """Documents, tokens, and bytes (total and per live document) for each channel."""
-        state = self._state
+        state = self._current()
         m = state.manifest
         n = max(len(state.ids), 1)
         per = {}
@@ -626,8 +732,8 @@ class HybridIndex:
         for ch, pref in prefixes.items():
             b = sum(s.bytes_of(p) for s in state.segments for p in pref)
             per[ch] = {"bytes": b, "bytes_per_doc": b / n}
-        if self._bm25 is not None:
-            b = self._bm25.disk_bytes()
+        if state.bm25 is not None:
+            b = state.bm25.disk_bytes()
             per["bm25"] = {"bytes": b, "bytes_per_doc": b / n}
         return {
             "path": str(self.path), "format_version": m["format_version"], "generation": m["generation"],
@@ -638,13 +744,22 @@ class HybridIndex:
 
     def verify(self) -> None:
         """Check every segment file against its recorded sha256; raises IndexFormatError."""
-        for s in self._state.segments:
+        for s in self._current().segments:
             s.verify()
 
     def close(self) -> None:
-        if self._bm25 is not None:
-            self._bm25.close()
-            self._bm25 = None
+        """Release the BM25 writer and this object's lease; later calls raise ValueError."""
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            state, self._state = self._state, None
+            if state is not None and state.bm25 is not None:
+                state.bm25.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __enter__(self):
         return self
@@ -653,6 +768,8 @@ class HybridIndex:
         self.close()
 
     def __repr__(self) -> str:
+        if self._closed:
+            return f"HybridIndex({str(self.path)!r}, closed)"
         return f"HybridIndex({str(self.path)!r}, documents={len(self)}, channels={self.channels})"
 
 

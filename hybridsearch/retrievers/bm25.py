@@ -307,8 +307,20 @@ class BM25Index:
 
     def reload(self) -> None:
         """Take a fresh searcher on the last commit (also one made by another process)."""
+        self._searcher = self.fresh_searcher()
+
+    def fresh_searcher(self):
+        """A searcher on the last commit. It keeps seeing that commit, whatever is written
+        later: pass it to :meth:`search` for a fixed snapshot."""
         self._index.reload()
-        self._searcher = self._index.searcher()
+        return self._index.searcher()
+
+    def has_docnos_from(self, docno_min: int) -> bool:
+        """True when a committed document has ``docno >= docno_min``."""
+        q = tantivy.Query.range_query(
+            self._schema, DOCNO, tantivy.FieldType.Integer, lower_bound=int(docno_min)
+        )
+        return bool(self.fresh_searcher().search(q, limit=1, count=False).hits)
 
     def close(self) -> None:
         """Release the writer and the folder's lock once merges finish; uncommitted writes are
@@ -353,7 +365,8 @@ class BM25Index:
         return np.array(scores, dtype=np.float32), np.array(docnos, dtype=np.int64)
 
     def search(
-        self, queries: list[str], k: int, allowed: np.ndarray | None = None, *, threads: int = 1
+        self, queries: list[str], k: int, allowed: np.ndarray | None = None, *, threads: int = 1,
+        searcher=None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` BM25 hits of each query, best first.
 
@@ -365,6 +378,8 @@ class BM25Index:
                 top-``k`` of the allowed documents.
             threads: queries are spread over this many threads (tantivy releases the GIL while
                 it searches); 1 searches in the calling thread.
+            searcher: a searcher from :meth:`fresh_searcher` to search that snapshot (default:
+                the one taken at the last commit or reload).
 
         Returns:
             ``(scores, docnos)``: ``(nq, k)`` float32 and ``(nq, k)`` int64, padded with 0 / -1.
@@ -387,7 +402,8 @@ class BM25Index:
         out_s = np.zeros((nq, k), np.float32)
         out_d = np.full((nq, k), -1, np.int64)
         queries_t = [self._query(q) for q in queries]
-        searcher = self._searcher  # one snapshot for the whole batch, even if a commit lands
+        if searcher is None:
+            searcher = self._searcher  # one snapshot for the whole batch, even if a commit lands
 
         restrict, first_page = None, k
         if allowed is not None:
@@ -403,7 +419,7 @@ class BM25Index:
                 allowed = None
             else:
                 # Expect about k / density hits to hold k allowed ones; ask for 4x that.
-                density = min(1.0, n_ok / max(1, self.num_docs))
+                density = min(1.0, n_ok / max(1, int(searcher.num_docs)))
                 first_page = int(np.ceil(_OVERFETCH_START * k / density))
 
         def run(rows: range) -> None:
