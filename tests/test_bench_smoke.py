@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # runs every benchmark section end to end: minutes
 def test_quick_bench_runs_and_writes_results(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "RESULTS.md"
