@@ -46,6 +46,45 @@ def test_small_segment_falls_back_to_flat_and_pads():
     assert (i == -1).all()
 
 
+@pytest.mark.parametrize("density", [0.0005, 0.01, 0.1, 0.5, 0.9, 0.999])
+def test_overfetch_path_equals_brute_force(density, monkeypatch):
+    # On a GPU, Flat indexes cannot take a selector and _search over-fetches then filters
+    # (_overfetch). Exercise that path on CPU: flag a CPU Flat index as on_gpu.
+    n, k = 2000, 25
+    x, q = unit(n, 16, 10), unit(7, 16, 11)
+    rng = np.random.default_rng(int(density * 10_000))
+    masks = [rng.random(n) < density]
+    full = q @ x.T
+    # adversarial: only the rows that query 0 ranks lowest are allowed, so the allowed top-k sits
+    # at the very end of the unfiltered ranking
+    worst = np.zeros(n, bool)
+    worst[np.argsort(full[0])[: max(1, int(density * n))]] = True
+    masks.append(worst)
+    gpu_like = DenseIndex.build(x, "Flat")
+    gpu_like.on_gpu = True
+    calls = []
+    real = DenseIndex._overfetch
+    monkeypatch.setattr(DenseIndex, "_overfetch", lambda self, *a: calls.append(self) or real(self, *a))
+    cpu = DenseIndex.build(x, "Flat")
+    for mask in masks:
+        n_ok = int(mask.sum())
+        for kq in (k, n_ok + 3):  # k above the number of allowed rows pads with -1
+            s, i = gpu_like.search(q, kq, mask)
+            kk = min(kq, n)
+            want_n = min(kk, n_ok)
+            ref = np.where(mask, full, -np.inf)
+            order = np.argsort(-ref, axis=1, kind="stable")[:, :want_n]
+            np.testing.assert_array_equal(i[:, :want_n], order)
+            np.testing.assert_allclose(s[:, :want_n], np.take_along_axis(full, order, 1), atol=1e-5)
+            assert (i[:, want_n:] == -1).all() and (s[:, want_n:] == 0).all()
+            if want_n:
+                assert mask[i[:, :want_n]].all()
+            s2, i2 = cpu.search(q, kq, mask)  # the selector path agrees
+            np.testing.assert_array_equal(i2, i)
+            np.testing.assert_allclose(s2, s, atol=1e-5)
+    assert calls and all(c is gpu_like for c in calls)  # the over-fetch path ran, and only there
+
+
 def test_bad_factory():
     with pytest.raises(ValueError, match="factory"):
         DenseIndex.build(unit(10, 8, 0), "NotAnIndex")
