@@ -203,10 +203,21 @@ class BM25Index:
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> BM25Index:
-        """The index in ``folder``, as of its last commit."""
+        """The index in ``folder``, as of its last commit.
+
+        The folder is untrusted: it must be a real folder (not a link) and hold no links, so
+        tantivy never reads or writes a file outside it.
+        """
         path = Path(folder)
+        if path.is_symlink():
+            raise IndexFormatError(f"BM25 index folder {path} is a symbolic link; links are refused")
         if not path.is_dir():
             raise FileNotFoundError(f"BM25 index folder {path} does not exist")
+        with os.scandir(path) as entries:
+            for e in entries:
+                if e.is_symlink():
+                    raise IndexFormatError(f"{path / e.name} is a symbolic link; a BM25 index "
+                                           "folder may not contain links")
         meta_path = path / META_FILE
         if not meta_path.exists() or not tantivy.Index.exists(str(path)):
             raise IndexFormatError(f"{path} holds no BM25 index (no {META_FILE} or tantivy meta)")

@@ -64,6 +64,68 @@ def _min_train(factory: str) -> int:
     return 39 * int(m.group(1)) if m else 0
 
 
+def _check_faiss(index, n: int, dim: int, path) -> None:
+    """IndexFormatError unless a FAISS index read from ``path`` is one we could have written for
+    ``n`` vectors of ``dim``: see :meth:`DenseIndex.load`. O(index size), once per open."""
+    from hybridsearch.errors import IndexFormatError
+
+    faiss = _faiss()
+
+    def bad(why):
+        raise IndexFormatError(f"index file corrupted: {path} ({why})")
+
+    if index.ntotal != n or index.d != dim:
+        bad(f"holds {index.ntotal} vectors of dimension {index.d}, the segment has {n} of {dim}")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        bad("not an inner-product index")
+    base = faiss.downcast_index(index)
+    while isinstance(base, faiss.IndexPreTransform):
+        base = faiss.downcast_index(base.index)
+    if isinstance(base, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        bad("an IDMap index, which hybridsearch never writes")
+    if base.ntotal != n:
+        bad(f"inner index holds {base.ntotal} vectors, the segment has {n}")
+    if isinstance(base, faiss.IndexIVF):
+        q = faiss.downcast_index(base.quantizer)
+        if q.ntotal != base.nlist or q.d != base.d:
+            bad(f"coarse quantiser holds {q.ntotal} centroids of dimension {q.d} for {base.nlist} lists")
+        inv, total = base.invlists, 0
+        if inv.nlist != base.nlist:
+            bad(f"{inv.nlist} inverted lists for nlist {base.nlist}")
+        for lst in range(base.nlist):
+            size = inv.list_size(lst)
+            if size:
+                ptr = inv.get_ids(lst)
+                try:
+                    ids = faiss.rev_swig_ptr(ptr, size)
+                    if ids.min() < 0 or ids.max() >= n:
+                        bad(f"inverted list {lst} holds ids outside [0, {n})")
+                finally:
+                    inv.release_ids(lst, ptr)
+                total += size
+        if total != n:
+            bad(f"inverted lists hold {total} entries for {n} vectors")
+    elif isinstance(base, faiss.IndexHNSW):
+        h = base.hnsw
+        storage = faiss.downcast_index(base.storage)
+        if storage is None or storage.ntotal != n or storage.d != base.d:
+            bad("HNSW storage does not hold the segment's vectors")
+        levels = faiss.vector_to_array(h.levels)
+        offsets = faiss.vector_to_array(h.offsets).astype(np.int64)
+        neighbors = faiss.vector_to_array(h.neighbors)
+        cum = faiss.vector_to_array(h.cum_nneighbor_per_level).astype(np.int64)
+        if levels.shape != (n,) or offsets.shape != (n + 1,) or cum.size < 2:
+            bad("HNSW graph arrays do not match the vector count")
+        if n and (levels.min() < 1 or levels.max() >= cum.size):
+            bad("HNSW levels out of range")
+        if offsets[0] != 0 or offsets[-1] != neighbors.size or (n and not (np.diff(offsets) == cum[levels]).all()):
+            bad("HNSW neighbour offsets are inconsistent")
+        if neighbors.size and (neighbors.min() < -1 or neighbors.max() >= n):
+            bad(f"HNSW neighbours outside [0, {n})")
+        if n and not (0 <= h.entry_point < n and h.max_level == levels[h.entry_point] - 1):
+            bad("HNSW entry point out of range")
+
+
 class DenseIndex:
     """FAISS inner-product index over one segment's ``(n, d)`` float32 vectors (local row ids)."""
 
@@ -98,10 +160,38 @@ class DenseIndex:
 
     @classmethod
     def load(cls, folder: Path, vectors: np.ndarray, factory: str, use_gpu: bool | None = None) -> DenseIndex:
-        """Open a segment's index: read ``dense.faiss`` or rebuild Flat from ``vectors``."""
+        """Open a segment's index: read ``dense.faiss`` (non-Flat factories) or rebuild Flat
+        from ``vectors`` ``(n, d)``.
+
+        The file is untrusted: it must be a regular file (no link), read without error, hold
+        ``n`` vectors of dimension ``d`` under inner product, map no ids of its own (no IDMap),
+        and its internal ids / graph links must stay in range (IVF lists, HNSW neighbours), so
+        that a search cannot return or follow a row outside the segment. IndexFormatError
+        names the file.
+        """
+        import os
+        import stat
+
+        from hybridsearch.errors import IndexFormatError
+
         faiss = _faiss()
-        if (folder / FAISS_FILE).exists():
-            d = cls(faiss.read_index(str(folder / FAISS_FILE)), len(vectors), factory)
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2:
+            raise IndexFormatError(f"dense vectors under {folder} must be 2-d, got {vectors.shape}")
+        if factory != "Flat":
+            path = Path(folder) / FAISS_FILE
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                raise IndexFormatError(f"index file missing: {path}") from None
+            if not stat.S_ISREG(mode):
+                raise IndexFormatError(f"index file corrupted: {path} is not a regular file (links are refused)")
+            try:
+                index = faiss.read_index(str(path))
+            except Exception as e:
+                raise IndexFormatError(f"index file corrupted: {path} ({type(e).__name__}: {e})"[:500]) from e
+            _check_faiss(index, vectors.shape[0], vectors.shape[1], path)
+            d = cls(index, len(vectors), factory)
         else:
             d = cls.build(vectors, "Flat")
         if (gpu_available() if use_gpu is None else use_gpu) and d.factory == "Flat":

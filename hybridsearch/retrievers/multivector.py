@@ -11,6 +11,7 @@ Files written by :meth:`ColbertStore.save` (plain ``.npy``, never pickled):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numba
@@ -192,24 +193,32 @@ class ColbertStore:
         np.save(folder / f"{prefix}_offsets.npy", self.offsets, allow_pickle=False)
 
     @classmethod
-    def load(cls, folder: str | Path, prefix: str = "colbert", mmap: bool = True) -> ColbertStore:
-        """Open files written by :meth:`save`; with ``mmap`` the vectors stay on disk until read."""
+    def load(cls, folder: str | Path, prefix: str = "colbert", mmap: bool = True, *,
+             dim: int | None = None, n_docs: int | None = None) -> ColbertStore:
+        """Open files written by :meth:`save`, treating them as untrusted; with ``mmap`` the
+        vectors stay on disk until read.
+
+        Before anything is allocated from them: no links, dtypes, shapes and file sizes
+        (vectors ``(T, d)`` float16 with ``d == dim`` when given, offsets ``(n + 1,)`` int64
+        with ``n == n_docs`` when given). Then offsets start at 0, never decrease and end at T
+        (O(n)): the MaxSim kernel reads ``vectors[offsets[i]:offsets[i + 1]]`` unchecked.
+        """
+        from hybridsearch.index.storage import load_npy, read_npy_header
+
         folder = Path(folder)
-        arrs = []
-        for name, dtype in (("vectors", np.float16), ("offsets", np.int64)):
-            path = folder / f"{prefix}_{name}.npy"
-            if not path.is_file():
+        paths = {name: folder / f"{prefix}_{name}.npy" for name in ("vectors", "offsets")}
+        for path in paths.values():
+            if not os.path.lexists(path):
                 raise IndexFormatError(f"missing {path}; was this segment saved with "
                                        f"prefix {prefix!r}?")
-            a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-            if a.dtype != dtype:
-                raise IndexFormatError(f"{path} has dtype {a.dtype}, expected {np.dtype(dtype)}")
-            arrs.append(a)
-        vectors, offsets = arrs
-        if vectors.ndim != 2:
-            raise IndexFormatError(f"{prefix}_vectors.npy must be 2-d, got shape {vectors.shape}")
+        v_shape, _, _ = read_npy_header(paths["vectors"], np.float16, (None, dim))
+        read_npy_header(paths["offsets"], np.int64, (None if n_docs is None else n_docs + 1,))
+        if v_shape[1] < 1:
+            raise IndexFormatError(f"{paths['vectors']} has no columns: shape {v_shape}")
+        vectors = load_npy(paths["vectors"], mmap=mmap)
+        offsets = load_npy(paths["offsets"], mmap=mmap)
         try:
-            _check_offsets(offsets, vectors.shape[0], f"{prefix}_offsets.npy")
+            _check_offsets(offsets, v_shape[0], str(paths["offsets"]))
         except ValueError as e:
             raise IndexFormatError(str(e)) from None
         return cls(vectors, offsets)

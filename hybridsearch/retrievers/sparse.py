@@ -18,6 +18,7 @@ cannot be derived from the postings).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numba
@@ -334,6 +335,32 @@ def _check_allowed(allowed, n_docs: int) -> tuple[np.ndarray, bool]:
     return np.ascontiguousarray(allowed), True
 
 
+def _check_postings(paths: dict, indptr: np.ndarray, n_docs: int, chunks) -> None:
+    """One chunked pass over the postings: doc ids in ``[0, n_docs)``, strictly ascending inside
+    each posting list (the blocked search binary-searches them), weights finite and >= 0 (the
+    kernel records a touched doc once because weights never decrease a score)."""
+    # A posting may not exceed its predecessor only where a new list starts.
+    starts = np.unique(indptr[1:-1])
+    pos, prev = 0, None
+    for a in chunks(paths["docs"], np.int32):
+        if a.min() < 0 or a.max() >= n_docs:
+            raise IndexFormatError(f"{paths['docs']}: document ids must lie in [0, {n_docs})")
+        steps = np.diff(a, prepend=a[:1] if prev is None else prev)
+        if prev is None:
+            steps[0] = 1
+        bad = pos + np.flatnonzero(steps <= 0)
+        if bad.size:
+            at = np.searchsorted(starts, bad)
+            if not (at < starts.size).all() or not (starts[np.minimum(at, starts.size - 1)] == bad).all():
+                raise IndexFormatError(f"{paths['docs']}: document ids must ascend strictly within "
+                                       "each posting list")
+        prev = a[-1:]
+        pos += a.size
+    for w in chunks(paths["weights"], np.float32):
+        if not (np.isfinite(w).all() and w.min() >= 0):
+            raise IndexFormatError(f"{paths['weights']}: weights must be finite and >= 0")
+
+
 class SparsePostings:
     """Inverted index of one segment's learned-sparse weights.
 
@@ -390,36 +417,55 @@ class SparsePostings:
                 "term_max": self.term_max, "n_docs": np.array(self.n_docs, np.int64)}
 
     @classmethod
-    def load(cls, folder: str | Path, prefix: str = "sparse", mmap: bool = True) -> SparsePostings:
-        """Open files written by :meth:`save`; with ``mmap`` the postings stay on disk until read.
+    def load(cls, folder: str | Path, prefix: str = "sparse", mmap: bool = True, *,
+             vocab_size: int | None = None, n_docs: int | None = None,
+             check_postings: bool = True) -> SparsePostings:
+        """Open files written by :meth:`save`, treating them as untrusted; with ``mmap`` the
+        postings stay on disk until read.
 
-        Only O(V) structural checks are made: the postings themselves are trusted, as written by
-        :meth:`save` (an out-of-range row would be read out of bounds by the kernels).
+        Before anything is allocated from them: no links, dtypes, shapes and file sizes
+        (indptr ``(V + 1,)`` with ``V == vocab_size`` when given, term_max ``(V,)``, docs and
+        weights ``(nnz,)``, n_docs 0-d and ``== n_docs`` when given). Then indptr starts at 0,
+        never decreases and ends at nnz (O(V)); with ``check_postings`` (one chunked pass over
+        the files, leaving no mapped pages) every doc id lies in ``[0, n_docs)`` and ascends
+        strictly within its posting list, and every weight is finite and >= 0 -- what the
+        kernels rely on to stay inside their buffers. IndexFormatError names the bad file.
         """
+        from hybridsearch.index.storage import load_npy, npy_chunks, read_npy_header
+
         folder = Path(folder)
-        arrs = {}
-        for name in ("indptr", "docs", "weights", "term_max", "n_docs"):
-            path = folder / f"{prefix}_{name}.npy"
-            if not path.is_file():
+        paths = {name: folder / f"{prefix}_{name}.npy"
+                 for name in ("indptr", "docs", "weights", "term_max", "n_docs")}
+        for path in paths.values():
+            if not os.path.lexists(path):
                 raise IndexFormatError(f"missing {path}; was this segment saved with "
                                        f"prefix {prefix!r}?")
-            arrs[name] = np.load(path, mmap_mode="r" if mmap and name != "n_docs" else None,
-                                 allow_pickle=False)
-        expect = {"indptr": np.int64, "docs": np.int32, "weights": np.float32,
-                  "term_max": np.float32, "n_docs": np.int64}
-        for name, dtype in expect.items():
-            if arrs[name].dtype != dtype:
-                raise IndexFormatError(f"{prefix}_{name}.npy has dtype {arrs[name].dtype}, "
-                                       f"expected {np.dtype(dtype)}")
-        indptr, docs = arrs["indptr"], arrs["docs"]
-        ok = (indptr.ndim == 1 and indptr.shape[0] >= 1 and indptr[0] == 0
-              and indptr[-1] == docs.shape[0] == arrs["weights"].shape[0]
-              and arrs["term_max"].shape == (indptr.shape[0] - 1,) and arrs["n_docs"].ndim == 0
-              and bool(np.all(np.diff(indptr) >= 0)))
-        if not ok:
-            raise IndexFormatError(f"sparse files under {folder} with prefix {prefix!r} "
+        vocab = None if vocab_size is None else int(vocab_size)
+        indptr_shape, _, _ = read_npy_header(paths["indptr"], np.int64,
+                                             (None if vocab is None else vocab + 1,))
+        docs_shape, _, _ = read_npy_header(paths["docs"], np.int32, (None,))
+        weights_shape, _, _ = read_npy_header(paths["weights"], np.float32)
+        term_max_shape, _, _ = read_npy_header(paths["term_max"], np.float32)
+        if (indptr_shape[0] < 1 or weights_shape != docs_shape
+                or term_max_shape != (indptr_shape[0] - 1,)):
+            raise IndexFormatError(f"sparse files under {folder} with prefix {prefix!r} are "
+                                   f"inconsistent: indptr {indptr_shape}, docs {docs_shape}, "
+                                   f"weights {weights_shape}, term_max {term_max_shape}")
+        n_file = int(load_npy(paths["n_docs"], mmap=False, dtype=np.int64, shape=()))
+        if n_file < 0 or n_file >= 2**31 or (n_docs is not None and n_file != n_docs):
+            raise IndexFormatError(f"{paths['n_docs']} says {n_file} documents, expected "
+                                   f"{n_docs if n_docs is not None else 'fewer than 2**31'}")
+        nnz = docs_shape[0]
+        indptr = load_npy(paths["indptr"], mmap=mmap, dtype=np.int64)
+        ip = np.asarray(indptr)
+        if not (ip[0] == 0 and ip[-1] == nnz and bool((ip[1:] >= ip[:-1]).all())):
+            raise IndexFormatError(f"{paths['indptr']}: must start at 0, never decrease and end at "
+                                   f"{nnz}; sparse files under {folder} with prefix {prefix!r} "
                                    "are inconsistent")
-        return cls(indptr, docs, arrs["weights"], arrs["term_max"], int(arrs["n_docs"]))
+        if check_postings and nnz:
+            _check_postings(paths, ip, n_file, npy_chunks)
+        arrs = {name: load_npy(paths[name], mmap=mmap) for name in ("docs", "weights", "term_max")}
+        return cls(indptr, arrs["docs"], arrs["weights"], arrs["term_max"], n_file)
 
     def search(self, q, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k by sparse dot product for a batch of queries.
