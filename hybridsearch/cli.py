@@ -9,17 +9,16 @@
     hybridsearch serve DIR [--host 127.0.0.1] [--port 8080]
 
 Every expected failure prints one line, ``hybridsearch: error: ...``, on stderr and exits non-zero
-(1; 2 for a bad command line; 130 when interrupted). ``--debug`` (or ``HYBRIDSEARCH_DEBUG=1``)
-shows the traceback instead.
+(1; 2 for a bad command line; 130 when interrupted). A full disk reads ``hybridsearch: error: disk
+full (ENOSPC) writing PATH: ...`` (the index keeps its last commit). ``--debug`` (or
+``HYBRIDSEARCH_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -279,6 +278,20 @@ def _normalised(md: dict) -> dict:
     return json.loads(json.dumps(md))
 
 
+def _check_document(doc) -> None:
+    """What the index would refuse mid-run (lone surrogates, integers outside int64...), up front."""
+    from .index.hybrid import _check_metadata, _check_unicode
+
+    where = doc.source or f"document {doc.id!r}"
+    try:
+        _check_unicode(doc.id, "the document id")
+        _check_unicode(doc.title or "", "the title")
+        _check_unicode(doc.text, "the text")
+        _check_metadata(doc.metadata or {}, "metadata")
+    except ValueError as e:
+        raise CLIError(f"{where}: {e}") from None
+
+
 # ------------------------------------------------------------------------------ index
 
 
@@ -299,9 +312,12 @@ def cmd_index(args) -> int:
     if not existing:
         if folder.exists() and not folder.is_dir():
             raise CLIError(f"{folder} exists and is not a folder")
-        if folder.is_dir() and any(folder.iterdir()):
-            raise CLIError(f"{folder} exists, is not empty and holds no index (no {storage.MANIFEST}); "
-                           "pick a new or empty folder")
+        from .index.locking import owned_entry
+
+        foreign = [p.name for p in folder.iterdir() if not owned_entry(p.name)] if folder.is_dir() else []
+        if foreign:  # left-overs of our own interrupted runs are fine: create() reuses them
+            raise CLIError(f"{folder} exists, is not empty and holds no index (no {storage.MANIFEST}, "
+                           f"but e.g. {foreign[0]!r}); pick a new or empty folder")
     if existing:
         manifest = storage.read_manifest(folder)
         have = manifest["channels"]["dense"]["factory"]
@@ -315,24 +331,17 @@ def cmd_index(args) -> int:
 
     from .index.hybrid import HybridIndex
 
-    created = not existing
-    folder_existed = folder.exists()
     if existing:
         index = HybridIndex.open(folder, encoder)
     else:
-        index = HybridIndex.create(folder, encoder, dense_factory=args.dense_factory or "Flat")
+        # Two runs on a new folder: the one that gets the lock first creates the index, the other
+        # opens it and waits for the lock at each commit. Nothing is ever removed on failure: a
+        # run that fails leaves the index at its last commit (possibly empty) and a rerun continues.
+        index = HybridIndex.create(folder, encoder, dense_factory=args.dense_factory or "Flat",
+                                   exist_ok=True)
     writer = _Writer(index, args)
     try:
         writer.run(corpus, n_docs)
-    except BaseException:
-        if created and writer.commits == 0:  # leave nothing behind for a run that wrote nothing
-            index.close()
-            if folder_existed:
-                for child in folder.iterdir():
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-            else:
-                shutil.rmtree(folder, ignore_errors=True)
-        raise
     finally:
         index.close()
     w = writer
@@ -379,6 +388,8 @@ class _Writer:
         with tqdm(total=n_docs, unit="doc", desc="splitting", file=sys.stderr, leave=False,
                   disable=args.quiet or n_docs < 1000) as bar:
             for docs in batched(read_corpus(corpus), 256):
+                for doc in docs:  # before the tokenizer sees it, and before anything is committed
+                    _check_document(doc)
                 for plist in split_documents(docs, tok, args.chunk_tokens, args.overlap, room=room,
                                              with_title=with_title):
                     spans.append([(p.char_start, p.char_end) for p in plist])
@@ -475,6 +486,16 @@ def _load_reranker(Reranker, name: str, device: str | None):
                        "(e.g. of BAAI/bge-reranker-v2-m3)") from e
 
 
+def _check_query(text: str, weights: dict | None, channels) -> None:
+    from .index.hybrid import _check_query_inputs
+
+    try:
+        _check_query_inputs(text, weights, channels)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        raise CLIError("--" + msg if msg.startswith("weights:") else msg) from None
+
+
 def cmd_query(args) -> int:
     from .index.filters import check_filter
 
@@ -486,16 +507,12 @@ def cmd_query(args) -> int:
     except (TypeError, ValueError) as e:
         raise CLIError(f"--filter: {e}") from None
     weights = _json_arg(args.weights, "--weights")
-    if weights is not None:
-        bad = [c for c, w in weights.items() if c not in MODES[:4] or isinstance(w, bool)
-               or not isinstance(w, (int, float)) or not math.isfinite(w)]
-        if bad:
-            raise CLIError(f"--weights: expected numbers for channels among {', '.join(MODES[:4])}, "
-                           f"got {bad[0]!r}: {weights[bad[0]]!r}")
+    _check_query(args.text, weights, MODES[:4])  # before the model loads: names, numbers, the text
     from .rerank import Reranker
 
     index = _open_index(args.index, args.model, args.device)
     try:
+        _check_query(args.text, weights, index.channels)  # a channel this index lacks
         reranker = _load_reranker(Reranker, args.rerank, args.device) if args.rerank else None
         hits = index.search(args.text, k=args.k, mode=args.mode, filter=flt, weights=weights, fusion=args.fusion,
                             reranker=reranker, rerank_top=max(args.k, args.rerank_candidates),
@@ -653,6 +670,12 @@ def cmd_serve(args) -> int:
 def _one_line(e: BaseException) -> str:
     from .errors import HybridSearchError
 
+    if _has_oserror(e):  # (the server module is only imported then: it loads torch)
+        from .server import disk_full_error, disk_full_message
+
+        full = disk_full_error(e)
+        if full is not None:  # DiskFullError, or an OSError with ENOSPC / EDQUOT behind e
+            return disk_full_message(full)
     if isinstance(e, KeyError) and len(e.args) == 1:
         msg = str(e.args[0])
     else:
@@ -662,6 +685,16 @@ def _one_line(e: BaseException) -> str:
     if not isinstance(e, expected):
         msg = f"{type(e).__name__}: {msg} (run with --debug for the traceback)"
     return msg
+
+
+def _has_oserror(e: BaseException | None) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

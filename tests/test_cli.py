@@ -227,10 +227,15 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, tiny_m3, capsys, m
     assert rc == 0, err
     assert summary(out) == {"added": 3, "updated": 0, "unchanged": 2, "deleted": 0, "total": 5}
 
-    # interrupted before its first commit, a new index leaves no folder behind
+    # interrupted before its first commit: the new folder holds an empty index (nothing is ever
+    # removed on failure, so a concurrent run's commits cannot be lost) and a rerun continues
     monkeypatch.setattr(HybridIndex, "upsert", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     rc, _, _ = call(capsys, "index", corpus, "--index", tmp_path / "new", "--model", tiny_m3)
-    assert rc == 130 and not (tmp_path / "new").exists()
+    assert rc == 130 and len(HybridIndex.open(tmp_path / "new", tiny_m3)) == 0
+    monkeypatch.setattr(HybridIndex, "upsert", real_upsert)
+    rc, out, err = call(capsys, "index", corpus, "--index", tmp_path / "new", "-q")
+    assert rc == 0, err
+    assert summary(out)["added"] == 5 and len(HybridIndex.open(tmp_path / "new", tiny_m3)) == 5
 
 
 def test_index_folder_of_text_files(tmp_path, tiny_m3, capsys):
@@ -250,7 +255,7 @@ def test_index_folder_of_text_files(tmp_path, tiny_m3, capsys):
 
 
 def test_rerank(built, tmp_path, capsys):
-    pytest.importorskip("hybridsearch.rerank")
+    import hybridsearch.rerank  # noqa: F401 - part of the project: a failing import is a failure
     from hybridsearch.testing import make_tiny_reranker
 
     rr = make_tiny_reranker(tmp_path / "rr")
@@ -263,7 +268,7 @@ def test_rerank(built, tmp_path, capsys):
 
 
 def test_serve_is_wired_to_the_server_module(built, capsys, monkeypatch):
-    server = pytest.importorskip("hybridsearch.server")
+    import hybridsearch.server as server
     seen = []
     monkeypatch.setattr(server, "serve", lambda *a: seen.append(a))
     rc, _, err = call(capsys, "serve", built["index"], "--port", "0", "--host", "localhost")
@@ -386,3 +391,81 @@ def test_bad_utf8_folder_and_empty_corpus(tmp_path, capsys):
     assert_one_line_error(*call(capsys, "index", tmp_path / "empty.jsonl", "--index", tmp_path / "idx")[::2],
                           "no documents")
     assert not (tmp_path / "idx").exists()
+
+
+# ------------------------------------------------------------------------------ disk full, bad inputs
+
+
+def _fill_disk(monkeypatch, exc):
+    """Every .npy file an index write saves raises ``exc``."""
+    import hybridsearch.index.segment as segment
+    import hybridsearch.index.storage as storage
+
+    def save_npy(path, arr, *a, **kw):
+        raise exc
+
+    monkeypatch.setattr(storage, "save_npy", save_npy)
+    monkeypatch.setattr(segment, "save_npy", save_npy, raising=False)
+
+
+@pytest.mark.parametrize("kind", ["oserror", "diskfull"])
+def test_disk_full_is_one_line_and_the_index_keeps_its_last_commit(tmp_path, tiny_m3, capsys, monkeypatch, kind):
+    import errno
+
+    from hybridsearch.errors import DiskFullError
+
+    cls = DiskFullError if kind == "diskfull" else OSError
+    index = tmp_path / "idx"
+    v1 = [{"id": "a", "text": "Alpha document about a pelican."}]
+    v2 = v1 + [{"id": "b", "text": "Beta document about an iguana."}]
+    corpus = write_jsonl(tmp_path / "c.jsonl", v1)
+    rc, _, err = call(capsys, "index", corpus, "--index", index, "--model", tiny_m3, "-q")
+    assert rc == 0, err
+    write_jsonl(corpus, v2)
+    _fill_disk(monkeypatch, cls(errno.ENOSPC, "No space left on device", "/some/path"))
+    rc, out, err = call(capsys, "index", corpus, "--index", index, "-q")
+    assert rc == 1
+    assert_one_line_error(rc, err, "hybridsearch: error: disk full (ENOSPC) writing /some/path: "
+                                   "No space left on device")
+    monkeypatch.undo()
+    assert [h["id"] for h in query_json(capsys, index, "pelican iguana", "--mode", "bm25")] == ["a"]
+    rc, out, err = call(capsys, "index", corpus, "--index", index, "-q")  # the rerun completes the update
+    assert rc == 0, err
+    assert summary(out) == {"added": 1, "updated": 0, "unchanged": 1, "deleted": 0, "total": 2}
+    assert query_json(capsys, index, "iguana", "--mode", "bm25")[0]["id"] == "b"
+
+
+def test_unstorable_corpus_is_refused_before_anything_is_written(tmp_path, tiny_m3, capsys):
+    index = tmp_path / "idx"
+    good = [{"id": f"g{i}", "text": f"good document {i}"} for i in range(3)]
+    for bad, want in [
+        ('{"id": "x", "text": "bad \\ud800 text"}', "c.jsonl:4: the text contains a lone surrogate (U+D800) at position 4"),
+        ('{"id": "x", "text": "t", "metadata": {"n": 18446744073709551616}}', "c.jsonl:4: metadata['n']: integer "
+                                                                             "18446744073709551616 is outside the 64-bit range"),
+        ('{"id": "x\\udc80", "text": "t"}', "lone surrogate (U+DC80)"),
+    ]:
+        corpus = tmp_path / "c.jsonl"
+        corpus.write_text("".join(json.dumps(d) + "\n" for d in good) + bad + "\n", encoding="utf-8")
+        rc, _, err = call(capsys, "index", corpus, "--index", index, "--model", tiny_m3, "--commit-every", "1", "-q")
+        assert_one_line_error(rc, err, want)
+        assert not index.exists()  # refused before the first commit
+
+
+def test_bad_query_inputs_are_one_line_errors(tmp_path, tiny_dense, capsys, monkeypatch):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "fine words", "metadata": {"i": 1}}])
+    index = tmp_path / "idx"
+    rc, _, err = call(capsys, "index", corpus, "--index", index, "--model", tiny_dense, "-q")
+    assert rc == 0, err
+    big = "1" + "0" * 400
+    for args, want in [
+        (["x", "--weights", '{"colbert": 1}'], "--weights: this index has no colbert channel (it has: dense, bm25)"),
+        (["x", "--weights", '{"sparse": 0}'], "no sparse channel"),
+        (["x", "--weights", '{"dense": -1}'], "--weights: the weight of 'dense' must be a finite number >= 0"),
+        (["x", "--weights", '{"splade": 1}'], "unknown channel 'splade'"),
+        (["x", "--filter", '{"i": %s}' % big], "--filter: filter on 'i': integer with about 401 digits"),
+        (["x", "--filter", '{"i": {"gte": 1e400}}'], "--filter: filter on 'i': inf is not a finite number"),
+        (["  "], "the query text is empty"),
+        (["ab\udcff"], "the query contains a lone surrogate (U+DCFF) at position 2"),  # argv bytes b"ab\xff"
+    ]:
+        assert_one_line_error(*call(capsys, "query", index, *args)[::2], want)
+    assert query_json(capsys, index, "fine", "--weights", '{"dense": 0.5, "bm25": 1}')[0]["id"] == "a"
