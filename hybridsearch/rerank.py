@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .encode.resolve import resolve_model
+from .encode.tokenize import SafeTokenizer
 from .errors import ModelFormatError
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,7 @@ class Reranker:
         self.model = model.eval().to(self.device, self.dtype)
         self.position_limit = _position_limit(config)
         self._template = _PairTemplate(self.tokenizer)
+        self._tok = SafeTokenizer(self.tokenizer)
         tok = self.tokenizer
         self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
@@ -262,10 +264,10 @@ class Reranker:
     def _tokenize(self, pairs: list[tuple[str, str]], max_length: int, qmax: int):
         """Token ids (and token type ids, or None) of every pair, FlagReranker's way."""
         tok = self.tokenizer
-        kw = {"add_special_tokens": False, "truncation": True, "return_attention_mask": False,
-              "return_token_type_ids": False}
-        q_ids = tok([q for q, _ in pairs], max_length=qmax, **kw)["input_ids"]
-        p_ids = tok([p for _, p in pairs], max_length=max_length, **kw)["input_ids"]
+        # The tokenizer's own truncation=True would rewrite state shared by every thread (a
+        # concurrent call with another max_length could cut these ids to its length): cut here.
+        q_ids = self._tok.encode_plain([q for q, _ in pairs], qmax)
+        p_ids = self._tok.encode_plain([p for _, p in pairs], max_length)
         # transformers' only_second truncation leaves a pair too long when cutting the passage
         # cannot make it fit (the query alone fills max_length); keep such a pair within
         # max_length by cutting the query so at least one passage token remains.

@@ -244,3 +244,61 @@ def test_compute_score_equal_pairs_equal_scores(m3_encoder, monkeypatch):
                     if pairs[j] == p:
                         assert v[i] == v[j], (k, i, j)  # exactly: one score per distinct pair
             np.testing.assert_allclose(v, base[k], atol=1e-5, rtol=0)
+
+
+def run_threads(jobs):
+    """Run each callable in its own thread, started together; return their exceptions."""
+    import threading
+
+    start, errors = threading.Barrier(len(jobs)), []
+
+    def wrap(job):
+        try:
+            start.wait()
+            job()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_threads_encode_queries_and_passages(tiny_m3):
+    """Queries (max length 8) and passages (max length 100) encoded at the same time in several
+    threads, while another user truncates the public tokenizer: every result equals the
+    single-threaded one (passages were cut to the query length by the shared tokenizer state)."""
+    enc = BGEM3Encoder(tiny_m3, device="cpu", query_max_length=8, passage_max_length=100)
+    long = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
+    passages = [long + f" {i}" for i in range(3)] + TEXTS
+    queries = TEXTS[:3]
+    want_p = enc.encode_arrays(passages, kind="passage", colbert=True)
+    want_q = enc.encode_arrays(queries, kind="query", colbert=True)
+    assert want_p.n_tokens.max() == 100 and want_q.n_tokens.max() == 8  # both really cut
+    bad = []
+
+    def check(got, want, what):
+        if not (np.array_equal(got.n_tokens, want.n_tokens)
+                and np.array_equal(got.colbert_offsets, want.colbert_offsets)
+                and np.allclose(got.dense, want.dense, atol=1e-5)
+                and np.allclose(got.sparse.toarray(), want.sparse.toarray(), atol=1e-5)
+                and np.allclose(got.colbert, want.colbert, atol=1e-5)):
+            bad.append((what, got.n_tokens.tolist()))
+
+    def passage_job():
+        for _ in range(12):
+            check(enc.encode_arrays(passages, kind="passage", colbert=True), want_p, "passages")
+
+    def query_job():
+        for _ in range(40):
+            check(enc.encode_arrays(queries, kind="query", colbert=True), want_q, "queries")
+
+    def other_user():
+        for i in range(150):
+            enc.tokenizer(queries, truncation=True, max_length=3 + i % 4)
+
+    assert run_threads([passage_job, passage_job, query_job, query_job, other_user]) == []
+    assert bad == []

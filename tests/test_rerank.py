@@ -294,3 +294,38 @@ def test_missing_model(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelFormatError, match="config.json"):
         Reranker(tmp_path / "empty", device="cpu")
+
+
+def test_threads_with_different_max_lengths(reranker):
+    """Pairs tokenised and scored at max lengths 24 and 128 at the same time in several threads,
+    while another user truncates the public tokenizer: the same ids and scores as one thread."""
+    import threading
+
+    pairs = [PAIRS[i] for i in (0, 1, 5, 8, 9)]
+    want = {ml: (reranker.tokenize_pairs(pairs, max_length=ml), reranker.compute_score(pairs, max_length=ml))
+            for ml in (24, 128)}
+    start, bad, errors = threading.Barrier(4), [], []
+
+    def job(ml, n):
+        try:
+            start.wait()
+            for _ in range(n):
+                ids = reranker.tokenize_pairs(pairs, max_length=ml)
+                scores = reranker.compute_score(pairs, max_length=ml)
+                if ids != want[ml][0] or not np.allclose(scores, want[ml][1], atol=1e-5, rtol=0):
+                    bad.append(ml)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def other_user():
+        start.wait()
+        for i in range(150):
+            reranker.tokenizer([q for q, _ in pairs], truncation=True, max_length=2 + i % 4)
+
+    threads = [threading.Thread(target=job, args=a) for a in ((24, 30), (128, 10), (128, 10))]
+    threads.append(threading.Thread(target=other_user))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and bad == []

@@ -7,8 +7,9 @@
 * :meth:`BGEM3Encoder.encode`, :meth:`~BGEM3Encoder.compute_score` and friends reproduce
   FlagEmbedding's ``BGEM3FlagModel`` API and output formats for users who know it.
 
-Texts are tokenised once, sorted by length so a batch holds texts of similar length, run under
-``torch.inference_mode`` (fp16 on CUDA by default), and put back in input order.
+Texts are tokenised once, without shared mutable state (threads may encode at the same time with
+different max lengths: see :mod:`.tokenize`), sorted by length so a batch holds texts of similar
+length, run under ``torch.inference_mode`` (fp16 on CUDA by default), and put back in input order.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..representations import lexical_matching_score as _lexical_score
 from . import heads as H
 from .resolve import resolve_model
 from .spec import ModelSpec, known_prefixes, read_max_seq_length, read_pooling
+from .tokenize import SafeTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,7 @@ class BGEM3Encoder:
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         tok = self.tokenizer
+        self._tok = SafeTokenizer(tok)  # thread-safe ids; self.tokenizer is left as loaded
         self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         # FlagEmbedding drops these ids from lexical weights.
         self._unused_ids = np.array(
@@ -201,10 +204,8 @@ class BGEM3Encoder:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if prefix:
             texts = [prefix + t for t in texts]
-        ids = self.tokenizer(
-            texts, truncation=True, max_length=max_length,
-            return_attention_mask=False, return_token_type_ids=False,
-        )["input_ids"]
+        # Not self.tokenizer(..., truncation=True): that rewrites state shared by every thread.
+        ids = self._tok.encode(texts, max_length)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         order = np.argsort(-lengths, kind="stable")
         if show_progress is None:
