@@ -391,10 +391,17 @@ class Reranker:
                 try:
                     out[idx] = self._forward_batch(ids, types, idx, int(lengths[idx[0]]))
                 except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-                    if not _is_oom(e) or b == 1:
+                    if not _is_oom(e):
                         raise
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
+                    if b == 1:
+                        raise torch.OutOfMemoryError(
+                            f"out of memory scoring a single pair of {int(lengths[idx[0]])} tokens on "
+                            f"{self.device} ({str(self.dtype).replace('torch.', '')}): no smaller batch is "
+                            "left to try. Pass a smaller max_length, free memory on the device, or use "
+                            f"dtype='fp16'. Cause: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                        ) from e
                     batch_size = max(1, b // 2)
                     log.warning("out of memory on a batch of %d pairs; retrying with %d", b, batch_size)
                     continue

@@ -302,3 +302,59 @@ def test_threads_encode_queries_and_passages(tiny_m3):
 
     assert run_threads([passage_job, passage_job, query_job, query_job, other_user]) == []
     assert bad == []
+
+
+@pytest.mark.parametrize("oom", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB"),
+                                 RuntimeError("MPS backend out of memory (MPS allocated: 8 GiB)")],
+                         ids=["OutOfMemoryError", "message"])
+def test_oom_retry_halves_batch(m3_encoder, monkeypatch, caplog, oom):
+    want = m3_encoder.encode_arrays(TEXTS, batch_size=8, colbert=True)
+    calls = []
+    real = m3_encoder._forward_batch
+
+    def flaky(batch_ids, *a):
+        calls.append(len(batch_ids))
+        if len(batch_ids) > 3:
+            raise oom
+        return real(batch_ids, *a)
+
+    monkeypatch.setattr(m3_encoder, "_forward_batch", flaky)
+    got = m3_encoder.encode_arrays(TEXTS, batch_size=8, colbert=True)
+    monkeypatch.undo()
+    assert calls[:2] == [len(TEXTS), len(TEXTS) // 2]  # 7 fails, then 3 at a time
+    assert all(c <= 3 for c in calls[1:]) and sum(calls[1:]) == len(TEXTS)
+    assert "out of memory on a batch of 7; retrying with 3" in caplog.text
+    np.testing.assert_array_equal(got.n_tokens, want.n_tokens)
+    np.testing.assert_array_equal(got.colbert_offsets, want.colbert_offsets)
+    np.testing.assert_allclose(got.dense, want.dense, atol=1e-5)
+    np.testing.assert_allclose(got.sparse.toarray(), want.sparse.toarray(), atol=1e-5)
+    np.testing.assert_allclose(got.colbert, want.colbert, atol=1e-5)
+
+
+def test_oom_on_a_single_text_is_a_clear_error(m3_encoder, monkeypatch):
+    cause = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB")
+    calls = []
+
+    def always(batch_ids, *a):
+        calls.append(len(batch_ids))
+        raise cause
+
+    monkeypatch.setattr(m3_encoder, "_forward_batch", always)
+    n = len(m3_encoder.tokenizer(TEXTS[4])["input_ids"])
+    with pytest.raises(torch.OutOfMemoryError, match=rf"single text of {n} tokens on cpu .*max_length") as info:
+        m3_encoder.encode_arrays(TEXTS, batch_size=4)
+    assert info.value.__cause__ is cause and "Tried to allocate 20 GiB" in str(info.value)
+    assert calls == [4, 2, 1]  # halved down to one text (the longest), then the error
+
+
+def test_other_runtime_errors_propagate(m3_encoder, monkeypatch):
+    calls = []
+
+    def broken(batch_ids, *a):
+        calls.append(len(batch_ids))
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(m3_encoder, "_forward_batch", broken)
+    with pytest.raises(RuntimeError, match="^shape mismatch$"):
+        m3_encoder.encode_arrays(TEXTS)
+    assert calls == [len(TEXTS)]  # no retry

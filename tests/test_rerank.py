@@ -162,6 +162,18 @@ def test_oom_retry_halves_batch(reranker, monkeypatch):
     assert calls[:3] == [8, 4, 2]
 
 
+def test_oom_on_a_single_pair_is_a_clear_error(reranker, monkeypatch):
+    cause = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB")
+
+    def always(*a):
+        raise cause
+
+    monkeypatch.setattr(reranker, "_forward_batch", always)
+    with pytest.raises(torch.OutOfMemoryError, match=r"single pair of 128 tokens on cpu .*max_length") as info:
+        reranker.compute_score(PAIRS, batch_size=4)
+    assert info.value.__cause__ is cause and "Tried to allocate 20 GiB" in str(info.value)
+
+
 def test_other_runtime_errors_propagate(reranker, monkeypatch):
     def broken(*a):
         raise RuntimeError("shape mismatch")

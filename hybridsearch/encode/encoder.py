@@ -229,11 +229,19 @@ class BGEM3Encoder:
                 idx = order[start : start + b]
                 try:
                     d, s, c = self._forward_batch([ids[i] for i in idx], width, want_dense, want_sparse, want_colbert)
-                except RuntimeError as e:
-                    if not _is_oom(e) or b == 1:
+                except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+                    if not _is_oom(e):
                         raise
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
+                    if b == 1:
+                        raise torch.OutOfMemoryError(
+                            f"out of memory encoding a single text of {width} tokens on {self.device} "
+                            f"({str(self.dtype).replace('torch.', '')}): no smaller batch is left to try. "
+                            "Pass a smaller max_length (or passage_max_length / query_max_length to "
+                            "BGEM3Encoder), free memory on the device, or use dtype='fp16'. "
+                            f"Cause: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                        ) from e
                     batch_size = max(1, b // 2)
                     log.warning("out of memory on a batch of %d; retrying with %d", b, batch_size)
                     continue
