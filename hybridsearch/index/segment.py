@@ -28,8 +28,16 @@ from ..representations import Encoded
 from ..retrievers.dense import DenseIndex
 from ..retrievers.multivector import ColbertStore
 from ..retrievers.sparse import SparsePostings
-from .storage import (DOCS_FILE, check_segment_files, fsync_dir, load_npy, remove_entry, safe_child,
-                      save_npy, sha256_file)
+from .storage import (
+    DOCS_FILE,
+    check_segment_files,
+    fsync_dir,
+    load_npy,
+    remove_entry,
+    safe_child,
+    save_npy,
+    sha256_file,
+)
 
 # Segments whose data passed the O(file size) checks, by (folder, files' identity): segments are
 # immutable, so a reopen (every commit reloads the state) repeats only the header checks.

@@ -552,9 +552,9 @@ def read_manifest(folder: Path) -> dict:
     except FileNotFoundError:
         raise IndexFormatError(f"{folder} is not a hybridsearch index: {MANIFEST} is missing") from None
     with _open_nofollow(path) as f:
-        raw = f.read(MAX_MANIFEST_BYTES + 1)
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise IndexFormatError(f"{path} is corrupted: larger than {MAX_MANIFEST_BYTES} bytes")
+        if os.fstat(f.fileno()).st_size > MAX_MANIFEST_BYTES:
+            raise IndexFormatError(f"{path} is corrupted: larger than {MAX_MANIFEST_BYTES} bytes")
+        raw = f.read()
     try:
         m = json.loads(raw.decode())
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
