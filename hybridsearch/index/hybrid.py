@@ -244,11 +244,18 @@ class HybridIndex:
         return (r.st_ino, r.st_mtime_ns, r.st_size)
 
     def _install(self, state: _State, key) -> None:
-        """Make ``state`` current unless a newer one already is (readers and writers race here)."""
+        """Make ``state`` current unless one of its generation or newer already is.
+
+        Readers and the writer race here; the first state made for a generation wins, so every
+        search on one generation reads the same object (BM25 statistics included: tantivy's
+        deletions land just after the manifest switch, and a reader may open the generation
+        before them -- its deleted documents are masked, but still count in BM25's statistics)."""
         with self._swap_lock:
             cur = self._state
-            if cur is None or state.generation >= cur.generation:
+            if cur is None or state.generation > cur.generation:
                 self._state = state
+                self._manifest_key = key
+            elif state.generation == cur.generation and self._manifest_key is None:
                 self._manifest_key = key
 
     def _reload(self) -> None:

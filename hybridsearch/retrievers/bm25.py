@@ -40,7 +40,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 import unicodedata
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -147,6 +150,23 @@ def analyze_query(query: str) -> list[str]:
     return _TEXT_ANALYZER_SINGLETON.analyze(text) + grams
 
 
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _shadow_folder(path: Path) -> Path:
+    """A temporary folder of symlinks to ``path``'s regular files (links were refused above)."""
+    shadow = Path(tempfile.mkdtemp(prefix="hybridsearch-bm25-ro-"))
+    with os.scandir(path) as entries:
+        for e in entries:
+            if e.is_file(follow_symlinks=False) and not e.name.endswith(".lock"):
+                os.symlink(os.path.abspath(e.path), shadow / e.name)
+    return shadow
+
+
 def _schema() -> tantivy.Schema:
     sb = tantivy.SchemaBuilder()
     sb.add_integer_field(DOCNO, stored=True, indexed=True, fast=True)
@@ -230,10 +250,18 @@ class BM25Index:
                 f"{meta_path}: format_version {meta.get('format_version')!r}, this version of "
                 f"hybridsearch reads {FORMAT_VERSION}; rebuild the index"
             )
-        if not tantivy.Index.is_compatible(str(path)):
+        where = path
+        if not os.access(path, os.W_OK) or _read_only_fs(path):
+            # tantivy creates a lock file to read; on read-only media it reads through a private
+            # folder of links to the (immutable) files instead.
+            where = _shadow_folder(path)
+        if not tantivy.Index.is_compatible(str(where)):
             raise IndexFormatError(f"{path} was written by an unsupported tantivy version")
-        index = tantivy.Index.open(str(path))
-        return cls(index, index.schema, path)
+        index = tantivy.Index.open(str(where))
+        b = cls(index, index.schema, path)
+        if where is not path:
+            b._shadow = weakref.finalize(b, shutil.rmtree, where, True)
+        return b
 
     @classmethod
     def in_memory(cls) -> BM25Index:
