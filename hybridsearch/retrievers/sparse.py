@@ -339,25 +339,25 @@ def _check_postings(paths: dict, indptr: np.ndarray, n_docs: int, chunks) -> Non
     """One chunked pass over the postings: doc ids in ``[0, n_docs)``, strictly ascending inside
     each posting list (the blocked search binary-searches them), weights finite and >= 0 (the
     kernel records a touched doc once because weights never decrease a score)."""
-    # A posting may not exceed its predecessor only where a new list starts.
-    starts = np.unique(indptr[1:-1])
+    # A posting may not exceed its predecessor only where a new list starts. indptr was checked
+    # non-decreasing, so its inner values are the sorted list starts (repeats for empty lists).
+    starts = indptr[1:-1]
     pos, prev = 0, None
     for a in chunks(paths["docs"], np.int32):
         if a.min() < 0 or a.max() >= n_docs:
             raise IndexFormatError(f"{paths['docs']}: document ids must lie in [0, {n_docs})")
-        steps = np.diff(a, prepend=a[:1] if prev is None else prev)
-        if prev is None:
-            steps[0] = 1
-        bad = pos + np.flatnonzero(steps <= 0)
+        bad = pos + 1 + np.flatnonzero(a[1:] <= a[:-1])
+        if prev is not None and a[0] <= prev:
+            bad = np.concatenate([[pos], bad])
         if bad.size:
             at = np.searchsorted(starts, bad)
             if not (at < starts.size).all() or not (starts[np.minimum(at, starts.size - 1)] == bad).all():
                 raise IndexFormatError(f"{paths['docs']}: document ids must ascend strictly within "
                                        "each posting list")
-        prev = a[-1:]
+        prev = a[-1]
         pos += a.size
     for w in chunks(paths["weights"], np.float32):
-        if not (np.isfinite(w).all() and w.min() >= 0):
+        if not (w.min() >= 0 and w.max() < np.inf):  # min() is NaN if any is
             raise IndexFormatError(f"{paths['weights']}: weights must be finite and >= 0")
 
 
