@@ -358,3 +358,82 @@ def test_other_runtime_errors_propagate(m3_encoder, monkeypatch):
     with pytest.raises(RuntimeError, match="^shape mismatch$"):
         m3_encoder.encode_arrays(TEXTS)
     assert calls == [len(TEXTS)]  # no retry
+
+
+def pair_reference(path, pairs, weights, q_len=128, p_len=128):
+    """Each pair alone, unbatched and unpadded, from the formulas: dense = q . p; sparse = sum over
+    shared token ids of q_w * p_w; colbert = mean over query vectors of the best dot product."""
+    out = {k: [] for k in ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")}
+    w_d, w_s, w_c = weights
+    qs = reference(path, [a for a, _ in pairs], max_length=q_len)
+    ps = reference(path, [b for _, b in pairs], max_length=p_len)
+    for q, p in zip(qs, ps):
+        d = float(q["dense"] @ p["dense"])
+        s = sum(w * p["lexical"][t] for t, w in q["lexical"].items() if t in p["lexical"])
+        c = float((q["colbert"] @ p["colbert"].T).max(axis=1).mean())
+        for k, v in (("dense", d), ("sparse", s), ("colbert", c), ("sparse+dense", (w_s * s + w_d * d) / (w_s + w_d)),
+                     ("colbert+sparse+dense", (w_c * c + w_s * s + w_d * d) / (w_c + w_s + w_d))):
+            out[k].append(v)
+    return out
+
+
+LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 30)  # cut at 128 tokens
+PADDED_PAIRS = [
+    (TEXTS[2], LONG), (LONG, TEXTS[2]), (TEXTS[0], TEXTS[3]), (TEXTS[3], TEXTS[4]), (TEXTS[4], TEXTS[0]),
+    (TEXTS[5], TEXTS[6]), (TEXTS[1], TEXTS[1]), (TEXTS[6], LONG), (LONG, LONG), (TEXTS[2], TEXTS[2]),
+]
+
+
+def test_compute_score_padded_batches_match_per_pair_formulas(tiny_m3, m3_encoder, monkeypatch):
+    widths = []
+    real = m3_encoder._forward_batch
+
+    def record(batch_ids, width, *a):
+        widths.append((width, [len(r) for r in batch_ids]))
+        return real(batch_ids, width, *a)
+
+    monkeypatch.setattr(m3_encoder, "_forward_batch", record)
+    for weights, bs in ((None, 64), ([0.4, 0.2, 0.4], 3), ([1.0, 3.0, 0.5], 64)):
+        want = pair_reference(tiny_m3, PADDED_PAIRS, weights or [1.0, 1.0, 1.0])
+        assert np.ptp(want["colbert"]) > 0.05 and np.ptp(want["sparse"]) > 0.05  # distinct numbers
+        widths.clear()
+        got = m3_encoder.compute_score(PADDED_PAIRS, batch_size=bs, weights_for_different_modes=weights)
+        # padding really present: batches hold texts from 2 to 128 tokens
+        assert any(min(lens) < w for w, lens in widths) and max(w for w, _ in widths) == 128
+        assert any(w == 128 and min(lens) <= 3 for w, lens in widths) or bs < 64
+        assert set(got) == set(want)
+        for k in want:
+            assert len(got[k]) == len(PADDED_PAIRS) and all(isinstance(x, float) for x in got[k])
+            np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_compute_score_lengths_passed_through(tiny_m3, m3_encoder):
+    got = m3_encoder.compute_score(PADDED_PAIRS, max_query_length=8, max_passage_length=20)
+    want = pair_reference(tiny_m3, PADDED_PAIRS, [1.0, 1.0, 1.0], q_len=8, p_len=20)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_compute_score_padding_never_wins_the_colbert_max(tiny_m3, tmp_path):
+    """With a ColBERT head whose vectors point every way, some query vectors have only negative
+    dot products with a short passage; a padded position (a zero vector) must not win the max."""
+    from hybridsearch.testing import DEFAULT_CORPUS
+
+    path = tmp_path / "m3"
+    shutil.copytree(tiny_m3, path)
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    torch.manual_seed(5)
+    head = torch.nn.Linear(32, 24)
+    with torch.no_grad():  # centre the head on the hidden states, which share a large component
+        enc = tok(DEFAULT_CORPUS, padding=True, return_tensors="pt")
+        h_mean = model(**enc).last_hidden_state[enc["attention_mask"].bool()].mean(0)
+        head.bias.copy_(-(head.weight @ h_mean))
+    torch.save(head.state_dict(), path / "colbert_linear.pt")
+    enc = BGEM3Encoder(path, device="cpu")
+    pairs = [(TEXTS[0], TEXTS[2]), (TEXTS[4], TEXTS[3]), (TEXTS[6], "fox"), (TEXTS[0], LONG), (TEXTS[5], "")]
+    want = pair_reference(path, pairs, [1.0, 1.0, 1.0])
+    q = reference(path, [TEXTS[0]])[0]["colbert"]
+    assert ((q @ reference(path, [TEXTS[2]])[0]["colbert"].T).max(axis=1) < 0).any()  # the case exists
+    got = enc.compute_score(pairs, batch_size=len(pairs))
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=0, err_msg=k)
