@@ -872,3 +872,12 @@ def test_index_format_error_is_500_with_its_message(client, index, monkeypatch, 
     s, out = client.post("/search", {"query": "fox"})
     assert s == 500 and out["error"] == "index file corrupted: seg-000001/dense.npy; restore it from a backup"
     assert "Traceback" in log.getvalue()
+
+
+def test_error_message_with_a_lone_surrogate_is_still_json(client, index, monkeypatch):
+    def refuse(*a, **kw):
+        raise ValueError("cannot search for 'a\ud800'")
+
+    monkeypatch.setattr(index, "search", refuse)
+    s, out = client.post("/search", {"query": "fox"})
+    assert s == 400 and out == {"error": "cannot search for 'a\ud800'"}
