@@ -10,6 +10,7 @@ from hybridsearch import BGEM3Encoder
 from hybridsearch.errors import IndexFormatError, ModelMismatchError
 from hybridsearch.index.hybrid import HybridIndex
 from hybridsearch.representations import colbert_score, lexical_matching_score
+from hybridsearch.retrievers.bm25 import analyze_query
 
 WORDS = ("fox dog dense sparse vector token bm25 ranking hybrid search faiss colbert retrieval "
          "water light energy river cloud model query passage index").split()
@@ -34,12 +35,52 @@ def ids_of(hits):
     return [h.id for h in hits]
 
 
+ALL_DOCS = make_docs(30) + make_docs(20, seed=1, prefix="e")  # what the `index` fixture holds
+
+
+def matching(encoder, docs, query, mode):
+    """``(ids, scores)`` of every doc in ``docs`` that ``mode`` can return for ``query``, best
+    first (docno order among equal scores): dense and ColBERT score every document, sparse only
+    those sharing a token with the query, BM25 those sharing an analysed term (score 1 here)."""
+    ids = [d["id"] for d in docs]
+    if mode == "bm25":
+        terms = set(analyze_query(query))
+        return [i for i, d in zip(ids, docs) if terms & set(analyze_query(d["text"]))], None
+    enc = encoder.encode_arrays([d["text"] for d in docs], colbert=True)
+    q = encoder.encode_arrays([query], kind="query", colbert=True)
+    if mode == "dense":
+        s = enc.dense @ q.dense[0]
+    elif mode == "sparse":
+        s = (enc.sparse @ q.sparse.T).toarray()[:, 0]
+    else:
+        s = np.array([colbert_score(q.colbert_of(0), enc.colbert_of(i)) for i in range(len(docs))])
+    keep = np.flatnonzero(s > 0) if mode == "sparse" else np.arange(len(docs))
+    order = keep[np.argsort(-s[keep], kind="stable")]
+    return [ids[i] for i in order], s[order]
+
+
+def assert_ranking(hits, want_ids, want_scores, k, atol):
+    """``hits`` are the top ``min(k, len(want_ids))`` of the reference ranking: exact count, scores
+    rank by rank within ``atol``, and every reference id scoring clearly above the last returned
+    score is present (near-ties may swap)."""
+    n = min(k, len(want_ids))
+    assert len(hits) == n, (len(hits), n)
+    got = np.array([h.score for h in hits])
+    np.testing.assert_allclose(got, want_scores[:n], atol=atol)
+    must = {i for i, s in zip(want_ids, want_scores) if s > want_scores[n - 1] + 2 * atol}
+    assert must <= set(ids_of(hits))
+    assert set(ids_of(hits)) <= set(want_ids)
+
+
 def test_modes_return_hits_with_channel_scores(index, m3_encoder):
     q = "fox dense ranking"
     qe = m3_encoder.encode([q], return_colbert_vecs=True)
     for mode in ("dense", "sparse", "colbert", "bm25"):
         hits = index.search(q, k=5, mode=mode)
-        assert 0 < len(hits) <= 5
+        want, _ = matching(m3_encoder, ALL_DOCS, q, mode)
+        assert len(want) >= 5  # the query matches enough documents in every channel
+        assert len(hits) == 5
+        assert set(ids_of(hits)) <= set(want)
         assert all(set(h.scores) == {mode} for h in hits)
         assert [h.score for h in hits] == sorted([h.score for h in hits], reverse=True)
     hits = index.search(q, k=5)
@@ -55,16 +96,15 @@ def test_modes_return_hits_with_channel_scores(index, m3_encoder):
         assert h.score == pytest.approx(want, abs=1e-5)
 
 
-def test_dense_and_sparse_topk_equal_brute_force(index, m3_encoder):
-    docs = make_docs(30) + make_docs(20, seed=1, prefix="e")
-    enc = m3_encoder.encode_arrays([d["text"] for d in docs])
-    q = m3_encoder.encode_arrays(["water light river"], kind="query")
-    dense = enc.dense @ q.dense[0]
-    sparse = (enc.sparse @ q.sparse.T).toarray()[:, 0]
-    for mode, ref in (("dense", dense), ("sparse", sparse)):
-        hits = index.search("water light river", k=10, mode=mode)
-        got = np.array([h.score for h in hits])
-        np.testing.assert_allclose(got, np.sort(ref[ref > 0] if mode == "sparse" else ref)[::-1][:len(got)], atol=1e-5)
+def test_dense_sparse_colbert_topk_equal_brute_force(index, m3_encoder):
+    q = "water light river"
+    for mode, atol in (("dense", 1e-5), ("sparse", 1e-5), ("colbert", 2e-3)):  # ColBERT: float16
+        want_ids, want_scores = matching(m3_encoder, ALL_DOCS, q, mode)
+        assert len(want_ids) >= 10
+        for k in (1, 10, 50):
+            assert_ranking(index.search(q, k=k, mode=mode), want_ids, want_scores, k, atol)
+    # a query sharing no analysed term with any document: BM25 returns nothing at all
+    assert index.search("zzzz qqqq", k=5, mode="bm25") == []
 
 
 def test_batch_equals_single(index):
@@ -76,6 +116,7 @@ def test_batch_equals_single(index):
 
 def test_persistence_roundtrip(index, m3_encoder):
     before = {m: ids_of(index.search("token ranking", k=8, mode=m)) for m in ("dense", "sparse", "colbert", "bm25", "hybrid")}
+    assert all(len(ids) == 8 for ids in before.values()), before
     index.close()
     again = HybridIndex.open(index.path, m3_encoder)
     assert len(again) == 50
@@ -87,8 +128,11 @@ def test_persistence_roundtrip(index, m3_encoder):
 def test_delete_upsert_take_effect_and_persist(index, m3_encoder):
     top = index.search("fox dog", k=1, mode="bm25")[0].id
     index.delete([top])
+    rest = [d for d in ALL_DOCS if d["id"] != top]
     for mode in ("dense", "sparse", "colbert", "bm25", "hybrid"):
-        assert top not in ids_of(index.search("fox dog", k=50, mode=mode))
+        got = ids_of(index.search("fox dog", k=50, mode=mode))
+        want, _ = matching(m3_encoder, rest, "fox dog", "dense" if mode == "hybrid" else mode)
+        assert len(want) > 0 and sorted(got) == sorted(want), mode  # all matches but the deleted
     index.upsert([{"id": "d1", "text": "completely new words about quasar nebula", "metadata": {"year": 1999}}])
     assert index.get("d1")["text"].startswith("completely")
     assert ids_of(index.search("quasar nebula", k=1, mode="bm25")) == ["d1"]
@@ -104,27 +148,52 @@ def test_delete_upsert_take_effect_and_persist(index, m3_encoder):
     again.close()
 
 
-def test_filters_apply_to_every_channel(index):
+def test_filters_apply_to_every_channel(index, m3_encoder):
     cases = [({"lang": "fr"}, lambda m: m["lang"] == "fr"),
              ({"year": {"gte": 2003, "lt": 2006}}, lambda m: 2003 <= m["year"] < 2006),
              ({"i": {"in": [1, 2, 3, 4]}}, lambda m: m["i"] in (1, 2, 3, 4)),
              ({"lang": {"ne": "fr"}, "year": 2001}, lambda m: m["lang"] != "fr" and m["year"] == 2001)]
+    q = "fox dense water token"
     for flt, pred in cases:
-        expected = sum(pred(d["metadata"]) for d in make_docs(30) + make_docs(20, seed=1, prefix="e"))
+        kept = [d for d in ALL_DOCS if pred(d["metadata"])]
+        assert kept
         for mode in ("dense", "sparse", "colbert", "bm25", "hybrid"):
-            hits = index.search("fox dense water token", k=50, mode=mode, filter=flt)
+            hits = index.search(q, k=50, mode=mode, filter=flt)
+            # k = 50 holds them all: exactly the documents the filter keeps that the channel
+            # matches (hybrid: the dense first stage brings every kept document)
+            want, _ = matching(m3_encoder, kept, q, "dense" if mode == "hybrid" else mode)
+            assert len(want) > 0, (flt, mode)
+            assert sorted(ids_of(hits)) == sorted(want), (flt, mode)
             assert all(pred(h.metadata) for h in hits), (flt, mode)
-            if mode in ("dense", "colbert"):  # these score every document
-                assert len(hits) == expected
     with pytest.raises(ValueError, match="unknown operator"):
         index.search("x", filter={"year": {"between": 1}})
 
 
 def test_rrf_and_weights_per_query(index):
-    a = index.search("fox", k=5, fusion="rrf")
-    assert all(0 < h.score <= 4 / 61 for h in a)
+    # k = 50: every document is in the union (the dense first stage brings them all) and comes
+    # back with each channel's score, so the RRF ranking can be recomputed from those scores.
+    a = index.search("fox", k=50, fusion="rrf")
+    assert len(a) == 50
+    docno = {d["id"]: n for n, d in enumerate(ALL_DOCS)}
+    a_by_docno = sorted(a, key=lambda h: docno[h.id])  # the union's order: ties rank lower docno first
+    weights = {"dense": 0.4, "sparse": 0.2, "colbert": 0.4, "bm25": 0.0}  # BGE-M3 defaults
+    want = np.zeros(50)
+    for ch, w in weights.items():
+        s = [h.scores[ch] for h in a_by_docno]
+        seen = [i for i in range(50) if s[i] is not None]
+        order = sorted(seen, key=lambda i: -s[i])  # stable: equal scores keep docno order
+        rank = {i: r + 1 for r, i in enumerate(order)}
+        want += [w / (60 + rank[i]) if i in rank else 0.0 for i in range(50)]
+    got = {h.id: h.score for h in a}
+    np.testing.assert_allclose([got[h.id] for h in a_by_docno], want, rtol=1e-6)
+    expected_order = sorted(range(50), key=lambda i: -want[i])
+    scores_in_order = want[expected_order]
+    distinct = [i for i, v in enumerate(scores_in_order) if np.isclose(scores_in_order, v, rtol=1e-6).sum() == 1]
+    assert [ids_of(a)[i] for i in distinct] == [a_by_docno[expected_order[i]].id for i in distinct]
+    # per-query weights: BM25 alone (min-max normalised) orders as the BM25 channel
     b = index.search("fox", k=5, weights={"dense": 0.0, "sparse": 0.0, "colbert": 0.0, "bm25": 1.0})
-    assert ids_of(b)[:3] == ids_of(index.search("fox", k=3, mode="bm25"))
+    bm = ids_of(index.search("fox", k=3, mode="bm25"))
+    assert len(bm) == 3 and ids_of(b)[:3] == bm
 
 
 def test_bad_inputs_write_nothing(index, m3_encoder):
@@ -233,3 +302,90 @@ def test_hnsw_index_with_deletions(tmp_path, m3_encoder):
     with pytest.raises(ValueError, match="factory"):
         HybridIndex.create(tmp_path / "bad", m3_encoder, dense_factory="Nope")
     assert not (tmp_path / "bad").exists()
+
+
+def _own_representations(spec, n, seed, first_token):
+    """Synthetic representations under which each document is its own best match in every
+    channel: random unit dense vectors, a sparse row with one token id of its own (weight 1, ids
+    ``5 + first_token ..`` handed out in random order) plus two of the low-weight shared ids
+    0..4, and random unit ColBERT vectors."""
+    import scipy.sparse as sp
+
+    from hybridsearch.representations import Encoded
+
+    rng = np.random.default_rng(seed)
+    dense = rng.standard_normal((n, spec.dim)).astype(np.float32)
+    dense /= np.linalg.norm(dense, axis=1, keepdims=True)
+    assert 5 + first_token + n <= spec.vocab_size
+    rows = np.zeros((n, spec.vocab_size), np.float32)
+    rows[np.arange(n), 5 + first_token + rng.permutation(n)] = 1.0
+    for i in range(n):
+        rows[i, rng.choice(5, 2, replace=False)] = 0.1
+    lengths = rng.integers(2, 6, n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    cb = rng.standard_normal((int(offsets[-1]), spec.colbert_dim)).astype(np.float32)
+    cb /= np.linalg.norm(cb, axis=1, keepdims=True)
+    return Encoded(dense, sp.csr_matrix(rows), cb, offsets, lengths + 1)
+
+
+def test_compact_keeps_every_channel_mapped_to_its_documents(tmp_path, m3_encoder):
+    """After deletes, an upsert and compact(), each live document is still found by its own
+    stored dense vector, sparse row, ColBERT vectors and unique word, with its own text."""
+    from hybridsearch.representations import Encoded
+
+    spec = m3_encoder.spec
+    idx = HybridIndex.create(tmp_path / "c", m3_encoder)
+    words = np.array(WORDS)
+    rng = np.random.default_rng(5)
+    reps, docs = {}, {}
+    for b in range(3):  # three segments of 40
+        enc = _own_representations(spec, 40, seed=b, first_token=40 * b)
+        batch = [{"id": f"b{b}-{i}", "text": " ".join(rng.choice(words, 4)) + f" uniq{b}x{i}",
+                  "metadata": {"b": b, "i": i}} for i in range(40)]
+        idx.add(batch, encoded=enc)
+        for i, d in enumerate(batch):
+            docs[d["id"]] = d
+            reps[d["id"]] = (enc, i)
+    gone = [f"b{b}-{i}" for b in range(3) for i in range(0, 40, 3)]
+    idx.delete(gone)
+    up_enc = _own_representations(spec, 2, seed=9, first_token=120)
+    up = [{"id": "b1-1", "text": "replaced text uniqupa", "metadata": {"up": 1}},
+          {"id": "b2-2", "text": "replaced text uniqupb", "metadata": {"up": 2}}]
+    idx.upsert(up, encoded=up_enc)
+    for i, d in enumerate(up):
+        docs[d["id"]] = d
+        reps[d["id"]] = (up_enc, i)
+    for g in gone:
+        del docs[g], reps[g]
+    idx.compact()
+    assert idx.stats()["segments"] == 1 and idx.stats()["deleted_pending_compaction"] == 0
+    assert sorted(idx.ids()) == sorted(docs) and len(idx) == 40 * 3 - len(gone)
+
+    live = sorted(docs)
+    dense = np.stack([reps[i][0].dense[reps[i][1]] for i in live])
+    sparse_rows = [reps[i][0].sparse[reps[i][1]] for i in live]
+    cbs = [reps[i][0].colbert_of(reps[i][1]) for i in live]
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in cbs])]).astype(np.int64)
+    import scipy.sparse as sp
+
+    q = Encoded(dense, sp.vstack(sparse_rows).tocsr(), np.concatenate(cbs), offsets,
+                np.array([len(c) + 1 for c in cbs]))
+    texts = [docs[i]["text"] for i in live]
+    for mode in ("dense", "sparse", "colbert", "hybrid"):
+        res = idx.search(texts, k=3, mode=mode, query_encoded=q)
+        for doc_id, hits in zip(live, res):
+            assert hits and hits[0].id == doc_id, (mode, doc_id, ids_of(hits))
+            assert hits[0].text == docs[doc_id]["text"] and hits[0].metadata == docs[doc_id]["metadata"]
+            if mode == "dense":
+                assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+    # BM25: each document's unique word finds it and nothing else
+    uniq = [docs[i]["text"].split()[-1] for i in live]
+    for doc_id, hits in zip(live, idx.search(uniq, k=3, mode="bm25")):
+        assert ids_of(hits) == [doc_id]
+    # reopened from disk, the same
+    idx.close()
+    again = HybridIndex.open(idx.path, m3_encoder)
+    for mode in ("dense", "sparse", "colbert"):
+        assert [h[0].id for h in again.search(texts, k=1, mode=mode, query_encoded=q)] == live
+    assert [h[0].id for h in again.search(uniq, k=1, mode="bm25")] == live
+    again.close()
