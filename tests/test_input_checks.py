@@ -107,8 +107,6 @@ def test_check_query_inputs_accepts_good_inputs_and_refuses_wrong_types():
         _check_query_inputs("fox", [("dense", 1)], ("dense",))
 
 
-@pytest.mark.xfail(strict=True, reason="HybridIndex.search does not call _check_query_inputs yet (the lead "
-                                       "wires it at the top of search(); then remove this marker)")
 def test_search_refuses_bad_queries_and_weights_before_encoding(index, no_encoding):
     for query, weights in [("  ", None), ("fox \ud800", None), ("fox", {"splade": 1}), ("fox", {"dense": -1})]:
         with pytest.raises(ValueError):

@@ -554,6 +554,7 @@ class HybridIndex:
         queries = [query] if single else list(query)
         if not queries or not all(isinstance(q, str) for q in queries):
             raise TypeError("query must be a string or a non-empty list of strings")
+        _check_query_inputs(queries, weights, self.channels)  # before anything is encoded
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
         if not isinstance(k, int) or k < 1:
