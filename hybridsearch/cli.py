@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-title", action="store_true",
                    help="index passage bodies without the title (it stays in the metadata)")
     s.add_argument("--device", help="cpu, cuda, cuda:1... (default: CUDA when available)")
+    s.add_argument("--lock-timeout", type=_non_negative, default=60, metavar="S",
+                   help="seconds to wait at each commit while another process writes (default 60)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_index)
 
@@ -176,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", metavar="M", help="encoder to open the index with (default: the one that built it)")
     s.add_argument("--device", help="cpu, cuda, ...")
     s.set_defaults(func=cmd_stats)
+
+    # compact
+    s = sub.add_parser("compact", help="rewrite live passages into one segment, reclaiming deleted space",
+                       description="Rewrite the live passages into one segment and a fresh BM25 index. "
+                                   "Searches (also a running server) keep working during and after it.")
+    s.add_argument("index", metavar="DIR", help="index folder")
+    s.add_argument("--model", metavar="M", help="encoder to open the index with (default: the one that built it)")
+    s.add_argument("--device", help="cpu, cuda, ...")
+    s.add_argument("--lock-timeout", type=_non_negative, default=60, metavar="S",
+                   help="seconds to wait while another process writes (default 60)")
+    s.set_defaults(func=cmd_compact)
 
     # serve
     s = sub.add_parser("serve", help="serve an index over HTTP",
@@ -332,13 +345,13 @@ def cmd_index(args) -> int:
     from .index.hybrid import HybridIndex
 
     if existing:
-        index = HybridIndex.open(folder, encoder)
+        index = HybridIndex.open(folder, encoder, lock_timeout=args.lock_timeout)
     else:
         # Two runs on a new folder: the one that gets the lock first creates the index, the other
         # opens it and waits for the lock at each commit. Nothing is ever removed on failure: a
         # run that fails leaves the index at its last commit (possibly empty) and a rerun continues.
         index = HybridIndex.create(folder, encoder, dense_factory=args.dense_factory or "Flat",
-                                   exist_ok=True)
+                                   exist_ok=True, lock_timeout=args.lock_timeout)
     writer = _Writer(index, args)
     try:
         writer.run(corpus, n_docs)
@@ -652,6 +665,20 @@ def cmd_stats(args) -> int:
         print(json.dumps(index.stats(), indent=2))
     finally:
         index.close()
+    return 0
+
+
+def cmd_compact(args) -> int:
+    index = _open_index(args.index, args.model, args.device)
+    try:
+        index.lock_timeout = args.lock_timeout
+        before = index.stats()
+        index.compact()
+        after = index.stats()
+    finally:
+        index.close()
+    print(f"{args.index}: compacted {after['documents']} passages into {after['segments']} segment(s); "
+          f"{before['deleted_pending_compaction']} deleted passages reclaimed")
     return 0
 
 

@@ -184,7 +184,9 @@ class HybridIndex:
         encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(model or m["model"]["name"])
         fp = st.model_fingerprint(encoder.spec.path)
         want = m["model"]
-        if fp != want["fingerprint"] or encoder.spec.dim != want["dim"]:
+        spec = encoder.spec
+        if fp != want["fingerprint"] or spec.dim != want["dim"] or spec.vocab_size != want["vocab_size"] \
+                or (spec.has_colbert and spec.colbert_dim != want["colbert_dim"]):
             raise ModelMismatchError(
                 f"{path} was built with model {want['name']!r} (fingerprint {want['fingerprint']}, "
                 f"dim {want['dim']}), but {encoder.spec.name!r} (fingerprint {fp}, dim "
@@ -202,7 +204,7 @@ class HybridIndex:
         for entry in m["segments"]:
             s = reuse.get(entry["name"])
             if s is None or s.base != base or s.count != int(entry["count"]):
-                s = Segment.open(self.path, entry, base)
+                s = Segment.open(self.path, entry, base, model=m["model"], channels=m["channels"])
             segs.append(s)
             bases.append(base)
             base += int(entry["count"])
@@ -210,10 +212,7 @@ class HybridIndex:
             raise IndexFormatError(f"{self.path}/{st.MANIFEST}: segment counts do not add up to next_docno")
         alive = np.ones(base, dtype=bool)
         if m["deleted"]:
-            dead = st.load_npy(self.path / m["deleted"], mmap=False)
-            if dead.size and (dead.min() < 0 or dead.max() >= base):
-                raise IndexFormatError(f"index file corrupted: {self.path / m['deleted']}")
-            alive[dead] = False
+            alive[st.load_deleted(self.path, m["deleted"], base, m["counts"]["deleted"])] = False
         ids = {}
         for s in segs:
             for row, doc_id in enumerate(s.docs["ids"]):
@@ -225,7 +224,7 @@ class HybridIndex:
                 bm25 = prev.bm25
             else:
                 try:
-                    bm25 = BM25Index.open(self.path / m["bm25"])
+                    bm25 = BM25Index.open(st.safe_child(self.path, m["bm25"], "bm25", want="dir"))
                 except Exception as e:
                     raise IndexFormatError(f"BM25 index {self.path / m['bm25']} cannot be opened: {e}") from e
             searcher = bm25.fresh_searcher()
