@@ -278,3 +278,57 @@ def test_bad_input():
         ix.delete_from("5")
     with pytest.raises(ValueError, match="threads"):
         ix.search(["run"], 3, threads=0)
+
+
+def _bm25_by_hand(docs_terms, query_terms, k1=1.2, b=0.75):
+    """Tantivy's BM25 for a one-segment index without deletions, in float64: for each query
+    term occurrence, idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len / avg_len)), with
+    idf = ln(1 + (N - n + 0.5) / (n + 0.5)) and len the document's number of (analysed) tokens."""
+    n_docs = len(docs_terms)
+    lengths = np.array([len(t) for t in docs_terms], np.float64)
+    avg = lengths.sum() / n_docs
+    out = np.zeros(n_docs)
+    for term in query_terms:
+        tf = np.array([t.count(term) for t in docs_terms], np.float64)
+        n = int((tf > 0).sum())
+        if n == 0:
+            continue
+        idf = np.log(1 + (n_docs - n + 0.5) / (n + 0.5))
+        out += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * lengths / avg))
+    return out
+
+
+def test_scores_follow_the_bm25_formula():
+    # Short documents (< 40 tokens, where tantivy's field-length norm is exact) over a small
+    # vocabulary, so terms repeat within documents and document frequencies vary.
+    rng = np.random.default_rng(11)
+    vocab = [f"w{i}" for i in range(12)]
+    p = np.linspace(3, 1, len(vocab))
+    docs_terms = [list(rng.choice(vocab, size=int(rng.integers(1, 31)), p=p / p.sum())) for _ in range(80)]
+    ix = build([" ".join(t) for t in docs_terms])
+    queries = ["w0", "w11", "w3 w7", "w1 w1 w5", "w2 w4 w6 w8 w10", "w9 unknownword"]
+    scores, docnos = ix.search(queries, 80)
+    for j, q in enumerate(queries):
+        want = _bm25_by_hand(docs_terms, analyze_query(q))
+        hit = docnos[j] >= 0
+        assert sorted(docnos[j][hit].tolist()) == np.flatnonzero(want > 0).tolist(), q
+        np.testing.assert_allclose(scores[j][hit], want[docnos[j][hit]], rtol=2e-5, err_msg=q)
+        assert (np.diff(scores[j][hit]) <= 0).all()
+
+
+def test_scores_agree_with_bm25s():
+    bm25s = pytest.importorskip("bm25s")
+    rng = np.random.default_rng(12)
+    vocab = [f"w{i}" for i in range(20)]
+    docs_terms = [list(rng.choice(vocab, size=int(rng.integers(2, 25)))) for _ in range(50)]
+    ix = build([" ".join(t) for t in docs_terms])
+    ref = bm25s.BM25(k1=1.2, b=0.75, method="lucene")  # lucene: the idf above, as tantivy
+    ref.index(bm25s.tokenize([" ".join(t) for t in docs_terms], stopwords=None, show_progress=False),
+              show_progress=False)
+    for q in ["w3", "w1 w12", "w0 w4 w19"]:
+        # Lucene (8+) and bm25s's "lucene" leave out BM25's constant factor (k1 + 1); tantivy keeps it
+        want = ref.get_scores(q.split()) * (1.2 + 1)
+        scores, docnos = ix.search([q], 50)
+        hit = docnos[0] >= 0
+        assert sorted(docnos[0][hit].tolist()) == np.flatnonzero(want > 0).tolist()
+        np.testing.assert_allclose(scores[0][hit], want[docnos[0][hit]], rtol=1e-4, err_msg=q)
