@@ -110,8 +110,9 @@ def test_dense_sparse_colbert_topk_equal_brute_force(index, m3_encoder):
 def test_batch_equals_single(index):
     qs = ["fox", "water cloud", "hybrid search faiss"]
     batch = index.search(qs, k=4)
+    assert len(batch) == 3
     for q, hits in zip(qs, batch):
-        assert ids_of(hits) == ids_of(index.search(q, k=4))
+        assert len(hits) == 4 and ids_of(hits) == ids_of(index.search(q, k=4))
 
 
 def test_persistence_roundtrip(index, m3_encoder):
@@ -267,6 +268,7 @@ def test_rerank_stage(index, tmp_path_factory):
 
     rr = Reranker(make_tiny_reranker(tmp_path_factory.mktemp("rr")), device="cpu")
     fused = index.search("fox dense ranking", k=8)
+    assert len(fused) == 8
     hits = index.search("fox dense ranking", k=3, reranker=rr, rerank_top=8)
     want = rr.compute_score([("fox dense ranking", h.text) for h in fused])
     order = np.argsort(-np.array(want), kind="stable")[:3]
