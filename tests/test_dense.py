@@ -85,6 +85,42 @@ def test_overfetch_path_equals_brute_force(density, monkeypatch):
     assert calls and all(c is gpu_like for c in calls)  # the over-fetch path ran, and only there
 
 
+GPU_MAX_K = 2048  # faiss-gpu's largest k (faiss/gpu/impl/IndexUtils: getMaxKSelection, no cuVS)
+
+
+class _GpuLikeFlat:
+    """A CPU Flat index that refuses what a faiss-gpu Flat index refuses: k above the GPU's
+    k-selection limit, and search parameters (selectors)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def search(self, x, k, params=None):
+        if params is not None:
+            raise RuntimeError("GPU Flat indexes take no search parameters")
+        if not 0 < k <= GPU_MAX_K:
+            raise RuntimeError(f"GPU index only supports min/max-K selection up to {GPU_MAX_K} (requested {k})")
+        return self.index.search(x, k)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "dense.py DenseIndex._overfetch (the GPU path) asks FAISS for k + (rows deleted or filtered "
+    "out) hits, beyond faiss-gpu's k-selection limit of 2048 as soon as a segment has more than "
+    "~2000 such rows: the search raises instead of answering"))
+def test_overfetch_stays_within_the_gpu_k_limit():
+    n, k = 10_000, 10
+    x, q = unit(n, 16, 20), unit(3, 16, 21)
+    cpu = DenseIndex.build(x, "Flat")
+    gpu_like = DenseIndex(_GpuLikeFlat(cpu.index), n, "Flat")
+    gpu_like.on_gpu = True
+    allowed = np.random.default_rng(22).random(n) >= 0.3  # 30% deleted
+    s, i = gpu_like.search(q, k, allowed)
+    ref = np.where(allowed, q @ x.T, -np.inf)
+    order = np.argsort(-ref, axis=1)[:, :k]
+    np.testing.assert_array_equal(i, order)
+    np.testing.assert_allclose(s, np.take_along_axis(ref, order, 1), atol=1e-5)
+
+
 def test_bad_factory():
     with pytest.raises(ValueError, match="factory"):
         DenseIndex.build(unit(10, 8, 0), "NotAnIndex")
