@@ -8,7 +8,8 @@ and, where the channel is exact, against a brute force over the allowed rows.
 
 Representations are synthetic and given through ``add(encoded=...)`` / ``search(query_encoded=...)``
 so the model never runs; texts are a few words from a 2,000-word vocabulary, so BM25 has real
-matches. Indexes are built once per dense factory (module-scoped) and shared by the tests.
+matches. Indexes are built once per dense factory (module-scoped) and shared by the tests; the
+Flat one holds two segments.
 """
 
 import json
@@ -92,18 +93,21 @@ def data(m3_encoder):
             "queries": queries, "bm25_match": bm25_match}
 
 
-def _build(path, encoder, data, factory, bm25, n=N):
-    """An index of the first ``n`` documents, with their share of the deletions."""
+def _build(path, encoder, data, factory, bm25, n=N, segments=1):
+    """An index of the first ``n`` documents in ``segments`` commits (segments), with their share
+    of the deletions."""
     enc, off = data["enc"], data["enc"].colbert_offsets
-    if n < N:
-        enc = Encoded(enc.dense[:n], enc.sparse[:n], enc.colbert[:off[n]], off[:n + 1], enc.n_tokens[:n])
     idx = HybridIndex.create(path, encoder, dense_factory=factory, bm25=bm25)
-    idx.add(data["docs"][:n], encoded=enc)
+    cuts = np.linspace(0, n, segments + 1).astype(int)
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        part = Encoded(enc.dense[lo:hi], enc.sparse[lo:hi], enc.colbert[off[lo]:off[hi]],
+                       off[lo:hi + 1] - off[lo], enc.n_tokens[lo:hi])
+        idx.add(data["docs"][lo:hi], encoded=part)
     dead = np.flatnonzero(data["dead"][:n])
     idx.delete([f"d{i}" for i in dead])
     assert len(idx) == n - len(dead)
     manifest = json.loads((idx.path / "manifest.json").read_text())
-    assert [e["dense_factory"] for e in manifest["segments"]] == [factory]  # no Flat fallback
+    assert [e["dense_factory"] for e in manifest["segments"]] == [factory] * segments  # no Flat fallback
     return idx
 
 
@@ -123,7 +127,10 @@ class _Results:
 
 @pytest.fixture(scope="module")
 def flat(tmp_path_factory, m3_encoder, data):
-    idx = _build(tmp_path_factory.mktemp("scale") / "flat", m3_encoder, data, "Flat", bm25=True)
+    # two segments (docnos 0..119,999 and 120,000..199,999): masks are sliced per segment and
+    # the per-segment top-k merged
+    idx = _build(tmp_path_factory.mktemp("scale") / "flat", m3_encoder, data, "Flat", bm25=True,
+                 segments=2)
     yield idx, _Results(idx, data)
     idx.close()
 
