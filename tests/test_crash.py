@@ -449,10 +449,6 @@ def test_kill_delete_upsert_compact_at_random_moments(tmp_path, zygote, history,
     idx.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compact() runs inside `with self._writing()` and keeps the old _State in its local `old`, so "
-    "_writing's final locking.collect finds the old generation's lease held (by this very process) "
-    "and keeps seg-*, deleted-*, bm25-*, lease-* of the previous generation until the next write"))
 def test_compaction_rerun_after_crash_leaves_no_leftovers(tmp_path, zygote, history, m3_encoder):
     base, before, gen = history
     path = tmp_path / "idx"

@@ -103,22 +103,29 @@ class _GpuLikeFlat:
         return self.index.search(x, k)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dense.py DenseIndex._overfetch (the GPU path) asks FAISS for k + (rows deleted or filtered "
-    "out) hits, beyond faiss-gpu's k-selection limit of 2048 as soon as a segment has more than "
-    "~2000 such rows: the search raises instead of answering"))
 def test_overfetch_stays_within_the_gpu_k_limit():
     n, k = 10_000, 10
     x, q = unit(n, 16, 20), unit(3, 16, 21)
     cpu = DenseIndex.build(x, "Flat")
-    gpu_like = DenseIndex(_GpuLikeFlat(cpu.index), n, "Flat")
+    gpu_like = DenseIndex(_GpuLikeFlat(cpu.index), n, "Flat", vectors=x)
     gpu_like.on_gpu = True
     allowed = np.random.default_rng(22).random(n) >= 0.3  # 30% deleted
-    s, i = gpu_like.search(q, k, allowed)
-    ref = np.where(allowed, q @ x.T, -np.inf)
-    order = np.argsort(-ref, axis=1)[:, :k]
-    np.testing.assert_array_equal(i, order)
-    np.testing.assert_allclose(s, np.take_along_axis(ref, order, 1), atol=1e-5)
+    for kk in (k, 3000):  # past the limit: filtered, and unfiltered with k > 2048
+        for mask in (allowed, None):
+            s, i = gpu_like.search(q, kk, mask)
+            ref = q @ x.T if mask is None else np.where(mask, q @ x.T, -np.inf)
+            order = np.argsort(-ref, axis=1, kind="stable")[:, :kk]
+            np.testing.assert_allclose(s, np.take_along_axis(ref, order, 1), atol=1e-5)
+            np.testing.assert_allclose(np.take_along_axis(ref, i, 1), s, atol=1e-5)
+            assert (mask is None or mask[i].all()) and all(len(set(r)) == kk for r in i.tolist())
+    # a small block size exercises the block merge of the exact path
+    from hybridsearch.retrievers.dense import exact_topk
+
+    rows = np.flatnonzero(allowed)
+    s1, i1 = exact_topk(x, q, 50, rows)
+    s2, i2 = exact_topk(x, q, 50, rows, block=97)
+    np.testing.assert_allclose(s1, s2, atol=1e-6)
+    np.testing.assert_array_equal(np.sort(i1, 1), np.sort(i2, 1))
 
 
 def test_bad_factory():

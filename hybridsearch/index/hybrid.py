@@ -413,29 +413,34 @@ class HybridIndex:
         st.fsync_dir(self.path)
 
     def compact(self) -> None:
-        """Rewrite all live documents into one segment and a fresh BM25 index; reclaims space."""
+        """Rewrite all live documents into one segment and a fresh BM25 index; reclaims space
+        (the old generation's files are removed as soon as no search, here or in another
+        process, still reads them)."""
         with self._writing():
-            old = self._state
-            live = np.flatnonzero(old.alive)
-            m = json.loads(json.dumps(old.manifest))
-            gen = m["generation"] + 1
-            m["generation"] = gen
-            m["segments"], m["deleted"] = [], None
+            self._compact()  # its locals (the old state) are gone before _writing collects
+
+    def _compact(self) -> None:
+        old = self._state
+        live = np.flatnonzero(old.alive)
+        m = json.loads(json.dumps(old.manifest))
+        gen = m["generation"] + 1
+        m["generation"] = gen
+        m["segments"], m["deleted"] = [], None
+        if len(live):
+            ids, texts, metas, enc = self._gather(old, live)
+            m["segments"].append(write_segment(self.path / f"seg-{gen:06d}", ids, texts, metas, enc,
+                                               m["channels"]["dense"]["factory"]))
+        m["next_docno"] = len(live)
+        m["counts"].update(documents=len(live), deleted=0)
+        if m["channels"]["bm25"]:
+            m["bm25"] = f"bm25-{gen:06d}"
+            b = BM25Index.create(self.path / m["bm25"])
             if len(live):
-                ids, texts, metas, enc = self._gather(old, live)
-                m["segments"].append(write_segment(self.path / f"seg-{gen:06d}", ids, texts, metas, enc,
-                                                   m["channels"]["dense"]["factory"]))
-            m["next_docno"] = len(live)
-            m["counts"].update(documents=len(live), deleted=0)
-            if m["channels"]["bm25"]:
-                m["bm25"] = f"bm25-{gen:06d}"
-                b = BM25Index.create(self.path / m["bm25"])
-                if len(live):
-                    b.add(np.arange(len(live), dtype=np.int64), texts)
-                    b.commit()
-                b.close()
-            self._switch(m)
-            self._install(self._load_state(m, old), self._manifest_stat())
+                b.add(np.arange(len(live), dtype=np.int64), texts)
+                b.commit()
+            b.close()
+        self._switch(m)
+        self._install(self._load_state(m, old), self._manifest_stat())
 
     def _gather(self, state: _State, docnos: np.ndarray):
         """Stored representations of ``docnos`` as one Encoded (for compaction)."""

@@ -57,6 +57,8 @@ def _threads_for(nq: int, on_gpu: bool):
 
 
 SINGLE_THREAD_BELOW = 4
+# faiss-gpu's largest k for one search (k-selection limit without cuVS).
+GPU_MAX_K = 2048
 
 
 def _min_train(factory: str) -> int:
@@ -129,11 +131,13 @@ def _check_faiss(index, n: int, dim: int, path) -> None:
 class DenseIndex:
     """FAISS inner-product index over one segment's ``(n, d)`` float32 vectors (local row ids)."""
 
-    def __init__(self, index, n: int, factory: str):
+    def __init__(self, index, n: int, factory: str, vectors: np.ndarray | None = None):
         self.index = index
         self.n = n
         self.factory = factory
         self.on_gpu = False
+        #: the (n, d) float32 vectors (memory-mapped) when known: exact filtered search on GPU
+        self.vectors = vectors
 
     @classmethod
     def build(cls, vectors: np.ndarray, factory: str = "Flat") -> DenseIndex:
@@ -151,7 +155,7 @@ class DenseIndex:
         if not index.is_trained:
             index.train(x)
         index.add(x)
-        return cls(index, len(x), eff)
+        return cls(index, len(x), eff, vectors if eff == "Flat" else None)
 
     def save(self, folder: Path) -> None:
         """Write ``dense.faiss`` unless the index is Flat (then dense.npy is enough)."""
@@ -221,7 +225,10 @@ class DenseIndex:
 
     def _search(self, q, kk, allowed, n_allowed, nprobe, ef_search):
         faiss = _faiss()
-        if allowed is None or n_allowed == self.n:
+        if self.on_gpu and kk > GPU_MAX_K and self.vectors is not None:
+            rows = np.arange(self.n) if allowed is None else np.flatnonzero(allowed)
+            s, i = exact_topk(self.vectors, q, kk, rows)
+        elif allowed is None or n_allowed == self.n:
             s, i = self.index.search(q, kk, params=self._params(None, nprobe, ef_search))
         elif self.on_gpu:
             s, i = self._overfetch(q, kk, allowed, n_allowed)
@@ -236,6 +243,8 @@ class DenseIndex:
         return s, i
 
     def _params(self, sel, nprobe, ef_search):
+        if self.on_gpu:  # GPU Flat indexes take no search parameters (filters over-fetch)
+            return None
         faiss = _faiss()
         base = faiss.downcast_index(self.index)
         if isinstance(base, faiss.IndexIVF):
@@ -245,7 +254,14 @@ class DenseIndex:
         return faiss.SearchParameters(sel=sel) if sel is not None else None
 
     def _overfetch(self, q, k, allowed, n_allowed):
+        # The top k + (rows not allowed) always hold the allowed top k: exact. faiss-gpu selects
+        # at most GPU_MAX_K hits, so past that the allowed rows are scored directly instead.
         fetch = min(self.n, max(4 * k, k + self.n - n_allowed))
+        if fetch > GPU_MAX_K:
+            if self.vectors is None:
+                raise RuntimeError(f"a filtered GPU search needing {fetch} hits (more than faiss-gpu's "
+                                   f"{GPU_MAX_K}) needs the segment's vectors")
+            return exact_topk(self.vectors, q, k, np.flatnonzero(allowed))
         s, i = self.index.search(q, fetch)
         out_s = np.zeros((len(q), k), np.float32)
         out_i = np.full((len(q), k), -1, np.int64)
@@ -255,3 +271,31 @@ class DenseIndex:
             out_s[r, : len(take)] = s[r, take]
             out_i[r, : len(take)] = i[r, take]
         return out_s, out_i
+
+
+def exact_topk(vectors: np.ndarray, q: np.ndarray, k: int, rows: np.ndarray,
+               block: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner products of ``q`` over ``vectors[rows]``, ``block`` rows at a time.
+
+    Returns scores (nq, k) float32 and row ids (nq, k) int64, padded with 0 / -1.
+    """
+    nq = len(q)
+    best_s = np.full((nq, 0), -np.inf, np.float32)
+    best_i = np.zeros((nq, 0), np.int64)
+    for lo in range(0, len(rows), block):
+        r = rows[lo:lo + block]
+        sc = q @ np.asarray(vectors[r], dtype=np.float32).T
+        cand_s = np.concatenate([best_s, sc], axis=1)
+        cand_i = np.concatenate([best_i, np.broadcast_to(r, sc.shape)], axis=1)
+        if cand_s.shape[1] > k:
+            part = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+            cand_s = np.take_along_axis(cand_s, part, 1)
+            cand_i = np.take_along_axis(cand_i, part, 1)
+        best_s, best_i = cand_s, cand_i
+    order = np.lexsort((best_i, -best_s), axis=1) if best_s.size else np.zeros(best_s.shape, np.int64)
+    best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+    out_s = np.zeros((nq, k), np.float32)
+    out_i = np.full((nq, k), -1, np.int64)
+    out_s[:, :best_s.shape[1]] = best_s
+    out_i[:, :best_i.shape[1]] = best_i
+    return out_s, out_i
