@@ -95,3 +95,51 @@ def test_enospc_on_the_same_object_then_retry_without_reopening(tmp_path, m3_enc
     assert idx.add(docs(3, "n")) == 3 and len(idx) == 8
     assert [h.id for h in idx.search("n1", k=1, mode="bm25")] == ["n1"]
     idx.close()
+
+
+REAL_DISK = """
+import sys
+from hybridsearch import BGEM3Encoder, HybridIndex
+from hybridsearch.errors import DiskFullError
+folder, model = sys.argv[1], sys.argv[2]
+enc = BGEM3Encoder(model, device="cpu")
+idx = HybridIndex.create(folder + "/idx", enc)
+committed, n = 0, 0
+while True:
+    batch = [{"id": f"d{n + j}", "text": ("fox river cloud " * 40) + str(n + j)} for j in range(200)]
+    try:
+        idx.add(batch)
+    except DiskFullError as e:
+        print("FULL", e.errno, e, flush=True)
+        break
+    n += 200
+    committed = n
+idx = HybridIndex.open(folder + "/idx", enc)
+print("COUNT", committed, len(idx), len(idx.search("fox", k=committed + 10, mode="bm25")), flush=True)
+idx.delete([f"d{i}" for i in range(committed // 2)])  # space is freed by the next write's collection
+print("AFTER", len(idx), flush=True)
+"""
+
+
+def test_a_really_full_disk(tmp_path, tiny_m3):
+    """A 4 MB tmpfs in a user namespace fills up for real: ENOSPC with a path, last commit intact."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("needs user namespaces to mount a small tmpfs")
+    script = tmp_path / "fill.py"
+    script.write_text(REAL_DISK)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    cmd = f"mount -t tmpfs -o size=4m tmpfs {mnt} && {sys.executable} {script} {mnt} {tiny_m3}"
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = {line.split()[0]: line for line in p.stdout.splitlines()}
+    full = out["FULL"].split()
+    assert full[1] == str(errno.ENOSPC) and "disk full (ENOSPC) writing" in out["FULL"]
+    assert str(mnt) in out["FULL"]  # names the path
+    _, committed, n_open, n_bm25 = out["COUNT"].split()
+    assert int(committed) > 0 and int(n_open) == int(committed) == int(n_bm25)
+    assert int(out["AFTER"].split()[1]) == int(committed) - int(committed) // 2

@@ -12,9 +12,11 @@ State is an immutable snapshot swapped by writers, so searches never see a half-
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -26,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..encode import BGEM3Encoder
-from ..errors import IndexFormatError, ModelMismatchError
+from ..errors import DiskFullError, IndexFormatError, ModelMismatchError
 from ..fusion import CHANNELS, FusionConfig, fuse, minmax
 from ..representations import Encoded
 from ..retrievers.bm25 import BM25Index
@@ -305,6 +307,11 @@ class HybridIndex:
                 self._reload()
                 self._cleanup_uncommitted()
                 yield
+            except Exception as e:
+                full = _disk_full(e, self.path)
+                if full is not None:
+                    raise full from e
+                raise
             finally:
                 for b in {id(x): x for x in (start.bm25, self._state.bm25) if x is not None}.values():
                     b.close()
@@ -783,6 +790,24 @@ class HybridIndex:
         if self._closed:
             return f"HybridIndex({str(self.path)!r}, closed)"
         return f"HybridIndex({str(self.path)!r}, documents={len(self)}, channels={self.channels})"
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|No space left on device|Disk quota exceeded")
+
+
+def _disk_full(e: BaseException, folder: Path) -> DiskFullError | None:
+    """A DiskFullError naming ENOSPC and the path when ``e`` (or its cause) is a full disk:
+    errno ENOSPC/EDQUOT, numpy's short-write message, or tantivy's/FAISS's text of it."""
+    while e is not None:
+        if isinstance(e, DiskFullError):
+            return None
+        no = getattr(e, "errno", None)
+        if no in (errno.ENOSPC, errno.EDQUOT) or _SHORT_WRITE.search(str(e)):
+            where = getattr(e, "filename", None) or folder
+            return DiskFullError(errno.ENOSPC, f"disk full (ENOSPC) writing {where}: {e}; "
+                                 "the index keeps its last commit, free space and rerun", str(where))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _rerank(reranker, query: str, hits: list[Hit], k: int, weight: float = 1.0) -> list[Hit]:
