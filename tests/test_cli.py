@@ -473,3 +473,25 @@ def test_bad_query_inputs_are_one_line_errors(tmp_path, tiny_dense, capsys, monk
     ]:
         assert_one_line_error(*call(capsys, "query", index, *args)[::2], want)
     assert query_json(capsys, index, "fine", "--weights", '{"dense": 0.5, "bm25": 1}')[0]["id"] == "a"
+
+
+def test_compact_command_reclaims_stale_passages(tmp_path, tiny_m3, capsys):
+    from hybridsearch import HybridIndex
+
+    corpus, index = tmp_path / "c.jsonl", tmp_path / "idx"
+    write_jsonl(corpus, [{"id": f"d{i}", "text": f"passage number {i} about otters"} for i in range(12)])
+    assert call(capsys, "index", corpus, "--index", index, "--model", tiny_m3, "-q")[0] == 0
+    write_jsonl(corpus, [{"id": f"d{i}", "text": f"passage number {i} about otters" + (" v2" if i < 4 else "")}
+                         for i in range(12)])
+    assert call(capsys, "index", corpus, "--index", index, "-q")[0] == 0  # 4 updated: 4 old versions tombstoned
+    before = HybridIndex.open(index, tiny_m3).stats()
+    assert before["deleted_pending_compaction"] == 4 and before["segments"] == 2
+    rc, out, err = call(capsys, "compact", index)
+    assert rc == 0, err
+    assert "compacted 12 passages into 1 segment(s); 4 deleted passages reclaimed" in out
+    idx = HybridIndex.open(index, tiny_m3)
+    after = idx.stats()
+    assert after["deleted_pending_compaction"] == 0 and after["documents"] == 12 and after["segments"] == 1
+    assert sorted(h.id for h in idx.search("otters", k=20, mode="bm25")) == sorted(idx.ids())
+    assert sum(h.text.endswith("v2") for h in idx.search("otters", k=20, mode="bm25")) == 4
+    assert_one_line_error(*call(capsys, "compact", tmp_path / "nope")[::2], "does not exist")
