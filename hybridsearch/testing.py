@@ -58,7 +58,9 @@ def make_tiny_m3(path: str | Path, *, seed: int = 0, hidden: int = 32, layers: i
                  corpus: list[str] | None = None, heads: bool = True) -> Path:
     """Write a random XLM-RoBERTa encoder, its tokenizer and (if ``heads``) both M3 head files.
 
-    Returns the folder. ``colbert_dim`` defaults to ``hidden``, as in bge-m3.
+    Returns the folder. ``colbert_dim`` defaults to ``hidden``, as in bge-m3. ``max_positions``
+    is the longest input in tokens; the config gets ``max_positions + 2`` position embeddings
+    (RoBERTa's offset), so ``max_positions=8192`` gives bge-m3's 8194 and real 8192-token inputs.
     """
     import torch
     from transformers import XLMRobertaConfig, XLMRobertaModel

@@ -10,6 +10,25 @@
 Texts are tokenised once, without shared mutable state (threads may encode at the same time with
 different max lengths: see :mod:`.tokenize`), sorted by length so a batch holds texts of similar
 length, run under ``torch.inference_mode`` (fp16 on CUDA by default), and put back in input order.
+
+**Batches are sized by tokens, not texts.** A forward pass costs memory in proportion to its
+padded tokens (rows x longest length: activations) and to its attention matrices (rows x heads x
+length^2: eager attention materialises them). Each batch therefore obeys three caps: ``batch_size``
+texts, ``max_batch_tokens`` (rows x padded length) and ``max_batch_attention`` (rows x padded
+length^2, one head's attention matrix over the batch). Texts are sorted longest first, so the
+first text of a batch sets its width; :func:`plan_batches` gives the batches for given lengths.
+A single text over a cap still forms a batch of one. The defaults come from the device (see
+:func:`default_batch_budgets`): on CUDA from its free memory at load time; on CPU and other
+devices fixed, conservative values, so a batch of 8192-token BGE-M3 passages holds one text.
+An out-of-memory error still halves the batch and retries.
+
+**MCLS** (multiple CLS, from the BGE-M3 paper's long-document experiments; FlagEmbedding does
+not implement it): ``BGEM3Encoder(..., mcls=True,
+mcls_interval=256)`` inserts a CLS token before every further chunk of ``mcls_interval`` text
+tokens, ``[CLS] t1..t256 [CLS] t257..t512 [CLS] ... [EOS]``, and the dense vector is the
+L2-normalised mean of the last hidden states at every CLS position (the template's first one and
+the inserted ones). It improves long-document retrieval without fine-tuning. See
+:class:`BGEM3Encoder` for what the sparse and ColBERT outputs and queries get.
 """
 
 from __future__ import annotations
@@ -58,6 +77,68 @@ def _distinct(texts: list[str]) -> tuple[list[str], np.ndarray]:
     return list(pos), inverse
 
 
+DEFAULT_MCLS_INTERVAL = 256
+#: CPU (and any device without a free-memory query): attention memory a batch may plan for
+CPU_ATTENTION_BYTES = 4 << 30
+FALLBACK_BATCH_TOKENS = 64 * 512
+FALLBACK_BATCH_ATTENTION = 8192 * 8192
+
+
+def batch_rows(width: int, remaining: int, batch_size: int, max_tokens: int, max_attention: int) -> int:
+    """Texts in the next batch when its longest text has ``width`` tokens (texts sorted longest
+    first): as many as ``batch_size``, ``max_tokens`` (rows x width) and ``max_attention``
+    (rows x width^2) allow, and at least one."""
+    w = max(int(width), 1)
+    return max(1, min(int(batch_size), int(remaining), int(max_tokens) // w, int(max_attention) // (w * w)))
+
+
+def plan_batches(lengths: Sequence[int] | np.ndarray, batch_size: int, max_tokens: int,
+                 max_attention: int) -> list[np.ndarray]:
+    """The batches :meth:`BGEM3Encoder.encode_arrays` forms (when nothing runs out of memory) for
+    token sequences of these lengths: arrays of input positions, longest texts first. Every batch
+    of more than one text keeps ``rows <= batch_size``, ``rows x width <= max_tokens`` and
+    ``rows x width^2 <= max_attention``, with ``width`` its longest length."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    out, start = [], 0
+    while start < len(order):
+        b = batch_rows(int(lengths[order[start]]), len(order) - start, batch_size, max_tokens, max_attention)
+        out.append(order[start : start + b])
+        start += b
+    return out
+
+
+def default_batch_budgets(device: torch.device, config, dtype: torch.dtype) -> tuple[int, int]:
+    """``(max_batch_tokens, max_batch_attention)`` for a model on ``device``.
+
+    Bytes per padded token ~ ``elem x (8 x hidden + 2 x intermediate)`` (a layer's live
+    activations); bytes per attention cell (rows x length^2) ~ ``elem x (3 x heads + 1)`` (scores,
+    probabilities, a copy, and the expanded mask), i.e. as if attention were materialised (eager;
+    SDPA kernels need less). On CUDA, half the device's free memory (after loading the model) is
+    planned for: 30 % for tokens, 70 % for attention. Without a free-memory figure (other
+    accelerators, or the query fails): ``64 x 512`` tokens and ``8192^2`` cells. On CPU:
+    ``64 x 512`` tokens and :data:`CPU_ATTENTION_BYTES` of attention (one 8192-token BGE-M3
+    passage per batch; a 2048-token one, 5).
+    """
+    elem = torch.finfo(dtype).bits // 8
+    hidden = int(getattr(config, "hidden_size", 1024) or 1024)
+    inter = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
+    heads = int(getattr(config, "num_attention_heads", 16) or 16)
+    per_token = elem * (8 * hidden + 2 * inter)
+    per_cell = elem * (3 * heads + 1)
+    if device.type == "cpu":
+        return FALLBACK_BATCH_TOKENS, max(1, CPU_ATTENTION_BYTES // per_cell)
+    if device.type == "cuda":
+        try:
+            free, _total = torch.cuda.mem_get_info(device)
+        except Exception:  # noqa: BLE001 - no figure: conservative defaults
+            free = 0
+        if free > 0:
+            usable = free // 2
+            return max(1, int(usable * 0.3) // per_token), max(1, int(usable * 0.7) // per_cell)
+    return FALLBACK_BATCH_TOKENS, FALLBACK_BATCH_ATTENTION
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -75,8 +156,27 @@ class BGEM3Encoder:
         query_instruction, passage_instruction: prefixes; default from the model name
             (none for BGE-M3).
         query_max_length, passage_max_length: default truncation lengths.
-        batch_size: texts per forward pass (at most; long texts also obey ``max_batch_tokens``).
-        max_batch_tokens: cap on ``batch rows x padded length`` per forward pass.
+        batch_size: texts per forward pass (at most; long texts also obey the two caps below).
+        max_batch_tokens: cap on ``batch rows x padded length`` per forward pass; default from
+            the device (:func:`default_batch_budgets`).
+        max_batch_attention: cap on ``batch rows x padded length^2`` per forward pass (attention
+            memory grows with the square of the length); default from the device.
+        mcls: MCLS for the dense output (off by default; CLS-pooling models such as BGE-M3 only,
+            a ``ValueError`` for mean-pooling ones). A CLS token is inserted before every further
+            chunk of ``mcls_interval`` text tokens and the dense vector is the L2-normalised mean
+            of the last hidden states at every CLS position, the template's first one included.
+            It applies to every text this encoder encodes, queries as well as passages, so an
+            index encodes both the same way: a text of at most ``mcls_interval`` tokens gets no
+            inserted token and the same vectors as without MCLS (within float rounding), which
+            covers nearly every query. The inserted tokens take positions, so they count against
+            the max length: the text is cut so that text + inserted CLS + special tokens fit.
+            One forward pass still gives every output: the sparse and ColBERT outputs leave the
+            inserted positions out, so they have exactly the tokens they have without MCLS for
+            the same (possibly shorter-cut) text, and ``n_tokens`` does not count the inserted
+            tokens; their hidden states did attend to the inserted CLS tokens, so the values
+            differ slightly from a pass without MCLS. Recorded in ``spec.mcls`` (the interval, or
+            ``None``) and in an index's manifest.
+        mcls_interval: text tokens per CLS with ``mcls`` (BGE-M3 paper: 256).
     """
 
     def __init__(
@@ -91,13 +191,21 @@ class BGEM3Encoder:
         query_max_length: int | None = None,
         passage_max_length: int | None = None,
         batch_size: int = 64,
-        max_batch_tokens: int = 64 * 512,
+        max_batch_tokens: int | None = None,
+        max_batch_attention: int | None = None,
+        mcls: bool = False,
+        mcls_interval: int = DEFAULT_MCLS_INTERVAL,
         cache_dir: str | None = None,
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        if batch_size < 1 or max_batch_tokens < 1:
-            raise ValueError("batch_size and max_batch_tokens must be positive")
+        if batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1) \
+                or (max_batch_attention is not None and max_batch_attention < 1):
+            raise ValueError("batch_size, max_batch_tokens and max_batch_attention must be positive")
+        if not isinstance(mcls, bool):
+            raise TypeError(f"mcls must be True or False, got {mcls!r} (the interval is mcls_interval)")
+        if mcls and (isinstance(mcls_interval, bool) or not isinstance(mcls_interval, int) or mcls_interval < 1):
+            raise ValueError(f"mcls_interval must be a positive integer, got {mcls_interval!r}")
         path = resolve_model(model_name_or_path, cache_dir=cache_dir)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -127,6 +235,9 @@ class BGEM3Encoder:
         pool = pooling or read_pooling(path, is_m3)
         if pool not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pool!r}")
+        if mcls and pool != "cls":
+            raise ValueError(f"mcls averages CLS hidden states, so it needs a CLS-pooling model such as "
+                             f"BGE-M3; {model_name_or_path} uses {pool} pooling")
         self.spec = ModelSpec(
             name=str(model_name_or_path),
             path=str(path),
@@ -140,11 +251,20 @@ class BGEM3Encoder:
             passage_prefix=kp if passage_instruction is None else passage_instruction,
             query_max_length=min(query_max_length or q_default, limit),
             passage_max_length=min(passage_max_length or p_default, limit),
+            mcls=mcls_interval if mcls else None,
         )
+        d_tokens, d_attention = default_batch_budgets(self.device, model.config, self.dtype)
         self.batch_size = batch_size
-        self.max_batch_tokens = max_batch_tokens
+        #: cap on rows x padded length per forward pass
+        self.max_batch_tokens = d_tokens if max_batch_tokens is None else max_batch_tokens
+        #: cap on rows x padded length^2 per forward pass
+        self.max_batch_attention = d_attention if max_batch_attention is None else max_batch_attention
         tok = self.tokenizer
         self._tok = SafeTokenizer(tok)  # thread-safe ids; self.tokenizer is left as loaded
+        self._cls_id = tok.cls_token_id
+        if mcls and (self._cls_id is None or not self._tok.prefix or self._tok.prefix[0] != self._cls_id):
+            raise ValueError(f"mcls needs a tokenizer that starts every text with its CLS token; "
+                             f"the one of {model_name_or_path} does not")
         self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         # FlagEmbedding drops these ids from lexical weights.
         self._unused_ids = np.array(
@@ -185,6 +305,9 @@ class BGEM3Encoder:
             kind: ``"query"`` or ``"passage"`` pick the instruction prefix and default max length;
                 ``"raw"`` adds no prefix and uses the passage length.
             sparse: default ``True`` when the model has a sparse head.
+
+        With MCLS on (``BGEM3Encoder(..., mcls=True)``), every kind is encoded with it and
+        ``max_length`` includes the inserted CLS tokens; ``n_tokens`` and the ColBERT rows do not.
         """
         texts = check_texts(texts)
         if kind not in ("query", "passage", "raw"):
@@ -205,18 +328,28 @@ class BGEM3Encoder:
         if prefix:
             texts = [prefix + t for t in texts]
         # Not self.tokenizer(..., truncation=True): that rewrites state shared by every thread.
-        ids = self._tok.encode(texts, max_length)
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        order = np.argsort(-lengths, kind="stable")
+        inserted = None
+        if self.spec.mcls:
+            ids, inserted = self._tok.encode_mcls(texts, max_length, self.spec.mcls, self._cls_id)
+        else:
+            ids = self._tok.encode(texts, max_length)
+        seq_lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        lengths = seq_lens if inserted is None else seq_lens - np.array([len(p) for p in inserted], dtype=np.int64)
         if show_progress is None:
             show_progress = len(texts) >= 256
-        out = self._run(ids, lengths, order, batch_size or self.batch_size, dense, sparse, colbert, show_progress)
+        out = self._run(ids, lengths, seq_lens, inserted, batch_size or self.batch_size, dense, sparse, colbert,
+                        show_progress)
         return out
 
-    def _run(self, ids, lengths, order, batch_size, want_dense, want_sparse, want_colbert, show_progress) -> Encoded:
+    def _run(self, ids, lengths, seq_lens, inserted, batch_size, want_dense, want_sparse, want_colbert,
+             show_progress) -> Encoded:
+        """``lengths``: tokens per text as output (``n_tokens``); ``seq_lens``: the sequences'
+        lengths, with MCLS's inserted CLS tokens (at positions ``inserted[i]``), which batching
+        and padding go by."""
         from tqdm.auto import tqdm
 
         n = len(ids)
+        order = np.argsort(-seq_lens, kind="stable")
         dense_out = np.zeros((n, self.spec.dim), dtype=np.float32) if want_dense else None
         sp_rows, sp_cols, sp_vals = [], [], []
         cb_chunks: list[np.ndarray | None] = [None] * n if want_colbert else []
@@ -224,11 +357,12 @@ class BGEM3Encoder:
         start = 0
         with torch.inference_mode():
             while start < n:
-                width = int(lengths[order[start]])  # longest in this batch: sorted descending
-                b = max(1, min(batch_size, n - start, self.max_batch_tokens // max(width, 1)))
+                width = int(seq_lens[order[start]])  # longest in this batch: sorted descending
+                b = batch_rows(width, n - start, batch_size, self.max_batch_tokens, self.max_batch_attention)
                 idx = order[start : start + b]
                 try:
-                    d, s, c = self._forward_batch([ids[i] for i in idx], width, want_dense, want_sparse, want_colbert)
+                    d, s, c = self._forward_batch([ids[i] for i in idx], width, want_dense, want_sparse, want_colbert,
+                                                  None if inserted is None else [inserted[i] for i in idx])
                 except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
                     if not _is_oom(e):
                         raise
@@ -267,7 +401,9 @@ class BGEM3Encoder:
             cb = np.concatenate(cb_chunks, axis=0) if n else np.zeros((0, self.spec.colbert_dim), np.float32)
         return Encoded(dense=dense_out, sparse=sparse_out, colbert=cb, colbert_offsets=offs, n_tokens=lengths)
 
-    def _forward_batch(self, batch_ids, width, want_dense, want_sparse, want_colbert):
+    def _forward_batch(self, batch_ids, width, want_dense, want_sparse, want_colbert, inserted=None):
+        """One forward pass. ``inserted`` (MCLS): per row, the positions of the inserted CLS
+        tokens: the dense vector averages them with position 0; sparse and ColBERT skip them."""
         b = len(batch_ids)
         input_ids = np.full((b, width), self._pad_id, dtype=np.int64)
         mask = np.zeros((b, width), dtype=np.int64)
@@ -277,17 +413,33 @@ class BGEM3Encoder:
         t_ids = torch.from_numpy(input_ids).to(self.device)
         t_mask = torch.from_numpy(mask).to(self.device)
         h = self.model(input_ids=t_ids, attention_mask=t_mask, return_dict=True).last_hidden_state
+        keep, t_keep = mask, t_mask  # the positions sparse and ColBERT report
+        if inserted is not None:
+            keep = mask.copy()
+            for j, pos in enumerate(inserted):
+                keep[j, pos] = 0
+            t_keep = torch.from_numpy(keep).to(self.device)
         d = s = c = None
         if want_dense:
-            d = H.pool_dense(h, t_mask, self.spec.pooling).float().cpu().numpy()
+            if inserted is None:
+                d = H.pool_dense(h, t_mask, self.spec.pooling).float().cpu().numpy()
+            else:
+                k = 1 + max(len(p) for p in inserted)
+                pos = np.zeros((b, k), dtype=np.int64)  # row j: 0, then its inserted CLS positions
+                valid = np.zeros((b, k), dtype=bool)
+                for j, p in enumerate(inserted):
+                    pos[j, 1 : 1 + len(p)] = p
+                    valid[j, : 1 + len(p)] = True
+                d = H.pool_mcls(h, torch.from_numpy(pos).to(self.device),
+                                torch.from_numpy(valid).to(self.device)).cpu().numpy()
         if want_sparse:
             w = H.token_weights(h, self.sparse_linear).float().cpu().numpy()
-            keep = (mask == 1) & (w > 0) & ~np.isin(input_ids, self._unused_ids)
-            r, p = np.nonzero(keep)
+            nz = (keep == 1) & (w > 0) & ~np.isin(input_ids, self._unused_ids)
+            r, p = np.nonzero(nz)
             s = (r, input_ids[r, p], w[r, p])
         if want_colbert:
-            v = H.colbert_vectors(h, t_mask, self.colbert_linear).float().cpu().numpy()
-            c = v[mask[:, 1:] == 1]  # row-major: each text's n-1 vectors, texts in batch order
+            v = H.colbert_vectors(h, t_keep, self.colbert_linear).float().cpu().numpy()
+            c = v[keep[:, 1:] == 1]  # row-major: each text's n-1 vectors, texts in batch order
         return d, s, c
 
     def _build_csr(self, rows, cols, vals, n) -> sp.csr_matrix:
@@ -430,4 +582,5 @@ class BGEM3Encoder:
         return res
 
     def __repr__(self) -> str:
-        return f"BGEM3Encoder({self.spec.name!r}, outputs={self.outputs}, device={self.device})"
+        extra = f", mcls={self.spec.mcls}" if self.spec.mcls else ""
+        return f"BGEM3Encoder({self.spec.name!r}, outputs={self.outputs}, device={self.device}{extra})"

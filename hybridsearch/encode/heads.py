@@ -3,6 +3,7 @@
 Formulas, with ``H`` the last hidden state ``(b, L, h)`` and ``M`` the attention mask ``(b, L)``:
 
 * dense   = normalize(H[:, 0])            (or masked mean for mean-pooling models)
+* MCLS dense = normalize(mean of H[:, p] over every CLS position p)  (CLS every N tokens)
 * sparse  = relu(sparse_linear(H))[..., 0]  one weight per token
 * colbert = normalize(colbert_linear(H[:, 1:]) * M[:, 1:, None])
 """
@@ -65,6 +66,16 @@ def pool_dense(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tenso
         v = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
     else:
         raise ValueError(f"unknown pooling {pooling!r}")
+    return F.normalize(v, dim=-1)
+
+
+def pool_mcls(h: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """MCLS: ``(b, L, h)`` -> ``(b, h)`` float32 L2-normalised mean of the hidden states at each
+    row's CLS positions. ``positions`` ``(b, K)`` (long) lists them, ``valid`` ``(b, K)`` (bool)
+    says which entries of a row are real (rows with fewer CLS tokens are filled with any index)."""
+    rows = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
+    w = valid.to(torch.float32).unsqueeze(-1)
+    v = (h[rows, positions].float() * w).sum(1) / w.sum(1).clamp(min=1.0)
     return F.normalize(v, dim=-1)
 
 

@@ -35,7 +35,10 @@ class ModelSpec:
         colbert_dim: ColBERT dimension, 0 without the head.
         vocab_size: size of the sparse space.
         query_prefix, passage_prefix: prepended to queries / passages before tokenising.
-        query_max_length, passage_max_length: default truncation lengths in tokens.
+        query_max_length, passage_max_length: default truncation lengths in tokens (with MCLS,
+            the inserted CLS tokens count against them).
+        mcls: MCLS interval (a CLS token inserted every ``mcls`` text tokens and the dense vector
+            averaged over every CLS position), or ``None`` when off. See ``BGEM3Encoder``.
     """
 
     name: str
@@ -50,6 +53,7 @@ class ModelSpec:
     passage_prefix: str
     query_max_length: int
     passage_max_length: int
+    mcls: int | None = None
 
     @property
     def outputs(self) -> tuple[str, ...]:

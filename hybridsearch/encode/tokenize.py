@@ -83,6 +83,41 @@ class SafeTokenizer:
         pre, suf = self.prefix, self.suffix
         return [pre + self._cut(x, room) + suf for x in self.ids(texts, add_special_tokens=False)]
 
+    def encode_mcls(self, texts: Sequence[str], max_length: int, interval: int,
+                    cls_id: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Ids for MCLS (multiple CLS) encoding, and where the inserted CLS tokens are.
+
+        The text's own tokens are cut into chunks of ``interval`` tokens; the template's prefix
+        (whose first token is the CLS) precedes the first chunk, and ``cls_id`` is inserted
+        before each further chunk: ``[CLS] t1..tI [CLS] tI+1..t2I [CLS] ... [EOS]``. Inserted
+        tokens count against ``max_length`` (they take positions), so the text is cut (on the
+        tokenizer's ``truncation_side``) to the most tokens for which text + inserted CLS +
+        special tokens fit. Returns ``(ids, inserted)``: per text, its ids and the ascending
+        positions of the inserted CLS tokens (the template's own CLS at 0 is not listed).
+        """
+        if not self._exact:
+            raise ValueError("MCLS needs a tokenizer whose special tokens are a fixed prefix and suffix")
+        if interval < 1:
+            raise ValueError(f"the MCLS interval must be at least 1, got {interval}")
+        room = max_length - self.n_special
+        if room < 0:
+            raise ValueError(f"max_length {max_length} is below the {self.n_special} special tokens "
+                             "the tokenizer adds")
+        n_max = mcls_text_room(room, interval)
+        pre, suf, p = self.prefix, self.suffix, len(self.prefix)
+        ids, where = [], []
+        for x in self.ids(texts, add_special_tokens=False):
+            x = self._cut(x, n_max)
+            row = list(pre)
+            for k in range(0, len(x), interval):
+                if k:
+                    row.append(cls_id)
+                row.extend(x[k : k + interval])
+            row.extend(suf)
+            ids.append(row)
+            where.append([p - 1 + k * (interval + 1) for k in range(1, mcls_extra(len(x), interval) + 1)])
+        return ids, where
+
     def encode_plain(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
         """Ids without special tokens, at most ``max_length``: the tokenizer's
         ``add_special_tokens=False, truncation=True, max_length=max_length`` output."""
@@ -98,3 +133,21 @@ class SafeTokenizer:
                 return [e.ids for e in self._rust.encode_batch(list(texts), add_special_tokens=True)]
             finally:
                 self._rust.no_truncation()
+
+
+def mcls_extra(n_text: int, interval: int) -> int:
+    """CLS tokens MCLS inserts into a text of ``n_text`` tokens: one before every chunk of
+    ``interval`` tokens but the first (which follows the template's CLS)."""
+    return (n_text - 1) // interval if n_text > 0 else 0
+
+
+def mcls_text_room(room: int, interval: int) -> int:
+    """The most text tokens ``n`` with ``n + mcls_extra(n, interval) <= room``."""
+    if room <= 0:
+        return 0
+    n = (room + 1) * interval // (interval + 1)  # n + ceil(n / interval) <= room + 1, about
+    while n + 1 + mcls_extra(n + 1, interval) <= room:
+        n += 1
+    while n > 0 and n + mcls_extra(n, interval) > room:
+        n -= 1
+    return n

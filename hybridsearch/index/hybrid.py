@@ -120,6 +120,7 @@ class HybridIndex:
                dense_factory: str = "Flat", bm25: bool = True, exist_ok: bool = False,
                lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT) -> HybridIndex:
         """Make a new, empty index folder for ``model`` (a name/path or a loaded encoder).
+        An encoder made with ``mcls=True`` gives an MCLS index (``model.mcls`` in the manifest).
 
         Safe against a concurrent ``create`` of the same folder: the folder is claimed under the
         writer lock, the loser then opens the winner's index (``exist_ok=True``) or raises
@@ -147,7 +148,7 @@ class HybridIndex:
         model_info = {
             "name": spec.name, "fingerprint": st.model_fingerprint(spec.path), "dim": spec.dim,
             "colbert_dim": spec.colbert_dim, "vocab_size": spec.vocab_size, "pooling": spec.pooling,
-            "outputs": list(spec.outputs),
+            "outputs": list(spec.outputs), "mcls": spec.mcls,  # MCLS interval of the encoder, or null
         }
         channels = {"dense": {"factory": dense_factory}, "sparse": spec.has_sparse,
                     "colbert": spec.has_colbert, "bm25": bool(bm25)}
@@ -183,7 +184,13 @@ class HybridIndex:
         """
         path = Path(path)
         m = st.read_manifest(path)
-        encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(model or m["model"]["name"])
+        # MCLS: queries and passages are encoded with the interval the index was built with
+        # (absent in older manifests: off); a given encoder must agree.
+        mcls = m["model"].get("mcls")
+        if mcls is not None and (isinstance(mcls, bool) or not isinstance(mcls, int) or not 1 <= mcls <= 1 << 20):
+            raise IndexFormatError(f"{path / st.MANIFEST}: model.mcls must be null or a positive integer"[:300])
+        encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(
+            model or m["model"]["name"], mcls=mcls is not None, mcls_interval=mcls or 256)
         fp = st.model_fingerprint(encoder.spec.path)
         want = m["model"]
         spec = encoder.spec
@@ -194,6 +201,10 @@ class HybridIndex:
                 f"dim {want['dim']}), but {encoder.spec.name!r} (fingerprint {fp}, dim "
                 f"{encoder.spec.dim}) was given. Open it with the model that built it."
             )
+        if spec.mcls != mcls:
+            raise ModelMismatchError(f"{path} was built with mcls={mcls} (MCLS interval, null: off), but the given "
+                                     f"encoder has mcls={spec.mcls}; pass BGEM3Encoder(..., mcls="
+                                     f"{mcls is not None}{f', mcls_interval={mcls}' if mcls else ''})")
         return cls(path, encoder, lock_timeout=lock_timeout)
 
     def _load_state(self, m: dict, prev: _State | None) -> _State:
