@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-title", action="store_true",
                    help="index passage bodies without the title (it stays in the metadata)")
     s.add_argument("--device", help="cpu, cuda, cuda:1... (default: CUDA when available)")
+    s.add_argument("--mcls", type=_positive("--mcls"), default=None, metavar="N",
+                   help="new index, CLS-pooling (BGE-M3) models: dense vector = mean of a CLS inserted "
+                        "every N tokens (BGE-M3 paper's MCLS for long documents; 256 there). Off by default")
     s.add_argument("--lock-timeout", type=_non_negative, default=60, metavar="S",
                    help="seconds to wait at each commit while another process writes (default 60)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -229,12 +232,15 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
 
 
-def _load_encoder(name: str, device: str | None, *, suggest_offline: bool, index_dir: Path | None = None):
+def _load_encoder(name: str, device: str | None, *, suggest_offline: bool, index_dir: Path | None = None,
+                  mcls: int | None = None):
     _quiet_libraries()
     from .encode import BGEM3Encoder
     from .errors import ModelNotFoundError
 
     try:
+        if mcls:
+            return BGEM3Encoder(name, device=device, mcls=True, mcls_interval=int(mcls))
         return BGEM3Encoder(name, device=device)
     except ModelNotFoundError as e:
         if _looks_like_path(name):
@@ -271,7 +277,8 @@ def _open_index(path: str, model: str | None, device: str | None):
     _require_index(folder)
     manifest = storage.read_manifest(folder)
     name = model or manifest["model"]["name"]
-    encoder = _load_encoder(name, device, suggest_offline=False, index_dir=None if model else folder)
+    encoder = _load_encoder(name, device, suggest_offline=False, index_dir=None if model else folder,
+                            mcls=manifest["model"].get("mcls"))
     return HybridIndex.open(folder, encoder)
 
 
@@ -337,10 +344,13 @@ def cmd_index(args) -> int:
         if args.dense_factory and args.dense_factory != have:
             raise CLIError(f"index {folder} was created with --dense-factory {have}; "
                            f"{args.dense_factory} only applies to a new index")
+        if args.mcls is not None and args.mcls != manifest["model"].get("mcls"):
+            raise CLIError(f"index {folder} was created with --mcls {manifest['model'].get('mcls')}; "
+                           "--mcls only applies to a new index")
         encoder = _load_encoder(args.model or manifest["model"]["name"], args.device, suggest_offline=False,
-                                index_dir=None if args.model else folder)
+                                index_dir=None if args.model else folder, mcls=manifest["model"].get("mcls"))
     else:
-        encoder = _load_encoder(args.model or DEFAULT_MODEL, args.device, suggest_offline=True)
+        encoder = _load_encoder(args.model or DEFAULT_MODEL, args.device, suggest_offline=True, mcls=args.mcls)
 
     from .index.hybrid import HybridIndex
 

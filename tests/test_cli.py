@@ -495,3 +495,21 @@ def test_compact_command_reclaims_stale_passages(tmp_path, tiny_m3, capsys):
     assert sorted(h.id for h in idx.search("otters", k=20, mode="bm25")) == sorted(idx.ids())
     assert sum(h.text.endswith("v2") for h in idx.search("otters", k=20, mode="bm25")) == 4
     assert_one_line_error(*call(capsys, "compact", tmp_path / "nope")[::2], "does not exist")
+
+
+def test_mcls_index_from_the_command_line(tmp_path, tiny_m3, capsys):
+    from hybridsearch import HybridIndex
+
+    corpus, index = tmp_path / "c.jsonl", tmp_path / "idx"
+    long_text = " ".join(f"word{i % 50}" for i in range(300))
+    write_jsonl(corpus, [{"id": "long", "text": long_text}, {"id": "short", "text": "otters and herons"}])
+    rc, _, err = call(capsys, "index", corpus, "--index", index, "--model", tiny_m3, "--mcls", "64",
+                      "--chunk-tokens", "1000", "-q")
+    assert rc == 0, err
+    assert json.loads((index / "manifest.json").read_text())["model"]["mcls"] == 64
+    assert HybridIndex.open(index).encoder.spec.mcls == 64  # the recorded setting is used on open
+    rc, out, err = call(capsys, "query", index, "otters and herons", "--json")  # reopens with MCLS
+    assert rc == 0, err
+    assert call(capsys, "stats", index)[0] == 0
+    assert_one_line_error(*call(capsys, "index", corpus, "--index", index, "--mcls", "32")[::2],
+                          "--mcls only applies to a new index")
