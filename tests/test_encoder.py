@@ -437,3 +437,24 @@ def test_compute_score_padding_never_wins_the_colbert_max(tiny_m3, tmp_path):
     got = enc.compute_score(pairs, batch_size=len(pairs))
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_prompts_from_config_sentence_transformers(tmp_path, tiny_dense):
+    """A folder's declared prompts set the prefixes (whatever the folder is called), and
+    training uses the same ones."""
+    import json
+    import shutil
+
+    from hybridsearch import BGEM3Encoder
+    from hybridsearch.train.embedder import M3Model
+
+    folder = tmp_path / "renamed-model"
+    shutil.copytree(tiny_dense, folder)
+    assert BGEM3Encoder(folder, device="cpu").spec.query_prefix == ""
+    (folder / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "query: ", "document": "passage: "}}))
+    spec = BGEM3Encoder(folder, device="cpu").spec
+    assert (spec.query_prefix, spec.passage_prefix) == ("query: ", "passage: ")
+    m = M3Model.from_pretrained(folder)
+    assert (m.query_prefix, m.passage_prefix) == ("query: ", "passage: ")
+    assert BGEM3Encoder(folder, device="cpu", query_instruction="").spec.query_prefix == ""

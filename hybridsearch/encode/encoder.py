@@ -48,7 +48,7 @@ from ..representations import colbert_score as _colbert_score
 from ..representations import lexical_matching_score as _lexical_score
 from . import heads as H
 from .resolve import resolve_model
-from .spec import ModelSpec, known_prefixes, read_max_seq_length, read_pooling
+from .spec import ModelSpec, model_prefixes, read_max_seq_length, read_pooling
 from .tokenize import SafeTokenizer
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class BGEM3Encoder:
         st_len = read_max_seq_length(path)
         q_default = M3_QUERY_MAX_LENGTH if is_m3 else (st_len or 512)
         p_default = M3_PASSAGE_MAX_LENGTH if is_m3 else (st_len or 512)
-        kq, kp = known_prefixes(str(model_name_or_path))
+        kq, kp = model_prefixes(path, str(model_name_or_path))
         pool = pooling or read_pooling(path, is_m3)
         if pool not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pool!r}")

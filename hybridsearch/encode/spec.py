@@ -86,6 +86,23 @@ def read_max_seq_length(path: Path) -> int | None:
     return None
 
 
+def model_prefixes(path: Path, name: str) -> tuple[str, str]:
+    """(query prefix, passage prefix): the ``prompts`` of ``config_sentence_transformers.json``
+    (keys ``query`` and ``passage`` or ``document``) when the folder declares them, else
+    :func:`known_prefixes` of the name."""
+    cfg = Path(path) / "config_sentence_transformers.json"
+    if cfg.is_file():
+        try:
+            prompts = json.loads(cfg.read_text()).get("prompts") or {}
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{cfg} is not a valid sentence-transformers config: {e}") from e
+        q = prompts.get("query")
+        p = prompts.get("passage", prompts.get("document"))
+        if isinstance(q, str) or isinstance(p, str):
+            return (q if isinstance(q, str) else ""), (p if isinstance(p, str) else "")
+    return known_prefixes(name)
+
+
 def known_prefixes(name: str) -> tuple[str, str]:
     """(query prefix, passage prefix) for a well-known model name, else empty strings."""
     for pattern, q, p in KNOWN_PREFIXES:

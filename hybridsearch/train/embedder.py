@@ -60,6 +60,7 @@ class M3Model(torch.nn.Module):
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.source = source
+        self.query_prefix = self.passage_prefix = ""
         self.vocab_size = max(len(tokenizer), int(encoder.config.vocab_size))
         tok = tokenizer
         self.unused_ids = sorted({i for i in (tok.cls_token_id, tok.eos_token_id, tok.pad_token_id,
@@ -79,7 +80,7 @@ class M3Model(torch.nn.Module):
 
         from ..encode import heads as H
         from ..encode.resolve import resolve_model
-        from ..encode.spec import read_pooling
+        from ..encode.spec import model_prefixes, read_pooling
 
         path = resolve_model(model_name_or_path, cache_dir=cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -101,7 +102,10 @@ class M3Model(torch.nn.Module):
                 else:
                     torch.nn.init.orthogonal_(colbert.weight)
                 colbert.bias.zero_()
-        return cls(encoder, tokenizer, sparse.float(), colbert.float(), pooling, source=path)
+        model = cls(encoder, tokenizer, sparse.float(), colbert.float(), pooling, source=path)
+        # trained with the instructions the encoder will use (E5: "query: " / "passage: ")
+        model.query_prefix, model.passage_prefix = model_prefixes(path, str(model_name_or_path))
+        return model
 
     def tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), truncation=True, max_length=max_length, padding=True,
@@ -325,8 +329,9 @@ class EmbedderTrainer:
     def compute_gradients(self, queries: Sequence[str], passages: Sequence[str],
                           teacher: Any = None) -> tuple[float, dict[str, float]]:
         """Forward + backward for one batch (gradients accumulate in ``.grad``); returns the loss."""
-        q_tok = self.model.tokenize(queries, self.query_max_len)
-        p_tok = self.model.tokenize(passages, self.passage_max_len)
+        m = self.model
+        q_tok = m.tokenize([m.query_prefix + q for q in queries], self.query_max_len)
+        p_tok = m.tokenize([m.passage_prefix + p for p in passages], self.passage_max_len)
         t = torch.as_tensor(teacher, dtype=torch.float32) if teacher is not None else None
         kw = {"unified": self.unified, "self_distill": self._self_distill_now(), "temperature": self.temperature,
                   "in_batch": self.in_batch, "teacher": t}
