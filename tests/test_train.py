@@ -568,3 +568,47 @@ def test_reranker_resume_continues_from_the_saved_step(tmp_path):
         assert torch.allclose(x, y, atol=1e-5), n
     with pytest.raises(FileNotFoundError, match="not a resumable reranker checkpoint"):
         train_reranker(path, _records(), tmp_path / "c", max_steps=1, resume_from=path, **kw)
+
+
+def test_frozen_trunk_cache_equals_the_encoder_and_runs_each_text_once(tiny_m3, tmp_path):
+    from hybridsearch.train.embedder import FrozenTrunkCache, M3Model
+
+    m = M3Model.from_pretrained(tiny_m3).eval()
+    texts = DEFAULT_CORPUS[:7]
+    tok = m.tokenize(texts, 48)  # padded batch
+    with torch.no_grad():
+        ref = m.encoder(**tok, return_dict=True).last_hidden_state
+    calls = []
+    real_forward = m.encoder.forward
+
+    def counting(*a, **kw):
+        calls.append(kw["input_ids"].shape[0])
+        return real_forward(*a, **kw)
+
+    m.encoder.forward = counting
+    cache = FrozenTrunkCache(m.encoder)
+    got = cache(tok["input_ids"], tok["attention_mask"]).last_hidden_state
+    mask = tok["attention_mask"].bool()
+    assert torch.allclose(got[mask], ref[mask], atol=2e-3, rtol=1e-3)  # float16 storage
+    assert (got[~mask] == 0).all()
+    # the same texts again, in another order and padding: no encoder call
+    tok2 = m.tokenize(texts[::-1] + texts[:2], 64)
+    got2 = cache(tok2["input_ids"], tok2["attention_mask"]).last_hidden_state
+    assert calls == [7]
+    assert torch.equal(got2[0, : int(tok2["attention_mask"][0].sum())],
+                       got[6, : int(tok["attention_mask"][6].sum())])
+    # one new text: only it is encoded
+    tok3 = m.tokenize([texts[0], "a sentence the cache has never seen"], 48)
+    cache(tok3["input_ids"], tok3["attention_mask"])
+    assert calls == [7, 1]
+
+    # training with the cache: heads learn, the encoder does not, the cache really is used
+    tr = _trainer(tiny_m3, fix_encoder=True, cache_hidden=True, group_size=2, batch_size=4, lr=1e-2,
+                  query_max_len=16, passage_max_len=32)
+    before = {k: v.clone() for k, v in tr.model.encoder.state_dict().items()}
+    res = tr.train(_records(), tmp_path / "cached", max_steps=6, show_progress=False)
+    assert len(tr.model.trunk_cache.states) > 0 and all(np.isfinite(res.losses))
+    for k, v in tr.model.encoder.state_dict().items():
+        assert torch.equal(before[k], v), k
+    with pytest.raises(ValueError, match="fix_encoder"):
+        _trainer(tiny_m3, cache_hidden=True)

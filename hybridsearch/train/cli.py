@@ -44,6 +44,8 @@ def add_train_parser(subparsers) -> None:
     e.add_argument("--no-self-distill", action="store_true")
     e.add_argument("--self-distill-start-step", type=int, default=0)
     e.add_argument("--fix-encoder", action="store_true", help="train the heads only")
+    e.add_argument("--cache-hidden", action="store_true",
+                   help="with --fix-encoder: encode each distinct text once, reuse its hidden states")
     e.add_argument("--colbert-dim", type=int, default=None)
     e.add_argument("--group-size", type=int, default=4)
     e.add_argument("--sub-batch-size", type=int, default=None, help="GradCache chunk size")
@@ -103,7 +105,7 @@ def cmd_train_embedder(a) -> int:
 
     return _report(train_embedder(
         a.model, a.data, a.out, unified=not a.dense_only, self_distill=not a.no_self_distill,
-        self_distill_start_step=a.self_distill_start_step, fix_encoder=a.fix_encoder,
+        self_distill_start_step=a.self_distill_start_step, fix_encoder=a.fix_encoder, cache_hidden=a.cache_hidden,
         colbert_dim=a.colbert_dim, group_size=a.group_size, batch_size=a.batch_size,
         sub_batch_size=a.sub_batch_size, temperature=a.temperature,
         in_batch_negatives=not a.no_in_batch_negatives, lr=a.lr, epochs=a.epochs,

@@ -61,6 +61,7 @@ class M3Model(torch.nn.Module):
         self.pooling = pooling
         self.source = source
         self.query_prefix = self.passage_prefix = ""
+        self.trunk_cache: FrozenTrunkCache | None = None  # set when the encoder is frozen and cached
         self.vocab_size = max(len(tokenizer), int(encoder.config.vocab_size))
         tok = tokenizer
         self.unused_ids = sorted({i for i in (tok.cls_token_id, tok.eos_token_id, tok.pad_token_id,
@@ -117,7 +118,8 @@ class M3Model(torch.nn.Module):
         """``{"dense": (b, h), "sparse": (b, V), "colbert": (b, L-1, d), "mask": (b, L-1)}``."""
         from ..encode import heads as H
 
-        hs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        trunk = self.trunk_cache or self.encoder
+        hs = trunk(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
         hs = hs.float()
         out = {"dense": H.pool_dense(hs, attention_mask, self.pooling)}
         if sparse:
@@ -140,6 +142,42 @@ class M3Model(torch.nn.Module):
                    out / "sparse_linear.pt")
         write_pooling(out, self.pooling, int(self.encoder.config.hidden_size), self.source)
         return out
+
+
+class FrozenTrunkCache:
+    """Last hidden states of a frozen encoder, computed once per distinct token sequence.
+
+    With ``fix_encoder`` only the heads learn, so the encoder's output for a text never changes:
+    each (query or passage) text is run through it once (in eval mode, no dropout) and its
+    states are kept in float16 on the CPU; later epochs only run the heads. Right padding is
+    assumed (the tokenizers we load pad on the right); padded positions come back as zeros.
+    """
+
+    def __init__(self, encoder: torch.nn.Module):
+        self.encoder = encoder
+        self.states: dict[bytes, torch.Tensor] = {}
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_dict: bool = True):
+        from types import SimpleNamespace
+
+        lens = attention_mask.sum(1).tolist()
+        ids = input_ids.cpu().numpy()
+        keys = [ids[i, :n].tobytes() for i, n in enumerate(lens)]
+        missing = [i for i, k in enumerate(keys) if k not in self.states]
+        if missing:
+            width = max(lens[i] for i in missing)
+            was = self.encoder.training
+            self.encoder.eval()
+            with torch.no_grad():
+                hs = self.encoder(input_ids=input_ids[missing, :width], attention_mask=attention_mask[missing, :width],
+                                  return_dict=True).last_hidden_state
+            self.encoder.train(was)
+            for j, i in enumerate(missing):
+                self.states[keys[i]] = hs[j, :lens[i]].to("cpu", torch.float16)
+        out = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.encoder.config.hidden_size)
+        for i, k in enumerate(keys):
+            out[i, :lens[i]] = self.states[k].float()
+        return SimpleNamespace(last_hidden_state=out.to(input_ids.device))
 
 
 def write_pooling(out: Path, pooling: str, hidden: int, source: Path | None = None) -> None:
@@ -279,7 +317,8 @@ class EmbedderTrainer:
                  in_batch_negatives: bool = True, lr: float = 1e-5, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.1, query_max_len: int = 64, passage_max_len: int = 256,
                  gradient_checkpointing: bool = False, bf16: bool = False, fp16: bool = False,
-                 device: str | None = None, seed: int = 0, max_grad_norm: float | None = 1.0) -> None:
+                 device: str | None = None, seed: int = 0, max_grad_norm: float | None = 1.0,
+                 cache_hidden: bool = False) -> None:
         if batch_size < 1 or group_size < 1:
             raise ValueError("batch_size and group_size must be positive")
         if sub_batch_size is not None and sub_batch_size < 1:
@@ -306,6 +345,10 @@ class EmbedderTrainer:
         if fix_encoder:
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
+        if cache_hidden:
+            if not fix_encoder:
+                raise ValueError("cache_hidden needs fix_encoder: a trained encoder's states change")
+            self.model.trunk_cache = FrozenTrunkCache(self.model.encoder)
         if gradient_checkpointing and hasattr(self.model.encoder, "gradient_checkpointing_enable"):
             self.model.encoder.gradient_checkpointing_enable()
         self.collator = GroupCollator(group_size, seed)
@@ -486,7 +529,7 @@ def train_embedder(model_path: str | os.PathLike, data: Any, out_dir: str | os.P
                    gradient_checkpointing: bool = False, bf16: bool = False, fp16: bool = False,
                    group_by_length: bool = True, seed: int = 0, save_steps: int | None = None,
                    resume_from: str | os.PathLike | None = None, device: str | None = None,
-                   show_progress: bool = True) -> TrainResult:
+                   show_progress: bool = True, cache_hidden: bool = False) -> TrainResult:
     """Fine-tune an embedder into a BGE-M3 style model and save it to ``out_dir``.
 
     Args:
@@ -495,6 +538,9 @@ def train_embedder(model_path: str | os.PathLike, data: Any, out_dir: str | os.P
         unified: train dense, sparse and ColBERT together (else dense InfoNCE only).
         self_distill: add self-distillation from the ensemble from ``self_distill_start_step``.
         fix_encoder: freeze the encoder; train only the heads.
+        cache_hidden: with ``fix_encoder``, run each distinct text through the encoder once and
+            reuse its hidden states (:class:`FrozenTrunkCache`): after the first epoch a step
+            costs the heads only.
         colbert_dim: ColBERT head width when heads are added (default hidden size).
         group_size: passages per query (1 positive + G-1 negatives).
         batch_size: queries per step; sub_batch_size: GradCache chunk (None: one pass).
@@ -514,6 +560,7 @@ def train_embedder(model_path: str | os.PathLike, data: Any, out_dir: str | os.P
         temperature=temperature, in_batch_negatives=in_batch_negatives, lr=lr, weight_decay=weight_decay,
         warmup_ratio=warmup_ratio, query_max_len=query_max_len, passage_max_len=passage_max_len,
         gradient_checkpointing=gradient_checkpointing, bf16=bf16, fp16=fp16, device=device, seed=seed,
+        cache_hidden=cache_hidden,
     )
     return trainer.train(records, out_dir, epochs=epochs, max_steps=max_steps, save_steps=save_steps,
                          resume_from=resume_from, group_by_length=group_by_length, show_progress=show_progress)
