@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import struct
 
 import numpy as np
@@ -380,3 +381,54 @@ def test_real_e5_small_is_cross_lingual(tmp_path):
     except OSError:  # the engine could not load on this platform
         return
     assert (ref * v).sum(1).min() > 0.999
+
+
+def test_ensure_m3_small_assembles_the_bge_m3_layout(tmp_path, monkeypatch, tiny_dense):
+    """Trunk folder + shipped heads -> one bge-m3 folder; loads as an M3 model with E5 prompts;
+    reused while nothing changed, rebuilt when the heads change."""
+    import torch
+
+    from hybridsearch import BGEM3Encoder
+    from hybridsearch.models import e5q4, m3small
+
+    trunk = tmp_path / "cache" / "multilingual-e5-small-q4"
+    shutil.copytree(tiny_dense, trunk)
+    (trunk / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "query: ", "passage": "passage: "}}))
+    monkeypatch.setattr(e5q4, "ensure_e5_small", lambda cache_dir=None, show_progress=True: trunk)
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    h = 32
+    torch.manual_seed(0)
+    torch.save({"weight": torch.randn(1, h), "bias": torch.zeros(1)}, heads / "sparse_linear.pt")
+    torch.save({"weight": torch.eye(h), "bias": torch.zeros(h)}, heads / "colbert_linear.pt")
+    (heads / "training.json").write_text(json.dumps({"steps": 3, "data": "test records"}))
+    (heads / "scores.json").write_text(json.dumps({"scifact": {"dense": 0.5, "hybrid": 0.6}}))
+    monkeypatch.setattr(m3small, "HEADS_DIR", heads)
+
+    out = m3small.ensure_m3_small(tmp_path / "cache")
+    assert out == tmp_path / "cache" / "m3-small"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "sparse_linear.pt",
+                 "colbert_linear.pt", "1_Pooling/config.json", "config_sentence_transformers.json", "README.md"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "4-bit" in card and "steps: 3" in card and "| scifact | 0.500 | 0.600 |" in card
+    enc = BGEM3Encoder(out, device="cpu")
+    assert enc.spec.outputs == ("dense", "sparse", "colbert") and enc.spec.pooling == "mean"
+    assert (enc.spec.query_prefix, enc.spec.passage_prefix) == ("query: ", "passage: ")
+    mtime = (out / "README.md").stat().st_mtime_ns
+    assert m3small.ensure_m3_small(tmp_path / "cache") == out
+    assert (out / "README.md").stat().st_mtime_ns == mtime  # reused
+    torch.save({"weight": torch.randn(1, h), "bias": torch.zeros(1)}, heads / "sparse_linear.pt")
+    m3small.ensure_m3_small(tmp_path / "cache")
+    assert torch.equal(torch.load(out / "sparse_linear.pt")["weight"],
+                       torch.load(heads / "sparse_linear.pt")["weight"])  # rebuilt
+
+
+def test_ensure_m3_small_without_heads_says_how_to_train(tmp_path, monkeypatch):
+    from hybridsearch.errors import ModelFormatError
+    from hybridsearch.models import m3small
+
+    monkeypatch.setattr(m3small, "HEADS_DIR", tmp_path / "none")
+    with pytest.raises(ModelFormatError, match="build_m3_small.py"):
+        m3small.ensure_m3_small(tmp_path)
