@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", help="qrels split (default test)")
     s.add_argument("--modes", nargs="+", choices=MODES, metavar="MODE",
                    help=f"modes to evaluate, any of {', '.join(MODES)} (default: every mode the index has)")
+    s.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                   help='an extra hybrid column: NAME and a JSON object of search options among weights, '
+                        'fusion, normalize, candidates, e.g. \'m3={"weights": {"bm25": 0}}\' or '
+                        '\'rrf={"fusion": "rrf"}\' (repeatable)')
     s.add_argument("--fetch", type=_positive("--fetch"), default=100, metavar="N",
                    help="passages retrieved per query (default 100; raise it when documents have many "
                         "passages, so that 100 distinct documents remain)")
@@ -605,6 +609,7 @@ def cmd_eval(args) -> int:
     if not beir.is_dir():
         raise CLIError(f"BEIR folder {beir} not found")
     _require_index(Path(args.index))
+    variants = [_variant(v) for v in args.variant]
     _, queries, qrels = load_beir(beir, args.split)
     qids = [q for q, rels in qrels.items() if q in queries and queries[q].strip() and any(g > 0 for g in rels.values())]
     if not qids:
@@ -616,17 +621,32 @@ def cmd_eval(args) -> int:
         if missing:
             raise CLIError(f"index {args.index} has no {missing[0]} channel (it has: "
                            f"{', '.join(index.channels)}, and hybrid)")
+        columns = {m: {"mode": m} for m in modes}
+        for name, opts in variants:
+            if name in columns:
+                raise CLIError(f"--variant {name}: a column of that name already exists")
+            columns[name] = {"mode": "hybrid", **opts}
+        spec = index.encoder.spec
+        runs: dict[str, dict] = {c: {} for c in columns}
+        with tqdm(total=len(qids), unit="query", desc="eval", file=sys.stderr, leave=False,
+                  disable=args.quiet) as bar:
+            for batch in batched(qids, args.batch_queries):
+                texts = [queries[q] for q in batch]
+                enc = None  # the queries are encoded once per batch, for every column
+                if any(c["mode"] != "bm25" for c in columns.values()):
+                    enc = index.encoder.encode_arrays(texts, kind="query", sparse=spec.has_sparse,
+                                                      colbert=spec.has_colbert, show_progress=False)
+                for name, opts in columns.items():
+                    kw = {k: v for k, v in opts.items() if k != "mode"}
+                    hits = index.search(texts, k=args.fetch, mode=opts["mode"],
+                                        query_encoded=enc if opts["mode"] != "bm25" else None, **kw)
+                    for q, h in zip(batch, hits):
+                        runs[name][q] = _doc_ranking(h)[:100]
+                bar.update(len(batch))
         results = {}
-        for mode in modes:
-            run = {}
-            with tqdm(total=len(qids), unit="query", desc=mode, file=sys.stderr, leave=False,
-                      disable=args.quiet) as bar:
-                for batch in batched(qids, args.batch_queries):
-                    for q, hits in zip(batch, index.search([queries[q] for q in batch], k=args.fetch, mode=mode)):
-                        run[q] = _doc_ranking(hits)[:100]
-                    bar.update(len(batch))
+        for name, run in runs.items():
             m = evaluate(run, qrels, ks=(10, 100))
-            results[mode] = {k: m[k] for k in METRICS}
+            results[name] = {k: m[k] for k in METRICS}
         n_judged = m["num_queries"]
     finally:
         index.close()
@@ -636,12 +656,23 @@ def cmd_eval(args) -> int:
         print(json.dumps(results, indent=2))
     else:
         print(f"{beir.name} split={args.split}: {n_judged} judged queries ({len(qids)} searched), index {args.index}")
-        print(f"{'mode':<8} {'nDCG@10':>9} {'Recall@100':>11} {'MRR@10':>9}")
+        print(f"{'mode':<10} {'nDCG@10':>9} {'Recall@100':>11} {'MRR@10':>9}")
         for mode, r in results.items():
-            print(f"{mode:<8} {r['ndcg@10']:>9.4f} {r['recall@100']:>11.4f} {r['mrr@10']:>9.4f}")
+            print(f"{mode:<10} {r['ndcg@10']:>9.4f} {r['recall@100']:>11.4f} {r['mrr@10']:>9.4f}")
         if plot is not None:
             print(f"plot written to {plot}")
     return 0
+
+
+def _variant(text: str) -> tuple[str, dict]:
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise CLIError(f"--variant must be NAME=JSON, got {text!r}")
+    opts = _json_arg(raw, f"--variant {name}")
+    bad = set(opts) - {"weights", "fusion", "normalize", "candidates"}
+    if bad:
+        raise CLIError(f"--variant {name}: unknown option(s) {sorted(bad)}; use weights, fusion, normalize, candidates")
+    return name.strip(), opts
 
 
 def _plot(results: dict, out: Path, title: str) -> None:

@@ -307,6 +307,28 @@ def test_eval_on_a_tiny_beir_folder(built, tmp_path, capsys):
     assert set(rows) == {"dense", "sparse", "colbert", "bm25", "hybrid"}
     assert rows["bm25"] == ["1.0000", "1.0000", "1.0000"]
 
+    # extra hybrid columns: each equals the same search run by hand
+    rc, out, err = call(capsys, "eval", beir, "--index", built["index"], "-q", "--json", "--modes", "hybrid",
+                        "--variant", 'bm25only={"weights": {"dense": 0, "sparse": 0, "colbert": 0, "bm25": 1}}',
+                        "--variant", 'rrf={"fusion": "rrf"}')
+    assert rc == 0, err
+    res = json.loads(out)
+    assert list(res) == ["hybrid", "bm25only", "rrf"]
+    assert res["bm25only"] == {"ndcg@10": 1.0, "recall@100": 1.0, "mrr@10": 1.0}
+    from hybridsearch import HybridIndex
+    from hybridsearch.evaluation import evaluate
+
+    idx = HybridIndex.open(built["index"])
+    qs = {"q1": "quokka", "q2": "narwhal", "q3": "walrus", "q4": "axolotl"}
+    qrels = {"q1": {"fox": 1}, "q2": {"vec": 1}, "q3": {"long": 1}, "q4": {"col": 2}}
+    run = {q: list(dict.fromkeys(h.id.split("#")[0] for h in idx.search(t, k=100, fusion="rrf")))
+           for q, t in qs.items()}
+    assert abs(evaluate(run, qrels, ks=(10, 100))["ndcg@10"] - res["rrf"]["ndcg@10"]) < 1e-9
+    assert_one_line_error(*call(capsys, "eval", beir, "--index", built["index"], "--variant", "x")[::2],
+                          "NAME=JSON")
+    assert_one_line_error(*call(capsys, "eval", beir, "--index", built["index"], "--variant",
+                                'x={"k": 3}')[::2], "unknown option")
+
 
 # ------------------------------------------------------------------------------ errors
 
