@@ -68,7 +68,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--temperature", type=float, default=0.02)
     ap.add_argument("--query-max-len", type=int, default=64)
-    ap.add_argument("--passage-max-len", type=int, default=256)
+    ap.add_argument("--passage-max-len", type=int, default=128, help="training passage length")
+    ap.add_argument("--index-max-len", type=int, default=256, help="passage length of the mining index")
     ap.add_argument("--save-steps", type=int, default=100)
     ap.add_argument("--no-install", action="store_true", help="do not copy the heads into the package")
     args = ap.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     corpus, _, _ = load_beir(args.scifact, "train")
     mined_path = work / "mined.jsonl"
     if not mined_path.is_file():
-        idx = trunk_index(trunk, work / "idx-trunk", corpus, args.passage_max_len)
+        idx = trunk_index(trunk, work / "idx-trunk", corpus, args.index_max_len)
         records = from_beir(args.scifact, "train")
         t = time.perf_counter()
         mined = mine_hard_negatives(idx, records, mode="hybrid", range_=(10, 100), n_neg=7, seed=0,
