@@ -37,7 +37,6 @@ Command line: ``python -m hybridsearch.models.e5q4`` builds the cache folder and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -405,11 +404,9 @@ def _xlmr_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    from ..index.storage import sha256_file
+
+    return sha256_file(path)
 
 
 def _model_card(cfg: dict[str, Any], src: Path, src_sha: str, tok_sha: str) -> str:
