@@ -822,7 +822,9 @@ def _disk_full(e: BaseException, folder: Path) -> DiskFullError | None:
         no = getattr(e, "errno", None)
         if no in (errno.ENOSPC, errno.EDQUOT) or _SHORT_WRITE.search(str(e)):
             where = getattr(e, "filename", None) or folder
-            return DiskFullError(errno.ENOSPC, f"disk full (ENOSPC) writing {where}: {e}; "
+            name = "EDQUOT" if no == errno.EDQUOT else "ENOSPC"
+            what = getattr(e, "strerror", None) or str(e)
+            return DiskFullError(no or errno.ENOSPC, f"disk full ({name}) writing {where}: {what}; "
                                  "the index keeps its last commit, free space and rerun", str(where))
         e = e.__cause__ or e.__context__
     return None
