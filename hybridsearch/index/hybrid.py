@@ -567,7 +567,8 @@ class HybridIndex:
             candidates: how many each first-stage channel contributes to the hybrid union
                 (default :meth:`default_candidates`: 100 for BGE-M3, 1000 for dense-only models).
             fusion: ``"weighted"`` or ``"rrf"``.
-            normalize: channels min-max normalised per query before a weighted sum.
+            normalize: channels z-scored over the query's candidate union and noise-gated before
+                the weighted sum (the others enter raw); default from :meth:`default_fusion`.
             query_encoded: the queries' representations, precomputed with
                 ``encoder.encode_arrays(queries, kind="query", ...)``, to skip encoding.
             reranker: a :class:`hybridsearch.rerank.Reranker`; when given, the top ``rerank_top``
