@@ -83,12 +83,15 @@ def main() -> None:
     model = ensure_m3_small()
     plots = ROOT / "bench" / "results" / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    results = {}
+    saved = work / "results.json"  # sets measured by earlier runs are kept (rerun a set to refresh it)
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
     for name in args.sets:
         idx = build(model, data, name, work)
         results[name] = evaluate(data, name, idx, plots / f"m3_small-{name.replace('/', '-')}.png")
         print(name, {c: round(results[name][c]["ndcg@10"], 4) for c in COLUMNS}, flush=True)
-        (work / "results.json").write_text(json.dumps(results, indent=2))
+        saved.write_text(json.dumps(results, indent=2))
+    order = ["xquad-r/de", "xquad-r/es", "xquad-r/ru", "scifact"]
+    results = {k: results[k] for k in sorted(results, key=lambda k: order.index(k) if k in order else 99)}
 
     rows = []
     for name, r in results.items():
