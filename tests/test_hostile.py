@@ -420,17 +420,6 @@ def test_safe_child_and_load_deleted(tmp_path):
         st.load_deleted(tmp_path, "../deleted-000003.npy", 8)
 
 
-def test_lock_file_never_follows_a_link(tmp_path):
-    (tmp_path / "victim.txt").write_text("keep")
-    os.symlink(tmp_path / "victim.txt", tmp_path / "LOCK")
-    with pytest.raises(IndexFormatError):
-        st.open_lock_file(tmp_path)
-    os.unlink(tmp_path / "LOCK")
-    with st.open_lock_file(tmp_path) as f:
-        assert f.writable()
-    assert (tmp_path / "victim.txt").read_text() == "keep"
-
-
 def test_durable_writes_replace_planted_links(tmp_path):
     (tmp_path / "victim.txt").write_text("keep")
     os.symlink(tmp_path / "victim.txt", tmp_path / "manifest.json.tmp")

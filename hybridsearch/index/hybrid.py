@@ -334,15 +334,19 @@ class HybridIndex:
                 for b in {id(x): x for x in (start.bm25, self._state.bm25) if x is not None}.values():
                     b.close()
                 start = None
-                try:
-                    locking.collect(self.path, self._state.manifest)
-                except OSError as e:  # tidying only: the commit stands
-                    log.warning("could not remove old files in %s: %s", self.path, e)
+                self._collect()
+
+    def _collect(self) -> None:
+        """Remove files no reader can use any more (tidying only: a failure never fails a write)."""
+        try:
+            locking.collect(self.path, self._state.manifest)
+        except OSError as e:
+            log.warning("could not remove old files in %s: %s", self.path, e)
 
     def _cleanup_uncommitted(self) -> None:
         """Remove what a crashed writer left: unnamed files, BM25 docs past ``next_docno``."""
         state = self._state
-        locking.collect(self.path, state.manifest)
+        self._collect()
         if state.bm25 is not None and state.bm25.has_docnos_from(state.next_docno):
             state.bm25.delete_from(state.next_docno)
             state.bm25.commit()

@@ -23,13 +23,12 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import stat
 import time
 from pathlib import Path
 
 from ..errors import IndexFormatError, IndexLockedError
-from .storage import LOCK, MANIFEST, write_json_durable
+from .storage import LOCK, MANIFEST, remove_entry, write_json_durable
 
 LEASE_RE = re.compile(r"lease-(\d{6,})\.json\Z")
 # Entries a writer may create; anything else in the folder is never touched.
@@ -205,7 +204,7 @@ def collect(folder: Path, manifest: dict) -> list[str]:
     for name in entries:
         if name in keep or name in removed or not owned_entry(name) or LEASE_RE.match(name):
             continue
-        _remove(folder / name)
+        remove_entry(folder, name)
         removed.append(name)
     return removed
 
@@ -218,7 +217,7 @@ def _take_or_read(path: Path) -> set[str] | None:
     except FileNotFoundError:
         return None
     except OSError:  # a symlink or something odd: not a lease of ours, protects nothing
-        _remove(path)
+        remove_entry(path.parent, path.name)
         return None
     try:
         try:
@@ -233,15 +232,3 @@ def _take_or_read(path: Path) -> set[str] | None:
         return None
     finally:
         os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    """Remove one entry of the folder without following a symlink out of it."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

@@ -148,20 +148,6 @@ def check_no_links(folder: str | os.PathLike) -> None:
         raise IndexFormatError(f"cannot list {folder}: {e}") from e
 
 
-def open_lock_file(folder: str | os.PathLike):
-    """Open (creating) the writer-lock file ``folder/LOCK`` for ``fcntl.flock`` without ever
-    following a link: returns a binary file object opened for appending."""
-    p = safe_child(folder, LOCK, "lock")
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise IndexFormatError(f"cannot open the writer lock {p} ({e}); is it a link?") from e
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise IndexFormatError(f"{p} is not a regular file")
-    return os.fdopen(fd, "ab")
-
-
 def remove_entry(folder: str | os.PathLike, name: str) -> None:
     """Delete the direct entry ``folder/name`` (orphan clean-up): a link or file is unlinked
     (never its target), a real folder removed recursively. Missing is fine."""
