@@ -13,11 +13,15 @@ so the search over-fetches and filters instead -- still exact for Flat.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import IndexFormatError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,6 @@ def _min_train(factory: str) -> int:
 def _check_faiss(index, n: int, dim: int, path) -> None:
     """IndexFormatError unless a FAISS index read from ``path`` is one we could have written for
     ``n`` vectors of ``dim``: see :meth:`DenseIndex.load`. O(index size), once per open."""
-    from hybridsearch.errors import IndexFormatError
 
     faiss = _faiss()
 
@@ -173,11 +176,6 @@ class DenseIndex:
         that a search cannot return or follow a row outside the segment. IndexFormatError
         names the file.
         """
-        import os
-        import stat
-
-        from hybridsearch.errors import IndexFormatError
-
         faiss = _faiss()
         vectors = np.asarray(vectors)
         if vectors.ndim != 2:
