@@ -1,0 +1,638 @@
+"""Compressed ColBERT token vectors: residual codes on a k-means codebook, and token pooling.
+
+A residual codec (ColBERTv2/PLAID style) stores each token as the id of its nearest centroid
+(uint16, so ``k <= 65536``) plus ``nbits`` bits per dimension of the residual
+``r = v - centroids[id]``. The residual values of a held-out training sample give ``2**nbits - 1``
+global cutoffs (quantiles over every dimension) and one weight per bucket (the mean residual value
+that falls in it). A token decodes to ``centroids[id] + weights[bucket_j]`` in each dimension j,
+then (``renorm``, the default) is scaled back to unit length. At d=1024 a 1-bit token is 2 + 128
+= 130 bytes against 2,048 for float16.
+
+Residual bits are packed little-endian within each byte: dimension ``j`` lives in byte
+``j // (8 // nbits)`` at bit ``nbits * (j % (8 // nbits))``. Decoding looks each byte up in a
+``(256, 8 // nbits)`` float32 table.
+
+Token pooling (``pool=2``) merges each document's tokens into ``ceil(n / 2)`` groups by greedy
+average-linkage agglomerative clustering on cosine similarity, each group replaced by its
+L2-normalised mean; it runs before coding, so a pooled store has its own (pooled) offsets.
+
+Files written by :meth:`ColbertCodec.save` into one folder:
+``codec.json`` ``{"format_version", "kind", "nbits", "pool", "dim", "k", "renorm", "trained_on"}``,
+``centroids.npy`` ``(k, dim)`` float32 unit rows, ``cutoffs.npy`` ``(2**nbits - 1,)`` float32
+ascending, ``weights.npy`` ``(2**nbits,)`` float32 ascending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+from numba import njit, prange
+
+from hybridsearch.errors import IndexFormatError
+
+CODEC_FILES = ("codec.json", "centroids.npy", "cutoffs.npy", "weights.npy")
+CODEC_FORMAT_VERSION = 1
+# Codec names accepted by parse_codec.
+CODECS = {
+    "fp16": {"kind": "fp16", "nbits": None, "pool": 1},
+    "res1": {"kind": "residual", "nbits": 1, "pool": 1},
+    "res2": {"kind": "residual", "nbits": 2, "pool": 1},
+    "res1-pool2": {"kind": "residual", "nbits": 1, "pool": 2},
+}
+# Centroid count: PLAID's 2**floor(log2(16 * sqrt(tokens))), capped, since encoding costs
+# tokens * k * dim multiply-adds (k=1024 at d=1024: see bench figures in the module report).
+K_MAX = 1024
+K_LIMIT = 1 << 16  # ids are uint16
+# Rows a caller should pass to train(): k-means cost grows with it, quality barely does.
+MAX_TRAIN_SAMPLE = 1 << 17
+KMEANS_NITER = 20
+# Tokens per encode chunk are chosen so its (chunk, k) score matrix stays near this size.
+ENCODE_CHUNK_BYTES = 32 << 20
+# Longer documents are pooled window by window (the similarity matrix is window^2 float64).
+POOL_WINDOW = 1024
+_MAX_JSON_BYTES = 1 << 16
+
+
+def parse_codec(spec: str) -> dict:
+    """``{"name", "kind" ("fp16" | "residual"), "nbits" (None | 1 | 2), "pool" (1 | 2)}`` of a
+    codec name; ValueError listing the valid names otherwise."""
+    if not isinstance(spec, str) or spec not in CODECS:
+        raise ValueError(f"unknown ColBERT codec {spec!r}; valid names: {', '.join(CODECS)}")
+    return {"name": spec, **CODECS[spec]}
+
+
+def default_k(total_tokens: int) -> int:
+    """``min(2**floor(log2(16 * sqrt(total_tokens))), K_MAX)`` (at least 1)."""
+    if total_tokens < 1:
+        return 1
+    return int(min(2 ** math.floor(math.log2(16 * math.sqrt(total_tokens))), K_MAX, K_LIMIT))
+
+
+# ---------------------------------------------------------------- Numba kernels
+
+
+@njit(cache=True)
+def _decode_tokens(ids, res, start, n, centroids, lut, renorm, out):
+    """Decode tokens ``[start, start + n)`` into ``out[:n * d]`` (flat float32)."""
+    d = centroids.shape[1]
+    per = lut.shape[1]
+    nb = res.shape[1]
+    for t in range(n):
+        c = centroids[ids[start + t]]
+        row = res[start + t]
+        o = t * d
+        for b in range(nb):
+            w = lut[row[b]]
+            base = b * per
+            for s in range(per):
+                out[o + base + s] = c[base + s] + w[s]
+        if renorm:
+            ss = np.float32(0.0)
+            for j in range(d):
+                ss += out[o + j] * out[o + j]
+            if ss > 0:
+                inv = np.float32(1.0) / np.sqrt(ss)
+                for j in range(d):
+                    out[o + j] *= inv
+
+
+@njit(cache=True, parallel=True)
+def _decode_parallel(ids, res, centroids, lut, renorm, n_chunks, out):
+    t = ids.shape[0]
+    d = centroids.shape[1]
+    flat = out.reshape(-1)
+    for c in prange(n_chunks):
+        lo = c * t // n_chunks
+        hi = (c + 1) * t // n_chunks
+        _decode_tokens(ids, res, lo, hi - lo, centroids, lut, renorm, flat[lo * d:hi * d])
+
+
+def _lut(nbits: int, weights: np.ndarray) -> np.ndarray:
+    """``(256, 8 // nbits)`` float32: the residual values one packed byte decodes to."""
+    per = 8 // nbits
+    b = np.arange(256)[:, None] >> (nbits * np.arange(per))[None, :]
+    return np.ascontiguousarray(weights[b & ((1 << nbits) - 1)], dtype=np.float32)
+
+
+def _pack(buckets: np.ndarray, nbits: int) -> np.ndarray:
+    """``(T, d)`` bucket numbers < 2**nbits -> ``(T, d * nbits // 8)`` uint8, little-endian."""
+    if nbits == 1:
+        return np.packbits(buckets.astype(bool), axis=1, bitorder="little")
+    per = 8 // nbits
+    t, d = buckets.shape
+    g = buckets.reshape(t, d // per, per).astype(np.uint8)
+    out = np.zeros((t, d // per), np.uint8)
+    for s in range(per):
+        out |= g[:, :, s] << np.uint8(nbits * s)
+    return out
+
+
+def unpack_buckets(residual: np.ndarray, nbits: int) -> np.ndarray:
+    """Inverse of the packing: ``(T, d * nbits // 8)`` uint8 -> ``(T, d)`` uint8 bucket numbers."""
+    residual = np.asarray(residual, np.uint8)
+    per = 8 // nbits
+    shifts = (nbits * np.arange(per)).astype(np.uint8)
+    b = (residual[:, :, None] >> shifts) & np.uint8((1 << nbits) - 1)
+    return b.reshape(residual.shape[0], -1)
+
+
+# ---------------------------------------------------------------- token pooling
+
+
+@njit(cache=True)
+def _pool_window(x, target, out):
+    """Greedy average-linkage clustering of the unit rows ``x`` ``(n, d)`` into ``target`` groups.
+
+    Writes the groups' L2-normalised means into ``out[:target]`` ordered by their first token.
+    Each step merges the most similar pair (ties to the lowest (i, j)); a per-row best-neighbour
+    cache keeps a step near O(n).
+    """
+    n, d = x.shape
+    xd = x.astype(np.float64)
+    sim = np.dot(xd, xd.T)
+    size = np.ones(n, np.float64)
+    active = np.ones(n, np.bool_)
+    label = np.arange(n)
+    best = np.full(n, -1, np.int64)
+    best_s = np.full(n, -np.inf)
+    for i in range(n):
+        for j in range(n):
+            if j != i and sim[i, j] > best_s[i]:
+                best_s[i] = sim[i, j]
+                best[i] = j
+    for _ in range(n - target):
+        a = -1
+        s_a = -np.inf
+        for i in range(n):
+            if active[i] and best[i] >= 0 and best_s[i] > s_a:
+                s_a = best_s[i]
+                a = i
+        b = best[a]
+        if b < a:
+            a, b = b, a
+        # Merge b into a (a < b): Lance-Williams update for average linkage.
+        na = size[a]
+        nb = size[b]
+        for c in range(n):
+            if active[c] and c != a and c != b:
+                v = (na * sim[a, c] + nb * sim[b, c]) / (na + nb)
+                sim[a, c] = v
+                sim[c, a] = v
+        size[a] = na + nb
+        active[b] = False
+        for i in range(n):
+            if label[i] == b:
+                label[i] = a
+        for c in range(n):
+            if not active[c]:
+                continue
+            if c == a or best[c] == a or best[c] == b:
+                best[c] = -1
+                best_s[c] = -np.inf
+                for j in range(n):
+                    if j != c and active[j] and sim[c, j] > best_s[c]:
+                        best_s[c] = sim[c, j]
+                        best[c] = j
+            elif sim[c, a] > best_s[c] or (sim[c, a] == best_s[c] and a < best[c]):
+                best_s[c] = sim[c, a]
+                best[c] = a
+    # Groups in order of their first token (the cluster keeps its lowest member's index).
+    g = 0
+    for i in range(n):
+        if active[i]:
+            acc = np.zeros(d, np.float64)
+            for t in range(n):
+                if label[t] == i:
+                    for e in range(d):
+                        acc[e] += x[t, e]
+            ss = 0.0
+            for e in range(d):
+                ss += acc[e] * acc[e]
+            inv = 1.0 / np.sqrt(ss) if ss > 0 else 0.0
+            for e in range(d):
+                out[g, e] = acc[e] * inv
+            g += 1
+
+
+@njit(cache=True, parallel=True)
+def _pool_parallel(x, offsets, new_offsets, factor, window, out):
+    n_docs = offsets.shape[0] - 1
+    for k in prange(n_docs):
+        lo = offsets[k]
+        hi = offsets[k + 1]
+        o = new_offsets[k]
+        for w0 in range(lo, hi, window):
+            w1 = min(w0 + window, hi)
+            target = (w1 - w0 + factor - 1) // factor
+            _pool_window(x[w0:w1], target, out[o:o + target])
+            o += target
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def _pool_args(vectors, offsets, factor):
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
+        raise TypeError(f"vectors must be a 2-d float array, got {vectors.dtype} {vectors.shape}")
+    offsets = np.asarray(offsets)
+    if (offsets.ndim != 1 or offsets.size == 0 or not np.issubdtype(offsets.dtype, np.integer)
+            or offsets[0] != 0 or offsets[-1] != vectors.shape[0] or np.any(np.diff(offsets) < 0)):
+        raise ValueError(f"offsets must be a 1-d integer array from 0 to {vectors.shape[0]}, "
+                         "never decreasing")
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+        raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
+    offsets = offsets.astype(np.int64)
+    lengths = np.diff(offsets)
+    # Windows are multiples of the factor, so the counts add up to ceil(n / factor).
+    new_offsets = np.zeros_like(offsets)
+    np.cumsum(-(-lengths // factor), out=new_offsets[1:])
+    return _unit_rows(vectors), offsets, new_offsets
+
+
+def _pool_window_size(factor: int) -> int:
+    return max(factor, POOL_WINDOW - POOL_WINDOW % factor)
+
+
+def pool_tokens(vectors: np.ndarray, offsets: np.ndarray, factor: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Pool each document's tokens into ``ceil(n / factor)`` groups (Numba, parallel over docs).
+
+    Args:
+        vectors: ``(T, d)`` float token vectors (rows are L2-normalised first).
+        offsets: ``(n_docs + 1,)`` integers from 0 to T.
+        factor: integer >= 1; 1 returns the normalised vectors unchanged.
+
+    Returns:
+        ``(T', d)`` float32 unit vectors (a group's normalised mean, groups in order of their
+        first token) and ``(n_docs + 1,)`` int64 offsets, ``T' = sum(ceil(n_i / factor))``.
+        Documents longer than ``POOL_WINDOW`` tokens are pooled window by window.
+    """
+    x, offsets, new_offsets = _pool_args(vectors, offsets, factor)
+    if factor == 1:
+        return x, offsets
+    out = np.zeros((int(new_offsets[-1]), x.shape[1]), np.float32)
+    if out.shape[0]:
+        _pool_parallel(x, offsets, new_offsets, int(factor), _pool_window_size(int(factor)), out)
+    return out, new_offsets
+
+
+def _pool_window_reference(x: np.ndarray, target: int) -> np.ndarray:
+    n = x.shape[0]
+    xd = x.astype(np.float64)
+    sim = xd @ xd.T
+    groups = {i: [i] for i in range(n)}
+    while len(groups) > target:
+        keys = sorted(groups)
+        best = (-np.inf, -1, -1)
+        for ai, a in enumerate(keys):
+            for b in keys[ai + 1:]:
+                if sim[a, b] > best[0]:
+                    best = (sim[a, b], a, b)
+        _, a, b = best
+        na, nb = len(groups[a]), len(groups[b])
+        for c in keys:
+            if c not in (a, b):
+                v = (na * sim[a, c] + nb * sim[b, c]) / (na + nb)
+                sim[a, c] = sim[c, a] = v
+        groups[a] += groups.pop(b)
+    out = np.zeros((target, x.shape[1]), np.float32)
+    for g, key in enumerate(sorted(groups)):
+        m = xd[groups[key]].sum(axis=0)
+        nrm = np.linalg.norm(m)
+        out[g] = m / nrm if nrm > 0 else 0
+    return out
+
+
+def pool_tokens_reference(vectors: np.ndarray, offsets: np.ndarray, factor: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Plain-Python :func:`pool_tokens` (full similarity matrix scanned at every merge)."""
+    x, offsets, new_offsets = _pool_args(vectors, offsets, factor)
+    if factor == 1:
+        return x, offsets
+    out = np.zeros((int(new_offsets[-1]), x.shape[1]), np.float32)
+    window = _pool_window_size(int(factor))
+    for k in range(offsets.shape[0] - 1):
+        o = new_offsets[k]
+        for w0 in range(offsets[k], offsets[k + 1], window):
+            w1 = min(w0 + window, offsets[k + 1])
+            target = -(-(w1 - w0) // factor)
+            out[o:o + target] = _pool_window_reference(x[w0:w1], target)
+            o += target
+    return out, new_offsets
+
+
+# ---------------------------------------------------------------- the codec
+
+
+def _open_nofollow(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise IndexFormatError(f"codec file missing: {path}") from None
+    except OSError as e:
+        raise IndexFormatError(f"codec file {path} cannot be opened ({e}); links are refused") from e
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise IndexFormatError(f"codec file corrupted: {path} is not a regular file")
+    return f
+
+
+class ColbertCodec:
+    """A trained residual codebook (immutable once built).
+
+    Attributes:
+        nbits: residual bits per dimension (1 or 2).
+        pool: token pooling factor applied before coding (1 or 2).
+        centroids: ``(k, dim)`` float32 unit rows.
+        cutoffs: ``(2**nbits - 1,)`` float32 ascending bucket boundaries.
+        weights: ``(2**nbits,)`` float32 ascending residual value of each bucket.
+        renorm: decoded tokens are scaled to unit length.
+        trained_on: rows of the training sample.
+    """
+
+    kind = "residual"
+
+    def __init__(self, centroids: np.ndarray, cutoffs: np.ndarray, weights: np.ndarray, *,
+                 nbits: int, pool: int = 1, renorm: bool = True, trained_on: int = 0):
+        if nbits not in (1, 2):
+            raise ValueError(f"nbits must be 1 or 2, got {nbits!r}")
+        if isinstance(pool, bool) or pool not in (1, 2):
+            raise ValueError(f"pool must be 1 or 2, got {pool!r}")
+        centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        cutoffs = np.ascontiguousarray(cutoffs, dtype=np.float32)
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        if centroids.ndim != 2 or not 1 <= centroids.shape[0] <= K_LIMIT:
+            raise ValueError(f"centroids must be (k, dim) with 1 <= k <= {K_LIMIT}, "
+                             f"got {centroids.shape}")
+        _check_dim(centroids.shape[1])
+        if cutoffs.shape != ((1 << nbits) - 1,) or weights.shape != (1 << nbits,):
+            raise ValueError(f"{nbits}-bit codec needs {(1 << nbits) - 1} cutoffs and "
+                             f"{1 << nbits} weights, got {cutoffs.shape} and {weights.shape}")
+        for name, a in (("centroids", centroids), ("cutoffs", cutoffs), ("weights", weights)):
+            if not np.isfinite(a).all():
+                raise ValueError(f"{name} must be finite")
+        if np.any(np.diff(cutoffs) < 0) or np.any(np.diff(weights) < 0):
+            raise ValueError("cutoffs and weights must be ascending")
+        self.nbits, self.pool, self.renorm = int(nbits), int(pool), bool(renorm)
+        self.trained_on = int(trained_on)
+        self.centroids, self.cutoffs, self.weights = centroids, cutoffs, weights
+        for a in (centroids, cutoffs, weights):
+            a.flags.writeable = False
+        self._lut = _lut(self.nbits, weights)
+        self._lut.flags.writeable = False
+
+    # -- identity and sizes
+
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def name(self) -> str:
+        return f"res{self.nbits}" + (f"-pool{self.pool}" if self.pool > 1 else "")
+
+    @property
+    def residual_bytes(self) -> int:
+        return self.dim * self.nbits // 8
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes per stored token (uint16 id + packed residual); a pooled store holds about
+        ``1 / pool`` as many tokens as the documents had."""
+        return 2 + self.residual_bytes
+
+    @property
+    def identity(self) -> str:
+        """sha256 (hex) of everything decoding depends on: equal identities decode alike."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.kind, self.nbits, self.pool, self.dim, self.k, self.renorm]).encode())
+        for a in (self.centroids, self.cutoffs, self.weights):
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        return (f"ColbertCodec({self.name}, dim={self.dim}, k={self.k}, renorm={self.renorm}, "
+                f"trained_on={self.trained_on})")
+
+    # -- training
+
+    @classmethod
+    def train(cls, sample: np.ndarray, *, nbits: int = 1, pool: int = 1, k: int | None = None,
+              total_tokens: int | None = None, seed: int = 0, renorm: bool = True,
+              niter: int = KMEANS_NITER) -> ColbertCodec:
+        """Train on ``sample`` ``(n, dim)`` float16/32 token vectors (pass at most
+        ``MAX_TRAIN_SAMPLE`` rows, drawn across the collection).
+
+        ``k`` defaults to :func:`default_k` of ``total_tokens`` (or of ``n``), and is capped to
+        the k-means rows. About 5% of the sample (at most 16,384 rows) is held out of k-means to
+        set the residual cutoffs and weights. ``dim % 8 == 0`` is required.
+        """
+        import faiss
+
+        if nbits not in (1, 2):
+            raise ValueError(f"nbits must be 1 or 2, got {nbits!r}")
+        sample = np.asarray(sample)
+        if sample.ndim != 2 or not np.issubdtype(sample.dtype, np.floating) or sample.shape[0] < 1:
+            raise ValueError(f"sample must be a non-empty (n, dim) float array, "
+                             f"got {sample.dtype} {sample.shape}")
+        _check_dim(sample.shape[1])
+        if sample.shape[0] > 4 * MAX_TRAIN_SAMPLE:
+            raise ValueError(f"sample has {sample.shape[0]} rows; pass at most "
+                             f"{MAX_TRAIN_SAMPLE} (a random subset)")
+        x = _unit_rows(sample)
+        if not np.isfinite(x).all():
+            raise ValueError("sample must be finite")
+        n, dim = x.shape
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(n)
+        n_held = min(n // 20, 1 << 14)
+        held, fit = (x[perm[:n_held]], x[perm[n_held:]]) if n_held else (x, x)
+        if k is None:
+            k = default_k(total_tokens if total_tokens is not None else n)
+            k = min(k, 1 << int(math.floor(math.log2(fit.shape[0]))))
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= K_LIMIT:
+            raise ValueError(f"k must be an integer in [1, {K_LIMIT}], got {k!r}")
+        if k > fit.shape[0]:
+            raise ValueError(f"k={k} centroids need at least {k} training rows, "
+                             f"got {fit.shape[0]}")
+        km = faiss.Kmeans(dim, int(k), niter=niter, seed=int(seed) + 1, spherical=True,
+                          min_points_per_centroid=1,
+                          max_points_per_centroid=max(256, -(-fit.shape[0] // int(k))))
+        km.train(fit)
+        centroids = _unit_rows(km.centroids)
+        cutoffs, weights = _bucket_stats(held, centroids, nbits)
+        return cls(centroids, cutoffs, weights, nbits=nbits, pool=pool, renorm=renorm,
+                   trained_on=n)
+
+    # -- coding
+
+    def _chunk(self) -> int:
+        return int(max(256, min(1 << 14, ENCODE_CHUNK_BYTES // (4 * max(self.k, self.dim)))))
+
+    def assign(self, x: np.ndarray) -> np.ndarray:
+        """Nearest centroid (largest dot product) of each float32 row: ``(T,)`` int64."""
+        return np.argmax(x @ self.centroids.T, axis=1)
+
+    def _encode_chunk(self, x: np.ndarray):
+        ids = self.assign(x)
+        r = x - self.centroids[ids]
+        buckets = np.searchsorted(self.cutoffs, r.reshape(-1), side="left").reshape(r.shape) \
+            if self.nbits > 1 else (r > self.cutoffs[0])
+        return ids.astype(np.uint16), _pack(buckets, self.nbits)
+
+    def encode(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Code ``(T, dim)`` float vectors (rows normalised first), a bounded chunk at a time.
+
+        Returns ids ``(T,)`` uint16 and residuals ``(T, dim * nbits // 8)`` uint8. No pooling
+        here: :func:`pool_tokens` first when ``pool > 1``.
+        """
+        vectors = self._check_input(vectors)
+        t = vectors.shape[0]
+        ids = np.empty(t, np.uint16)
+        res = np.empty((t, self.residual_bytes), np.uint8)
+        step = self._chunk()
+        for lo in range(0, t, step):
+            hi = min(lo + step, t)
+            ids[lo:hi], res[lo:hi] = self._encode_chunk(_unit_rows(vectors[lo:hi]))
+        return ids, res
+
+    def _check_input(self, vectors) -> np.ndarray:
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"vectors must be (T, {self.dim}), got shape {vectors.shape}")
+        if not np.issubdtype(vectors.dtype, np.floating):
+            raise TypeError(f"vectors must be floating point, got {vectors.dtype}")
+        return vectors
+
+    def _check_codes(self, ids, residual):
+        ids = np.asarray(ids)
+        residual = np.asarray(residual)
+        if ids.dtype != np.uint16 or ids.ndim != 1:
+            raise ValueError(f"ids must be (T,) uint16, got {ids.dtype} {ids.shape}")
+        if residual.dtype != np.uint8 or residual.shape != (ids.shape[0], self.residual_bytes):
+            raise ValueError(f"residual must be ({ids.shape[0]}, {self.residual_bytes}) uint8, "
+                             f"got {residual.dtype} {residual.shape}")
+        if ids.size and int(ids.max()) >= self.k:
+            raise ValueError(f"ids must be < k={self.k}")
+        return ids, residual
+
+    def decode(self, ids: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        """``(T,)`` uint16 ids + ``(T, dim * nbits // 8)`` uint8 -> ``(T, dim)`` float32 (Numba)."""
+        ids, residual = self._check_codes(ids, residual)
+        out = np.empty((ids.shape[0], self.dim), np.float32)
+        if ids.size:
+            _decode_parallel(ids, np.ascontiguousarray(residual), self.centroids, self._lut,
+                             self.renorm, max(1, min(64, ids.shape[0] // 1024)), out)
+        return out
+
+    def decode_reference(self, ids: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        """Plain numpy :meth:`decode`."""
+        ids, residual = self._check_codes(ids, residual)
+        v = self.centroids[ids.astype(np.int64)] + self.weights[unpack_buckets(residual, self.nbits)]
+        if self.renorm:
+            v = _unit_rows(v)
+        return v.astype(np.float32)
+
+    # -- files
+
+    def save(self, folder: str | Path) -> list[str]:
+        """Write the four codec files into ``folder`` (created if needed), each fsynced; returns
+        their names."""
+        from hybridsearch.index.storage import save_npy, write_bytes_durable
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"format_version": CODEC_FORMAT_VERSION, "kind": self.kind, "nbits": self.nbits,
+                "pool": self.pool, "dim": self.dim, "k": self.k, "renorm": self.renorm,
+                "trained_on": self.trained_on}
+        for name, a in (("centroids", self.centroids), ("cutoffs", self.cutoffs),
+                        ("weights", self.weights)):
+            save_npy(folder / f"{name}.npy", a)
+        write_bytes_durable(folder / "codec.json", json.dumps(meta, indent=2, sort_keys=True).encode())
+        return list(CODEC_FILES)
+
+    @classmethod
+    def load(cls, folder: str | Path, dim: int | None = None) -> ColbertCodec:
+        """Read a codec folder as untrusted: links refused, JSON schema, ``.npy`` dtypes and
+        shapes against it, finite values, ascending cutoffs/weights; IndexFormatError naming the
+        file otherwise."""
+        from hybridsearch.index.storage import load_npy
+
+        folder = Path(folder)
+        path = folder / "codec.json"
+        with _open_nofollow(path) as f:
+            raw = f.read(_MAX_JSON_BYTES + 1)
+        if len(raw) > _MAX_JSON_BYTES:
+            raise IndexFormatError(f"codec file corrupted: {path} is larger than {_MAX_JSON_BYTES} bytes")
+        try:
+            meta = json.loads(raw.decode())
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise IndexFormatError(f"codec file corrupted: {path} ({e})") from e
+
+        def field(key, types, ok):
+            v = meta.get(key) if isinstance(meta, dict) else None
+            if not isinstance(v, types) or isinstance(v, bool) != (types is bool) or not ok(v):
+                raise IndexFormatError(f"codec file corrupted: {path}: bad {key!r}: {v!r}"[:300])
+            return v
+
+        version = field("format_version", int, lambda v: v >= 1)
+        if version > CODEC_FORMAT_VERSION:
+            raise IndexFormatError(f"{path} is codec format {version}; this hybridsearch reads up "
+                                   f"to {CODEC_FORMAT_VERSION}. Upgrade hybridsearch to open it.")
+        field("kind", str, lambda v: v == cls.kind)
+        nbits = field("nbits", int, lambda v: v in (1, 2))
+        pool = field("pool", int, lambda v: v in (1, 2))
+        d = field("dim", int, lambda v: 8 <= v <= (1 << 16) and v % 8 == 0
+                  and (dim is None or v == dim))
+        k = field("k", int, lambda v: 1 <= v <= K_LIMIT)
+        renorm = field("renorm", bool, lambda v: True)
+        trained_on = field("trained_on", int, lambda v: v >= 0)
+        arrays = {}
+        for name, shape in (("centroids", (k, d)), ("cutoffs", ((1 << nbits) - 1,)),
+                            ("weights", (1 << nbits,))):
+            p = folder / f"{name}.npy"
+            a = load_npy(p, mmap=False, dtype=np.float32, shape=shape)
+            if not np.isfinite(a).all():
+                raise IndexFormatError(f"codec file corrupted: {p} holds non-finite values")
+            if name != "centroids" and np.any(np.diff(a) < 0):
+                raise IndexFormatError(f"codec file corrupted: {p} must be ascending")
+            arrays[name] = a
+        return cls(arrays["centroids"], arrays["cutoffs"], arrays["weights"], nbits=nbits,
+                   pool=pool, renorm=renorm, trained_on=trained_on)
+
+
+def _check_dim(dim: int) -> None:
+    if dim < 8 or dim % 8:
+        raise ValueError(f"residual ColBERT codecs need a dimension that is a multiple of 8 "
+                         f"(packed bits), got {dim}; use the fp16 codec for this model")
+
+
+def _bucket_stats(held: np.ndarray, centroids: np.ndarray, nbits: int):
+    """Cutoffs = quantiles ``i / 2**nbits`` of every residual value of ``held``; weights = the
+    mean value in each bucket (an empty bucket takes its nearest cutoff)."""
+    ids = np.argmax(held @ centroids.T, axis=1)
+    r = (held - centroids[ids]).reshape(-1).astype(np.float64)
+    nb = 1 << nbits
+    cutoffs = np.quantile(r, np.arange(1, nb) / nb)
+    buckets = np.searchsorted(cutoffs, r, side="left")
+    weights = np.empty(nb)
+    for b in range(nb):
+        v = r[buckets == b]
+        weights[b] = v.mean() if v.size else cutoffs[min(b, nb - 2)]
+    weights = np.maximum.accumulate(weights)
+    return cutoffs.astype(np.float32), weights.astype(np.float32)
