@@ -71,11 +71,18 @@ def _is_number(v) -> bool:
 
 
 class MetadataColumns:
-    """Lazily built per-field columns over all docnos of one index state."""
+    """Lazily built per-field columns over a list of metadata dicts, evaluated in Python.
 
-    def __init__(self, metadata_by_docno):
+    The reference semantics of a filter (:func:`mask_reference`); the typed, memory-mapped
+    columns of :mod:`hybridsearch.index.columns` must give the same masks, and use this for the
+    fields they cannot type (mixed types, lists, dicts). ``max_fields`` bounds how many fields'
+    columns are kept (least recently built first out); None keeps them all.
+    """
+
+    def __init__(self, metadata_by_docno, max_fields: int | None = None):
         self._meta = metadata_by_docno  # callable: () -> list of dicts, docno order
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._max_fields = max_fields
 
     def column(self, field: str) -> tuple[np.ndarray, np.ndarray]:
         """(values as object array with a sentinel for missing, numeric float64 view with NaN)."""
@@ -84,6 +91,9 @@ class MetadataColumns:
             vals = np.empty(len(metas), dtype=object)
             vals[:] = [m.get(field, _MISSING) if m else _MISSING for m in metas]
             num = np.array([float(v) if _is_number(v) else np.nan for v in vals], dtype=np.float64)
+            if self._max_fields is not None:
+                while self._cache and len(self._cache) >= self._max_fields:
+                    del self._cache[next(iter(self._cache))]
             self._cache[field] = (vals, num)
         return self._cache[field]
 
@@ -114,3 +124,11 @@ def _equals(vals: np.ndarray, v) -> np.ndarray:
     # Elementwise ==, but True never equals 1 and lists compare by value.
     return np.fromiter(((type(x) is type(v) or (_is_number(x) and _is_number(v))) and x == v for x in vals),
                        dtype=bool, count=len(vals))
+
+
+def mask_reference(metadata_list: list[dict], flt: dict, n: int) -> np.ndarray:
+    """(n,) bool: the documents of ``metadata_list`` (length n) that pass ``flt``, evaluated in
+    plain Python, one document at a time. The reference semantics of every filter."""
+    if len(metadata_list) != n:
+        raise ValueError(f"{len(metadata_list)} metadata dicts for {n} documents")
+    return MetadataColumns(lambda: metadata_list).mask(flt, n)
