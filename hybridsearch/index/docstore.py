@@ -314,9 +314,10 @@ class Docstore:
     def __init__(self, folder: Path, count: int, docs: np.ndarray, doc_off: np.ndarray,
                  ids: np.ndarray, id_off: np.ndarray, hashes: np.ndarray, order: np.ndarray):
         self.folder, self.count = folder, count
-        self._docs, self._doc_off = docs, doc_off
-        self._ids, self._id_off = ids, id_off
-        self._hash, self._order = hashes, order
+        # Plain views of the maps: numpy's memmap subclass costs microseconds per slice.
+        self._docs, self._doc_off = memoryview(np.asarray(docs)), np.asarray(doc_off)
+        self._ids, self._id_off = memoryview(np.asarray(ids)), np.asarray(id_off)
+        self._hash, self._order = np.asarray(hashes), np.asarray(order)
 
     @classmethod
     def open(cls, folder: str | os.PathLike, count: int, *, deep: bool) -> Docstore:
@@ -363,64 +364,83 @@ class Docstore:
     def __len__(self) -> int:
         return self.count
 
-    # -- ids
+    # -- rows and spans
 
-    def _row(self, row) -> int:
-        r = int(row)
-        if not 0 <= r < self.count:
-            raise IndexError(f"row {r} out of range [0, {self.count})")
+    def _rows(self, rows) -> np.ndarray:
+        r = np.asarray(rows, dtype=np.int64).ravel()
+        if len(r) and (int(r.min()) < 0 or int(r.max()) >= self.count):
+            bad = int(r[(r < 0) | (r >= self.count)][0])
+            raise IndexError(f"row {bad} out of range [0, {self.count})")
         return r
 
-    def _span(self, off: np.ndarray, data: np.ndarray, r: int, name: str) -> bytes:
-        a, b = int(off[r]), int(off[r + 1])
-        if not 0 <= a <= b <= len(data):
-            raise IndexFormatError(f"index file corrupted: {self.folder / name} gives row {r} "
-                                   f"the bytes {a}..{b} of a {len(data)}-byte file")
-        return data[a:b].tobytes()
+    def _spans(self, off: np.ndarray, size: int, rows: np.ndarray, name: str) -> tuple[list, list]:
+        """Byte ranges of ``rows`` in a data file of ``size`` bytes, checked (the offsets are
+        only checked whole by a deep open)."""
+        a, b = off[rows], off[rows + 1]
+        bad = (a < 0) | (a > b) | (b > size)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise IndexFormatError(f"index file corrupted: {self.folder / name} gives row {int(rows[i])} "
+                                   f"the bytes {int(a[i])}..{int(b[i])} of a {size}-byte file")
+        return a.tolist(), b.tolist()
 
-    def _id(self, r: int) -> str:
-        raw = self._span(self._id_off, self._ids, r, IDS_OFFSETS)
+    def _decode_ids(self, rows: np.ndarray) -> list[str]:
+        a, b = self._spans(self._id_off, len(self._ids), rows, IDS_OFFSETS)
+        mv = self._ids
         try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise IndexFormatError(f"index file corrupted: {self.folder / IDS_BIN}: id of row {r} "
-                                   f"is not UTF-8") from e
+            return [str(mv[x:y], "utf-8") for x, y in zip(a, b)]
+        except UnicodeDecodeError:
+            for r, x, y in zip(rows.tolist(), a, b):
+                try:
+                    str(mv[x:y], "utf-8")
+                except UnicodeDecodeError as e:
+                    raise IndexFormatError(f"index file corrupted: {self.folder / IDS_BIN}: id of "
+                                           f"row {r} is not UTF-8") from e
+            raise
+
+    def _records(self, rows: np.ndarray) -> list:
+        a, b = self._spans(self._doc_off, len(self._docs), rows, DOCS_OFFSETS)
+        mv, out = self._docs, []
+        for r, x, y in zip(rows.tolist(), a, b):
+            try:
+                rec = _unpack(mv[x:y])
+            except Exception as e:
+                raise IndexFormatError(f"index file corrupted: {self.folder / DOCS_BIN}: record {r} "
+                                       f"({type(e).__name__}: {e})"[:500]) from e
+            if (type(rec) is not list or len(rec) != 2 or type(rec[0]) is not str
+                    or type(rec[1]) is not dict):
+                raise IndexFormatError(f"index file corrupted: {self.folder / DOCS_BIN}: record {r} "
+                                       f"is not [text, metadata]")
+            out.append(rec)
+        return out
+
+    # -- ids
 
     def id(self, row: int) -> str:
-        return self._id(self._row(row))
+        return self._decode_ids(self._rows([row]))[0]
 
     def ids(self, rows) -> list[str]:
-        return [self._id(self._row(r)) for r in np.asarray(rows, dtype=np.int64).ravel()]
+        return self._decode_ids(self._rows(rows))
 
     def all_ids(self) -> list[str]:
-        return self.ids(np.arange(self.count))
+        return self._decode_ids(np.arange(self.count))
 
     # -- documents
 
-    def _doc(self, r: int) -> tuple[str, str, dict]:
-        raw = self._span(self._doc_off, self._docs, r, DOCS_OFFSETS)
-        try:
-            rec = _unpack(raw)
-        except Exception as e:
-            raise IndexFormatError(f"index file corrupted: {self.folder / DOCS_BIN}: record {r} "
-                                   f"({type(e).__name__}: {e})"[:500]) from e
-        if (type(rec) is not list or len(rec) != 2 or type(rec[0]) is not str
-                or type(rec[1]) is not dict):
-            raise IndexFormatError(f"index file corrupted: {self.folder / DOCS_BIN}: record {r} "
-                                   f"is not [text, metadata]")
-        return self._id(r), rec[0], rec[1]
-
     def doc(self, row: int) -> tuple[str, str, dict]:
         """``(id, text, metadata)`` of ``row``."""
-        return self._doc(self._row(row))
+        return self.docs([row])[0]
 
     def docs(self, rows) -> list[tuple[str, str, dict]]:
-        return [self._doc(self._row(r)) for r in np.asarray(rows, dtype=np.int64).ravel()]
+        """``(id, text, metadata)`` of each of ``rows``."""
+        rows = self._rows(rows)
+        return [(i, t, m) for i, (t, m) in zip(self._decode_ids(rows), self._records(rows))]
 
     def chunk(self, rows) -> tuple[list[str], list[str], list[dict]]:
         """``(ids, texts, metadata)`` lists of ``rows``."""
-        got = self.docs(rows)
-        return [d[0] for d in got], [d[1] for d in got], [d[2] for d in got]
+        rows = self._rows(rows)
+        recs = self._records(rows)
+        return self._decode_ids(rows), [r[0] for r in recs], [r[1] for r in recs]
 
     def iter_chunks(self, rows=None, chunk: int = 4096) -> Iterator[tuple[list[str], list[str], list[dict]]]:
         """:meth:`chunk` of up to ``chunk`` rows at a time, for ``rows`` (default: every row,
@@ -432,7 +452,10 @@ class Docstore:
 
     def metadata(self) -> list[dict]:
         """Every row's metadata, in row order (decodes every record)."""
-        return [self._doc(r)[2] for r in range(self.count)]
+        out: list[dict] = []
+        for lo in range(0, self.count, 1 << 16):
+            out += [r[1] for r in self._records(np.arange(lo, min(self.count, lo + (1 << 16))))]
+        return out
 
     # -- lookup
 
@@ -448,16 +471,29 @@ class Docstore:
             return out
         data, offsets = _concat(blobs)
         qh = hash_spans(np.frombuffer(data, dtype=np.uint8), offsets)
-        h = np.asarray(self._hash)
-        lo = np.searchsorted(h, qh, side="left")
-        hi = np.searchsorted(h, qh, side="right")
-        for q in np.flatnonzero(hi > lo):
-            for p in range(int(lo[q]), int(hi[q])):
-                r = int(self._order[p])
-                if not 0 <= r < self.count:
-                    raise IndexFormatError(f"index file corrupted: {self.folder / IDS_ORDER} holds "
-                                           f"row {r}, outside [0, {self.count})")
-                if self._span(self._id_off, self._ids, r, IDS_OFFSETS) == blobs[q]:
+        lo = np.searchsorted(self._hash, qh, side="left")
+        hi = np.searchsorted(self._hash, qh, side="right")
+        size = len(self._ids)
+        # One candidate (almost every query): checked and compared in bulk.
+        one = np.flatnonzero(hi - lo == 1)
+        cand = self._order[lo[one]]
+        if len(cand) and (int(cand.min()) < 0 or int(cand.max()) >= self.count):
+            raise IndexFormatError(f"index file corrupted: {self.folder / IDS_ORDER} holds a row "
+                                   f"outside [0, {self.count})")
+        a, b = self._spans(self._id_off, size, cand, IDS_OFFSETS)
+        mv = self._ids
+        for q, r, x, y in zip(one.tolist(), cand.tolist(), a, b):
+            if mv[x:y] == blobs[q]:
+                out[q] = r
+        # Colliding hashes: every candidate in turn.
+        for q in np.flatnonzero(hi - lo > 1).tolist():
+            cand = self._order[int(lo[q]):int(hi[q])]
+            if int(cand.min()) < 0 or int(cand.max()) >= self.count:
+                raise IndexFormatError(f"index file corrupted: {self.folder / IDS_ORDER} holds a row "
+                                       f"outside [0, {self.count})")
+            a, b = self._spans(self._id_off, size, cand, IDS_OFFSETS)
+            for r, x, y in zip(cand.tolist(), a, b):
+                if self._ids[x:y] == blobs[q]:
                     out[q] = r
                     break
         return out
@@ -538,7 +574,11 @@ class LegacyDocstore:
     def docs(self, rows) -> list[tuple[str, str, dict]]:
         return [self.doc(r) for r in np.asarray(rows, dtype=np.int64).ravel()]
 
-    chunk = Docstore.chunk
+    def chunk(self, rows) -> tuple[list[str], list[str], list[dict]]:
+        d = self._data()
+        rows = [self._row(r) for r in np.asarray(rows, dtype=np.int64).ravel()]
+        return [d["ids"][r] for r in rows], [d["texts"][r] for r in rows], [d["metadata"][r] for r in rows]
+
     iter_chunks = Docstore.iter_chunks
 
     def metadata(self) -> list[dict]:
