@@ -105,7 +105,7 @@ class _Field:
         self.kind: str | None = None  # set by the first value that is not None
         self.object = False
         self.exact = False
-        self.chunks: list[tuple] = []  # (rows int64, tags uint8, payload or None)
+        self.chunks: list[tuple] = []  # (rows int32, tags uint8, payload or None)
         self.strings: dict[str, int] = {}  # value -> provisional code (first seen)
         self.present = 0
 
@@ -117,6 +117,7 @@ class _Field:
             return
         tags = np.empty(len(values), np.uint8)
         f64 = i64 = codes = None
+        big = False  # this chunk holds an int that is not exact as a float64
         kind = self.kind
         for j, v in enumerate(values):
             if v is None:
@@ -142,34 +143,36 @@ class _Field:
                     f64 = np.full(len(values), np.nan)
                     i64 = np.zeros(len(values), np.int64)
                 if t == INT:
-                    x = int(v)
+                    x = int.__int__(v)  # the stored value, whatever a subclass says
                     if not INT64_MIN <= x <= INT64_MAX:
                         return self.to_object()
                     i64[j] = x
                     f64[j] = float(x)
                     if abs(x) > _EXACT:
-                        self.exact = True
+                        big = self.exact = True
                 else:
-                    f64[j] = float(v)
+                    f64[j] = float.__float__(v)
             elif k == "string":
                 if codes is None:
                     codes = np.full(len(values), CODE_NONE, np.int32)
-                s = str(v)
+                s = str.__str__(v)
                 c = self.strings.get(s)
                 if c is None:
                     c = self.strings[s] = len(self.strings)
                 codes[j] = c
         self.kind = kind
-        payload = (f64, i64) if f64 is not None else codes
-        self.chunks.append((np.asarray(rows, np.int64), tags, payload))
+        # ints exact as floats are rebuilt from f64 at the end: keep i64 only where needed
+        payload = (f64, i64 if big else None) if f64 is not None else codes
+        self.chunks.append((np.asarray(rows, np.int32), tags, payload))
         self.present += len(values)
 
 
 class ColumnsWriter:
     """Streams metadata into the column files of ``folder`` (an existing, new folder).
 
-    Memory: per field, the rows holding it and their values as arrays (up to 21 bytes a value)
-    and the distinct strings of string fields; never the metadata dicts.
+    Memory: per field, the rows holding it and their values as arrays (13 bytes a number, 9
+    a string, 5 a bool; 8 more for ints beyond 2**53) and the distinct strings of string
+    fields; never the metadata dicts.
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -254,8 +257,15 @@ class ColumnsWriter:
             arrays["f64.npy"] = spread(f64, np.nan, np.float64)
             entry["exact_ints"] = f.exact
             if f.exact:
-                i64 = np.concatenate([c[2][1] if c[2] is not None else np.zeros(len(c[0]), np.int64)
-                                      for c in f.chunks])
+                i64 = np.zeros(m, np.int64)
+                ints = tags == INT
+                with np.errstate(invalid="ignore"):  # bigger ints: their chunk's i64 below
+                    i64[ints] = f64[ints].astype(np.int64)  # exact up to 2**53
+                at = 0
+                for c in f.chunks:
+                    if c[2] is not None and c[2][1] is not None:
+                        i64[at:at + len(c[0])] = c[2][1]
+                    at += len(c[0])
                 arrays["i64.npy"] = spread(i64, 0, np.int64)
         elif kind == "string":
             strings = list(f.strings)
