@@ -12,6 +12,9 @@ Sections (each in bench/suite/):
   encoder   texts/s and tokens/s vs FlagEmbedding (needs --fe-python) and a bare forward pass;
             FlagEmbedding's brute-force hybrid scoring vs our index
   breakdown where the time goes in one hybrid query
+  scale_m3  (only when named) BGE-M3 shapes at --m3-docs (default 100k): build, segments, bytes/doc
+            per channel, RSS, latency per mode, filters, vs Milvus Lite; its figures are also kept in
+            bench/results/scale_m3.md, and a run without it carries the recorded ones over
 
 Peers missing from the environment are reported as not measured, never silently dropped.
 --tiny is for the smoke test only (a few seconds of work; its figures mean nothing).
@@ -58,6 +61,9 @@ class Config:
     scifact: str | None = None
     fe_python: str | None = None
     sections: list[str] = field(default_factory=lambda: ["quality", "scale", "encoder", "breakdown"])
+    m3_docs: list[int] | None = None     # scale_m3 sizes (None: its default for the mode)
+    m3_index: dict = field(default_factory=dict)  # scale_m3: HybridIndex.create storage options
+    m3_results: str | None = None        # scale_m3: its results file (records of every size)
 
     def milvus_queries(self, n: int) -> int:
         """Milvus Lite answers a hybrid query in ~0.2 s at 10k and more above: fewer queries there."""
@@ -83,7 +89,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scifact", default=None, help="BEIR SciFact folder (quality section)")
     ap.add_argument("--fe-python", default=os.environ.get("HYBRIDSEARCH_FE_PYTHON"),
                     help="python of a venv with FlagEmbedding 1.4 (encoder section)")
-    ap.add_argument("--sections", nargs="+", choices=["quality", "scale", "encoder", "breakdown"], default=None)
+    ap.add_argument("--sections", nargs="+", choices=["quality", "scale", "encoder", "breakdown", "scale_m3"],
+                    default=None)
+    ap.add_argument("--m3-docs", type=int, nargs="+", default=None, help="scale_m3 sizes (default 100000)")
+    ap.add_argument("--m3-colbert-codec", default=None, help="scale_m3: HybridIndex.create(colbert_codec=)")
+    ap.add_argument("--m3-dense-storage", default=None, help="scale_m3: HybridIndex.create(dense_storage=)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="override the scale sizes")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
@@ -102,6 +112,11 @@ def main(argv=None) -> int:
     if cfg.scifact and not (Path(cfg.scifact) / "corpus.jsonl").exists():
         ap.error(f"--scifact {cfg.scifact}: no corpus.jsonl there (expected a BEIR folder)")
     out = Path(args.out)
+    from suite import scale_m3
+
+    cfg.m3_docs = args.m3_docs
+    cfg.m3_index = scale_m3.index_kwargs(None, args.m3_dense_storage, args.m3_colbert_codec)
+    cfg.m3_results = str(out.parent / "results" / "scale_m3.md")
     fig_dir = out.parent / "results" / "plots"
     fig_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -111,7 +126,8 @@ def main(argv=None) -> int:
 
     from suite import breakdown, encoder, quality, scale
 
-    runners = {"quality": quality.run, "scale": scale.run, "encoder": encoder.run, "breakdown": breakdown.run}
+    runners = {"quality": quality.run, "scale": scale.run, "encoder": encoder.run, "breakdown": breakdown.run,
+               "scale_m3": scale_m3.run}
     sections: list[Section] = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for name in cfg.sections:
@@ -129,6 +145,10 @@ def main(argv=None) -> int:
             s.body += f"\n\nSection time: {time.perf_counter() - t:.0f} s."
             sections.append(s)
             log(f"section {name} done in {time.perf_counter() - t:.0f} s")
+    if "scale_m3" not in cfg.sections:  # hours at 1M: keep the figures recorded by its own run
+        recorded = scale_m3.recorded_section(Path(cfg.m3_results))
+        if recorded is not None:
+            sections.append(recorded)
 
     figs = []
     for s in sections:
