@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive("--batch-size"), metavar="N", help="texts per forward pass")
     s.add_argument("--dense-factory", metavar="F",
                    help="FAISS factory string of a new index: Flat (exact, default), HNSW32, IVF1024,PQ64...")
+    s.add_argument("--dense-storage", choices=("fp32", "fp16", "sq8"), default=None,
+                   help="dense vectors of a new index: fp32 (default, exact), fp16, or sq8 (1 byte a "
+                        "dimension: 1M x 1024-d in 1 GB)")
+    s.add_argument("--colbert-codec", choices=("res1", "res2", "res1-pool2", "fp16"), default=None,
+                   help="ColBERT storage of a new index: res1 (default: centroid + 1 bit a dimension, "
+                        "130 B a token at 1024-d), res2, res1-pool2 (~65 B a token), fp16 (2 B a dimension)")
     s.add_argument("--chunk-tokens", type=_positive("--chunk-tokens"), default=None, metavar="N",
                    help="most tokens per passage (default 256; capped at the model's passage length)")
     s.add_argument("--overlap", type=_non_negative, default=32, metavar="N",
@@ -348,6 +354,13 @@ def cmd_index(args) -> int:
         if args.dense_factory and args.dense_factory != have:
             raise CLIError(f"index {folder} was created with --dense-factory {have}; "
                            f"{args.dense_factory} only applies to a new index")
+        for flag, value, have_v in (("--dense-storage", args.dense_storage,
+                                     manifest["channels"]["dense"].get("storage", "fp32")),
+                                    ("--colbert-codec", args.colbert_codec,
+                                     (manifest["channels"].get("colbert_codec") or {}).get("spec", "fp16"))):
+            if value and value != have_v:
+                raise CLIError(f"index {folder} was created with {flag} {have_v}; {value} only applies "
+                               "to a new index")
         if args.mcls is not None and args.mcls != manifest["model"].get("mcls"):
             raise CLIError(f"index {folder} was created with --mcls {manifest['model'].get('mcls')}; "
                            "--mcls only applies to a new index")
@@ -365,6 +378,8 @@ def cmd_index(args) -> int:
         # opens it and waits for the lock at each commit. Nothing is ever removed on failure: a
         # run that fails leaves the index at its last commit (possibly empty) and a rerun continues.
         index = HybridIndex.create(folder, encoder, dense_factory=args.dense_factory or "Flat",
+                                   dense_storage=args.dense_storage or "fp32",
+                                   colbert_codec=args.colbert_codec or "res1",
                                    exist_ok=True, lock_timeout=args.lock_timeout)
     writer = _Writer(index, args)
     try:

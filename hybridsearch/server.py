@@ -9,6 +9,7 @@ Endpoints (the full contract is :data:`OPENAPI`, served at ``GET /openapi.json``
                          "fusion", "normalize"} -> {"hits": [...]} or {"results": [[...], ...]}
     POST /add           {"documents": [{"id", "text", "metadata"}], "upsert": false}
     POST /delete        {"ids": [...]}
+    POST /compact       {}   merge every segment into one (drops deleted documents)
 
 Errors are JSON ``{"error": "..."}``: 400 malformed JSON or a wrong shape (also ValueError /
 TypeError raised by the index), 404 unknown route or unknown id, 405 wrong method, 411 no
@@ -240,6 +241,14 @@ def _delete(index: HybridIndex, body: Any) -> tuple[int, dict]:
     return 200, {"deleted": n, "documents": len(index)}
 
 
+def _compact(index: HybridIndex, body: Any) -> tuple[int, dict]:
+    if body not in (None, {}):
+        raise ApiError(400, "compact takes no parameters: send {} or no body")
+    index.compact()
+    st_ = index.stats()
+    return 200, {"documents": st_["documents"], "segments": st_["segments"]}
+
+
 Endpoint = Callable[[HybridIndex, Any], tuple[int, dict]]
 
 #: path -> method -> handler. Every route here is documented in :data:`OPENAPI` (a test checks).
@@ -250,6 +259,7 @@ ROUTES: dict[str, dict[str, Endpoint]] = {
     "/search": {"POST": _search},
     "/add": {"POST": _add},
     "/delete": {"POST": _delete},
+    "/compact": {"POST": _compact},
 }
 
 
@@ -755,11 +765,26 @@ OPENAPI: dict = {
                           write=True, commits=True),
             },
         }},
+        "/compact": {"post": {
+            "operationId": "compact",
+            "summary": "Merge every segment into one, dropping deleted documents; one atomic commit.",
+            "description": "Commits also merge segments as they go (a tiered policy); this rewrites "
+                           "everything, renumbers documents and rebuilds BM25: minutes on a large index.",
+            "responses": {
+                "200": _json_ok("Compacted.", {"$ref": _REF + "CompactResponse"},
+                                {"documents": 1234, "segments": 1}),
+                **_errors(write=True, commits=True),
+            },
+        }},
     },
     "components": {
         "schemas": {
             "Error": {"type": "object", "required": ["error"], "additionalProperties": False,
                       "properties": {"error": {"type": "string", "description": "what went wrong"}}},
+            "CompactResponse": {"type": "object", "required": ["documents", "segments"],
+                                "additionalProperties": False,
+                                "properties": {"documents": {"type": "integer", "minimum": 0},
+                                               "segments": {"type": "integer", "minimum": 0}}},
             "Health": {"type": "object", "required": ["status", "documents"], "additionalProperties": False,
                        "properties": {"status": {"const": "ok"},
                                       "documents": {"type": "integer", "minimum": 0}}},

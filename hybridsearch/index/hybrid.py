@@ -25,17 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from ..encode import BGEM3Encoder
 from ..errors import DiskFullError, IndexFormatError, ModelMismatchError
 from ..fusion import CHANNELS, FusionConfig, fuse, minmax
 from ..representations import Encoded
 from ..retrievers.bm25 import BM25Index
+from ..retrievers.colbert_codec import MAX_TRAIN_SAMPLE, ColbertCodec, parse_codec
 from . import locking
 from . import storage as st
-from .filters import MetadataColumns, check_filter
-from .segment import Segment, write_segment
+from .filters import check_filter
+from .merge import MergePolicy, plan_merges
+from .segment import Segment, merge_segments, write_segment
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ DENSE_BM25_NORMALIZE = CHANNELS
 # with ColBERT every candidate costs a MaxSim, and BGE-M3's channels already agree closely.
 DENSE_BM25_CANDIDATES = 1000
 M3_CANDIDATES = 100
+# A ColBERT codebook is trained once this many vectors are stored (float16 until then).
+CODEC_TRAIN_TOKENS = 1 << 16
 
 
 @dataclass
@@ -79,10 +82,10 @@ class _State:
 
     manifest: dict
     segments: tuple[Segment, ...]
-    bases: np.ndarray  # (S,) int64 docno of each segment's row 0
-    alive: np.ndarray  # (next_docno,) bool
-    ids: dict  # id -> docno for live documents
-    columns: MetadataColumns
+    bases: np.ndarray  # (S,) int64 first docno of each segment's span
+    alive: np.ndarray  # (next_docno,) bool: a live row holds this docno
+    deleted: np.ndarray  # (n,) int64 sorted: docnos of rows still stored but deleted
+    codecs: dict  # codebook name -> ColbertCodec
     bm25: BM25Index | None  # the BM25 folder's handle (shared by the states that use that folder)
     bm25_searcher: Any  # tantivy searcher taken when this state was made
     lease: locking.Lease | None
@@ -103,16 +106,60 @@ class _State:
         """Segment index of each docno."""
         return np.searchsorted(self.bases, docnos, side="right") - 1
 
+    def __len__(self) -> int:
+        return int(self.manifest["counts"]["documents"])
+
+    def find(self, ids: Sequence[str]) -> np.ndarray:
+        """Docno of the live document with each id, -1 where there is none (hash lookups per
+        segment, newest first: an upserted id's older rows are dead)."""
+        out = np.full(len(ids), -1, np.int64)
+        # str subclasses (numpy's str_) look up as plain strings; anything else is never an id
+        ids = [str.__str__(i) if isinstance(i, str) else None for i in ids]
+        todo = np.array([i for i, x in enumerate(ids) if x is not None], np.int64)
+        for s in reversed(self.segments):
+            if not len(todo):
+                break
+            rows = s.store.find([ids[i] for i in todo])
+            hit = rows >= 0
+            if hit.any():
+                d = s.docno_of(rows[hit])
+                live = self.alive[d]
+                out[todo[hit][live]] = d[live]
+                done = np.zeros(len(todo), bool)
+                done[np.flatnonzero(hit)[live]] = True
+                todo = todo[~done]
+        return out
+
+    def filter_mask(self, flt: dict) -> np.ndarray:
+        """(next_docno,) bool: live documents whose metadata passes ``flt`` (per-segment
+        vectorised column masks, placed at their docnos)."""
+        out = np.zeros(self.next_docno, bool)
+        for s in self.segments:
+            m = s.filter_mask(flt) & s.rows_mask(self.alive)
+            if s.docnos is None:
+                out[s.base:s.base + s.count] = m
+            else:
+                out[np.asarray(s.docnos)] = m
+        return out
+
+    def live_rows(self, s: Segment) -> np.ndarray:
+        """Rows of segment ``s`` that are not deleted (ascending)."""
+        m = s.rows_mask(self.alive)
+        return np.flatnonzero(m) if m is not None else np.arange(s.count)
+
 
 class HybridIndex:
     """A folder holding every representation of a document collection. See the module docstring."""
 
     def __init__(self, path: Path, encoder: BGEM3Encoder, manifest: dict | None = None, *,
-                 lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT):
+                 lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT,
+                 merge_policy: MergePolicy | None = MergePolicy()):
         self.path = path
         self.encoder = encoder
         #: seconds a write waits for another process's writer lock before IndexLockedError
         self.lock_timeout = lock_timeout
+        #: segments merged after each commit (index/merge.py); None: only compact() merges
+        self.merge_policy = merge_policy
         self._write_lock = threading.RLock()  # one writing thread per object
         self._swap_lock = threading.Lock()  # guards _state / _manifest_key swaps (never held long)
         self._closed = False
@@ -124,10 +171,22 @@ class HybridIndex:
 
     @classmethod
     def create(cls, path: str | os.PathLike, model: str | BGEM3Encoder = "BAAI/bge-m3", *,
-               dense_factory: str = "Flat", bm25: bool = True, exist_ok: bool = False,
-               lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT) -> HybridIndex:
+               dense_factory: str = "Flat", dense_storage: str = "fp32", colbert_codec: str = "res1",
+               codec_train_tokens: int = CODEC_TRAIN_TOKENS, bm25: bool = True, exist_ok: bool = False,
+               lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT,
+               merge_policy: MergePolicy | None = MergePolicy()) -> HybridIndex:
         """Make a new, empty index folder for ``model`` (a name/path or a loaded encoder).
         An encoder made with ``mcls=True`` gives an MCLS index (``model.mcls`` in the manifest).
+
+        Storage, chosen per index and recorded in the manifest:
+
+        * ``dense_storage``: ``"fp32"`` (exact), ``"fp16"`` or ``"sq8"`` (1 byte a dimension:
+          1M x 1024-d in 1 GB); searched exactly over the stored vectors unless
+          ``dense_factory`` names a FAISS ANN index (``"HNSW32"``, ``"IVF4096,Flat"``...).
+        * ``colbert_codec``: ``"res1"`` (default: centroid id + 1 bit a dimension, 130 bytes a
+          token at d=1024), ``"res2"``, ``"res1-pool2"`` (token pooling by 2 first: ~65 bytes a
+          token) or ``"fp16"``. The codebook is trained on the first ``codec_train_tokens``
+          ColBERT vectors; until then they are stored as float16 and coded when merged.
 
         Safe against a concurrent ``create`` of the same folder: the folder is claimed under the
         writer lock, the loser then opens the winner's index (``exist_ok=True``) or raises
@@ -152,19 +211,27 @@ class HybridIndex:
         except RuntimeError as e:
             raise ValueError(f"invalid FAISS factory string {dense_factory!r}") from e
         spec = encoder.spec
+        if dense_storage not in st.DENSE_STORAGES:
+            raise ValueError(f"unknown dense_storage {dense_storage!r}; use one of {st.DENSE_STORAGES}")
+        parse_codec(colbert_codec)  # ValueError naming the valid codecs
+        if isinstance(codec_train_tokens, bool) or not isinstance(codec_train_tokens, int) or codec_train_tokens < 1:
+            raise ValueError(f"codec_train_tokens must be a positive integer, got {codec_train_tokens!r}")
         model_info = {
             "name": spec.name, "fingerprint": st.model_fingerprint(spec.path), "dim": spec.dim,
             "colbert_dim": spec.colbert_dim, "vocab_size": spec.vocab_size, "pooling": spec.pooling,
             "outputs": list(spec.outputs), "mcls": spec.mcls,  # MCLS interval of the encoder, or null
         }
-        channels = {"dense": {"factory": dense_factory}, "sparse": spec.has_sparse,
+        channels = {"dense": {"factory": dense_factory, "storage": dense_storage}, "sparse": spec.has_sparse,
                     "colbert": spec.has_colbert, "bm25": bool(bm25)}
+        if spec.has_colbert:
+            channels["colbert_codec"] = {"spec": colbert_codec, "codebook": None,
+                                         "train_tokens": codec_train_tokens}
         path.mkdir(parents=True, exist_ok=True)
         with locking.WriterLock(path, lock_timeout):
             if (path / st.MANIFEST).exists():  # another process won the race
                 if not exist_ok:
                     raise FileExistsError(f"{path} already holds an index; use HybridIndex.open")
-                return cls.open(path, encoder, lock_timeout=lock_timeout)
+                return cls.open(path, encoder, lock_timeout=lock_timeout, merge_policy=merge_policy)
             foreign = [p.name for p in path.iterdir() if not locking.owned_entry(p.name)]
             if foreign:
                 raise FileExistsError(f"{path} exists and is not empty (e.g. {foreign[0]!r}); "
@@ -178,11 +245,12 @@ class HybridIndex:
             locking.write_lease(path, m)
             st.write_json_durable(path / st.MANIFEST, m)
             st.fsync_dir(path)
-        return cls(path, encoder, lock_timeout=lock_timeout)
+        return cls(path, encoder, lock_timeout=lock_timeout, merge_policy=merge_policy)
 
     @classmethod
     def open(cls, path: str | os.PathLike, model: str | BGEM3Encoder | None = None, *,
-             lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT) -> HybridIndex:
+             lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT,
+             merge_policy: MergePolicy | None = MergePolicy()) -> HybridIndex:
         """Open an existing index; ``model`` defaults to the one recorded in the manifest.
 
         Opening takes no lock and writes nothing, so an index on read-only media opens for
@@ -212,32 +280,44 @@ class HybridIndex:
             raise ModelMismatchError(f"{path} was built with mcls={mcls} (MCLS interval, null: off), but the given "
                                      f"encoder has mcls={spec.mcls}; pass BGEM3Encoder(..., mcls="
                                      f"{mcls is not None}{f', mcls_interval={mcls}' if mcls else ''})")
-        return cls(path, encoder, lock_timeout=lock_timeout)
+        return cls(path, encoder, lock_timeout=lock_timeout, merge_policy=merge_policy)
 
     def _load_state(self, m: dict, prev: _State | None) -> _State:
-        """Open generation ``m``, reusing ``prev``'s immutable segments and BM25 handle.
+        """Open generation ``m``, reusing ``prev``'s immutable segments, codecs and BM25 handle.
+        Cost: O(new segments) opens plus an O(next_docno) bool mask; nothing is read whole.
 
         Raises ``locking.LeaseGone`` when a writer collected that generation meanwhile."""
         lease = locking.Lease.take(self.path, int(m["generation"]))
+        codecs = {}
+        cc = m["channels"].get("colbert_codec")
+        if cc is not None and cc.get("codebook"):
+            name = cc["codebook"]
+            if prev is not None and name in prev.codecs:
+                codecs[name] = prev.codecs[name]
+            else:
+                codecs[name] = ColbertCodec.load(st.safe_child(self.path, name, "codec", want="dir"),
+                                                 dim=m["model"]["colbert_dim"])
         reuse = {s.folder.name: s for s in prev.segments} if prev is not None else {}
-        segs, bases, base = [], [], 0
-        for entry in m["segments"]:
+        segs, bases = [], []
+        for entry, (first, span) in zip(m["segments"], st.segment_ranges(m["segments"])):
             s = reuse.get(entry["name"])
-            if s is None or s.base != base or s.count != int(entry["count"]):
-                s = Segment.open(self.path, entry, base, model=m["model"], channels=m["channels"])
+            if s is None or s.base != first or s.count != int(entry["count"]) or s.span != span:
+                s = Segment.open(self.path, entry, first, model=m["model"], channels=m["channels"],
+                                 codecs=codecs)
             segs.append(s)
-            bases.append(base)
-            base += int(entry["count"])
-        if base != m["next_docno"]:
-            raise IndexFormatError(f"{self.path}/{st.MANIFEST}: segment counts do not add up to next_docno")
-        alive = np.ones(base, dtype=bool)
-        if m["deleted"]:
-            alive[st.load_deleted(self.path, m["deleted"], base, m["counts"]["deleted"])] = False
-        ids = {}
+            bases.append(first)
+        alive = np.zeros(int(m["next_docno"]), dtype=bool)
         for s in segs:
-            for row, doc_id in enumerate(s.docs["ids"]):
-                if alive[s.base + row]:
-                    ids[doc_id] = s.base + row
+            if s.docnos is None:
+                alive[s.base:s.base + s.count] = True
+            else:
+                alive[np.asarray(s.docnos)] = True
+        dead = np.zeros(0, np.int64)
+        if m["deleted"]:
+            dead = np.asarray(st.load_deleted(self.path, m["deleted"], len(alive), m["counts"]["deleted"]))
+            if not alive[dead].all():
+                raise IndexFormatError(f"{self.path / m['deleted']}: lists docnos that no segment holds")
+            alive[dead] = False
         bm25 = searcher = None
         if m["channels"]["bm25"]:
             if prev is not None and prev.bm25 is not None and prev.bm25.folder.name == m["bm25"]:
@@ -248,12 +328,7 @@ class HybridIndex:
                 except Exception as e:
                     raise IndexFormatError(f"BM25 index {self.path / m['bm25']} cannot be opened: {e}") from e
             searcher = bm25.fresh_searcher()
-
-        def metadata():
-            return [md for s in segs for md in s.docs["metadata"]]
-
-        return _State(m, tuple(segs), np.array(bases, dtype=np.int64), alive, ids,
-                      MetadataColumns(metadata), bm25, searcher, lease)
+        return _State(m, tuple(segs), np.array(bases, dtype=np.int64), alive, dead, codecs, bm25, searcher, lease)
 
     def _manifest_stat(self):
         try:
@@ -361,7 +436,8 @@ class HybridIndex:
         """
         ids, texts, metas = _check_docs(docs)
         with self._writing():
-            present = [i for i in ids if i in self._state.ids]
+            found = self._state.find(ids)
+            present = [i for i, d in zip(ids, found) if d >= 0]
             if present:
                 raise ValueError(f"{len(present)} id(s) already in the index (e.g. {present[:3]}); use upsert")
             enc = self._encode_docs(texts, encoded, batch_size, show_progress)
@@ -374,8 +450,8 @@ class HybridIndex:
         ids, texts, metas = _check_docs(docs)
         with self._writing():
             enc = self._encode_docs(texts, encoded, batch_size, show_progress)
-            old = np.array([self._state.ids[i] for i in ids if i in self._state.ids], dtype=np.int64)
-            self._commit(ids, texts, metas, enc, delete_docnos=old)
+            found = self._state.find(ids)
+            self._commit(ids, texts, metas, enc, delete_docnos=np.unique(found[found >= 0]))
         return len(ids)
 
     def delete(self, ids: Sequence[str]) -> int:
@@ -383,10 +459,11 @@ class HybridIndex:
         if isinstance(ids, str) or not isinstance(ids, Sequence):
             raise TypeError("delete() takes a list of ids")
         with self._writing():
-            unknown = [i for i in ids if i not in self._state.ids]
+            found = self._state.find(list(ids))
+            unknown = [i for i, d in zip(ids, found) if d < 0]
             if unknown:
                 raise KeyError(f"{len(unknown)} unknown id(s), nothing deleted: {unknown[:5]}")
-            docnos = np.array(sorted({self._state.ids[i] for i in ids}), dtype=np.int64)
+            docnos = np.unique(found)
             self._commit([], [], [], None, delete_docnos=docnos)
         return len(docnos)
 
@@ -400,7 +477,8 @@ class HybridIndex:
         return encoded
 
     def _commit(self, ids, texts, metas, enc: Encoded | None, delete_docnos: np.ndarray) -> None:
-        """Write a new generation: segment, deletions, BM25, then switch the manifest."""
+        """Write a new generation: segment, deletions, BM25, then switch the manifest; then
+        merge segments as the merge policy asks (one generation per merge)."""
         old = self._state
         m = json.loads(json.dumps(old.manifest))  # deep copy
         gen = m["generation"] + 1
@@ -408,23 +486,28 @@ class HybridIndex:
         base = m["next_docno"]
         if ids:
             name = f"seg-{gen:06d}"
-            entry = write_segment(self.path / name, ids, texts, metas, enc, m["channels"]["dense"]["factory"])
+            codec, codec_name = self._codec_for(m, old, enc, gen)
+            entry = write_segment(self.path / name, ids, texts, metas, enc, m["channels"]["dense"]["factory"],
+                                  first=base, dense_storage=m["channels"]["dense"].get("storage", "fp32"),
+                                  codec=codec, codec_name=codec_name)
             m["segments"].append(entry)
             m["next_docno"] = base + len(ids)
             m["counts"]["tokens"] += int(enc.n_tokens.sum())
-        dead = np.flatnonzero(~old.alive).astype(np.int64)
+        dead = old.deleted
         if len(delete_docnos):
             dead = np.union1d(dead, delete_docnos)
-            for s in old.segments:
-                rows = delete_docnos[(delete_docnos >= s.base) & (delete_docnos < s.base + s.count)] - s.base
-                m["counts"]["tokens"] -= int(np.asarray(s.n_tokens)[rows].sum())
-        if len(dead) != int((~old.alive).sum()):
+            seg_of = old.locate(delete_docnos)
+            for si in np.unique(seg_of):
+                s = old.segments[si]
+                rows = s.rows_of(delete_docnos[seg_of == si])
+                m["counts"]["tokens"] -= int(np.asarray(s.n_tokens)[rows[rows >= 0]].sum())
+        if len(dead) != int(old.manifest["counts"]["deleted"]):
             m["deleted"] = f"deleted-{gen:06d}.npy"
             tmp = self.path / (m["deleted"] + ".tmp")
             st.save_npy(tmp, dead)
             os.replace(tmp, self.path / m["deleted"])
-        m["counts"]["documents"] = m["next_docno"] - len(dead)
         m["counts"]["deleted"] = len(dead)
+        m["counts"]["documents"] = sum(int(e["count"]) for e in m["segments"]) - len(dead)
         if old.bm25 is not None and ids:
             old.bm25.add(np.arange(base, base + len(ids), dtype=np.int64), texts)
             old.bm25.commit()
@@ -433,6 +516,117 @@ class HybridIndex:
         if old.bm25 is not None and len(delete_docnos):
             old.bm25.delete(delete_docnos)
             old.bm25.commit()
+        self._install(self._load_state(m, old), self._manifest_stat())
+        old = None
+        self._merges()
+
+    def _codec_for(self, m: dict, state: _State, enc: Encoded, gen: int):
+        """The ColBERT codebook a new segment is coded with, training it (into ``codec-G/``,
+        named in ``m``) once the float16 vectors stored so far plus this commit's reach the
+        codec's ``train_tokens``. Returns ``(codec, name)``, ``(None, None)`` for float16."""
+        cc = m["channels"].get("colbert_codec")
+        if enc is None or enc.colbert is None or cc is None or cc["spec"] == "fp16":
+            return None, None
+        if cc["codebook"]:
+            return state.codecs[cc["codebook"]], cc["codebook"]
+        fp16 = [s for s in state.segments if s.colbert_kind == "fp16"]
+        have = len(enc.colbert) + sum(int(s.colbert.offsets[-1]) for s in fp16)
+        if have < cc["train_tokens"]:
+            return None, None
+        sample = _codec_sample(enc.colbert, [s.colbert for s in fp16], MAX_TRAIN_SAMPLE)
+        opts = parse_codec(cc["spec"])
+        codec = ColbertCodec.train(sample, nbits=opts["nbits"], pool=opts["pool"], total_tokens=have)
+        name = f"codec-{gen:06d}"
+        tmp = self.path / (name + ".tmp")
+        st.remove_entry(self.path, tmp.name)
+        tmp.mkdir()
+        codec.save(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        st.fsync_dir(tmp)
+        os.replace(tmp, self.path / name)
+        st.fsync_dir(self.path)
+        cc["codebook"] = name
+        log.info("trained ColBERT codebook %s (%s, K=%d) on %d of %d vectors", name, cc["spec"],
+                 codec.k, len(sample), have)
+        return codec, name
+
+    # ---------------------------------------------------------------- merging
+
+    def _merges(self) -> None:
+        """Run the merges the policy asks for, one generation each (writer lock held)."""
+        state = self._state
+        rows = sum(s.count for s in state.segments)
+        if state.next_docno - rows > st.max_holes(rows) // 2:  # docnos far outnumber rows: renumber
+            state = None
+            self._compact()
+            return
+        if self.merge_policy is None:
+            return
+        while True:
+            state = self._state
+            live = np.array([len(state.live_rows(s)) for s in state.segments], np.int64)
+            stored = np.array([s.count for s in state.segments], np.int64)
+            plan = plan_merges(live, stored, self.merge_policy)
+            state = None
+            if plan is None:
+                return
+            self._merge_range(*plan)
+
+    def _merge_range(self, i: int, j: int, renumber: bool = False) -> None:
+        """Replace segments ``[i, j)`` by one holding their live rows. Docnos are kept (so BM25,
+        deletion lists and concurrent readers need nothing), unless ``renumber`` (compaction of
+        the whole index): then rows get docnos ``0..n-1`` and BM25 is rebuilt."""
+        old = self._state
+        m = json.loads(json.dumps(old.manifest))
+        gen = m["generation"] + 1
+        m["generation"] = gen
+        segs = old.segments[i:j]
+        sources = [(s, old.live_rows(s)) for s in segs]
+        n_live = sum(len(r) for _, r in sources)
+        cc = m["channels"].get("colbert_codec")
+        codec_name = cc["codebook"] if cc is not None and cc["spec"] != "fp16" else None
+        codec = old.codecs.get(codec_name) if codec_name else None
+        first = 0 if renumber else int(old.bases[i])
+        span = n_live if renumber else sum(s.span for s in segs)
+        name = f"seg-{gen:06d}"
+        if n_live == 0 and renumber:
+            m["segments"] = []
+        elif segs:
+            entry = merge_segments(self.path / name, sources, first=first, span=span,
+                                   dense_factory=m["channels"]["dense"]["factory"],
+                                   dense_storage=m["channels"]["dense"].get("storage", "fp32"),
+                                   codec=codec, codec_name=codec_name if codec is not None else None,
+                                   renumber=renumber)
+            m["segments"][i:j] = [entry]
+        if renumber:
+            dead = np.zeros(0, np.int64)
+            m["next_docno"] = n_live
+        else:  # the merged rows are live: deletions inside the merged span are gone with them
+            dead = old.deleted[(old.deleted < first) | (old.deleted >= first + span)]
+        if len(dead) != int(old.manifest["counts"]["deleted"]) or renumber:
+            m["deleted"] = None
+            if len(dead):
+                m["deleted"] = f"deleted-{gen:06d}.npy"
+                tmp = self.path / (m["deleted"] + ".tmp")
+                st.save_npy(tmp, dead.astype(np.int64))
+                os.replace(tmp, self.path / m["deleted"])
+        m["counts"]["deleted"] = len(dead)
+        m["counts"]["documents"] = sum(int(e["count"]) for e in m["segments"]) - len(dead)
+        if renumber and m["channels"]["bm25"]:
+            m["bm25"] = f"bm25-{gen:06d}"
+            b = BM25Index.create(self.path / m["bm25"])
+            docno = 0
+            for s, rows in sources:
+                for lo in range(0, len(rows), 1 << 14):
+                    r = rows[lo:lo + (1 << 14)]
+                    b.add(np.arange(docno, docno + len(r), dtype=np.int64), s.docs_of(r)[1])
+                    docno += len(r)
+            b.commit()
+            b.close()
+        segs = sources = None
+        self._switch(m)
         self._install(self._load_state(m, old), self._manifest_stat())
 
     def _switch(self, m: dict) -> None:
@@ -449,79 +643,36 @@ class HybridIndex:
             self._compact()  # its locals (the old state) are gone before _writing collects
 
     def _compact(self) -> None:
-        old = self._state
-        live = np.flatnonzero(old.alive)
-        m = json.loads(json.dumps(old.manifest))
-        gen = m["generation"] + 1
-        m["generation"] = gen
-        m["segments"], m["deleted"] = [], None
-        if len(live):
-            ids, texts, metas, enc = self._gather(old, live)
-            m["segments"].append(write_segment(self.path / f"seg-{gen:06d}", ids, texts, metas, enc,
-                                               m["channels"]["dense"]["factory"]))
-        m["next_docno"] = len(live)
-        m["counts"].update(documents=len(live), deleted=0)
-        if m["channels"]["bm25"]:
-            m["bm25"] = f"bm25-{gen:06d}"
-            b = BM25Index.create(self.path / m["bm25"])
-            if len(live):
-                b.add(np.arange(len(live), dtype=np.int64), texts)
-                b.commit()
-            b.close()
-        self._switch(m)
-        self._install(self._load_state(m, old), self._manifest_stat())
-
-    def _gather(self, state: _State, docnos: np.ndarray):
-        """Stored representations of ``docnos`` as one Encoded (for compaction)."""
-        ids, texts, metas, dense, ntok, csr, cb, cb_off = [], [], [], [], [], [], [], [0]
-        seg_of = state.locate(docnos)
-        for si in np.unique(seg_of):
-            s = state.segments[si]
-            rows = docnos[seg_of == si] - s.base
-            d = s.docs
-            ids += [d["ids"][r] for r in rows]
-            texts += [d["texts"][r] for r in rows]
-            metas += [d["metadata"][r] for r in rows]
-            ntok.append(np.asarray(s.n_tokens)[rows])
-            if s.dense is not None:
-                dense.append(np.asarray(s.dense[rows]))
-            if s.sparse is not None:
-                p = s.sparse
-                mat = sp.csc_matrix((np.asarray(p.weights), np.asarray(p.docs), np.asarray(p.indptr)),
-                                    shape=(s.count, p.vocab_size)).tocsr()
-                csr.append(mat[rows])
-            if s.colbert is not None:
-                for r in rows:
-                    v = s.colbert.vectors[s.colbert.offsets[r]:s.colbert.offsets[r + 1]]
-                    cb.append(np.asarray(v, dtype=np.float32))
-                    cb_off.append(cb_off[-1] + len(v))
-        enc = Encoded(
-            dense=np.concatenate(dense) if dense else None,
-            sparse=sp.vstack(csr).tocsr() if csr else None,
-            colbert=np.concatenate(cb) if cb else None,
-            colbert_offsets=np.array(cb_off, dtype=np.int64) if cb else None,
-            n_tokens=np.concatenate(ntok),
-        )
-        return ids, texts, metas, enc
+        state = self._state
+        n = len(state.segments)
+        if n == 0 and state.next_docno == 0:
+            return
+        state = None
+        self._merge_range(0, n, renumber=True)
 
     # ---------------------------------------------------------------- reading
 
     def __len__(self) -> int:
-        return len(self._current().ids)
+        return len(self._current())
 
     def __contains__(self, doc_id: str) -> bool:
-        return doc_id in self._current().ids
+        return isinstance(doc_id, str) and bool(self._current().find([doc_id])[0] >= 0)
 
     def ids(self) -> list[str]:
         """Ids of all live documents (in docno order)."""
-        return list(self._current().ids)
+        state = self._current()
+        out = []
+        for s in state.segments:
+            out += s.store.ids(state.live_rows(s))
+        return out
 
     def get(self, doc_id: str) -> dict:
         """The stored ``{"id", "text", "metadata"}`` of a live document."""
         state = self._current()
-        if doc_id not in state.ids:
+        d = state.find([doc_id])[0] if isinstance(doc_id, str) else -1
+        if d < 0:
             raise KeyError(doc_id)
-        return self._doc(state, state.ids[doc_id])
+        return self._doc(state, int(d))
 
     @staticmethod
     def _doc(state: _State, docno: int) -> dict:
@@ -530,14 +681,16 @@ class HybridIndex:
     @staticmethod
     def _docs(state: _State, docnos) -> list[dict]:
         """Stored documents for many docnos, segments located in one vectorised call."""
-        docnos = [int(d) for d in docnos]
-        segs = ([0] * len(docnos) if len(state.segments) == 1
-                else state.locate(np.asarray(docnos, np.int64)).tolist())
-        out = []
-        for d, si in zip(docnos, segs):
+        docnos = np.asarray(docnos, np.int64)
+        seg_of = state.locate(docnos)
+        out: list = [None] * len(docnos)
+        for si in np.unique(seg_of):
             s = state.segments[si]
-            r, docs = d - s.base, s.docs
-            out.append({"id": docs["ids"][r], "text": docs["texts"][r], "metadata": docs["metadata"][r]})
+            pos = np.flatnonzero(seg_of == si)
+            rows = s.rows_of(docnos[pos])
+            ids, texts, metas = s.docs_of(rows)
+            for p_, i, t, md in zip(pos.tolist(), ids, texts, metas):
+                out[p_] = {"id": i, "text": t, "metadata": md}
         return out
 
     def default_fusion(self) -> FusionConfig:
@@ -609,7 +762,7 @@ class HybridIndex:
         # None means "everything": channels then skip mask handling entirely.
         allowed = None if state.all_alive else state.alive
         if flt:
-            allowed = state.columns.mask(flt, state.next_docno) & state.alive
+            allowed = state.filter_mask(flt)
         if query_encoded is not None and len(query_encoded) != len(queries):
             raise ValueError(f"query_encoded holds {len(query_encoded)} queries, {len(queries)} given")
         if reranker is not None and (not isinstance(rerank_top, int) or rerank_top < 1):
@@ -690,8 +843,8 @@ class HybridIndex:
         for si in np.unique(seg_of):
             s = state.segments[si]
             sel = seg_of == si
-            rows = union[sel] - s.base
-            res["dense"][sel] = np.asarray(s.dense[rows]) @ q.dense[j]
+            rows = s.rows_of(union[sel])
+            res["dense"][sel] = s.dense_rows(rows) @ q.dense[j]
             if spec.has_sparse:
                 res["sparse"][sel] = s.sparse.score(qi, qw, rows)
             if spec.has_colbert:
@@ -721,22 +874,22 @@ class HybridIndex:
     def _dense_topk(self, state, qd, k, allowed):
         parts = []
         for s in state.segments:
-            sc, ids = s.dense_index.search(qd, k, _slice(allowed, s))
-            parts.append((sc, np.where(ids >= 0, ids + s.base, -1)))
+            sc, ids = s.dense_search(qd, k, s.rows_mask(allowed))
+            parts.append((sc, _docnos(s, ids)))
         return self._merge(parts, len(qd), k)
 
     def _sparse_topk(self, state, qs, k, allowed):
         parts = []
         for s in state.segments:
-            sc, ids = s.sparse.search(qs, k, _slice(allowed, s))
-            parts.append((sc, np.where(ids >= 0, ids + s.base, -1)))
+            sc, ids = s.sparse.search(qs, k, s.rows_mask(allowed))
+            parts.append((sc, _docnos(s, ids)))
         return self._merge(parts, qs.shape[0], k)
 
     def _colbert_topk(self, state, qc, k, allowed):
         parts = []
         for s in state.segments:
-            sc, ids = s.colbert.search(qc, k, _slice(allowed, s))
-            parts.append((sc[None], np.where(ids >= 0, ids + s.base, -1)[None]))
+            sc, ids = s.colbert.search(qc, k, s.rows_mask(allowed))
+            parts.append((sc[None], _docnos(s, ids)[None]))
         sc, ids = self._merge(parts, 1, k)
         return sc[0], ids[0]
 
@@ -749,6 +902,8 @@ class HybridIndex:
         # redo the search with an explicit mask (exact, and rare).
         s, d = bm25.search(queries, k, None, searcher=searcher)
         stray = d >= state.next_docno
+        ok = (d >= 0) & ~stray
+        stray[ok] = ~state.alive[d[ok]]  # a deletion tantivy has not applied yet
         if stray.any():
             return bm25.search(queries, k, state.alive, searcher=searcher)
         return s, d
@@ -768,19 +923,30 @@ class HybridIndex:
         """Documents, tokens, and bytes (total and per live document) for each channel."""
         state = self._current()
         m = state.manifest
-        n = max(len(state.ids), 1)
+        n = max(len(state), 1)
         per = {}
-        prefixes = {"dense": ("dense",), "sparse": ("sparse_",), "colbert": ("colbert_",), "docstore": ("docs.", "n_tokens")}
+        prefixes = {"dense": ("dense",), "sparse": ("sparse_",), "colbert": ("colbert_",),
+                    "docstore": ("docs", "ids", "n_tokens", "docnos"), "columns": ("col-", "columns")}
         for ch, pref in prefixes.items():
             b = sum(s.bytes_of(p) for s in state.segments for p in pref)
             per[ch] = {"bytes": b, "bytes_per_doc": b / n}
+        if self.encoder.spec.has_colbert:
+            # per token of the text (BGE-M3 keeps a vector for every token but the first), and per
+            # stored vector (fewer with pooling)
+            vectors = sum(int(s.colbert.offsets[-1]) for s in state.segments)
+            tokens = sum(int(np.maximum(np.asarray(s.n_tokens) - 1, 0).sum()) for s in state.segments)
+            cb = per["colbert"]
+            cb.update(vectors=vectors, bytes_per_vector=cb["bytes"] / max(vectors, 1),
+                      bytes_per_token=cb["bytes"] / max(tokens, 1),
+                      codec=(m["channels"].get("colbert_codec") or {"spec": "fp16"})["spec"])
+        per["dense"]["storage"] = m["channels"]["dense"].get("storage", "fp32")
         if state.bm25 is not None:
             b = state.bm25.disk_bytes()
             per["bm25"] = {"bytes": b, "bytes_per_doc": b / n}
         return {
             "path": str(self.path), "format_version": m["format_version"], "generation": m["generation"],
             "model": m["model"]["name"], "outputs": m["model"]["outputs"], "channels": list(self.channels),
-            "documents": len(state.ids), "deleted_pending_compaction": int((~state.alive).sum()),
+            "documents": len(state), "deleted_pending_compaction": len(state.deleted),
             "segments": len(state.segments), "tokens": m["counts"]["tokens"], "channel_bytes": per,
         }
 
@@ -835,6 +1001,22 @@ def _disk_full(e: BaseException, folder: Path) -> DiskFullError | None:
     return None
 
 
+def _codec_sample(new: np.ndarray, stores, n: int, seed: int = 0) -> np.ndarray:
+    """At most ``n`` vectors drawn evenly from ``new`` and the float16 ``stores`` (bounded:
+    only the drawn rows are read)."""
+    sizes = [len(new)] + [int(s.offsets[-1]) for s in stores]
+    total = sum(sizes)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(total, size=min(n, total), replace=False))
+    out, lo = [], 0
+    for size, src in zip(sizes, [new] + [s.vectors for s in stores]):
+        sel = pick[(pick >= lo) & (pick < lo + size)] - lo
+        if len(sel):
+            out.append(np.asarray(src[sel], dtype=np.float32))
+        lo += size
+    return np.concatenate(out)
+
+
 def _rerank(reranker, query: str, hits: list[Hit], k: int, weight: float = 1.0) -> list[Hit]:
     """Rescore ``hits`` with a cross-encoder; best ``k`` by reranker score, or by
     ``weight * minmax(rerank) + (1 - weight) * minmax(fused)`` when ``weight < 1`` (fused score kept)."""
@@ -851,8 +1033,9 @@ def _rerank(reranker, query: str, hits: list[Hit], k: int, weight: float = 1.0) 
     return [hits[i] for i in np.argsort(-key, kind="stable")[:k]]
 
 
-def _slice(allowed: np.ndarray | None, s: Segment) -> np.ndarray | None:
-    return None if allowed is None else allowed[s.base:s.base + s.count]
+def _docnos(s: Segment, ids: np.ndarray) -> np.ndarray:
+    """Local row ids (-1 = none) of segment ``s`` as docnos (-1 kept)."""
+    return np.where(ids >= 0, s.docno_of(np.maximum(ids, 0)), -1)
 
 
 def _check_docs(docs) -> tuple[list[str], list[str], list[dict]]:
@@ -879,8 +1062,8 @@ def _check_docs(docs) -> tuple[list[str], list[str], list[dict]]:
             json.dumps(md, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ValueError(f"document {i!r}: metadata is not JSON-serialisable ({e})") from e
-        ids.append(i)
-        texts.append(t)
+        ids.append(str.__str__(i))  # numpy str_ and other subclasses stored as plain str
+        texts.append(str.__str__(t))
         metas.append(md)
     seen, dups = set(), []
     for i in ids:
@@ -955,8 +1138,9 @@ def _check_metadata(md, what: str) -> None:
                 raise ValueError(f"{where}: {v!r} is not a finite number")
         elif isinstance(v, Mapping):
             for key, x in v.items():
-                if isinstance(key, str):
-                    _check_unicode(key, f"{where}: a field name")
+                if not isinstance(key, str):
+                    raise ValueError(f"{where}: metadata keys must be strings, got {key!r}"[:300])
+                _check_unicode(key, f"{where}: a field name")
                 stack.append((x, f"{where}[{key!r}]"))
         elif isinstance(v, (list, tuple)):
             stack.extend((x, f"{where}[{j}]") for j, x in enumerate(v))

@@ -32,7 +32,7 @@ from .storage import LOCK, MANIFEST, remove_entry, write_json_durable
 
 LEASE_RE = re.compile(r"lease-(\d{6,})\.json\Z")
 # Entries a writer may create; anything else in the folder is never touched.
-_OWNED_RE = re.compile(r"(seg-\d{6,}|deleted-\d{6,}\.npy|bm25-\d{6,}|lease-\d{6,}\.json)(\.tmp)?\Z"
+_OWNED_RE = re.compile(r"(seg-\d{6,}|deleted-\d{6,}\.npy|bm25-\d{6,}|codec-\d{6,}|lease-\d{6,}\.json)(\.tmp)?\Z"
                        r"|manifest\.json\.tmp\Z")
 DEFAULT_LOCK_TIMEOUT = 60.0
 
@@ -45,6 +45,9 @@ def generation_names(manifest: dict) -> set[str]:
     """Every top-level entry generation ``manifest`` reads."""
     names = {e["name"] for e in manifest["segments"]}
     names.update(n for n in (manifest.get("deleted"), manifest.get("bm25")) if n)
+    codec = manifest["channels"].get("colbert_codec")
+    if codec is not None and codec.get("codebook"):
+        names.add(codec["codebook"])
     return names
 
 

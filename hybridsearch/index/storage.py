@@ -21,7 +21,7 @@ from .._version import __version__
 from ..errors import IndexFormatError
 
 FORMAT_NAME = "hybridsearch-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: docstore + typed columns, dense storage kinds, coded ColBERT, merged segments
 MANIFEST = "manifest.json"
 LOCK = "LOCK"
 DOCS_FILE = "docs.msgpack"
@@ -29,14 +29,27 @@ FAISS_FILE = "dense.faiss"
 SPARSE_FILES = ("sparse_indptr.npy", "sparse_docs.npy", "sparse_weights.npy", "sparse_term_max.npy",
                 "sparse_n_docs.npy")
 COLBERT_FILES = ("colbert_vectors.npy", "colbert_offsets.npy")
+# Format 2 segments: the row-addressable docstore and the typed metadata columns
+# (index/docstore.py, index/columns.py), docnos of merged segments, dense storage kinds
+# (retrievers/dense_store.py) and coded ColBERT (retrievers/multivector.py).
+DOCSTORE_FILES = ("docs.bin", "docs_offsets.npy", "ids.bin", "ids_offsets.npy", "ids_hash.npy", "ids_order.npy")
+COLUMNS_FILE = "columns.json"
+COLUMN_FILE = re.compile(r"col-[0-9]{4}-[a-z0-9_]{1,16}\.(npy|bin)")
+DOCNOS_FILE = "docnos.npy"
+DENSE_FILES = {"fp32": ("dense.npy",), "fp16": ("dense.npy",), "sq8": ("dense_sq8.npy", "dense_sq8_params.npy")}
+DENSE_STORAGES = tuple(DENSE_FILES)
+COLBERT_CODE_FILES = ("colbert_codes.npy", "colbert_residuals.npy", "colbert_offsets.npy")
 # Every file a segment folder may hold; anything else named in a manifest is refused.
-SEGMENT_FILES = frozenset((DOCS_FILE, "n_tokens.npy", "dense.npy", FAISS_FILE) + SPARSE_FILES + COLBERT_FILES)
+SEGMENT_FILES = frozenset((DOCS_FILE, "n_tokens.npy", "dense.npy", FAISS_FILE, COLUMNS_FILE, DOCNOS_FILE)
+                          + SPARSE_FILES + COLBERT_FILES + DOCSTORE_FILES + COLBERT_CODE_FILES
+                          + DENSE_FILES["sq8"])
 # The names a manifest may give, by kind: plain child names of the index folder, never a path.
 NAME_PATTERNS = {
     "segment": re.compile(r"seg-[0-9]{6,}"),
     "deleted": re.compile(r"deleted-[0-9]{6,}\.npy"),
     "bm25": re.compile(r"bm25-[0-9]{6,}"),
-    "segment file": re.compile("|".join(re.escape(n) for n in sorted(SEGMENT_FILES))),
+    "codec": re.compile(r"codec-[0-9]{6,}"),
+    "segment file": re.compile("|".join([re.escape(n) for n in sorted(SEGMENT_FILES)] + [COLUMN_FILE.pattern])),
     "manifest": re.compile(re.escape(MANIFEST)),
     "lock": re.compile(re.escape(LOCK)),
 }
@@ -360,15 +373,42 @@ def _get(d: dict, key: str, types, what: str):
     return v
 
 
+def segment_ranges(segments: list) -> list[tuple[int, int]]:
+    """``(first docno, span)`` of each segment entry. Format-1 entries hold ``count`` docnos
+    right after the previous entry's; format-2 entries say ``first`` and ``span`` (a merged
+    segment may have dropped deleted rows: ``span >= count``, its rows' docnos in docnos.npy)."""
+    out, end = [], 0
+    for e in segments:
+        first = e.get("first", end)
+        span = e.get("span", e.get("count"))
+        out.append((first, span))
+        end = first + span
+    return out
+
+
 def expected_segment_files(entry: dict, channels: dict | None = None) -> set[str]:
-    """The exact set of files a segment entry must list: docs, n_tokens and dense always,
-    ``dense.faiss`` iff its factory is not Flat, the sparse / ColBERT files iff the channel is
-    on (without ``channels``: iff any of them is listed)."""
+    """The exact set of fixed-name files a segment entry must list (typed metadata columns,
+    ``col-NNNN-*``, come on top, named by ``columns.json``).
+
+    Format 1: docs.msgpack, n_tokens and dense.npy always. Format 2: the docstore files and
+    columns.json, docnos.npy iff the entry says ``docnos`` (a merged segment that dropped
+    rows: row r holds docnos[r], else first + r), the dense files
+    of its storage kind. Both: ``dense.faiss`` iff its factory is not Flat, the sparse and
+    ColBERT files (float16 or codes) iff the channel is on (without ``channels``: iff any of
+    them is listed)."""
     files = entry.get("files") or {}
-    want = {DOCS_FILE, "n_tokens.npy", "dense.npy"}
+    if entry.get("format", 1) == 1:
+        want = {DOCS_FILE, "n_tokens.npy", "dense.npy"}
+        colbert_files = COLBERT_FILES
+    else:
+        want = set(DOCSTORE_FILES) | {COLUMNS_FILE, "n_tokens.npy"}
+        want.update(DENSE_FILES.get(entry.get("dense_storage"), ()))
+        if entry.get("docnos") is True:
+            want.add(DOCNOS_FILE)
+        colbert_files = COLBERT_CODE_FILES if entry.get("colbert") == "codes" else COLBERT_FILES
     if entry.get("dense_factory") not in (None, "Flat"):
         want.add(FAISS_FILE)
-    for ch, group in (("sparse", SPARSE_FILES), ("colbert", COLBERT_FILES)):
+    for ch, group in (("sparse", SPARSE_FILES), ("colbert", colbert_files)):
         on = channels[ch] if channels is not None else any(n in files for n in group)
         if on:
             want.update(group)
@@ -378,10 +418,11 @@ def expected_segment_files(entry: dict, channels: dict | None = None) -> set[str
 def check_segment_files(root: str | os.PathLike, entry: dict, model: dict | None = None,
                         channels: dict | None = None) -> dict[str, tuple]:
     """Check one segment entry against its folder without reading any data: the folder is a
-    plain child (no link), it lists exactly the expected files (:func:`expected_segment_files`),
-    each a regular file (no link) of the recorded size, and every ``.npy`` header has the dtype
-    and shape the entry's ``count`` and the ``model`` dims (dim, colbert_dim, vocab_size) imply.
-    Returns ``{file name: (shape, dtype)}`` of the ``.npy`` files."""
+    plain child (no link), it lists exactly the expected files (:func:`expected_segment_files`,
+    plus column files), each a regular file (no link) of the recorded size, and every ``.npy``
+    header of a fixed-name file has the dtype and shape the entry's ``count`` and the ``model``
+    dims (dim, colbert_dim, vocab_size) imply. Returns ``{file name: (shape, dtype)}`` of those
+    ``.npy`` files."""
     root = Path(root)
     folder = safe_child(root, entry.get("name"), "segment", want="dir")
     n = _int(entry.get("count"), f"{root / MANIFEST}: segment {folder.name} count", 0, MAX_SEGMENT_DOCS)
@@ -389,8 +430,10 @@ def check_segment_files(root: str | os.PathLike, entry: dict, model: dict | None
     if not isinstance(files, dict):
         raise IndexFormatError(f"{root / MANIFEST}: segment {folder.name} has no file list")
     want = expected_segment_files(entry, channels)
-    if set(files) != want:
-        missing, extra = sorted(want - set(files)), sorted(set(files) - want)
+    v2 = entry.get("format", 1) == 2
+    extra_ok = {f for f in files if v2 and COLUMN_FILE.fullmatch(f)}
+    if set(files) - extra_ok != want:
+        missing, extra = sorted(want - set(files)), sorted(set(files) - want - extra_ok)
         raise IndexFormatError(f"{root / MANIFEST}: segment {folder.name} lists the wrong files"
                                + (f" (missing: {', '.join(missing)})" if missing else "")
                                + (f" (unexpected: {', '.join(map(repr, extra))})" if extra else ""))
@@ -402,15 +445,21 @@ def check_segment_files(root: str | os.PathLike, entry: dict, model: dict | None
         size = os.lstat(p).st_size
         if size != info["bytes"]:
             raise IndexFormatError(f"index file corrupted: {p} has {size} bytes, the manifest says {info['bytes']}")
-    if files[DOCS_FILE]["bytes"] < 3 * n:  # each document is at least 3 msgpack bytes
+    if not v2 and files[DOCS_FILE]["bytes"] < 3 * n:  # each document is at least 3 msgpack bytes
         raise IndexFormatError(f"index file corrupted: {folder / DOCS_FILE} is too small for {n} documents")
     model = model or {}
     dim, cdim, vocab = model.get("dim"), model.get("colbert_dim"), model.get("vocab_size")
-    shapes = {"n_tokens.npy": (np.int64, (n,)), "dense.npy": (np.float32, (n, dim)),
+    dense_dtype = np.float16 if entry.get("dense_storage") == "fp16" else np.float32
+    shapes = {"n_tokens.npy": (np.int64, (n,)), "dense.npy": (dense_dtype, (n, dim)),
+              "dense_sq8.npy": (np.uint8, (n, dim)), "dense_sq8_params.npy": (np.float32, (2, dim)),
+              DOCNOS_FILE: (np.int64, (n,)),
+              "docs_offsets.npy": (np.int64, (n + 1,)), "ids_offsets.npy": (np.int64, (n + 1,)),
+              "ids_hash.npy": (np.uint64, (n,)), "ids_order.npy": (np.int64, (n,)),
               "sparse_indptr.npy": (np.int64, (None if vocab is None else vocab + 1,)),
               "sparse_docs.npy": (np.int32, (None,)), "sparse_weights.npy": (np.float32, (None,)),
               "sparse_term_max.npy": (np.float32, (vocab,)), "sparse_n_docs.npy": (np.int64, ()),
-              "colbert_vectors.npy": (np.float16, (None, cdim)), "colbert_offsets.npy": (np.int64, (n + 1,))}
+              "colbert_vectors.npy": (np.float16, (None, cdim)), "colbert_offsets.npy": (np.int64, (n + 1,)),
+              "colbert_codes.npy": (np.uint16, (None,)), "colbert_residuals.npy": (np.uint8, (None, None))}
     out = {}
     for name in files:
         if name in shapes:
@@ -422,7 +471,43 @@ def check_segment_files(root: str | os.PathLike, entry: dict, model: dict | None
         if v1 < 1 or out["sparse_term_max.npy"][0] != (v1 - 1,) or out["sparse_weights.npy"][0] != (nnz,):
             raise IndexFormatError(f"sparse files under {folder} are inconsistent "
                                    f"(indptr, term_max, docs and weights lengths disagree)")
+    if "colbert_codes.npy" in out and out["colbert_residuals.npy"][0][0] != out["colbert_codes.npy"][0][0]:
+        raise IndexFormatError(f"ColBERT files under {folder} are inconsistent (codes and residuals "
+                               "hold different numbers of tokens)")
     return out
+
+
+def max_holes(rows: int) -> int:
+    """Most docnos without a row (dropped by merges) an index may have: readers allocate one
+    byte per docno. Writers renumber (compact) at half of this."""
+    return 3 * rows + (1 << 20)
+
+
+def _check_segment_entry(e: dict, name: str, where, model: dict) -> None:
+    """Format-2 fields of a segment entry (types and ranges; the files are checked later)."""
+    fmt = e.get("format", 1)
+    if fmt not in (1, 2) or isinstance(fmt, bool):
+        raise IndexFormatError(f"{where}: segment {name} has an unknown format {fmt!r}")
+    if fmt == 1:
+        for key in ("first", "span", "dense_storage", "colbert", "colbert_codec", "docnos"):
+            if key in e:
+                raise IndexFormatError(f"{where}: format-1 segment {name} must not have {key!r}")
+        return
+    _int(e.get("first"), f"{where}: segment {name} first")
+    span = _int(e.get("span"), f"{where}: segment {name} span", 0, 1 << 62)
+    if span < e["count"]:
+        raise IndexFormatError(f"{where}: segment {name} holds {e['count']} rows in a span of {span} docnos")
+    if not isinstance(e.get("docnos", False), bool):
+        raise IndexFormatError(f"{where}: segment {name} docnos must be a boolean")
+    if e.get("dense_storage") not in DENSE_STORAGES:
+        raise IndexFormatError(f"{where}: segment {name} dense_storage must be one of {DENSE_STORAGES}")
+    cb = e.get("colbert")
+    if cb not in (None, "fp16", "codes"):
+        raise IndexFormatError(f"{where}: segment {name} colbert must be null, 'fp16' or 'codes'")
+    if cb == "codes":
+        check_name(e.get("colbert_codec"), "codec", where)
+    elif "colbert_codec" in e:
+        raise IndexFormatError(f"{where}: segment {name} names a ColBERT codec without coded vectors")
 
 
 def validate_manifest(m, folder: str | os.PathLike) -> dict:
@@ -470,9 +555,18 @@ def validate_manifest(m, folder: str | os.PathLike) -> dict:
         raise IndexFormatError(f"{where}: a sparse channel needs model.vocab_size >= 1")
     if channels["colbert"] and model["colbert_dim"] < 1:
         raise IndexFormatError(f"{where}: a ColBERT channel needs model.colbert_dim >= 1")
+    storage = channels["dense"].get("storage", "fp32")
+    if storage not in DENSE_STORAGES:
+        raise IndexFormatError(f"{where}: channels.dense.storage must be one of {DENSE_STORAGES}")
+    codec = channels.get("colbert_codec")
+    if codec is not None:
+        _get(codec, "spec", str, f"{where}: channels.colbert_codec")
+        _int(codec.get("train_tokens"), f"{where}: channels.colbert_codec.train_tokens", 1, 1 << 40)
+        if codec.get("codebook") is not None:
+            check_name(codec["codebook"], "codec", where)
     segments = _get(m, "segments", list, str(where))
-    next_docno = _int(m.get("next_docno"), f"{where}: next_docno")
-    total, names = 0, set()
+    next_docno = _int(m.get("next_docno"), f"{where}: next_docno", 0, 1 << 62)
+    rows, end, names = 0, 0, set()
     for i, e in enumerate(segments):
         if not isinstance(e, dict):
             raise IndexFormatError(f"{where}: segment {i} is not an object")
@@ -481,6 +575,12 @@ def validate_manifest(m, folder: str | os.PathLike) -> dict:
             raise IndexFormatError(f"{where}: segment {name} is listed twice")
         names.add(name)
         n = _int(e.get("count"), f"{where}: segment {name} count", 0, MAX_SEGMENT_DOCS)
+        _check_segment_entry(e, name, where, model)
+        first, span = e.get("first", end), e.get("span", n)
+        if first != end:
+            raise IndexFormatError(f"{where}: segment {name} starts at docno {first}, not where the "
+                                   f"previous one ends ({end})")
+        end = first + span
         df = e.get("dense_factory")
         if df is not None and not isinstance(df, str):
             raise IndexFormatError(f"{where}: segment {name} dense_factory must be a string or null")
@@ -492,15 +592,21 @@ def validate_manifest(m, folder: str | os.PathLike) -> dict:
                 raise IndexFormatError(f"{where}: segment {name} file {fname}: bad size/sha256 record")
             _int(info.get("bytes"), f"{where}: segment {name} file {fname} bytes")
         # Declared sizes must be able to hold the declared rows (nothing read yet).
-        need = {"n_tokens.npy": 8 * n, "dense.npy": 4 * n * model["dim"], DOCS_FILE: 3 * n,
-                "colbert_offsets.npy": 8 * (n + 1)}
+        width = {"fp16": 2, "sq8": 1}.get(e.get("dense_storage"), 4)
+        need = {"n_tokens.npy": 8 * n, "dense.npy": width * n * model["dim"], "dense_sq8.npy": n * model["dim"],
+                DOCS_FILE: 3 * n, "colbert_offsets.npy": 8 * (n + 1), "docs_offsets.npy": 8 * (n + 1),
+                "ids_offsets.npy": 8 * (n + 1), "ids_hash.npy": 8 * n, "ids_order.npy": 8 * n,
+                DOCNOS_FILE: 8 * n}
         for fname, b in need.items():
             if fname in files and files[fname]["bytes"] < b:
                 raise IndexFormatError(f"{where}: segment {name} declares {n} documents, but its "
                                        f"{fname} has only {files[fname]['bytes']} bytes")
-        total += n
-    if total != next_docno:
-        raise IndexFormatError(f"{where}: segment counts add up to {total}, but next_docno is {next_docno}")
+        rows += n
+    if end != next_docno:
+        raise IndexFormatError(f"{where}: segments cover docnos up to {end}, but next_docno is {next_docno}")
+    if next_docno - rows > max_holes(rows):
+        raise IndexFormatError(f"{where}: {next_docno - rows} docnos without a row for {rows} rows "
+                               f"(at most {max_holes(rows)}; a writer renumbers before that)")
     deleted = m.get("deleted")
     if deleted is not None:
         check_name(deleted, "deleted", where)
@@ -512,9 +618,9 @@ def validate_manifest(m, folder: str | os.PathLike) -> dict:
     counts = _get(m, "counts", dict, str(where))
     for key in ("documents", "deleted", "tokens"):
         _int(counts.get(key), f"{where}: counts.{key}")
-    if counts["documents"] + counts["deleted"] != next_docno or (deleted is None and counts["deleted"]):
+    if counts["documents"] + counts["deleted"] != rows or (deleted is None and counts["deleted"]):
         raise IndexFormatError(f"{where}: counts {counts['documents']} documents + {counts['deleted']} "
-                               f"deleted do not match next_docno {next_docno} / the deletion file")
+                               f"deleted do not match the segments' {rows} rows / the deletion file")
     # On disk: headers and sizes only.
     check_no_links(folder)
     for e in segments:
@@ -524,6 +630,12 @@ def validate_manifest(m, folder: str | os.PathLike) -> dict:
         read_npy_header(p, np.int64, (counts["deleted"],))
     if bm25 is not None:
         safe_child(folder, bm25, "bm25", want="dir")
+    if codec is not None and codec.get("codebook") is not None:
+        safe_child(folder, codec["codebook"], "codec", want="dir")
+    for e in segments:
+        if e.get("colbert") == "codes" and (codec is None or e["colbert_codec"] != codec.get("codebook")):
+            raise IndexFormatError(f"{where}: segment {e['name']} is coded with {e['colbert_codec']}, "
+                                   "which is not the index's ColBERT codebook")
     return m
 
 

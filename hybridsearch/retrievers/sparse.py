@@ -395,6 +395,9 @@ class SparsePostings:
         if n_docs >= 2**31 or vocab >= 2**31:
             raise ValueError("a segment holds fewer than 2**31 documents and terms (int32 ids)")
         csr = sp.csr_matrix(csr, dtype=np.float32)
+        if csr.nnz and not (0 <= int(csr.indices.min()) and int(csr.indices.max()) < vocab):
+            raise ValueError(f"term ids must lie in [0, {vocab}) (the matrix's width), got "
+                             f"{int(csr.indices.min())}..{int(csr.indices.max())}")
         if not csr.has_canonical_format:  # repeated (doc, term) entries would repeat postings
             csr = csr.copy()
             csr.sum_duplicates()
@@ -566,3 +569,81 @@ def brute_force_topk(doc_csr, q_csr, k: int, allowed: np.ndarray | None = None
         out_s[r, : order.size] = dense[r, ids[order]]
         out_i[r, : order.size] = ids[order]
     return out_s, out_i
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+@njit(cache=True)
+def _merge_count(indptr, docs, weights, remap, counts, maxima):
+    """Add to ``counts[t]`` the postings of term ``t`` whose row survives (``remap >= 0``)."""
+    for t in range(indptr.shape[0] - 1):
+        c = 0
+        mx = maxima[t]
+        for p in range(indptr[t], indptr[t + 1]):
+            if remap[docs[p]] >= 0:
+                c += 1
+                if weights[p] > mx:
+                    mx = weights[p]
+        counts[t] += c
+        maxima[t] = mx
+
+
+@njit(cache=True)
+def _merge_fill(indptr, docs, weights, remap, fill, out_docs, out_weights):
+    """Append the surviving postings of each term at ``fill[t]`` with their new rows."""
+    for t in range(indptr.shape[0] - 1):
+        f = fill[t]
+        for p in range(indptr[t], indptr[t + 1]):
+            r = remap[docs[p]]
+            if r >= 0:
+                out_docs[f] = r
+                out_weights[f] = weights[p]
+                f += 1
+        fill[t] = f
+
+
+def merge_postings(folder: str | Path, prefix: str, sources) -> list[str]:
+    """Write the postings of the concatenation of ``sources`` into ``folder``, streaming.
+
+    ``sources`` is a list of ``(SparsePostings, rows)``: the kept rows (ascending int64) of each
+    source, in output order. Posting lists stay sorted because sources are appended in order and
+    rows ascend within each. Memory: O(V + rows of one source); the output arrays are written
+    through memory maps, so their pages go to disk, not to this process's heap. Returns the
+    file names written (not fsynced).
+    """
+    from numpy.lib.format import open_memmap
+
+    folder = Path(folder)
+    if not sources:
+        raise ValueError("merge_postings needs at least one source")
+    vocab = sources[0][0].vocab_size
+    counts = np.zeros(vocab, np.int64)
+    maxima = np.zeros(vocab, np.float32)
+    remaps, base = [], 0
+    for p, rows in sources:
+        if p.vocab_size != vocab:
+            raise ValueError(f"sources disagree on the vocabulary size ({p.vocab_size} != {vocab})")
+        rows = np.asarray(rows, np.int64)
+        remap = np.full(p.n_docs, -1, np.int32)
+        remap[rows] = np.arange(base, base + len(rows), dtype=np.int32)
+        base += len(rows)
+        remaps.append(remap)
+        _merge_count(p.indptr, p.docs, p.weights, remap, counts, maxima)
+    indptr = np.zeros(vocab + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    nnz = int(indptr[-1])
+    names = [f"{prefix}_{n}.npy" for n in ("indptr", "docs", "weights", "term_max", "n_docs")]
+    np.save(folder / names[0], indptr, allow_pickle=False)
+    out_docs = open_memmap(folder / names[1], mode="w+", dtype=np.int32, shape=(nnz,))
+    out_weights = open_memmap(folder / names[2], mode="w+", dtype=np.float32, shape=(nnz,))
+    if nnz:
+        fill = indptr[:-1].copy()
+        for (p, _), remap in zip(sources, remaps):
+            _merge_fill(p.indptr, p.docs, p.weights, remap, fill, out_docs, out_weights)
+    out_docs.flush()
+    out_weights.flush()
+    del out_docs, out_weights
+    np.save(folder / names[3], maxima, allow_pickle=False)
+    np.save(folder / names[4], np.array(base, np.int64), allow_pickle=False)
+    return names
