@@ -1,12 +1,27 @@
-"""ColBERT multi-vector store of one immutable segment, with a Numba MaxSim kernel.
+"""ColBERT multi-vector stores of one immutable segment, with Numba MaxSim kernels.
 
-Token vectors are kept as float16 (half the disk and page cache of float32) and widened to
-float32 per document inside the kernel; all arithmetic is float32. The score is BGE-M3's
-``colbert_score``: the mean over query vectors of the best dot product with the document's
-vectors. A document without vectors, or a query without vectors, scores 0.
+Two stores share one reading API (``n_docs``, ``dim``, ``offsets``, ``maxsim``, ``maxsim_batch``,
+``search``, ``bytes_per_token``):
 
-Files written by :meth:`ColbertStore.save` (plain ``.npy``, never pickled):
-``{prefix}_vectors.npy`` ``(T, d)`` float16 and ``{prefix}_offsets.npy`` ``(n_docs + 1,)`` int64.
+* :class:`ColbertStore` keeps float16 vectors (half the disk and page cache of float32), widened
+  to float32 per document inside the kernel.
+* :class:`CodedColbertStore` keeps residual codes (:mod:`colbert_codec`: a uint16 centroid id and
+  ``dim * nbits / 8`` bytes per token, 130 B at d=1024 and 1 bit against 2,048 B); the kernel
+  decodes one candidate document at a time into a per-thread buffer.
+
+All arithmetic is float32. The score is BGE-M3's ``colbert_score``: the mean over query vectors
+of the best dot product with the document's vectors. A document without vectors, or a query
+without vectors, scores 0. :func:`write_colbert` streams documents of several stores into new
+files (segment merges), converting between codecs with bounded memory.
+
+Files (plain ``.npy``, never pickled), ``T`` tokens and ``n`` documents:
+
+* float16 (:meth:`ColbertStore.save`): ``{prefix}_vectors.npy`` ``(T, d)`` float16 and
+  ``{prefix}_offsets.npy`` ``(n + 1,)`` int64.
+* coded (:meth:`CodedColbertStore.save`): ``{prefix}_codes.npy`` ``(T,)`` uint16,
+  ``{prefix}_residuals.npy`` ``(T, d * nbits / 8)`` uint8 and ``{prefix}_offsets.npy``
+  ``(n + 1,)`` int64 (of the pooled tokens for a pooling codec); the codec's own files are
+  listed in :mod:`colbert_codec`.
 """
 
 from __future__ import annotations
@@ -21,12 +36,25 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from hybridsearch.errors import IndexFormatError
+from hybridsearch.retrievers.colbert_codec import ColbertCodec, _decode_tokens, pool_tokens
 
 # Reassociation lets LLVM vectorise the dot products; no "ninf", since -inf seeds the maxima.
 _FASTMATH = {"reassoc", "contract", "nsz"}
 # Below this many multiply-adds (about a millisecond) a batch runs on the calling thread: waking
 # the pool costs microseconds on an idle machine but milliseconds on a busy one.
 PARALLEL_MIN_FLOPS = 1 << 24
+# search() with a query of at least SEARCH_BLOCKED_MIN_QUERY vectors scores whole blocks of
+# SEARCH_BLOCK_TOKENS tokens (decoded to float32: 32 MiB at d=1024) by BLAS, when the allowed docs
+# hold at least 1/SEARCH_BLOCKED_MIN_SHARE of the tokens. Measured at d=1024, 100-token docs, one
+# thread: the kernel wins up to 32 query vectors (fp16 95 vs 128 ms, codes 118 vs 154 ms per 500
+# docs), BLAS from 128 (fp16 381 vs 337, codes 405 vs 360).
+SEARCH_BLOCKED_MIN_QUERY = 64
+SEARCH_BLOCK_TOKENS = 1 << 13
+SEARCH_BLOCKED_MIN_SHARE = 4
+# Float32 tokens decoded per step by write_colbert (bounded memory for any merge size).
+WRITE_FLOAT_CHUNK_BYTES = 64 << 20
+# Codes read per chunk by the load-time range check.
+CHECK_CHUNK = 1 << 22
 
 
 @intrinsic
@@ -42,6 +70,57 @@ def _half_to_float(typingctx, bits):
 
 
 @njit(cache=True, fastmath=_FASTMATH)
+def _tile_maxsim(q, m, buf, n, d, best):
+    """MaxSim of ``q`` ``(m4, d)`` (rows padded to a multiple of 4, ``m`` real) against the
+    ``n`` float32 vectors at the start of the flat ``buf`` (which has room for ``n + 1``)."""
+    if n % 2 == 1:
+        # Repeat the last vector so the 2-wide tile below needs no remainder loop.
+        buf[n * d:(n + 1) * d] = buf[(n - 1) * d:n * d]
+        n += 1
+    p = buf[:n * d].reshape((n, d))
+    m4 = q.shape[0]
+    best[:m4] = -np.inf
+    # 4 query x 2 doc register tile: 8 independent vector accumulators, 6 loads per 8 FMAs.
+    for j in range(0, n, 2):
+        for i in range(0, m4, 4):
+            s00 = s01 = s10 = s11 = np.float32(0.0)
+            s20 = s21 = s30 = s31 = np.float32(0.0)
+            for e in range(d):
+                p0 = p[j, e]
+                p1 = p[j + 1, e]
+                q0 = q[i, e]
+                q1 = q[i + 1, e]
+                q2 = q[i + 2, e]
+                q3 = q[i + 3, e]
+                s00 += q0 * p0
+                s01 += q0 * p1
+                s10 += q1 * p0
+                s11 += q1 * p1
+                s20 += q2 * p0
+                s21 += q2 * p1
+                s30 += q3 * p0
+                s31 += q3 * p1
+            best[i] = max(best[i], max(s00, s01))
+            best[i + 1] = max(best[i + 1], max(s10, s11))
+            best[i + 2] = max(best[i + 2], max(s20, s21))
+            best[i + 3] = max(best[i + 3], max(s30, s31))
+    total = np.float32(0.0)
+    for i in range(m):
+        total += best[i]
+    return total / np.float32(m)
+
+
+@njit(cache=True)
+def _buffers(q_off4, owner, offsets, cand, lo, hi, d):
+    max_n = 0
+    max_m = 0
+    for t in range(lo, hi):
+        max_n = max(max_n, offsets[cand[t] + 1] - offsets[cand[t]])
+        max_m = max(max_m, q_off4[owner[t] + 1] - q_off4[owner[t]])
+    return np.empty((max_n + 1) * d, np.float32), np.empty(max_m, np.float32)
+
+
+@njit(cache=True, fastmath=_FASTMATH)
 def _maxsim_range(q4, q_off4, q_len, owner, vec16, d, offsets, cand, lo, hi, out):
     """MaxSim of pairs ``[lo, hi)``: pair ``t`` is query ``owner[t]`` against doc ``cand[t]``.
 
@@ -49,13 +128,7 @@ def _maxsim_range(q4, q_off4, q_len, owner, vec16, d, offsets, cand, lo, hi, out
     by repeating their last row, which leaves every maximum unchanged; ``q_len`` ``(B,)`` are the
     real lengths. ``vec16`` is the flat ``(T * d,)`` uint16 view of the float16 vectors.
     """
-    max_n = 0
-    max_m = 0
-    for t in range(lo, hi):
-        max_n = max(max_n, offsets[cand[t] + 1] - offsets[cand[t]])
-        max_m = max(max_m, q_off4[owner[t] + 1] - q_off4[owner[t]])
-    buf = np.empty((max_n + 1) * d, np.float32)
-    best = np.empty(max_m, np.float32)
+    buf, best = _buffers(q_off4, owner, offsets, cand, lo, hi, d)
     for t in range(lo, hi):
         b = owner[t]
         m = q_len[b]
@@ -67,42 +140,42 @@ def _maxsim_range(q4, q_off4, q_len, owner, vec16, d, offsets, cand, lo, hi, out
         src = vec16[start * d:(start + n) * d]
         for x in range(n * d):
             buf[x] = _half_to_float(src[x])
-        if n % 2 == 1:
-            # Repeat the last vector so the 2-wide tile below needs no remainder loop.
-            buf[n * d:(n + 1) * d] = buf[(n - 1) * d:n * d]
-            n += 1
-        p = buf[:n * d].reshape((n, d))
-        q = q4[q_off4[b]:q_off4[b + 1]]
-        m4 = q.shape[0]
-        best[:m4] = -np.inf
-        # 4 query x 2 doc register tile: 8 independent vector accumulators, 6 loads per 8 FMAs.
-        for j in range(0, n, 2):
-            for i in range(0, m4, 4):
-                s00 = s01 = s10 = s11 = np.float32(0.0)
-                s20 = s21 = s30 = s31 = np.float32(0.0)
-                for e in range(d):
-                    p0 = p[j, e]
-                    p1 = p[j + 1, e]
-                    q0 = q[i, e]
-                    q1 = q[i + 1, e]
-                    q2 = q[i + 2, e]
-                    q3 = q[i + 3, e]
-                    s00 += q0 * p0
-                    s01 += q0 * p1
-                    s10 += q1 * p0
-                    s11 += q1 * p1
-                    s20 += q2 * p0
-                    s21 += q2 * p1
-                    s30 += q3 * p0
-                    s31 += q3 * p1
-                best[i] = max(best[i], max(s00, s01))
-                best[i + 1] = max(best[i + 1], max(s10, s11))
-                best[i + 2] = max(best[i + 2], max(s20, s21))
-                best[i + 3] = max(best[i + 3], max(s30, s31))
-        total = np.float32(0.0)
-        for i in range(m):
-            total += best[i]
-        out[t] = total / np.float32(m)
+        out[t] = _tile_maxsim(q4[q_off4[b]:q_off4[b + 1]], m, buf, n, d, best)
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _coded_range(q4, q_off4, q_len, owner, ids, res, centroids, lut, renorm, offsets, cand,
+                 lo, hi, out):
+    """:func:`_maxsim_range` on residual codes: each candidate is decoded into a per-call
+    buffer (one document at a time, never the store)."""
+    d = centroids.shape[1]
+    buf, best = _buffers(q_off4, owner, offsets, cand, lo, hi, d)
+    for t in range(lo, hi):
+        b = owner[t]
+        m = q_len[b]
+        start = offsets[cand[t]]
+        n = offsets[cand[t] + 1] - start
+        if m == 0 or n == 0:
+            out[t] = 0.0
+            continue
+        _decode_tokens(ids, res, start, n, centroids, lut, renorm, buf)
+        out[t] = _tile_maxsim(q4[q_off4[b]:q_off4[b + 1]], m, buf, n, d, best)
+
+
+@njit(cache=True, parallel=True)
+def _coded_parallel(q4, q_off4, q_len, owner, ids, res, centroids, lut, renorm, offsets, cand,
+                    n_chunks, out):
+    c = cand.shape[0]
+    for k in prange(n_chunks):
+        _coded_range(q4, q_off4, q_len, owner, ids, res, centroids, lut, renorm, offsets, cand,
+                     k * c // n_chunks, (k + 1) * c // n_chunks, out)
+
+
+@njit(cache=True)
+def _widen(bits, out):
+    """float16 bit patterns -> float32, flat (numpy's astype is several times slower)."""
+    for x in range(bits.shape[0]):
+        out[x] = _half_to_float(bits[x])
 
 
 @njit(cache=True, parallel=True)
@@ -151,77 +224,22 @@ def _pad_queries(q: np.ndarray, q_offsets: np.ndarray):
     return q[rows], q_off4, q_len
 
 
-class ColbertStore:
-    """Token vectors of one segment: doc ``i`` owns ``vectors[offsets[i]:offsets[i + 1]]``.
+class _MaxSimStore:
+    """Reading API shared by both stores: ``maxsim``, ``maxsim_batch``, ``search``.
 
-    Attributes:
-        vectors: ``(T, d)`` float16, memory-mapped when loaded.
-        offsets: ``(n_docs + 1,)`` int64, non-decreasing, from 0 to T.
+    A subclass sets ``offsets`` and provides ``dim``, ``_kernel(args, lo_hi_or_chunks, out,
+    parallel)`` and ``decode_range(lo, hi)``.
     """
 
-    def __init__(self, vectors: np.ndarray, offsets: np.ndarray):
-        self.vectors = _readonly(vectors)
-        self.offsets = _readonly(offsets)
-        self._flat = _readonly(self.vectors.view(np.uint16).reshape(-1))
+    offsets: np.ndarray
 
     @property
     def n_docs(self) -> int:
         return int(self.offsets.shape[0] - 1)
 
     @property
-    def dim(self) -> int:
-        return int(self.vectors.shape[1])
-
-    @classmethod
-    def from_arrays(cls, vectors: np.ndarray, offsets: np.ndarray) -> ColbertStore:
-        """``vectors`` ``(T, d)`` float32/16 (stored as float16); ``offsets`` ``(n_docs + 1,)``."""
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
-            raise TypeError(f"vectors must be a 2-d float array, "
-                            f"got {vectors.dtype} {vectors.shape}")
-        with np.errstate(over="ignore"):  # overflow is reported below, as an error
-            v16 = np.ascontiguousarray(vectors, dtype=np.float16)
-        if not np.isfinite(v16).all():
-            raise ValueError("vectors must be finite and within float16 range (|x| <= 65504)")
-        return cls(v16, _check_offsets(offsets, v16.shape[0], "offsets"))
-
-    def save(self, folder: str | Path, prefix: str = "colbert") -> None:
-        """Write ``{prefix}_vectors.npy`` and ``{prefix}_offsets.npy`` into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        np.save(folder / f"{prefix}_vectors.npy", self.vectors, allow_pickle=False)
-        np.save(folder / f"{prefix}_offsets.npy", self.offsets, allow_pickle=False)
-
-    @classmethod
-    def load(cls, folder: str | Path, prefix: str = "colbert", mmap: bool = True, *,
-             dim: int | None = None, n_docs: int | None = None) -> ColbertStore:
-        """Open files written by :meth:`save`, treating them as untrusted; with ``mmap`` the
-        vectors stay on disk until read.
-
-        Before anything is allocated from them: no links, dtypes, shapes and file sizes
-        (vectors ``(T, d)`` float16 with ``d == dim`` when given, offsets ``(n + 1,)`` int64
-        with ``n == n_docs`` when given). Then offsets start at 0, never decrease and end at T
-        (O(n)): the MaxSim kernel reads ``vectors[offsets[i]:offsets[i + 1]]`` unchecked.
-        """
-        from hybridsearch.index.storage import load_npy, read_npy_header
-
-        folder = Path(folder)
-        paths = {name: folder / f"{prefix}_{name}.npy" for name in ("vectors", "offsets")}
-        for path in paths.values():
-            if not os.path.lexists(path):
-                raise IndexFormatError(f"missing {path}; was this segment saved with "
-                                       f"prefix {prefix!r}?")
-        v_shape, _, _ = read_npy_header(paths["vectors"], np.float16, (None, dim))
-        read_npy_header(paths["offsets"], np.int64, (None if n_docs is None else n_docs + 1,))
-        if v_shape[1] < 1:
-            raise IndexFormatError(f"{paths['vectors']} has no columns: shape {v_shape}")
-        vectors = load_npy(paths["vectors"], mmap=mmap)
-        offsets = load_npy(paths["offsets"], mmap=mmap)
-        try:
-            _check_offsets(offsets, v_shape[0], str(paths["offsets"]))
-        except ValueError as e:
-            raise IndexFormatError(str(e)) from None
-        return cls(vectors, offsets)
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
 
     def _check_cand(self, cand) -> np.ndarray:
         cand = np.asarray(cand)
@@ -264,45 +282,459 @@ class ColbertStore:
         owner = np.repeat(np.arange(q_len.shape[0], dtype=np.int64), np.diff(cand_offsets))
         doc_len = self.offsets[cand + 1] - self.offsets[cand]
         flops = int((doc_len * q_len[owner]).sum()) * self.dim
-        args = (_readonly(q4), _readonly(q_off4), _readonly(q_len), _readonly(owner), self._flat,
-                self.dim, self.offsets, _readonly(cand))
+        args = (_readonly(q4), _readonly(q_off4), _readonly(q_len), _readonly(owner))
         threads = numba.get_num_threads()
         if threads == 1 or cand.shape[0] == 1 or flops < PARALLEL_MIN_FLOPS:
-            _maxsim_range(*args, 0, cand.shape[0], out)
+            self._kernel(args, _readonly(cand), out, 0)
         else:
             # Chunks are handed out one at a time, so a thread slowed by other load takes fewer.
             old = numba.set_parallel_chunksize(1)
             try:
-                _maxsim_parallel(*args, min(8 * threads, cand.shape[0]), out)
+                self._kernel(args, _readonly(cand), out, min(8 * threads, cand.shape[0]))
             finally:
                 numba.set_parallel_chunksize(old)
         return out
+
+    def _check_search(self, k, allowed) -> np.ndarray | None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if allowed is None:
+            return None
+        allowed = np.asarray(allowed)
+        if allowed.dtype != np.bool_ or allowed.shape != (self.n_docs,):
+            raise ValueError(f"allowed must be a ({self.n_docs},) bool mask, "
+                             f"got {allowed.dtype} {allowed.shape}")
+        return allowed
 
     def search(self, q: np.ndarray, k: int, allowed: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """Exhaustive exact top-k of one query ``(m, d)`` over every allowed doc.
 
-        For small segments and tests. ``allowed`` is ``(n_docs,)`` bool or None. Returns scores
-        ``(k,)`` float32 and ids ``(k,)`` int64, best first, ties to the lower row; slots beyond
-        the allowed docs hold score 0 and id -1 (as in the sparse retriever).
+        ``allowed`` is ``(n_docs,)`` bool or None. Returns scores ``(k,)`` float32 and ids
+        ``(k,)`` int64, best first, ties to the lower row; slots beyond the allowed docs hold
+        score 0 and id -1 (as in the sparse retriever). Long queries (``SEARCH_BLOCKED_MIN_QUERY``
+        vectors or more) score whole blocks of documents by BLAS (:meth:`scores_blocked`) unless
+        few documents are allowed; otherwise the MaxSim kernel scores the allowed docs one by one.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        allowed = self._check_search(k, allowed)
+        q = _check_vectors(q, self.dim, "q")
         if allowed is None:
             cand = np.arange(self.n_docs, dtype=np.int64)
         else:
-            allowed = np.asarray(allowed)
-            if allowed.dtype != np.bool_ or allowed.shape != (self.n_docs,):
-                raise ValueError(f"allowed must be a ({self.n_docs},) bool mask, "
-                                 f"got {allowed.dtype} {allowed.shape}")
             cand = np.flatnonzero(allowed).astype(np.int64)
-        scores = self.maxsim(q, cand)
+        lengths = self.offsets[cand + 1] - self.offsets[cand]
+        if (q.shape[0] >= SEARCH_BLOCKED_MIN_QUERY and cand.size
+                and int(lengths.sum()) * SEARCH_BLOCKED_MIN_SHARE >= self.n_tokens):
+            scores = self.scores_blocked(q, allowed)[cand]
+        else:
+            scores = self.maxsim(q, cand)
         order = np.lexsort((cand, -scores))[:k]
         out_s = np.zeros(k, np.float32)
         out_i = np.full(k, -1, np.int64)
         out_s[: order.size] = scores[order]
         out_i[: order.size] = cand[order]
         return out_s, out_i
+
+    def scores_blocked(self, q: np.ndarray, allowed: np.ndarray | None = None,
+                       block_tokens: int | None = None) -> np.ndarray:
+        """MaxSim of one query ``(m, d)`` against every doc: ``(n_docs,)`` float32.
+
+        The store is read in blocks of whole documents of about ``block_tokens`` tokens
+        (``SEARCH_BLOCK_TOKENS``): each is widened/decoded to float32, multiplied with the query
+        by BLAS and reduced by a per-document maximum, so memory stays bounded. Blocks without
+        an allowed doc are skipped (their scores stay 0).
+        """
+        q = _check_vectors(q, self.dim, "q")
+        block = int(block_tokens or SEARCH_BLOCK_TOKENS)
+        out = np.zeros(self.n_docs, np.float32)
+        m = q.shape[0]
+        if m == 0 or self.n_docs == 0:
+            return out
+        offsets = np.asarray(self.offsets)
+        qt = np.ascontiguousarray(q.T)
+        s = 0
+        while s < self.n_docs:
+            e = int(np.searchsorted(offsets, offsets[s] + block, side="right")) - 1
+            e = min(max(e, s + 1), self.n_docs)
+            if allowed is None or allowed[s:e].any():
+                lo, hi = int(offsets[s]), int(offsets[e])
+                lengths = np.diff(offsets[s:e + 1])
+                full = np.flatnonzero(lengths)
+                if full.size:
+                    sims = self.decode_range(lo, hi) @ qt
+                    best = np.maximum.reduceat(sims, offsets[s + full] - lo, axis=0)
+                    out[s + full] = best.sum(axis=1) / np.float32(m)
+            s = e
+        return out
+
+
+class ColbertStore(_MaxSimStore):
+    """Token vectors of one segment: doc ``i`` owns ``vectors[offsets[i]:offsets[i + 1]]``.
+
+    Attributes:
+        vectors: ``(T, d)`` float16, memory-mapped when loaded.
+        offsets: ``(n_docs + 1,)`` int64, non-decreasing, from 0 to T.
+    """
+
+    codec = None
+
+    def __init__(self, vectors: np.ndarray, offsets: np.ndarray):
+        self.vectors = _readonly(vectors)
+        self.offsets = _readonly(offsets)
+        self._flat = _readonly(self.vectors.view(np.uint16).reshape(-1))
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.dim
+
+    @classmethod
+    def from_arrays(cls, vectors: np.ndarray, offsets: np.ndarray) -> ColbertStore:
+        """``vectors`` ``(T, d)`` float32/16 (stored as float16); ``offsets`` ``(n_docs + 1,)``."""
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
+            raise TypeError(f"vectors must be a 2-d float array, "
+                            f"got {vectors.dtype} {vectors.shape}")
+        with np.errstate(over="ignore"):  # overflow is reported below, as an error
+            v16 = np.ascontiguousarray(vectors, dtype=np.float16)
+        if not np.isfinite(v16).all():
+            raise ValueError("vectors must be finite and within float16 range (|x| <= 65504)")
+        return cls(v16, _check_offsets(offsets, v16.shape[0], "offsets"))
+
+    def save(self, folder: str | Path, prefix: str = "colbert") -> None:
+        """Write ``{prefix}_vectors.npy`` and ``{prefix}_offsets.npy`` into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f"{prefix}_vectors.npy", self.vectors, allow_pickle=False)
+        np.save(folder / f"{prefix}_offsets.npy", self.offsets, allow_pickle=False)
+
+    @classmethod
+    def load(cls, folder: str | Path, prefix: str = "colbert", mmap: bool = True, *,
+             dim: int | None = None, n_docs: int | None = None) -> ColbertStore:
+        """Open files written by :meth:`save`, treating them as untrusted; with ``mmap`` the
+        vectors stay on disk until read.
+
+        Before anything is allocated from them: no links, dtypes, shapes and file sizes
+        (vectors ``(T, d)`` float16 with ``d == dim`` when given, offsets ``(n + 1,)`` int64
+        with ``n == n_docs`` when given). Then offsets start at 0, never decrease and end at T
+        (O(n)): the MaxSim kernel reads ``vectors[offsets[i]:offsets[i + 1]]`` unchecked.
+        """
+        from hybridsearch.index.storage import load_npy, read_npy_header
+
+        paths = _store_paths(folder, prefix, ("vectors", "offsets"))
+        v_shape, _, _ = read_npy_header(paths["vectors"], np.float16, (None, dim))
+        read_npy_header(paths["offsets"], np.int64, (None if n_docs is None else n_docs + 1,))
+        if v_shape[1] < 1:
+            raise IndexFormatError(f"{paths['vectors']} has no columns: shape {v_shape}")
+        vectors = load_npy(paths["vectors"], mmap=mmap)
+        offsets = _load_offsets(paths["offsets"], v_shape[0], mmap)
+        return cls(vectors, offsets)
+
+    def _kernel(self, args, cand, out, n_chunks):
+        if n_chunks:
+            _maxsim_parallel(*args, self._flat, self.dim, self.offsets, cand, n_chunks, out)
+        else:
+            _maxsim_range(*args, self._flat, self.dim, self.offsets, cand, 0, cand.shape[0], out)
+
+    def decode_range(self, lo: int, hi: int) -> np.ndarray:
+        """Tokens ``[lo, hi)`` as ``(hi - lo, d)`` float32."""
+        out = np.empty((hi - lo, self.dim), np.float32)
+        _widen(self._flat[lo * self.dim:hi * self.dim], out.reshape(-1))
+        return out
+
+
+class CodedColbertStore(_MaxSimStore):
+    """Residual-coded token vectors of one segment (see :mod:`colbert_codec`): doc ``i`` owns
+    tokens ``offsets[i]:offsets[i + 1]``, each a centroid id plus packed residual bits.
+
+    Attributes:
+        codes: ``(T,)`` uint16 centroid ids, all ``< codec.k``; memory-mapped when loaded.
+        residuals: ``(T, dim * nbits // 8)`` uint8 packed residual buckets.
+        offsets: ``(n_docs + 1,)`` int64 (of the pooled tokens when ``codec.pool > 1``).
+        codec: the :class:`ColbertCodec` they decode with.
+    """
+
+    def __init__(self, codes: np.ndarray, residuals: np.ndarray, offsets: np.ndarray,
+                 codec: ColbertCodec):
+        self.codes = _readonly(codes)
+        self.residuals = _readonly(residuals)
+        self.offsets = _readonly(offsets)
+        self.codec = codec
+
+    @property
+    def dim(self) -> int:
+        return self.codec.dim
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.codec.bytes_per_token
+
+    @classmethod
+    def from_arrays(cls, vectors: np.ndarray, offsets: np.ndarray, codec: ColbertCodec
+                    ) -> CodedColbertStore:
+        """Pool (when ``codec.pool > 1``) then encode ``(T, d)`` float vectors of documents
+        ``offsets`` ``(n_docs + 1,)``; the store's offsets are the pooled ones."""
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
+            raise TypeError(f"vectors must be a 2-d float array, "
+                            f"got {vectors.dtype} {vectors.shape}")
+        if vectors.shape[1] != codec.dim:
+            raise ValueError(f"vectors have {vectors.shape[1]} columns, the codec {codec.dim}")
+        if not np.isfinite(vectors).all():
+            raise ValueError("vectors must be finite")
+        offsets = _check_offsets(offsets, vectors.shape[0], "offsets")
+        if codec.pool > 1:
+            vectors, offsets = pool_tokens(vectors, offsets, codec.pool)
+        codes, residuals = codec.encode(vectors)
+        return cls(codes, residuals, offsets, codec)
+
+    def save(self, folder: str | Path, prefix: str = "colbert") -> list[str]:
+        """Write ``{prefix}_codes.npy``, ``{prefix}_residuals.npy`` and ``{prefix}_offsets.npy``
+        into ``folder`` (the codec is saved separately, :meth:`ColbertCodec.save`)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        names = []
+        for name, a in (("codes", self.codes), ("residuals", self.residuals),
+                        ("offsets", self.offsets)):
+            np.save(folder / f"{prefix}_{name}.npy", a, allow_pickle=False)
+            names.append(f"{prefix}_{name}.npy")
+        return names
+
+    @classmethod
+    def load(cls, folder: str | Path, prefix: str = "colbert", mmap: bool = True, *,
+             dim: int | None = None, n_docs: int | None = None, codec: ColbertCodec,
+             check: bool = True) -> CodedColbertStore:
+        """Open files written by :meth:`save`, as untrusted.
+
+        Always (O(n_docs)): no links, dtypes, shapes and sizes (codes ``(T,)`` uint16,
+        residuals ``(T, codec.dim * nbits // 8)`` uint8, offsets ``(n_docs + 1,)`` int64), the
+        codec's dim equal to ``dim``, offsets from 0 to T never decreasing. With ``check``, one
+        more pass reads every code in chunks (bounded memory) and requires it ``< codec.k``:
+        the kernels index the centroids by code unchecked, so skip it only for files this
+        process wrote or already checked.
+        """
+        from hybridsearch.index.storage import load_npy, npy_chunks, read_npy_header
+
+        if dim is not None and dim != codec.dim:
+            raise IndexFormatError(f"ColBERT codec of {folder} has dim {codec.dim}, "
+                                   f"the model {dim}")
+        paths = _store_paths(folder, prefix, ("codes", "residuals", "offsets"))
+        c_shape, _, _ = read_npy_header(paths["codes"], np.uint16, (None,))
+        read_npy_header(paths["residuals"], np.uint8, (c_shape[0], codec.residual_bytes))
+        read_npy_header(paths["offsets"], np.int64, (None if n_docs is None else n_docs + 1,))
+        offsets = _load_offsets(paths["offsets"], c_shape[0], mmap)
+        if check:
+            for chunk in npy_chunks(paths["codes"], np.uint16, CHECK_CHUNK):
+                if int(chunk.max()) >= codec.k:
+                    raise IndexFormatError(f"index file corrupted: {paths['codes']} holds a "
+                                           f"centroid id {int(chunk.max())} >= k={codec.k}")
+        codes = load_npy(paths["codes"], mmap=mmap)
+        residuals = load_npy(paths["residuals"], mmap=mmap)
+        return cls(codes.reshape(-1), residuals.reshape(c_shape[0], codec.residual_bytes),
+                   offsets, codec)
+
+    def _kernel(self, args, cand, out, n_chunks):
+        c = self.codec
+        tail = (self.codes, self.residuals, c.centroids, c._lut, c.renorm, self.offsets, cand)
+        if n_chunks:
+            _coded_parallel(*args, *tail, n_chunks, out)
+        else:
+            _coded_range(*args, *tail, 0, cand.shape[0], out)
+
+    def decode_range(self, lo: int, hi: int) -> np.ndarray:
+        """Tokens ``[lo, hi)`` decoded to ``(hi - lo, d)`` float32."""
+        return self.codec.decode(self.codes[lo:hi], self.residuals[lo:hi])
+
+    def doc_vectors(self, row: int) -> np.ndarray:
+        """Decoded ``(n, d)`` float32 tokens of doc ``row``."""
+        return self.decode_range(int(self.offsets[row]), int(self.offsets[row + 1]))
+
+
+def _store_paths(folder, prefix: str, names) -> dict[str, Path]:
+    folder = Path(folder)
+    paths = {name: folder / f"{prefix}_{name}.npy" for name in names}
+    for path in paths.values():
+        if not os.path.lexists(path):
+            raise IndexFormatError(f"missing {path}; was this segment saved with "
+                                   f"prefix {prefix!r}?")
+    return paths
+
+
+def _load_offsets(path: Path, total: int, mmap: bool) -> np.ndarray:
+    from hybridsearch.index.storage import load_npy
+
+    offsets = load_npy(path, mmap=mmap)
+    try:
+        _check_offsets(offsets, total, str(path))
+    except ValueError as e:
+        raise IndexFormatError(str(e)) from None
+    return offsets
+
+
+class _NpyWriter:
+    """A ``.npy`` file of known dtype and shape written a chunk of rows at a time (no mapping,
+    so memory stays at one chunk); :meth:`close` checks the row count and fsyncs."""
+
+    def __init__(self, path: Path, dtype, shape: tuple):
+        self.path, self.dtype, self.shape, self.rows = path, np.dtype(dtype), shape, 0
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        self.f = os.fdopen(fd, "wb")
+        np.lib.format.write_array_header_1_0(self.f, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": shape})
+
+    def write(self, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, dtype=self.dtype)
+        if a.shape[1:] != self.shape[1:] or self.rows + a.shape[0] > self.shape[0]:
+            raise ValueError(f"{self.path}: chunk {a.shape} does not fit {self.shape} "
+                             f"after {self.rows} rows")
+        self.f.write(memoryview(a.reshape(-1)).cast("B"))
+        self.rows += a.shape[0]
+
+    def close(self, complete: bool = True) -> None:
+        try:
+            if complete:
+                if self.rows != self.shape[0]:
+                    raise ValueError(f"{self.path}: wrote {self.rows} rows of {self.shape[0]}")
+                self.f.flush()
+                os.fsync(self.f.fileno())
+        finally:
+            self.f.close()
+
+
+def _token_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Token positions of ``rows`` in order ``(sum n,)`` int64 and their local offsets."""
+    starts = np.asarray(offsets[rows], np.int64)
+    lengths = np.asarray(offsets[rows + 1], np.int64) - starts
+    local = np.zeros(rows.shape[0] + 1, np.int64)
+    np.cumsum(lengths, out=local[1:])
+    idx = np.arange(local[-1], dtype=np.int64) + np.repeat(starts - local[:-1], lengths)
+    return idx, local
+
+
+def _row_groups(lengths: np.ndarray, budget: int):
+    """Consecutive ``[i, j)`` slices of rows holding about ``budget`` tokens (at least one row)."""
+    cum = np.concatenate([[0], np.cumsum(lengths)])
+    i = 0
+    while i < lengths.shape[0]:
+        j = int(np.searchsorted(cum, cum[i] + budget, side="right")) - 1
+        j = min(max(j, i + 1), lengths.shape[0])
+        yield i, j
+        i = j
+
+
+def write_colbert(folder: str | Path, prefix: str, sources, codec: ColbertCodec | None,
+                  chunk_tokens: int = 1 << 18, *, dim: int | None = None) -> dict[str, None]:
+    """Stream the ColBERT tokens of some documents of some stores into new files (merges).
+
+    Args:
+        folder: existing folder to write ``{prefix}_*.npy`` into.
+        sources: iterable of ``(store, rows)``: a :class:`ColbertStore` or
+            :class:`CodedColbertStore` and the ``(k,)`` integer rows of it to keep; the output
+            holds those documents' tokens, source after source, row after row.
+        codec: ``None`` writes float16 (``{prefix}_vectors.npy``); a codec writes
+            ``{prefix}_codes.npy`` and ``{prefix}_residuals.npy``. Codes of a source with the
+            same ``codec.identity`` are copied verbatim; float16 sources are encoded; codes of
+            another codec are decoded then encoded again. Tokens are pooled on the way when the
+            codec pools more than the source did (a pooled source is never un-pooled).
+        chunk_tokens: tokens copied per step; decoded float32 steps are also capped at
+            ``WRITE_FLOAT_CHUNK_BYTES`` (64 MiB), so memory is bounded whatever the total.
+        dim: needed only when ``sources`` is empty and ``codec`` is None.
+
+    Returns:
+        ``{file name: None}`` of the files written (each fsynced; fsync the folder after).
+    """
+    folder = Path(folder)
+    plans = []
+    for store, rows in sources:
+        if not isinstance(store, (ColbertStore, CodedColbertStore)):
+            raise TypeError(f"sources must hold ColbertStore or CodedColbertStore, got {type(store)}")
+        plans.append((store, store._check_cand(rows)))
+    if codec is not None:
+        dim = codec.dim
+    elif plans:
+        dim = plans[0][0].dim
+    elif dim is None:
+        raise ValueError("write_colbert needs dim when there are no sources and no codec")
+    budget = max(1, int(chunk_tokens))
+    float_budget = max(1, min(budget, WRITE_FLOAT_CHUNK_BYTES // (4 * dim)))
+    lengths_out = []
+    for store, rows in plans:
+        if store.dim != dim:
+            raise ValueError(f"a source store has dim {store.dim}, the output {dim}")
+        n = store.offsets[rows + 1] - store.offsets[rows]
+        f = _pool_factor(store, codec)
+        lengths_out.append(-(-n // f) if f > 1 else np.asarray(n, np.int64))
+    offsets = np.zeros(sum(len(r) for _, r in plans) + 1, np.int64)
+    if plans:
+        np.cumsum(np.concatenate(lengths_out), out=offsets[1:])
+    total = int(offsets[-1])
+    if codec is None:
+        writers = {"vectors": _NpyWriter(folder / f"{prefix}_vectors.npy", np.float16, (total, dim))}
+    else:
+        writers = {"codes": _NpyWriter(folder / f"{prefix}_codes.npy", np.uint16, (total,)),
+                   "residuals": _NpyWriter(folder / f"{prefix}_residuals.npy", np.uint8,
+                                           (total, codec.residual_bytes))}
+    writers["offsets"] = _NpyWriter(folder / f"{prefix}_offsets.npy", np.int64, offsets.shape)
+    ok = False
+    try:
+        writers["offsets"].write(offsets)
+        for store, rows in plans:
+            _copy_source(store, rows, codec, writers, budget, float_budget)
+        ok = True
+    finally:
+        for w in writers.values():
+            w.close(complete=ok)
+    return {w.path.name: None for w in writers.values()}
+
+
+def _pool_factor(store, codec: ColbertCodec | None) -> int:
+    have = store.codec.pool if store.codec is not None else 1
+    want = codec.pool if codec is not None else 1
+    return want // have if want > have else 1
+
+
+def _copy_source(store, rows, codec, writers, budget, float_budget) -> None:
+    same = (codec is not None and store.codec is not None
+            and store.codec.identity == codec.identity)
+    verbatim = same or (codec is None and store.codec is None)
+    factor = _pool_factor(store, codec)
+    lengths = store.offsets[rows + 1] - store.offsets[rows]
+    for i, j in _row_groups(lengths, budget if verbatim else float_budget):
+        idx, local = _token_index(store.offsets, rows[i:j])
+        if same:
+            writers["codes"].write(store.codes[idx])
+            writers["residuals"].write(store.residuals[idx])
+            continue
+        if verbatim:
+            writers["vectors"].write(store.vectors[idx])
+            continue
+        if store.codec is None:
+            x = store.vectors[idx].astype(np.float32)
+        else:
+            x = store.codec.decode(store.codes[idx], store.residuals[idx])
+        if factor > 1:
+            x, _ = pool_tokens(x, local, factor)
+        if codec is None:
+            writers["vectors"].write(x.astype(np.float16))
+        else:
+            ids, res = codec.encode(x)
+            writers["codes"].write(ids)
+            writers["residuals"].write(res)
+
+
+def coded_maxsim_reference(q: np.ndarray, store: CodedColbertStore, cand) -> np.ndarray:
+    """Plain numpy MaxSim on codes: decode each candidate with the codec's numpy reference,
+    then :func:`maxsim_reference`."""
+    docs = []
+    for c in np.asarray(cand, np.int64):
+        lo, hi = int(store.offsets[c]), int(store.offsets[c + 1])
+        docs.append(store.codec.decode_reference(store.codes[lo:hi], store.residuals[lo:hi]))
+    return maxsim_reference(q, docs)
 
 
 def maxsim_reference(q: np.ndarray, doc_vectors_list: list[np.ndarray]) -> np.ndarray:
