@@ -1,6 +1,7 @@
 """Residual ColBERT codec (train / encode / decode / files) and token pooling against references."""
 
 import json
+import mmap as _mmap
 
 import numpy as np
 import pytest
@@ -339,3 +340,167 @@ def test_quality_at_1024_against_float16():
         agree = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(want, got)])
         top1 = np.mean([a[0] == b[0] for a, b in zip(want, got)])
         assert agree >= bound and top1 >= 0.75, (spec, agree, top1)
+
+
+# ---------------------------------------------------------------- merges: write_colbert
+
+
+def _tokens(store, rows):
+    return np.concatenate([np.arange(store.offsets[r], store.offsets[r + 1]) for r in rows]
+                          + [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+def _local_offsets(store, rows):
+    return np.concatenate([[0], np.cumsum(store.offsets[np.asarray(rows) + 1]
+                                          - store.offsets[np.asarray(rows)])]).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def merge_inputs(small):
+    vectors, offsets, _, codec = small
+    other = ColbertCodec.train(vectors, nbits=2, k=8, seed=3)
+    fp16 = ColbertStore.from_arrays(vectors, offsets)
+    same = CodedColbertStore.from_arrays(vectors[::-1].copy(), offsets[-1] - offsets[::-1], codec)
+    diff = CodedColbertStore.from_arrays(vectors, offsets, other)
+    rows = (np.array([0, 2, 3, 10, 11]), np.array([1, 4, 59]), np.array([0, 5, 6, 30]))
+    return codec, (fp16, same, diff), rows
+
+
+@pytest.mark.parametrize("chunk_tokens", [1 << 18, 7])
+def test_write_colbert_codes(merge_inputs, tmp_path, chunk_tokens):
+    codec, stores, rows = merge_inputs
+    files = write_colbert(tmp_path, "m", zip(stores, rows), codec, chunk_tokens=chunk_tokens)
+    assert sorted(files) == ["m_codes.npy", "m_offsets.npy", "m_residuals.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)
+    out = CodedColbertStore.load(tmp_path, "m", codec=codec, n_docs=12, dim=64)
+    fp16, same, diff = stores
+    want_ids, want_res = [], []
+    i, r = codec.encode(fp16.vectors[_tokens(fp16, rows[0])])
+    want_ids.append(i), want_res.append(r)
+    t = _tokens(same, rows[1])
+    want_ids.append(same.codes[t]), want_res.append(same.residuals[t])
+    t = _tokens(diff, rows[2])
+    i, r = codec.encode(diff.codec.decode(diff.codes[t], diff.residuals[t]))
+    want_ids.append(i), want_res.append(r)
+    want_off = np.concatenate([[0], np.cumsum(np.concatenate(
+        [np.diff(s.offsets)[r] for s, r in zip(stores, rows)]))])
+    np.testing.assert_array_equal(out.offsets, want_off)
+    ids, res = np.concatenate(want_ids), np.concatenate(want_res)
+    if chunk_tokens > 1000:  # one encode call per source, as above
+        np.testing.assert_array_equal(out.codes, ids)
+        np.testing.assert_array_equal(out.residuals, res)
+    else:  # other batch positions: allow a rare near-tie to code differently
+        assert (out.codes == ids).mean() > 0.98 and (out.residuals == res).mean() > 0.98
+    np.testing.assert_array_equal(out.codes[want_off[5]:want_off[8]], same.codes[_tokens(same, rows[1])])
+
+
+def test_write_colbert_float16_and_pooling(merge_inputs, tmp_path):
+    codec, stores, rows = merge_inputs
+    fp16, same, diff = stores
+    (tmp_path / "a").mkdir()
+    files = write_colbert(tmp_path / "a", "m", zip(stores, rows), None, chunk_tokens=5)
+    assert sorted(files) == ["m_offsets.npy", "m_vectors.npy"]
+    out = ColbertStore.load(tmp_path / "a", "m", n_docs=12)
+    parts = [fp16.vectors[_tokens(fp16, rows[0])]]
+    for s, r in ((same, rows[1]), (diff, rows[2])):
+        t = _tokens(s, r)
+        parts.append(s.codec.decode(s.codes[t], s.residuals[t]).astype(np.float16))
+    np.testing.assert_array_equal(out.vectors, np.concatenate(parts))
+    # A pooling codec pools what was not pooled and copies its own codes.
+    pooled = ColbertCodec(codec.centroids, codec.cutoffs, codec.weights, nbits=1, pool=2)
+    mine = CodedColbertStore.from_arrays(fp16.vectors, fp16.offsets, pooled)
+    srcs = [(fp16, rows[0]), (mine, rows[1]), (diff, rows[2])]
+    (tmp_path / "b").mkdir()
+    write_colbert(tmp_path / "b", "m", srcs, pooled)
+    out = CodedColbertStore.load(tmp_path / "b", "m", codec=pooled, n_docs=12)
+    t = _tokens(fp16, rows[0])
+    v, o1 = pool_tokens(fp16.vectors[t], _local_offsets(fp16, rows[0]), 2)
+    i1, r1 = pooled.encode(v)
+    t = _tokens(mine, rows[1])
+    i2, r2 = mine.codes[t], mine.residuals[t]
+    t = _tokens(diff, rows[2])
+    v, o3 = pool_tokens(diff.codec.decode(diff.codes[t], diff.residuals[t]), _local_offsets(diff, rows[2]), 2)
+    i3, r3 = pooled.encode(v)
+    np.testing.assert_array_equal(out.codes, np.concatenate([i1, i2, i3]))
+    np.testing.assert_array_equal(out.residuals, np.concatenate([r1, r2, r3]))
+    lens = np.concatenate([np.diff(o1), np.diff(mine.offsets)[rows[1]], np.diff(o3)])
+    np.testing.assert_array_equal(np.diff(out.offsets), lens)
+
+
+def test_write_colbert_empty_and_bad(merge_inputs, tmp_path):
+    codec, stores, rows = merge_inputs
+    files = write_colbert(tmp_path, "e", [], codec)
+    out = CodedColbertStore.load(tmp_path, "e", codec=codec, n_docs=0)
+    assert out.n_docs == 0 and out.codes.shape == (0,) and sorted(files) == [
+        "e_codes.npy", "e_offsets.npy", "e_residuals.npy"]
+    write_colbert(tmp_path, "z", [(stores[0], np.zeros(0, np.int64))], None)
+    assert ColbertStore.load(tmp_path, "z", n_docs=0).vectors.shape == (0, 64)
+    with pytest.raises(ValueError, match="cand"):
+        write_colbert(tmp_path, "x", [(stores[0], np.array([60]))], codec)
+    with pytest.raises(ValueError, match="dim"):
+        write_colbert(tmp_path, "x", [], None)
+
+
+# ---------------------------------------------------------------- hostile store files
+
+
+def file_backed(a):
+    while a is not None:
+        if isinstance(a, (np.memmap, _mmap.mmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False
+
+
+def _saved(small, folder):
+    vectors, offsets, _, codec = small
+    store = CodedColbertStore.from_arrays(vectors, offsets, codec)
+    assert sorted(store.save(folder, "c")) == ["c_codes.npy", "c_offsets.npy", "c_residuals.npy"]
+    return store
+
+
+def test_coded_store_round_trip(small, tmp_path):
+    store = _saved(small, tmp_path)
+    codec, q = small[3], small[2][0]
+    for mmap in (True, False):
+        back = CodedColbertStore.load(tmp_path, "c", mmap=mmap, dim=64, n_docs=60, codec=codec)
+        assert file_backed(back.codes) == file_backed(back.residuals) == mmap
+        np.testing.assert_array_equal(back.codes, store.codes)
+        np.testing.assert_array_equal(back.residuals, store.residuals)
+        np.testing.assert_array_equal(back.maxsim(q, np.arange(60)), store.maxsim(q, np.arange(60)))
+
+
+@pytest.mark.parametrize("name, bad, match", [
+    ("codes", lambda s: np.where(np.arange(s.codes.size) == 7, 16, s.codes).astype(np.uint16),
+     "c_codes.npy.*>= k=16"),
+    ("codes", lambda s: s.codes.astype(np.int32), "c_codes.npy.*dtype"),
+    ("codes", lambda s: s.codes[:-1], "c_residuals.npy.*shape"),
+    ("residuals", lambda s: s.residuals[:, :4], "c_residuals.npy.*shape"),
+    ("residuals", lambda s: s.residuals.astype(np.int8), "c_residuals.npy.*dtype"),
+    ("offsets", lambda s: s.offsets[:-1], "c_offsets.npy.*shape"),
+    ("offsets", lambda s: np.append(s.offsets[:-1], s.offsets[-1] + 1), "c_offsets.npy.*end at"),
+    ("offsets", lambda s: s.offsets[::-1].copy(), "c_offsets.npy"),
+])
+def test_hostile_store_files(small, tmp_path, name, bad, match):
+    store = _saved(small, tmp_path)
+    np.save(tmp_path / f"c_{name}.npy", bad(store))
+    with pytest.raises(IndexFormatError, match=match):
+        CodedColbertStore.load(tmp_path, "c", dim=64, n_docs=60, codec=small[3], check=True)
+
+
+def test_hostile_store_misc(small, tmp_path):
+    store = _saved(small, tmp_path)
+    codec = small[3]
+    with pytest.raises(IndexFormatError, match="missing.*nope_codes.npy"):
+        CodedColbertStore.load(tmp_path, "nope", codec=codec)
+    with pytest.raises(IndexFormatError, match="dim"):
+        CodedColbertStore.load(tmp_path, "c", dim=128, codec=codec)
+    # Out-of-range codes are only found by the O(T) check.
+    np.save(tmp_path / "c_codes.npy", np.full_like(store.codes, 65535))
+    CodedColbertStore.load(tmp_path, "c", codec=codec, check=False)
+    with pytest.raises(IndexFormatError, match="65535"):
+        CodedColbertStore.load(tmp_path, "c", codec=codec, check=True)
+    (tmp_path / "c_codes.npy").unlink()
+    (tmp_path / "c_codes.npy").symlink_to(tmp_path / "c_offsets.npy")
+    with pytest.raises(IndexFormatError, match="c_codes.npy"):
+        CodedColbertStore.load(tmp_path, "c", codec=codec)

@@ -170,3 +170,31 @@ def test_half_to_float_is_exact():
     np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
     assert np.array_equal(got[np.isinf(want)], want[np.isinf(want)])
     assert np.isnan(got[np.isnan(want)]).all()
+
+
+@pytest.mark.parametrize("block_tokens", [1, 7, 1 << 13])
+def test_blocked_scores_and_search(corpus, monkeypatch, block_tokens):
+    vectors, offsets, queries = corpus
+    store = ColbertStore.from_arrays(vectors, offsets)
+    docs = docs_of(store, vectors, offsets, range(40), True)
+    for q in queries:
+        full = maxsim_reference(q, docs)
+        np.testing.assert_allclose(store.scores_blocked(q, block_tokens=block_tokens), full,
+                                   rtol=1e-5, atol=1e-6)
+    # search() takes the blocked path for long queries.
+    monkeypatch.setattr(multivector, "SEARCH_BLOCKED_MIN_QUERY", 1)
+    monkeypatch.setattr(multivector, "SEARCH_BLOCK_TOKENS", block_tokens)
+    calls = []
+    real = ColbertStore.scores_blocked
+    monkeypatch.setattr(ColbertStore, "scores_blocked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q = queries[4]
+    full = maxsim_reference(q, docs)
+    scores, ids = store.search(q, 5)
+    assert calls
+    np.testing.assert_allclose(scores, np.sort(full)[::-1][:5], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(full[ids], scores, rtol=1e-5, atol=1e-6)
+    allowed = np.zeros(40, bool)
+    allowed[[3, 17, 20]] = True
+    scores, ids = store.search(q, 5, allowed=allowed)  # few allowed: the kernel on those rows
+    assert sorted(ids[:3]) == [3, 17, 20] and (ids[3:] == -1).all()
+    np.testing.assert_allclose(full[ids[:3]], scores[:3], rtol=1e-5, atol=1e-6)
