@@ -9,9 +9,20 @@ import pytest
 from hybridsearch.errors import IndexFormatError
 from hybridsearch.retrievers import colbert_codec, multivector
 from hybridsearch.retrievers.colbert_codec import (
-    ColbertCodec, default_k, parse_codec, pool_tokens, pool_tokens_reference, unpack_buckets)
+    ColbertCodec,
+    default_k,
+    parse_codec,
+    pool_tokens,
+    pool_tokens_reference,
+    unpack_buckets,
+)
 from hybridsearch.retrievers.multivector import (
-    CodedColbertStore, ColbertStore, coded_maxsim_reference, maxsim_reference, write_colbert)
+    CodedColbertStore,
+    ColbertStore,
+    coded_maxsim_reference,
+    maxsim_reference,
+    write_colbert,
+)
 
 
 def clustered(rng, n, d, topics=64, noise=0.6):
