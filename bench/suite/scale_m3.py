@@ -591,25 +591,27 @@ def w_build(a: dict) -> dict:
     return {"docs": n, "commits": len(cs), "add_s": float(cs.sum()), "close_s": close_s, "gen_s": gen_s,
             "wall_s": time.perf_counter() - t_wall, "commit_max_s": float(cs.max()),
             "commit_p50_s": float(np.median(cs)), "commit_p99_s": float(np.percentile(cs, 99)),
-            "slowest_commit": int(cs.argmax()), "slow_commits": int((cs > 3 * np.median(cs)).sum()), "rss_base_mib": base_mem["rss"],
-            "anon_base_mib": base_mem["anon"], "maxrss_base_mib": maxrss_base,
+            "slow_commits": int((cs > 3 * np.median(cs)).sum()), "commit_s": [round(x, 3) for x in commit_s],
+            "rss_base_mib": base_mem["rss"], "anon_base_mib": base_mem["anon"], "maxrss_base_mib": maxrss_base,
             "maxrss_mib": maxrss_mib(), "stats": st, "colbert_input_dtype": "float32"}
 
 
 def _mask_probe(idx):
-    """(label, fn(filter) -> bool mask) for the index's own filter-mask step, or None."""
-    for name in ("filter_mask", "mask"):
-        f = getattr(idx, name, None)
-        if callable(f):
-            return f"HybridIndex.{name}(filter)", f
-    try:
-        from hybridsearch.index.filters import check_filter
+    """(label, fn(filter) -> bool mask over docnos) for the index's own filter-mask step, or None.
+    Tried in order: a public ``HybridIndex.filter_mask``, the snapshot's ``filter_mask`` and the
+    older ``columns.mask`` (both private: the label says so)."""
+    from hybridsearch.index.filters import check_filter
 
+    if callable(getattr(idx, "filter_mask", None)):
+        return "HybridIndex.filter_mask", idx.filter_mask
+    try:
         state = idx._current()
-        if hasattr(state, "columns") and hasattr(state.columns, "mask"):
-            return ("state.columns.mask (private)",
+        if callable(getattr(state, "filter_mask", None)):
+            return "snapshot.filter_mask (private)", lambda flt: idx._current().filter_mask(check_filter(flt))
+        if callable(getattr(getattr(state, "columns", None), "mask", None)):
+            return ("snapshot.columns.mask (private)",
                     lambda flt: idx._current().columns.mask(check_filter(flt), idx._current().next_docno))
-    except Exception:  # noqa: BLE001 -- a private path that moved: report it as not exposed
+    except Exception:  # noqa: BLE001 -- a private path that moved: reported as not exposed
         pass
     return None
 
@@ -912,7 +914,7 @@ def run_size(n: int, o: Options, work: Path, log) -> dict:
     """Every measurement for ``n`` documents; returns the record :func:`render` reads."""
     opts = effective(o.create)
     milvus = n <= o.milvus_max_docs and _have_milvus()
-    rec = {"docs": n, "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "command": o.command,
+    rec = {"docs": n, "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "command": o.command, "code": code_version(),
            "create": o.create, "storage": opts, "shape": asdict(o.shape), "queries": o.queries,
            "commit": o.commit, "threads": {k: os.environ.get(k, "unset") for k in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}}
     rec["disk_check"] = check_disk(work, n, o.shape, opts, o.commit, milvus, log)
@@ -958,6 +960,24 @@ def run_size(n: int, o: Options, work: Path, log) -> dict:
     return rec
 
 
+def code_version() -> str:
+    """Which hybridsearch ran: version, and the git commit of its checkout (+ local changes), or its path."""
+    import hybridsearch
+
+    root = Path(hybridsearch.__file__).resolve().parents[1]
+    ver = getattr(hybridsearch, "__version__", "?")
+
+    def git(*a):
+        r = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    head = git("rev-parse", "--short", "HEAD") if (root / ".git").exists() else None
+    if not head:
+        return f"hybridsearch {ver} from {root}"
+    dirty = git("status", "--porcelain", "--", "hybridsearch")
+    return f"hybridsearch {ver} at {head}" + (" with local changes" if dirty else "")
+
+
 def _have_milvus() -> bool:
     from suite.milvus import available
 
@@ -989,22 +1009,28 @@ def render(records: dict) -> tuple[str, list[str]]:
         s = r["storage"]
         conf = f"dense {s['dense_storage']}, ColBERT {s['colbert_codec']}" + (
             f", {s['dense_factory']}" if s["dense_factory"] != "Flat" else "")
-        notes.append(f"{key} documents: {r['date']}, `{r['command']}`; {conf}; commits of {r['commit']:,}; "
-                     f"threads {r['threads']}; worker RSS cap {r['rss_cap_mib']:,.0f} MiB; disk estimate before the "
-                     f"run {r['disk_check']['estimate_bytes'] / 2**30:.1f} GiB.")
+        threads = ", ".join(f"{k}={v}" for k, v in r["threads"].items())
+        notes.append(f"{key} documents: {r['date']}, `{r['command']}`, {r.get('code', '?')}; {conf}; commits of {r['commit']:,}; "
+                     f"{threads}; worker cap {r['rss_cap_mib']:,.0f} MiB of anonymous memory; disk estimate before "
+                     f"the run {r['disk_check']['estimate_bytes'] / 2**30:.1f} GiB.")
         b = r.get("build", {})
         if "failed" in b:
             notes.append(f"**{key} documents: the build failed**: {b['failed']}.")
             continue
         st = b["stats"]
         bs = b["add_s"] + b["close_s"]
+        cs = np.asarray(b.get("commit_s", []))
+        if len(cs):
+            top = np.argsort(-cs, kind="stable")[:5]
+            notes.append(f"{key} documents, slowest commits (number from 1: seconds): "
+                         + ", ".join(f"{i + 1}: {cs[i]:.1f}" for i in top) + f"; median {np.median(cs):.2f} s.")
         build.append([key, conf, bs, n / bs, b["commit_max_s"], b["commit_p50_s"], b["commit_p99_s"],
                       b["slow_commits"], st["segments"], b["gen_s"], b["wall_s"]])
         tok = max(st["tokens"] - st["documents"], 1)
         total = 0
         for ch, v in st["channel_bytes"].items():
             total += v["bytes"]
-            extra = f" ({v['bytes'] / tok:.0f} B per ColBERT vector)" if ch == "colbert" else ""
+            extra = f" ({v['bytes'] / tok:.0f} B per ColBERT vector given)" if ch == "colbert" else ""
             disk.append([key, ch + extra, v["bytes"] / n])
         disk.append([key, "all channels (stats())", total / n])
         disk.append([key, "index folder, allocated (du)", r["du_bytes"] / n])
