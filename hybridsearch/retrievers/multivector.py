@@ -31,12 +31,16 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from hybridsearch.errors import IndexFormatError
-from hybridsearch.retrievers.colbert_codec import ColbertCodec, _decode_tokens, pool_tokens
+from hybridsearch.retrievers.colbert_codec import (
+    ColbertCodec,
+    _decode_tokens,
+    _half_to_float,
+    _widen,
+    pool_tokens,
+)
 
 # Reassociation lets LLVM vectorise the dot products; no "ninf", since -inf seeds the maxima.
 _FASTMATH = {"reassoc", "contract", "nsz"}
@@ -55,18 +59,6 @@ SEARCH_BLOCKED_MIN_SHARE = 4
 WRITE_FLOAT_CHUNK_BYTES = 64 << 20
 # Codes read per chunk by the load-time range check.
 CHECK_CHUNK = 1 << 22
-
-
-@intrinsic
-def _half_to_float(typingctx, bits):
-    """float16 bit pattern (uint16) -> float32; numba has no CPU float16, LLVM has (F16C)."""
-    if bits != types.uint16:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
 
 
 @njit(cache=True, fastmath=_FASTMATH)
@@ -169,13 +161,6 @@ def _coded_parallel(q4, q_off4, q_len, owner, ids, res, centroids, lut, renorm, 
     for k in prange(n_chunks):
         _coded_range(q4, q_off4, q_len, owner, ids, res, centroids, lut, renorm, offsets, cand,
                      k * c // n_chunks, (k + 1) * c // n_chunks, out)
-
-
-@njit(cache=True)
-def _widen(bits, out):
-    """float16 bit patterns -> float32, flat (numpy's astype is several times slower)."""
-    for x in range(bits.shape[0]):
-        out[x] = _half_to_float(bits[x])
 
 
 @njit(cache=True, parallel=True)
