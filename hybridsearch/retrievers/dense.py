@@ -8,6 +8,15 @@ segment too small to train its coarse quantiser falls back to ``Flat`` for that 
 Deleted and filtered-out rows are excluded inside FAISS with an ``IDSelectorBitmap``. On a GPU
 (faiss-gpu with a visible device) Flat indexes move to the GPU, where selectors are not supported,
 so the search over-fetches and filters instead -- still exact for Flat.
+
+The vectors themselves may live in a :class:`~.dense_store.DenseStore` (fp32 / fp16 / sq8, memory-
+mapped): :meth:`DenseIndex.build_from` trains on a sample and adds in chunks, and exact
+searches on CPU are the store's own (:meth:`DenseStore.search`), with no FAISS copy at all.
+
+``dense.faiss`` is memory-mapped where FAISS can (``IO_FLAG_MMAP_IFC``: Flat / SQ / PQ codes and
+HNSW graphs and storage; ``IO_FLAG_MMAP``: IVF inverted lists), so opening costs page cache, not
+private memory. Both flags carry FAISS's "skip IVF data" bit, which also keeps a planted
+``OnDiskInvertedLists`` record from opening the file it names (it is then refused).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IndexFormatError
+from .dense_store import STREAM_CHUNK_BYTES, DenseStore
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +80,15 @@ def _min_train(factory: str) -> int:
     return 39 * int(m.group(1)) if m else 0
 
 
-def _check_faiss(index, n: int, dim: int, path) -> None:
+def _check_faiss(index, n: int, dim: int, path, inner_product: bool = True) -> None:
     """IndexFormatError unless a FAISS index read from ``path`` is one we could have written for
-    ``n`` vectors of ``dim``: see :meth:`DenseIndex.load`. O(index size), once per open."""
+    ``n`` vectors of ``dim``: see :meth:`DenseIndex.load`. O(index size), once per open.
+
+    Only the structures hybridsearch writes pass (after any pre-transform): flat codes (Flat,
+    SQ, PQ), HNSW over flat codes, and IVF with a flat-code or HNSW coarse quantiser and
+    in-memory or FAISS-mapped inverted lists; anything else could hide a part this cannot
+    check. ``inner_product`` False skips the metric check (an IVF's HNSW quantiser is L2).
+    """
 
     faiss = _faiss()
 
@@ -81,7 +97,7 @@ def _check_faiss(index, n: int, dim: int, path) -> None:
 
     if index.ntotal != n or index.d != dim:
         bad(f"holds {index.ntotal} vectors of dimension {index.d}, the segment has {n} of {dim}")
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+    if inner_product and index.metric_type != faiss.METRIC_INNER_PRODUCT:
         bad("not an inner-product index")
     base = faiss.downcast_index(index)
     while isinstance(base, faiss.IndexPreTransform):
@@ -92,9 +108,13 @@ def _check_faiss(index, n: int, dim: int, path) -> None:
         bad(f"inner index holds {base.ntotal} vectors, the segment has {n}")
     if isinstance(base, faiss.IndexIVF):
         q = faiss.downcast_index(base.quantizer)
-        if q.ntotal != base.nlist or q.d != base.d:
-            bad(f"coarse quantiser holds {q.ntotal} centroids of dimension {q.d} for {base.nlist} lists")
-        inv, total = base.invlists, 0
+        if q is None or q.ntotal != base.nlist or q.d != base.d:
+            bad(f"coarse quantiser does not hold {base.nlist} centroids of dimension {base.d}")
+        if not isinstance(q, faiss.IndexFlatCodes):
+            if not isinstance(q, faiss.IndexHNSW):
+                bad(f"coarse quantiser is a {type(q).__name__}, which hybridsearch never writes")
+            _check_faiss(q, q.ntotal, q.d, path, inner_product=False)
+        inv, total = _invlists(base, path), 0
         if inv.nlist != base.nlist:
             bad(f"{inv.nlist} inverted lists for nlist {base.nlist}")
         for lst in range(base.nlist):
@@ -115,6 +135,8 @@ def _check_faiss(index, n: int, dim: int, path) -> None:
         storage = faiss.downcast_index(base.storage)
         if storage is None or storage.ntotal != n or storage.d != base.d:
             bad("HNSW storage does not hold the segment's vectors")
+        if not isinstance(storage, faiss.IndexFlatCodes):
+            bad(f"HNSW storage is a {type(storage).__name__}, which hybridsearch never writes")
         levels = faiss.vector_to_array(h.levels)
         offsets = faiss.vector_to_array(h.offsets).astype(np.int64)
         neighbors = faiss.vector_to_array(h.neighbors)
@@ -129,17 +151,53 @@ def _check_faiss(index, n: int, dim: int, path) -> None:
             bad(f"HNSW neighbours outside [0, {n})")
         if n and not (0 <= h.entry_point < n and h.max_level == levels[h.entry_point] - 1):
             bad("HNSW entry point out of range")
+    elif not isinstance(base, faiss.IndexFlatCodes):
+        bad(f"a {type(base).__name__} index, which hybridsearch never writes")
+
+
+def _invlists(ivf, path):
+    """The inverted lists of ``ivf``, unless they are an ``OnDiskInvertedLists`` record naming
+    a file of its own, which a downloaded index could point anywhere. (Read with the skip-IVF-
+    data bit, FAISS leaves such a record unopened and unmapped; the lists FAISS maps from
+    ``path`` itself have no file name and a live mapping of the whole file.)"""
+    faiss = _faiss()
+    inv = faiss.downcast_InvertedLists(ivf.invlists)
+    if isinstance(inv, faiss.OnDiskInvertedLists) and (
+            inv.filename != "" or inv.ptr is None or inv.totsize != os.path.getsize(path)):
+        raise IndexFormatError(f"index file corrupted: {path} (its inverted lists name a file of their "
+                               f"own, {inv.filename!r}; hybridsearch never writes that)"[:500])
+    return inv
+
+
+def read_faiss(path: str | os.PathLike, mmap: bool = True):
+    """``faiss.read_index`` of an untrusted ``path``, memory-mapped where FAISS can.
+
+    Every flag used carries FAISS's skip-IVF-data bit, so an ``OnDiskInvertedLists`` record is
+    never opened (:func:`_check_faiss` refuses it). ``mmap``: ``IO_FLAG_MMAP_IFC`` maps flat
+    codes and HNSW graphs; IVF files fail that combination and are read with ``IO_FLAG_MMAP``,
+    which maps their inverted lists (also without ``mmap``: it is the only reading that cannot
+    open another file). Raises FAISS's RuntimeError for a file it cannot read.
+    """
+    faiss = _faiss()
+    path = str(path)
+    if mmap:
+        try:
+            return faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_MMAP)
+        except RuntimeError:
+            pass
+    return faiss.read_index(path, faiss.IO_FLAG_MMAP)
 
 
 class DenseIndex:
     """FAISS inner-product index over one segment's ``(n, d)`` float32 vectors (local row ids)."""
 
-    def __init__(self, index, n: int, factory: str, vectors: np.ndarray | None = None):
+    def __init__(self, index, n: int, factory: str, vectors: np.ndarray | DenseStore | None = None):
         self.index = index
         self.n = n
         self.factory = factory
         self.on_gpu = False
-        #: the (n, d) float32 vectors (memory-mapped) when known: exact filtered search on GPU
+        #: the (n, d) float32 vectors (memory-mapped) or their DenseStore, when known: exact
+        #: filtered search on GPU past faiss-gpu's k limit
         self.vectors = vectors
 
     @classmethod
@@ -160,26 +218,71 @@ class DenseIndex:
         index.add(x)
         return cls(index, len(x), eff, vectors if eff == "Flat" else None)
 
+    @classmethod
+    def build_from(cls, store: DenseStore, factory: str = "Flat", *, train_size: int | None = None,
+                   chunk_rows: int | None = None, seed: int = 0) -> DenseIndex:
+        """Index a :class:`DenseStore` without decoding it whole: train (when the factory needs
+        it) on ``train_size`` rows drawn at random (default: every row up to 100k, else 100k or
+        256 per IVF list if more), then add the decoded rows ``chunk_rows`` at a time (~8 MiB).
+
+        The FAISS index holds its own copy of what it stores (for Flat: all of it as float32,
+        which is what a GPU index needs; on CPU search the store itself instead).
+        """
+        faiss = _faiss()
+        n, dim = store.shape
+        eff = factory
+        if _min_train(factory) > n:
+            log.warning("segment of %d vectors is too small to train %s; using Flat", n, factory)
+            eff = "Flat"
+        try:
+            index = faiss.index_factory(dim, eff, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from e
+        if not index.is_trained:
+            if train_size is None:
+                m = re.search(r"IVF(\d+)", eff)
+                train_size = max(100_000, 256 * int(m.group(1)) if m else 0)
+            take = min(n, int(train_size))
+            rows = np.arange(n) if take == n else np.sort(np.random.default_rng(seed).choice(n, take, replace=False))
+            index.train(np.ascontiguousarray(store.rows(rows)))
+        chunk = chunk_rows or max(1, STREAM_CHUNK_BYTES // (4 * dim))
+        for lo in range(0, n, chunk):
+            index.add(np.ascontiguousarray(store.rows(np.arange(lo, min(n, lo + chunk)))))
+        return cls(index, n, eff, store if eff == "Flat" else None)
+
     def save(self, folder: Path) -> None:
         """Write ``dense.faiss`` unless the index is Flat (then dense.npy is enough)."""
         if self.factory != "Flat":
             _faiss().write_index(self.index, str(folder / FAISS_FILE))
 
     @classmethod
-    def load(cls, folder: Path, vectors: np.ndarray, factory: str, use_gpu: bool | None = None) -> DenseIndex:
+    def load(cls, folder: Path, vectors: np.ndarray | DenseStore | None, factory: str,
+             use_gpu: bool | None = None, *, n: int | None = None, dim: int | None = None,
+             mmap: bool = True) -> DenseIndex:
         """Open a segment's index: read ``dense.faiss`` (non-Flat factories) or rebuild Flat
-        from ``vectors`` ``(n, d)``.
+        from ``vectors`` ``(n, d)`` (an array or a :class:`DenseStore`, added in chunks).
+        A non-Flat factory needs only the shape: ``vectors`` may be None with ``n`` and ``dim``.
 
         The file is untrusted: it must be a regular file (no link), read without error, hold
         ``n`` vectors of dimension ``d`` under inner product, map no ids of its own (no IDMap),
-        and its internal ids / graph links must stay in range (IVF lists, HNSW neighbours), so
-        that a search cannot return or follow a row outside the segment. IndexFormatError
-        names the file.
+        keep its inverted lists in itself (no ``OnDiskInvertedLists`` naming another file) and
+        its internal ids / graph links in range (IVF lists, HNSW neighbours), so that a search
+        cannot return or follow a row outside the segment. IndexFormatError names the file.
+        ``mmap`` maps the file where FAISS can (:func:`read_faiss`): opening then costs page
+        cache rather than private memory (HNSW32 over 100k x 1024: +28 MB instead of +418 MB).
         """
         faiss = _faiss()
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2:
-            raise IndexFormatError(f"dense vectors under {folder} must be 2-d, got {vectors.shape}")
+        if vectors is None:
+            if factory == "Flat" or n is None or dim is None:
+                raise ValueError("DenseIndex.load needs the vectors for Flat, else vectors or n and dim")
+            shape = (int(n), int(dim))
+        else:
+            if not isinstance(vectors, DenseStore):
+                vectors = np.asarray(vectors)
+            shape = tuple(vectors.shape)
+            if len(shape) != 2:
+                raise IndexFormatError(f"dense vectors under {folder} must be 2-d, got {shape}")
+        n, dim = shape
         if factory != "Flat":
             path = Path(folder) / FAISS_FILE
             try:
@@ -189,11 +292,13 @@ class DenseIndex:
             if not stat.S_ISREG(mode):
                 raise IndexFormatError(f"index file corrupted: {path} is not a regular file (links are refused)")
             try:
-                index = faiss.read_index(str(path))
+                index = read_faiss(path, mmap=mmap)
             except Exception as e:
                 raise IndexFormatError(f"index file corrupted: {path} ({type(e).__name__}: {e})"[:500]) from e
-            _check_faiss(index, vectors.shape[0], vectors.shape[1], path)
-            d = cls(index, len(vectors), factory)
+            _check_faiss(index, n, dim, path)
+            d = cls(index, n, factory)
+        elif isinstance(vectors, DenseStore):
+            d = cls.build_from(vectors, "Flat")
         else:
             d = cls.build(vectors, "Flat")
         if (gpu_available() if use_gpu is None else use_gpu) and d.factory == "Flat":
@@ -224,8 +329,7 @@ class DenseIndex:
     def _search(self, q, kk, allowed, n_allowed, nprobe, ef_search):
         faiss = _faiss()
         if self.on_gpu and kk > GPU_MAX_K and self.vectors is not None:
-            rows = np.arange(self.n) if allowed is None else np.flatnonzero(allowed)
-            s, i = exact_topk(self.vectors, q, kk, rows)
+            s, i = self._exact(q, kk, allowed)
         elif allowed is None or n_allowed == self.n:
             s, i = self.index.search(q, kk, params=self._params(None, nprobe, ef_search))
         elif self.on_gpu:
@@ -245,11 +349,32 @@ class DenseIndex:
             return None
         faiss = _faiss()
         base = faiss.downcast_index(self.index)
+        wrapped = isinstance(base, faiss.IndexPreTransform)
+        while isinstance(base, faiss.IndexPreTransform):
+            base = faiss.downcast_index(base.index)
         if isinstance(base, faiss.IndexIVF):
-            return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
-        if isinstance(base, faiss.IndexHNSW):
-            return faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search)
-        return faiss.SearchParameters(sel=sel) if sel is not None else None
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+        elif isinstance(base, faiss.IndexHNSW):
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search)
+        elif sel is not None:
+            params = faiss.SearchParameters(sel=sel)
+        else:
+            return None
+        if not wrapped:
+            return params
+        # A pre-transform (PCA, OPQ..) hands index_params to the index it wraps; FAISS keeps a
+        # raw pointer, so the outer object holds the inner one alive.
+        outer = faiss.SearchParametersPreTransform()
+        outer.index_params = params
+        outer.inner = params
+        return outer
+
+    def _exact(self, q, k, allowed):
+        """Exact top-k over the allowed rows of ``self.vectors`` (array or DenseStore)."""
+        if isinstance(self.vectors, DenseStore):
+            return self.vectors.search(q, k, allowed)
+        rows = np.arange(self.n) if allowed is None else np.flatnonzero(allowed)
+        return exact_topk(self.vectors, q, k, rows)
 
     def _overfetch(self, q, k, allowed, n_allowed):
         # The top k + (rows not allowed) always hold the allowed top k: exact. faiss-gpu selects
@@ -259,7 +384,7 @@ class DenseIndex:
             if self.vectors is None:
                 raise RuntimeError(f"a filtered GPU search needing {fetch} hits (more than faiss-gpu's "
                                    f"{GPU_MAX_K}) needs the segment's vectors")
-            return exact_topk(self.vectors, q, k, np.flatnonzero(allowed))
+            return self._exact(q, k, allowed)
         s, i = self.index.search(q, fetch)
         out_s = np.zeros((len(q), k), np.float32)
         out_i = np.full((len(q), k), -1, np.int64)
