@@ -147,11 +147,25 @@ def _decode_tokens(ids, res, start, n, centroids, lut, renorm, out):
         c = centroids[ids[start + t]]
         row = res[start + t]
         o = t * d
-        for b in range(nb):
-            w = lut[row[b]]
-            base = b * per
-            for s in range(per):
-                out[o + base + s] = c[base + s] + w[s]
+        # Literal widths let LLVM turn each byte into one vector load-add-store.
+        if per == 8:
+            for b in range(nb):
+                w = lut[row[b]]
+                base = b * 8
+                for s in range(8):
+                    out[o + base + s] = c[base + s] + w[s]
+        elif per == 4:
+            for b in range(nb):
+                w = lut[row[b]]
+                base = b * 4
+                for s in range(4):
+                    out[o + base + s] = c[base + s] + w[s]
+        else:
+            for b in range(nb):
+                w = lut[row[b]]
+                base = b * per
+                for s in range(per):
+                    out[o + base + s] = c[base + s] + w[s]
         if renorm:
             ss = np.float32(0.0)
             for j in range(d):
