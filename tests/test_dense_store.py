@@ -11,8 +11,19 @@ import pytest
 from hybridsearch.errors import IndexFormatError
 from hybridsearch.retrievers import dense_store
 from hybridsearch.retrievers.dense_store import (
-    KINDS, DenseStore, DenseWriter, bytes_per_doc, file_bytes, files_for, search_reference,
-    sq8_decode, sq8_encode, sq8_params, sq8_train, write_dense, write_dense_array,
+    KINDS,
+    DenseStore,
+    DenseWriter,
+    bytes_per_doc,
+    file_bytes,
+    files_for,
+    search_reference,
+    sq8_decode,
+    sq8_encode,
+    sq8_params,
+    sq8_train,
+    write_dense,
+    write_dense_array,
 )
 
 
@@ -275,6 +286,24 @@ def test_writer_refuses_bad_input_and_cleans_up(tmp_path):
     (tmp_path / "dense.npy").symlink_to(target)
     write_dense_array(tmp_path, unit(3, 8, 0), "fp32")
     assert target.read_bytes() == b"keep" and not (tmp_path / "dense.npy").is_symlink()
+
+
+def test_iter_rows_reads_windows_of_the_file(tmp_path):
+    x = unit(100, 8, 15)
+    write_dense_array(tmp_path, x, "sq8")
+    store = DenseStore.open(tmp_path, 100, 8, "sq8")
+    rows = np.array([0, 1, 2, 9, 10, 50, 51, 99, 99])
+    got = list(store.iter_rows(rows, chunk_rows=3))
+    assert [p for p, _ in got] == [0, 3, 5, 7]  # windows of 3 rows from a wanted row: 0-2, 9-11, 50-52, 99
+    np.testing.assert_array_equal(np.concatenate([c for _, c in got]), store.rows(rows))
+    raw = np.concatenate([c for _, c in store.iter_rows(rows, raw=True)])
+    np.testing.assert_array_equal(raw, store.codes[rows])
+    with pytest.raises(ValueError, match="ascending"):
+        next(store.iter_rows(np.array([3, 1])))
+    with open(tmp_path / "dense_sq8.npy", "r+b") as f:  # truncated under an open store
+        f.truncate(500)
+    with pytest.raises(IndexFormatError, match="changed since it was opened"):
+        next(store.iter_rows(rows))
 
 
 # ---------------------------------------------------------------- merges

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IndexFormatError
-from .dense_store import STREAM_CHUNK_BYTES, DenseStore
+from .dense_store import DenseStore
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +245,8 @@ class DenseIndex:
             take = min(n, int(train_size))
             rows = np.arange(n) if take == n else np.sort(np.random.default_rng(seed).choice(n, take, replace=False))
             index.train(np.ascontiguousarray(store.rows(rows)))
-        chunk = chunk_rows or max(1, STREAM_CHUNK_BYTES // (4 * dim))
-        for lo in range(0, n, chunk):
-            index.add(np.ascontiguousarray(store.rows(np.arange(lo, min(n, lo + chunk)))))
+        for _, x in store.iter_rows(np.arange(n, dtype=np.int64), chunk_rows):
+            index.add(np.ascontiguousarray(x))
         return cls(index, n, eff, store if eff == "Flat" else None)
 
     def save(self, folder: Path) -> None:

@@ -15,19 +15,23 @@ sq8      ``dense_sq8.npy`` ``(n, d)`` uint8 codes +       ``d``      ``step / 2`
 params is ``vmin`` (the minimum of each dimension), row 1 is ``step = (vmax - vmin) / 255``.
 A value encodes as ``code = clip(rint((x - vmin) / step), 0, 255)`` (0 where ``step == 0``) and
 decodes as ``vmin + code * step``: round to nearest, so each component is off by at most
-``step / 2`` (plus float32 rounding), and ``vmin`` and ``vmax`` decode exactly. Values outside a
-given ``[vmin, vmax]`` clip to it (only :class:`DenseWriter` with caller-given params can meet
-one; params trained here, or merged by :func:`write_dense`, cover every value they encode).
+``step / 2`` (plus float32 rounding; measured on 100k random unit vectors of 1024 dims: at most
+6.4e-4 per component, 1.8e-3 per inner product, recall@10 against float32 0.97; fp16: 3.7e-5,
+recall 1.0). Values outside a given ``[vmin, vmax]`` clip to it (only :class:`DenseWriter`
+with caller-given params can meet one; params trained here, or merged by :func:`write_dense`,
+cover every value they encode).
 
 **Search** is exhaustive and exact over the stored values: the scores are those of
 ``q @ store.rows(ids).T`` up to float32 summation order. The store is scanned in blocks of rows,
 and a whole batch of queries is scored against a block before the next one is read, so the
-data is read once per batch. fp32 blocks go to BLAS; fp16 and sq8 blocks are widened to
-float32 by a Numba kernel (for sq8 the codes themselves: ``q . x = q . vmin + sum_d (q_d
-step_d) code_d``, with ``q * step`` and ``q . vmin`` computed once per query) and scored in
-4-query x 2-row register tiles. Each query keeps a heap of its best ``k`` (ties to the lower
-row); big scans split into chunks over the pool's threads, one heap set per thread, merged at
-the end. :func:`search_reference` is the plain numpy definition the kernels are tested against.
+data is read once per batch. fp32 blocks go to BLAS; fp16 and sq8 go to a Numba kernel that
+widens the stored values to float32 (for sq8 the codes themselves: ``q . x = q . vmin + sum_d
+(q_d step_d) code_d``, with ``q * step`` and ``q . vmin`` computed once per query). From 4
+queries on, a block is widened once into an L2-sized buffer and scored in 4-query x 2-row
+register tiles; fewer queries widen each row as they read it, in one sequential stream. Each
+query keeps a heap of its best ``k`` (ties to the lower row); big scans split into chunks over
+the pool's threads, one heap set per thread, merged at the end. :func:`search_reference` is the
+plain numpy definition the kernels are tested against.
 
 **Writing** streams: :class:`DenseWriter` appends chunks to the final file and writes the
 ``.npy`` header (whose length numpy keeps independent of the row count) when it finishes.
@@ -65,6 +69,8 @@ _FASTMATH = {"reassoc", "contract", "nsz"}
 # Below this many multiply-adds (about a millisecond) a batch runs on the calling thread: waking
 # the pool costs microseconds on an idle machine but milliseconds on a busy one.
 PARALLEL_MIN_FLOPS = 1 << 24
+# Parallel scans keep one (nq, k) heap set per thread; past this many entries (~200 MB) they don't.
+PARALLEL_MAX_HEAP = 1 << 24
 # Rows widened per block by the Numba kernels: 256 KiB of float32, so a block stays in L2 while
 # every query of the batch is scored against it.
 KERNEL_BLOCK_BYTES = 1 << 18
@@ -114,10 +120,11 @@ def sq8_train(vectors: np.ndarray) -> np.ndarray:
 
 def sq8_encode(vectors: np.ndarray, params: np.ndarray) -> np.ndarray:
     """``(m, d)`` float -> ``(m, d)`` uint8 codes, round to nearest, clipped to ``[0, 255]``."""
-    x = np.asarray(vectors, np.float32)
     vmin, step = params[0], params[1]
-    t = np.zeros(x.shape, np.float32)
-    np.divide(x - vmin, step, out=t, where=step > 0)
+    t = np.subtract(vectors, vmin, dtype=np.float32)
+    live = step > 0
+    np.divide(t, step, out=t, where=live)
+    t[:, ~live] = 0
     np.rint(t, out=t)
     np.clip(t, 0, SQ8_LEVELS, out=t)
     return t.astype(np.uint8)
@@ -209,8 +216,8 @@ def _scan_range(w, base, codes, rows, use_rows, p_lo, p_hi, block, hs, hi, hn):
     ``w`` ``(nq, d)`` float32 per-query weights and ``base`` ``(nq,)`` float32 offsets: the
     score of row ``r`` is ``base[i] + sum_e w[i, e] * widen(codes[r, e])``. ``codes`` ``(n, d)``
     uint8 (sq8) or uint16 (float16 bits). Position ``p`` is row ``rows[p]`` when ``use_rows``,
-    else row ``p``. ``block`` rows are widened at a time into a float32 buffer that every query
-    then reads.
+    else row ``p``. Positions go ``block`` at a time; with 4+ queries a block is widened once
+    into a float32 buffer that every query then reads. ``hs``/``hi``/``hn``: see :func:`_push`.
     """
     nq, d = w.shape
     buf = np.zeros((block + 4, d), np.float32)
@@ -435,7 +442,7 @@ class DenseStore:
             _check_params(params, dim, IndexFormatError, f"index file corrupted: {ppath}")
         store = cls(codes, kind, params, path, offset)
         if deep and kind != "sq8":
-            for lo, chunk in store._stream(np.arange(n, dtype=np.int64)):
+            for lo, chunk in store.iter_rows(np.arange(n, dtype=np.int64)):
                 if not np.isfinite(chunk).all():
                     bad = lo + int(np.flatnonzero(~np.isfinite(chunk).all(axis=1))[0])
                     raise IndexFormatError(f"index file corrupted: {path} holds a non-finite value in row {bad}")
@@ -453,11 +460,14 @@ class DenseStore:
             return sq8_decode(codes, self.params)
         return np.asarray(codes, dtype=np.float32)
 
-    def _stream(self, rows: np.ndarray, chunk_rows: int | None = None, raw: bool = False):
-        """Yield ``(position, values)`` for ascending ``rows``, at most ``chunk_rows`` at a time:
-        decoded float32 (``raw``: the stored codes). Opened stores are read with plain reads
-        of row windows, so a pass over a large store leaves no mapped pages behind."""
-        chunk = chunk_rows or max(1, STREAM_CHUNK_BYTES // (4 * max(self.dim, 1)))
+    def iter_rows(self, rows: np.ndarray, chunk_rows: int | None = None, raw: bool = False):
+        """Yield ``(position, values)`` for ascending ``rows`` ``(m,)`` int64, at most
+        ``chunk_rows`` (default ~8 MiB of float32) at a time, ``position`` being the index into
+        ``rows`` of the chunk's first row: values ``(len, d)`` decoded float32 (``raw``: the
+        stored codes). Opened stores are read with plain reads of row windows, so a pass over a
+        large store leaves no mapped pages (and no RSS) behind."""
+        rows = _check_rows(rows, self.n)
+        chunk = chunk_rows or max(1, STREAM_CHUNK_BYTES // (4 * self.dim))
         if rows.size and (np.diff(rows) < 0).any():
             raise ValueError("rows must be ascending")
         if self._path is None or self.n == 0 or self.dim == 0:
@@ -537,7 +547,9 @@ class DenseStore:
         threads = numba.get_num_threads()
         n_chunks = min(8 * threads, -(-m // block))
         if parallel is None:
-            parallel = threads > 1 and n_chunks > 1 and nq * m * self.dim >= PARALLEL_MIN_FLOPS
+            # (one heap set per thread: not when k is huge)
+            parallel = (threads > 1 and n_chunks > 1 and nq * m * self.dim >= PARALLEL_MIN_FLOPS
+                        and threads * nq * kk <= PARALLEL_MAX_HEAP)
         if not parallel:
             hs, hi, hn = _heaps(1, nq, kk)
             _scan_range(w, base, self._kernel_codes, rows_, use_rows, 0, m, block, hs[0], hi[0], hn[0])
@@ -757,7 +769,7 @@ def merged_sq8_params(sources: list[tuple[DenseStore, np.ndarray]], dim: int) ->
             np.minimum(lo, store.params[0], out=lo)
             np.maximum(hi, store.vmax, out=hi)
         else:
-            for _, x in store._stream(rows):
+            for _, x in store.iter_rows(rows):
                 np.minimum(lo, x.min(axis=0), out=lo)
                 np.maximum(hi, x.max(axis=0), out=hi)
     if not np.isfinite(lo).all():  # nothing selected
@@ -793,7 +805,7 @@ def write_dense(folder: str | os.PathLike, sources: list[tuple[DenseStore, np.nd
     with DenseWriter(folder, d, kind, params=params) as w:
         for store, rows in checked:
             verbatim = store.kind == kind and (kind != "sq8" or np.array_equal(store.params, params))
-            for _, c in store._stream(rows, raw=verbatim):
+            for _, c in store.iter_rows(rows, raw=verbatim):
                 if verbatim:
                     w.append_codes(c)
                 else:
