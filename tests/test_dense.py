@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hybridsearch.errors import IndexFormatError
-from hybridsearch.retrievers.dense import DenseIndex, exact_topk
+from hybridsearch.retrievers.dense import DenseIndex, check_factory, exact_topk
 from hybridsearch.retrievers.dense_store import DenseStore
 
 
@@ -233,3 +233,14 @@ def test_index_types_we_cannot_check_are_refused(tmp_path):
         with pytest.raises(IndexFormatError, match="never writes"):
             DenseIndex.load(tmp_path, x, "HNSW32", use_gpu=False)
     assert os.path.exists(tmp_path / "dense.faiss")
+
+
+def test_check_factory_matches_what_load_accepts():
+    for ok in ("Flat", "HNSW32", "HNSW32,SQ8", "IVF16,Flat", "IVF16,PQ4x4", "IVF16_HNSW32,Flat",
+               "PCA8,IVF16,Flat", "OPQ4,IVF16,PQ4", "SQ8", "PQ4x4"):
+        check_factory(ok, 16)
+    for bad in ("IVF4,Flat,RFlat", "IDMap,Flat", "NSG32,Flat"):
+        with pytest.raises(ValueError, match="supports"):
+            check_factory(bad, 16)
+    with pytest.raises(ValueError, match="invalid"):
+        check_factory("Nonsense", 16)

@@ -155,6 +155,29 @@ def _check_faiss(index, n: int, dim: int, path, inner_product: bool = True) -> N
         bad(f"a {type(base).__name__} index, which hybridsearch never writes")
 
 
+def check_factory(factory: str, dim: int) -> None:
+    """ValueError unless ``factory`` is a FAISS factory string whose index
+    :func:`_check_faiss` can validate when it is read back (flat codes, HNSW over flat codes,
+    IVF over a flat or HNSW quantiser, behind optional pre-transforms): call it when an index
+    is created, so that no index is written that its own reader would refuse."""
+    faiss = _faiss()
+    try:
+        index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from e
+    base = faiss.downcast_index(index)
+    while isinstance(base, faiss.IndexPreTransform):
+        base = faiss.downcast_index(base.index)
+    part = base
+    if isinstance(base, faiss.IndexIVF):
+        part = faiss.downcast_index(base.quantizer)
+    if isinstance(part, faiss.IndexHNSW):
+        part = faiss.downcast_index(part.storage)
+    if isinstance(base, (faiss.IndexIDMap, faiss.IndexIDMap2)) or not isinstance(part, faiss.IndexFlatCodes):
+        raise ValueError(f"FAISS factory {factory!r} builds a {type(base).__name__}; hybridsearch supports "
+                         f"flat codes (Flat, SQ8, PQ..), HNSW over them and IVF (optionally after PCA/OPQ)")
+
+
 def _invlists(ivf, path):
     """The inverted lists of ``ivf``, unless they are an ``OnDiskInvertedLists`` record naming
     a file of its own, which a downloaded index could point anywhere. (Read with the skip-IVF-
