@@ -106,6 +106,8 @@ def test_bad_inputs(codec128, data128):
         ColbertCodec.train(data128[:100, :12])
     with pytest.raises(ValueError, match="nbits"):
         ColbertCodec.train(data128[:100], nbits=3)
+    with pytest.raises(ValueError, match="finite"):
+        ColbertCodec.train(np.where(np.arange(128) == 5, np.nan, data128[:100]), k=4)
     with pytest.raises(ValueError, match="training rows"):
         ColbertCodec.train(data128[:20], k=64)
     with pytest.raises(ValueError, match=r"\(T, 128\)"):

@@ -538,9 +538,9 @@ class ColbertCodec:
         if sample.shape[0] > 4 * MAX_TRAIN_SAMPLE:
             raise ValueError(f"sample has {sample.shape[0]} rows; pass at most "
                              f"{MAX_TRAIN_SAMPLE} (a random subset)")
-        x = _unit_rows(sample)
-        if not np.isfinite(x).all():
+        if not np.isfinite(sample).all():
             raise ValueError("sample must be finite")
+        x = _unit_rows(sample)
         n, dim = x.shape
         rng = np.random.default_rng(seed)
         perm = rng.permutation(n)

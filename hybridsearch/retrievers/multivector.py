@@ -213,8 +213,9 @@ def _pad_queries(q: np.ndarray, q_offsets: np.ndarray):
 class _MaxSimStore:
     """Reading API shared by both stores: ``maxsim``, ``maxsim_batch``, ``search``.
 
-    A subclass sets ``offsets`` and provides ``dim``, ``_kernel(args, lo_hi_or_chunks, out,
-    parallel)`` and ``decode_range(lo, hi)``.
+    A subclass sets ``offsets`` and provides ``dim``, ``bytes_per_token``,
+    ``_kernel(query args, cand, out, n_chunks)`` (0 chunks: on the calling thread) and
+    ``decode_range(lo, hi)`` (tokens as float32).
     """
 
     offsets: np.ndarray
