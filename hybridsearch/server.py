@@ -770,6 +770,7 @@ OPENAPI: dict = {
             "summary": "Merge every segment into one, dropping deleted documents; one atomic commit.",
             "description": "Commits also merge segments as they go (a tiered policy); this rewrites "
                            "everything, renumbers documents and rebuilds BM25: minutes on a large index.",
+            "requestBody": _json_body("CompactRequest", {"compact": {}}),
             "responses": {
                 "200": _json_ok("Compacted.", {"$ref": _REF + "CompactResponse"},
                                 {"documents": 1234, "segments": 1}),
@@ -781,6 +782,7 @@ OPENAPI: dict = {
         "schemas": {
             "Error": {"type": "object", "required": ["error"], "additionalProperties": False,
                       "properties": {"error": {"type": "string", "description": "what went wrong"}}},
+            "CompactRequest": {"type": "object", "additionalProperties": False, "maxProperties": 0},
             "CompactResponse": {"type": "object", "required": ["documents", "segments"],
                                 "additionalProperties": False,
                                 "properties": {"documents": {"type": "integer", "minimum": 0},

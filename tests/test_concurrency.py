@@ -22,6 +22,7 @@ import pytest
 
 from hybridsearch.errors import IndexLockedError
 from hybridsearch.index.hybrid import HybridIndex
+from hybridsearch.index.merge import MergePolicy
 
 WORDS = "fox otter heron walrus quokka narwhal lemur okapi tapir ibis".split()
 QUERIES = ["fox otter", "heron walrus", "quokka", "narwhal lemur okapi", "tapir ibis fox"]
@@ -42,23 +43,39 @@ def answer(idx, state, mode):
 
 
 def test_searches_answer_from_one_snapshot_while_writing(tmp_path, m3_encoder, monkeypatch):
-    idx = HybridIndex.create(tmp_path / "idx", m3_encoder)
+    # A small merge factor: segments merge every few commits, in generations of their own.
+    idx = HybridIndex.create(tmp_path / "idx", m3_encoder, merge_policy=MergePolicy(factor=3, floor=10))
     idx.add([doc(i) for i in range(60)])
-    expected, seen, errors = {}, [], []
+    expected, seen, errors, merges = {}, [], [], []
     used = threading.local()
     real_search = HybridIndex._search
+    real_install = HybridIndex._install
+    real_merge = HybridIndex._merge_range
 
     def spy(self, state, *a, **kw):  # record which generation each search read
         used.gen = state.generation
         return real_search(self, state, *a, **kw)
 
+    def install(self, state, key):  # every generation, merges included (readers race the writer)
+        real_install(self, state, key)
+        won = self._state  # the first state made for a generation is the one every search reads
+        if won.generation == state.generation and state.generation not in expected:
+            expected[state.generation] = {m: answer(self, won, m) for m in ("bm25", "dense", "hybrid")}
+
+    def merge(self, i, j, renumber=False):
+        real_merge(self, i, j, renumber)
+        if not renumber:
+            merges.append(self._state.generation)
+
     monkeypatch.setattr(HybridIndex, "_search", spy)
+    monkeypatch.setattr(HybridIndex, "_install", install)
+    monkeypatch.setattr(HybridIndex, "_merge_range", merge)
 
     def record_expected():
         st = idx._current()
-        expected[st.generation] = {m: answer(idx, st, m) for m in ("bm25", "dense", "hybrid")}
+        assert st.generation in expected
 
-    record_expected()
+    expected[idx._current().generation] = {m: answer(idx, idx._current(), m) for m in ("bm25", "dense", "hybrid")}
     stop = threading.Event()
 
     def searcher(mode):
@@ -95,6 +112,13 @@ def test_searches_answer_from_one_snapshot_while_writing(tmp_path, m3_encoder, m
     assert len(gens) > 3  # searches really ran across many commits
     for gen, mode, got in seen:
         assert got == expected[gen][mode], (gen, mode)
+    assert merges  # merges happened, and answered exactly as the generation before them
+    for gen in merges:  # (equal scores may come in another order: the segments changed)
+        for mode in expected[gen]:
+            for a, b in zip(expected[gen][mode], expected[gen - 1][mode]):
+                assert [sc for _, sc in a] == [sc for _, sc in b], (gen, mode)
+                low = a[-1][1] if a else None
+                assert {i for i, sc in a if sc != low} == {i for i, sc in b if sc != low}, (gen, mode)
 
 
 def test_reader_follows_commits_and_old_files_outlive_its_snapshot(tmp_path, m3_encoder):

@@ -56,7 +56,8 @@ def run_writer(tiny_m3, path, mode, delay):
 def check_consistent(path, m3_encoder):
     idx = HybridIndex.open(path, m3_encoder)
     n = len(idx)
-    ids = set(idx._state.ids)
+    ids = set(idx.ids())
+    assert len(ids) == n
     # every committed document is searchable by every channel, and nothing else is
     for mode in ("dense", "sparse", "colbert", "bm25"):
         hits = idx.search("writer fox", k=n + 50, mode=mode)
@@ -139,6 +140,12 @@ ZYGOTE = textwrap.dedent("""
                 die()
                 return entry
             hybrid.write_segment = ws
+            real_ms = hybrid.merge_segments  # compaction and merges write their segment here
+            def ms(*a, **kw):
+                entry = real_ms(*a, **kw)
+                die()
+                return entry
+            hybrid.merge_segments = ms
         if point == "bm25-commit":  # manifest switched, BM25's deletions queued, not committed
             real_commit = BM25Index.commit
             def commit(self):

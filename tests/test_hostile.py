@@ -168,8 +168,8 @@ def test_segment_file_is_a_link(folders, m3_encoder, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(path, other)
     seg = manifest(path)["segments"][0]["name"]
-    (path / seg / "docs.msgpack").unlink()
-    os.symlink(other / seg / "docs.msgpack", path / seg / "docs.msgpack")
+    (path / seg / "docs.bin").unlink()
+    os.symlink(other / seg / "docs.bin", path / seg / "docs.bin")
     refused(path, m3_encoder, "link", other)
 
 
@@ -302,34 +302,61 @@ def test_huge_next_docno_fails_fast(folders, m3_encoder, how):
     assert peak < 100 << 20  # np.ones(2e9) alone would be 2 GB
 
 
-@pytest.mark.parametrize("payload", [
-    ["x" * 100, 1, 2],  # not a dict
-    {"ids": ["a" * 100], "texts": ["b"], "metadata": [{}]},  # wrong length
-    "lengths",
-    "types",
-    "metadata",
+@pytest.mark.parametrize("record", [
+    ["x" * 100, 1, 2],  # not [text, metadata]
+    [5, {}],  # the text is not a string
+    ["text", ["not", "a", "dict"]],  # the metadata is not a dict
+    {"a": 1},  # not a list
+    b"\xc1\xc1\xc1",  # not msgpack
+    ["t", {1: "non-string key"}],
 ])
-def test_docs_msgpack_malformed(folders, m3_encoder, payload):
+def test_docs_bin_malformed(folders, m3_encoder, record):
+    """Every record of a segment's docs.bin replaced: whatever a search reads is refused."""
     path, _ = folders
-    seg = manifest(path)["segments"][0]["name"]
-    d = msgpack.unpackb((path / seg / "docs.msgpack").read_bytes())
-    if payload == "lengths":
-        d["texts"] = d["texts"][:-1]
-    elif payload == "types":
-        d["ids"][0] = 5
-    elif payload == "metadata":
-        d["metadata"][3] = ["not", "a", "dict"]
+    entry = manifest(path)["segments"][0]
+    raw = record if isinstance(record, bytes) else msgpack.packb(record, use_bin_type=True)
+    n = entry["count"]
+    rewrite(path, entry["name"], "docs.bin", raw * n)
+    rewrite(path, entry["name"], "docs_offsets.npy", np.arange(n + 1, dtype=np.int64) * len(raw))
+    with pytest.raises(IndexFormatError, match="docs.bin"):
+        idx = HybridIndex.open(path, m3_encoder)
+        try:
+            [idx.get(f"d{i}") for i in range(12)]
+        finally:
+            idx.close()
+
+
+@pytest.mark.parametrize("how", ["past-end", "decreasing", "hash-unsorted", "order-out-of-range"])
+def test_docstore_offsets_and_hashes(folders, m3_encoder, how):
+    path, _ = folders
+    entry = manifest(path)["segments"][0]
+    seg, n = entry["name"], entry["count"]
+    if how == "past-end":
+        off = np.load(path / seg / "docs_offsets.npy")
+        off[-1] += 1 << 30
+        rewrite(path, seg, "docs_offsets.npy", off)
+    elif how == "decreasing":
+        off = np.load(path / seg / "docs_offsets.npy")
+        off[3], off[4] = off[4], off[3]
+        rewrite(path, seg, "docs_offsets.npy", off)
+    elif how == "hash-unsorted":
+        h = np.load(path / seg / "ids_hash.npy")
+        rewrite(path, seg, "ids_hash.npy", h[::-1].copy())
     else:
-        d = payload
-    rewrite(path, seg, "docs.msgpack", msgpack.packb(d, use_bin_type=True))
-    refused(path, m3_encoder, "docs.msgpack")
+        o = np.load(path / seg / "ids_order.npy")
+        o[0] = n + 1000
+        rewrite(path, seg, "ids_order.npy", o)
+    refused(path, m3_encoder)
 
 
-def test_docs_msgpack_not_a_dict_large_enough(folders, m3_encoder):
+def test_column_files_checked(folders, m3_encoder):
     path, _ = folders
-    seg = manifest(path)["segments"][0]["name"]
-    rewrite(path, seg, "docs.msgpack", msgpack.packb(["x" * 1000]))
-    refused(path, m3_encoder, "docs.msgpack")
+    entry = manifest(path)["segments"][0]
+    cols = sorted(f for f in entry["files"] if f.startswith("col-") and f.endswith(".npy"))
+    assert cols
+    a = np.load(path / entry["name"] / cols[0])
+    rewrite(path, entry["name"], cols[0], np.zeros(len(a) + 7, a.dtype))
+    refused(path, m3_encoder)
 
 
 def test_vocab_size_mismatch(folders, m3_encoder):

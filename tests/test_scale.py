@@ -131,7 +131,14 @@ def flat(tmp_path_factory, m3_encoder, data):
     # the per-segment top-k merged
     idx = _build(tmp_path_factory.mktemp("scale") / "flat", m3_encoder, data, "Flat", bm25=True,
                  segments=2)
-    yield idx, _Results(idx, data)
+    # ColBERT is stored with the default codec (a codebook of centroids + 1 bit a dimension):
+    # exact results are those of MaxSim over the vectors as the codes decode.
+    state = idx._current()
+    assert [s.colbert_kind for s in state.segments] == ["codes", "codes"]
+    decoded = np.concatenate([s.colbert.decode_range(0, int(s.colbert.offsets[-1])) for s in state.segments])
+    enc = data["enc"]
+    stored = dict(data, enc=Encoded(enc.dense, enc.sparse, decoded, enc.colbert_offsets, enc.n_tokens))
+    yield idx, _Results(idx, data), stored
     idx.close()
 
 
@@ -193,13 +200,13 @@ def _colbert_full(data, j, allowed):
 @pytest.mark.parametrize("fname", FILTERS)
 @pytest.mark.parametrize("mode", MODES)
 def test_no_deleted_or_filtered_hit(flat, data, mode, fname):
-    _, results = flat
+    _, results, _ = flat
     _check_allowed_sorted_unique(results(mode, fname), data["allowed"][fname], f"{mode}/{fname}")
 
 
 @pytest.mark.parametrize("fname", FILTERS)
 def test_dense_flat_equals_brute_force(flat, data, fname):
-    _, results = flat
+    _, results, _ = flat
     allowed = data["allowed"][fname]
     full = data["q_enc"].dense @ data["enc"].dense.T  # (NQ, N)
     for j, hits in enumerate(results("dense", fname)):
@@ -208,7 +215,7 @@ def test_dense_flat_equals_brute_force(flat, data, fname):
 
 @pytest.mark.parametrize("fname", FILTERS)
 def test_sparse_equals_brute_force(flat, data, fname):
-    _, results = flat
+    _, results, _ = flat
     allowed = data["allowed"][fname]
     got = results("sparse", fname)
     q = data["q_enc"].sparse
@@ -227,7 +234,7 @@ def test_sparse_equals_brute_force(flat, data, fname):
 
 @pytest.mark.parametrize("fname", FILTERS)
 def test_colbert_equals_brute_force(flat, data, fname):
-    _, results = flat
+    _, results, data = flat
     allowed = data["allowed"][fname]
     got = results("colbert", fname)
     for j in range(0, NQ, 16):  # 16 of the 256 queries: numpy MaxSim over the allowed docs
@@ -236,7 +243,7 @@ def test_colbert_equals_brute_force(flat, data, fname):
 
 @pytest.mark.parametrize("fname", FILTERS)
 def test_bm25_counts_and_order(flat, data, fname):
-    _, results = flat
+    _, results, _ = flat
     allowed = data["allowed"][fname]
     match = data["bm25_match"]
     for j, hits in enumerate(results("bm25", fname)):
@@ -250,7 +257,7 @@ def test_bm25_counts_and_order(flat, data, fname):
 
 @pytest.mark.parametrize("fname", FILTERS)
 def test_hybrid_counts_and_channel_scores(flat, data, fname):
-    _, results = flat
+    _, results, data = flat
     allowed = data["allowed"][fname]
     enc, q = data["enc"], data["q_enc"]
     got = results("hybrid", fname)
@@ -303,7 +310,7 @@ def test_approximate_factories_never_return_disallowed(approx, data, fname):
 
 
 def test_concurrent_filtered_searches_equal_single_threaded(flat, data):
-    idx, _ = flat
+    idx, _, _ = flat
     q_enc, queries = data["q_enc"], data["queries"]
 
     def sub(lo, hi):

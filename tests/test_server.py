@@ -881,3 +881,13 @@ def test_error_message_with_a_lone_surrogate_is_still_json(client, index, monkey
     monkeypatch.setattr(index, "search", refuse)
     s, out = client.post("/search", {"query": "fox"})
     assert s == 400 and out == {"error": "cannot search for 'a\ud800'"}
+
+
+def test_compact_endpoint(client, index):
+    s, out = client.post("/delete", {"ids": ["d0"]})
+    assert s == 200
+    s, out = client.post("/compact", {})
+    assert s == 200 and out == {"documents": len(index), "segments": 1}
+    assert index.stats()["deleted_pending_compaction"] == 0
+    s, out = client.post("/compact", {"now": True})
+    assert s == 400 and "no parameters" in out["error"]

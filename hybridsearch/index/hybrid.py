@@ -32,6 +32,7 @@ from ..fusion import CHANNELS, FusionConfig, fuse, minmax
 from ..representations import Encoded
 from ..retrievers.bm25 import BM25Index
 from ..retrievers.colbert_codec import MAX_TRAIN_SAMPLE, ColbertCodec, parse_codec
+from ..retrievers.dense import check_factory
 from . import locking
 from . import storage as st
 from .filters import check_filter
@@ -204,12 +205,7 @@ class HybridIndex:
                 raise FileExistsError(f"{path} exists and is not empty (e.g. {foreign[0]!r}); "
                                       "refusing to write an index there")
         encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(model)
-        import faiss
-
-        try:
-            faiss.index_factory(encoder.spec.dim, dense_factory, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as e:
-            raise ValueError(f"invalid FAISS factory string {dense_factory!r}") from e
+        check_factory(dense_factory, encoder.spec.dim)  # ValueError unless reopening would accept it
         spec = encoder.spec
         if dense_storage not in st.DENSE_STORAGES:
             raise ValueError(f"unknown dense_storage {dense_storage!r}; use one of {st.DENSE_STORAGES}")

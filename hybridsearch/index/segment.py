@@ -332,7 +332,7 @@ class Segment:
             self._file("dense.faiss")  # a plain file, not a link
             return DenseIndex.load(self.folder, None, factory, n=self.count, dim=self.dense_store.dim)
         if gpu_available() and self.dense_storage == "fp32":
-            return DenseIndex.load(self.folder, self.dense_store.rows(np.arange(self.count)), "Flat")
+            return DenseIndex.load(self.folder, self.dense_store, "Flat")
         return None
 
     def dense_search(self, q: np.ndarray, k: int, allowed_rows: np.ndarray | None):

@@ -186,11 +186,10 @@ def _open_nofollow(path: Path):
         raise IndexFormatError(f"index file missing: {path}") from None
     except OSError as e:  # ELOOP: a link
         raise IndexFormatError(f"index file {path} cannot be opened ({e}); links are refused") from e
-    f = os.fdopen(fd, "rb")
     if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
+        os.close(fd)
         raise IndexFormatError(f"index file corrupted: {path} is not a regular file")
-    return f
+    return os.fdopen(fd, "rb")
 
 
 def _read_header(f, path: Path) -> tuple[tuple, np.dtype, int]:
