@@ -479,6 +479,7 @@ class HybridIndex:
         m = json.loads(json.dumps(old.manifest))  # deep copy
         gen = m["generation"] + 1
         m["generation"] = gen
+        m["format_version"], m["library_version"] = st.FORMAT_VERSION, st.__version__
         base = m["next_docno"]
         if ids:
             name = f"seg-{gen:06d}"
@@ -578,6 +579,7 @@ class HybridIndex:
         m = json.loads(json.dumps(old.manifest))
         gen = m["generation"] + 1
         m["generation"] = gen
+        m["format_version"], m["library_version"] = st.FORMAT_VERSION, st.__version__
         segs = old.segments[i:j]
         sources = [(s, old.live_rows(s)) for s in segs]
         n_live = sum(len(r) for _, r in sources)
