@@ -21,7 +21,9 @@ WRITER = textwrap.dedent("""
     from hybridsearch import BGEM3Encoder
     from hybridsearch.index import hybrid, storage
     model, path, mode = sys.argv[1:4]
-    idx = hybrid.HybridIndex.open(path, BGEM3Encoder(model, device="cpu"))
+    from hybridsearch.index.merge import MergePolicy
+    policy = MergePolicy(factor=2, floor=10) if mode == "merging" else MergePolicy()
+    idx = hybrid.HybridIndex.open(path, BGEM3Encoder(model, device="cpu"), merge_policy=policy)
     if mode == "at-manifest":
         # Die exactly between the BM25 commit and the manifest switch.
         real = storage.write_json_durable
@@ -90,6 +92,19 @@ def test_kill_at_random_moments(tmp_path, tiny_m3, m3_encoder, delay):
     HybridIndex.create(path, m3_encoder).close()
     run_writer(tiny_m3, path, "loop", delay)
     check_consistent(path, m3_encoder)
+
+
+@pytest.mark.parametrize("delay", [1.0, 2.5, 4.0])
+def test_kill_while_merging(tmp_path, tiny_m3, m3_encoder, delay):
+    """Merges after nearly every commit (factor 2), a ColBERT codebook trained early and float16
+    segments coded as they merge: a kill at any moment leaves a consistent index."""
+    path = tmp_path / "idx"
+    HybridIndex.create(path, m3_encoder, codec_train_tokens=150).close()
+    run_writer(tiny_m3, path, "merging", delay)
+    n = check_consistent(path, m3_encoder)
+    segments = json.loads((path / "manifest.json").read_text())["segments"]
+    if n >= 100:  # five commits of 20 or more: merges ran (one segment a commit otherwise)
+        assert len(segments) < (n + 1) // 20
 
 
 # ----------------------------------------------------------------------------------------------
