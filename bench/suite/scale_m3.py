@@ -916,7 +916,8 @@ def run_size(n: int, o: Options, work: Path, log) -> dict:
     milvus = n <= o.milvus_max_docs and _have_milvus()
     rec = {"docs": n, "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "command": o.command, "code": code_version(),
            "create": o.create, "storage": opts, "shape": asdict(o.shape), "queries": o.queries,
-           "commit": o.commit, "threads": {k: os.environ.get(k, "unset") for k in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}}
+           "commit": o.commit, "threads": {k: os.environ.get(k, "unset") for k in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")},
+           "load_start": os.getloadavg()[0], "cpus": os.cpu_count()}
     rec["disk_check"] = check_disk(work, n, o.shape, opts, o.commit, milvus, log)
     cap = o.rss_cap_mib or min(12288.0, 0.6 * _available_mib())
     rec["rss_cap_mib"] = cap
@@ -953,6 +954,7 @@ def run_size(n: int, o: Options, work: Path, log) -> dict:
                 if "failed" not in rec["compact"]:
                     rec["compact"]["du_bytes"] = disk_bytes(folder / "index")[0]
     finally:
+        rec["load_end"] = os.getloadavg()[0]
         if o.keep:
             log(f"scale_m3: kept {folder}")
         else:
@@ -1012,7 +1014,9 @@ def render(records: dict) -> tuple[str, list[str]]:
         threads = ", ".join(f"{k}={v}" for k, v in r["threads"].items())
         notes.append(f"{key} documents: {r['date']}, `{r['command']}`, {r.get('code', '?')}; {conf}; commits of {r['commit']:,}; "
                      f"{threads}; worker cap {r['rss_cap_mib']:,.0f} MiB of anonymous memory; disk estimate before "
-                     f"the run {r['disk_check']['estimate_bytes'] / 2**30:.1f} GiB.")
+                     f"the run {r['disk_check']['estimate_bytes'] / 2**30:.1f} GiB"
+                     + (f"; load average {r['load_start']:.1f} at the start, {r['load_end']:.1f} at the end on "
+                        f"{r['cpus']} CPUs" if "load_end" in r else "") + ".")
         b = r.get("build", {})
         if "failed" in b:
             notes.append(f"**{key} documents: the build failed**: {b['failed']}.")
@@ -1118,7 +1122,8 @@ def render(records: dict) -> tuple[str, list[str]]:
         "derived from random documents (noised dense vector, 8 of their sparse terms + 4 others, 20 of their "
         "ColBERT vectors + 12 others, 6 of their words + 2 others), precomputed and passed with `query_encoded=`, "
         "so no model runs: 'source in top 10' is how often the document a query came from is among its 10 hits. "
-        "Latency: single queries, k=10, p50/p99 over the queries after one warm-up call ('first call' is that call).")
+        "Latency: single queries, k=10, p50/p99 over the queries after one warm-up call ('first call' is that "
+        "call: it includes compiling the Numba kernels when their on-disk cache is cold).")
     body = [intro,
             "### Build", _table(["docs", "storage", "add() + close() s", "docs/s", "slowest commit s",
                                  "median commit s", "p99 commit s", "commits > 3x median", "segments at end",
