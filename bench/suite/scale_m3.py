@@ -1226,7 +1226,8 @@ def run_all(o: Options, work: Path, results_md: Path, log):
 
 
 def run(cfg, tmp_root: Path, log):
-    """bench/run.py's entry: sizes ``cfg.m3_docs`` (tiny mode: 300 documents of :data:`TINY`)."""
+    """bench/run.py's entry: sizes ``cfg.m3_docs`` (tiny mode: 300 documents of :data:`TINY`,
+    recorded in ``scale_m3_tiny.md`` beside ``cfg.m3_results``)."""
     tiny = cfg.mode == "tiny"
     shape = TINY if tiny else Shape()
     o = Options(sizes=list(getattr(cfg, "m3_docs", None) or ([300] if tiny else [100_000])), shape=shape,
@@ -1236,6 +1237,8 @@ def run(cfg, tmp_root: Path, log):
     if tiny:
         o.model = str(make_model(tmp_root / "m3-tiny", shape))
     results = Path(getattr(cfg, "m3_results", None) or BENCH / "results" / "scale_m3.md")
+    if tiny:  # never mixed with the records of real sizes
+        results = results.with_name("scale_m3_tiny.md")
     return run_all(o, tmp_root, results, log)
 
 
