@@ -54,7 +54,7 @@ def test_parse_codec():
 
 
 def test_default_k():
-    assert default_k(10_000) == 1024  # 16 * 100 = 1600 -> 1024
+    assert default_k(10_000) == min(1024, colbert_codec.K_MAX)  # 16 * 100 = 1600 -> 1024, capped
     assert default_k(1_000) == 256  # 16 * 31.6 = 506 -> 256
     assert default_k(10**8) == colbert_codec.K_MAX
 

@@ -53,8 +53,10 @@ CODECS = {
     "res1-pool2": {"kind": "residual", "nbits": 1, "pool": 2},
 }
 # Centroid count: PLAID's 2**floor(log2(16 * sqrt(tokens))), capped, since encoding costs
-# tokens * k * dim multiply-adds (k=1024 at d=1024: see bench figures in the module report).
-K_MAX = 1024
+# tokens * k * dim multiply-adds. At d=1024 on one core: K=256 codes ~130k tokens per CPU-second,
+# K=1024 ~42k, K=4096 ~11k, i.e. 100M tokens (1M BGE-M3 passages) in ~6.5 / 20 / 75 minutes on
+# 2 cores. Quality by K on SciFact: bench/results/colbert_codec.md.
+K_MAX = 256
 K_LIMIT = 1 << 16  # ids are uint16
 # Rows a caller should pass to train(): k-means cost grows with it, quality barely does.
 MAX_TRAIN_SAMPLE = 1 << 17
