@@ -149,6 +149,13 @@ def main(argv=None) -> int:
         recorded = scale_m3.recorded_section(Path(cfg.m3_results))
         if recorded is not None:
             sections.append(recorded)
+    storage = HERE / "results" / "storage.md"  # recorded by bench_colbert_codec.py / bench_segments.py
+    if storage.exists():
+        sections.append(Section("Storage at real size: ColBERT codecs and merged segments", storage.read_text(),
+                                losses=["ColBERT res1 (130 B/token): -0.90 ColBERT / -0.69 hybrid nDCG@10 "
+                                        "points vs float16 on SciFact (target 0.5)",
+                                        "hybrid query on 18 merged segments: 1.95x one segment at 99k docs "
+                                        "(target 1.3x)"]))
 
     figs = []
     for s in sections:
