@@ -30,7 +30,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import machine_info  # noqa: E402
-from suite.scale_m3 import Corpus, Queries, Shape, index_kwargs, load_encoder, make_model, query_sources  # noqa: E402
+from suite.scale_m3 import (  # noqa: E402
+    Corpus,
+    Queries,
+    Shape,
+    index_kwargs,
+    load_encoder,
+    make_model,
+    query_sources,
+)
 
 MODES = ("dense", "sparse", "bm25", "hybrid")
 
