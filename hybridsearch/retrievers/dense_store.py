@@ -55,6 +55,7 @@ from numba.extending import intrinsic
 
 from ..errors import IndexFormatError
 from ..index.storage import load_npy, read_npy_header, remove_entry, save_npy
+from ._tiles import tile_4x2
 
 KINDS = ("fp32", "fp16", "sq8")
 DENSE_FILE = "dense.npy"
@@ -247,23 +248,7 @@ def _scan_range(w, base, codes, rows, use_rows, p_lo, p_hi, block, hs, hi, hn):
         # 4 query x 2 row register tile: 8 independent vector accumulators, 6 loads per 8 FMAs.
         while i + 4 <= nq:
             for j in range(0, m, 2):
-                s00 = s01 = s10 = s11 = np.float32(0.0)
-                s20 = s21 = s30 = s31 = np.float32(0.0)
-                for e in range(d):
-                    p0 = buf[j, e]
-                    p1 = buf[j + 1, e]
-                    q0 = w[i, e]
-                    q1 = w[i + 1, e]
-                    q2 = w[i + 2, e]
-                    q3 = w[i + 3, e]
-                    s00 += q0 * p0
-                    s01 += q0 * p1
-                    s10 += q1 * p0
-                    s11 += q1 * p1
-                    s20 += q2 * p0
-                    s21 += q2 * p1
-                    s30 += q3 * p0
-                    s31 += q3 * p1
+                s00, s01, s10, s11, s20, s21, s30, s31 = tile_4x2(w, i, buf, j, d)
                 _push(hs, hi, hn, i, s00 + base[i], ids[j])
                 _push(hs, hi, hn, i + 1, s10 + base[i + 1], ids[j])
                 _push(hs, hi, hn, i + 2, s20 + base[i + 2], ids[j])

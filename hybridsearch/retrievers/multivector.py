@@ -34,6 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from hybridsearch.errors import IndexFormatError
+from hybridsearch.retrievers._tiles import tile_4x2
 from hybridsearch.retrievers.colbert_codec import (
     ColbertCodec,
     _decode_tokens,
@@ -76,23 +77,7 @@ def _tile_maxsim(q, m, buf, n, d, best):
     # 4 query x 2 doc register tile: 8 independent vector accumulators, 6 loads per 8 FMAs.
     for j in range(0, n, 2):
         for i in range(0, m4, 4):
-            s00 = s01 = s10 = s11 = np.float32(0.0)
-            s20 = s21 = s30 = s31 = np.float32(0.0)
-            for e in range(d):
-                p0 = p[j, e]
-                p1 = p[j + 1, e]
-                q0 = q[i, e]
-                q1 = q[i + 1, e]
-                q2 = q[i + 2, e]
-                q3 = q[i + 3, e]
-                s00 += q0 * p0
-                s01 += q0 * p1
-                s10 += q1 * p0
-                s11 += q1 * p1
-                s20 += q2 * p0
-                s21 += q2 * p1
-                s30 += q3 * p0
-                s31 += q3 * p1
+            s00, s01, s10, s11, s20, s21, s30, s31 = tile_4x2(q, i, p, j, d)
             best[i] = max(best[i], max(s00, s01))
             best[i + 1] = max(best[i + 1], max(s10, s11))
             best[i + 2] = max(best[i + 2], max(s20, s21))
