@@ -256,3 +256,28 @@ def test_codebook_trained_once_enough_vectors_and_merges_code_fp16(tmp_path, m3_
     # the last commit's documents still find themselves first by their own vectors (lossy, not broken)
     hits = idx.search([f"q{j}" for j in range(10)], k=1, mode="colbert", query_encoded=enc)
     assert sum(h[0].id == f"c11-{j}" for j, h in enumerate(hits)) >= 9
+
+
+def test_pooled_codec_trains_on_pooled_documents_and_halves_the_vectors(tmp_path, m3_encoder):
+    from hybridsearch.retrievers.colbert_codec import ColbertCodec
+
+    rng = np.random.default_rng(13)
+    spec = m3_encoder.spec
+    idx = HybridIndex.create(tmp_path / "ix", m3_encoder, colbert_codec="res1-pool2", codec_train_tokens=100,
+                             merge_policy=None)
+    encs = []
+    for c in range(3):
+        enc = _encoded(rng, 30, spec)
+        encs.append(enc)
+        idx.add(_docs(rng, [f"p{c}-{j}" for j in range(30)]), encoded=enc)
+    m = json.loads((idx.path / "manifest.json").read_text())
+    codec = ColbertCodec.load(idx.path / m["channels"]["colbert_codec"]["codebook"])
+    assert codec.pool == 2 and codec.renorm
+    state = idx._current()
+    coded = [s for s in state.segments if s.colbert_kind == "codes"]
+    assert coded
+    for s, enc in zip(state.segments, encs):
+        if s.colbert_kind == "codes":  # ceil(n / 2) vectors a document
+            np.testing.assert_array_equal(np.diff(s.colbert.offsets), (np.diff(enc.colbert_offsets) + 1) // 2)
+    st = idx.stats()["channel_bytes"]["colbert"]
+    assert st["vectors"] < sum(len(e.colbert) for e in encs)

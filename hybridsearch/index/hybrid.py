@@ -31,7 +31,13 @@ from ..errors import DiskFullError, IndexFormatError, ModelMismatchError
 from ..fusion import CHANNELS, FusionConfig, fuse, minmax
 from ..representations import Encoded
 from ..retrievers.bm25 import BM25Index
-from ..retrievers.colbert_codec import MAX_TRAIN_SAMPLE, ColbertCodec, parse_codec
+from ..retrievers.colbert_codec import (
+    INDEX_TRAINING,
+    MAX_TRAIN_SAMPLE,
+    ColbertCodec,
+    parse_codec,
+    pool_tokens,
+)
 from ..retrievers.dense import check_factory
 from . import locking
 from . import storage as st
@@ -530,9 +536,15 @@ class HybridIndex:
         have = len(enc.colbert) + sum(int(s.colbert.offsets[-1]) for s in fp16)
         if have < cc["train_tokens"]:
             return None, None
-        sample = _codec_sample(enc.colbert, [s.colbert for s in fp16], MAX_TRAIN_SAMPLE)
         opts = parse_codec(cc["spec"])
-        codec = ColbertCodec.train(sample, nbits=opts["nbits"], pool=opts["pool"], total_tokens=have)
+        how = INDEX_TRAINING[cc["spec"]]
+        sample = _codec_sample(enc, [s.colbert for s in fp16], MAX_TRAIN_SAMPLE, opts["pool"])
+        # PLAID's centroid count for the (pooled) vectors stored so far, capped per codec and by the sample
+        stored = have // opts["pool"]
+        plaid = 1 << int(np.floor(np.log2(16 * np.sqrt(max(stored, 1)))))
+        k = min(plaid, how["k_max"], 1 << int(np.log2(max(len(sample) // 2, 1))))
+        codec = ColbertCodec.train(sample, nbits=opts["nbits"], pool=opts["pool"], k=max(k, 1),
+                                   renorm=how["renorm"])
         name = f"codec-{gen:06d}"
         tmp = self.path / (name + ".tmp")
         st.remove_entry(self.path, tmp.name)
@@ -999,9 +1011,13 @@ def _disk_full(e: BaseException, folder: Path) -> DiskFullError | None:
     return None
 
 
-def _codec_sample(new: np.ndarray, stores, n: int, seed: int = 0) -> np.ndarray:
-    """At most ``n`` vectors drawn evenly from ``new`` and the float16 ``stores`` (bounded:
-    only the drawn rows are read)."""
+def _codec_sample(enc: Encoded, stores, n: int, pool: int = 1, seed: int = 0) -> np.ndarray:
+    """At most ``n`` vectors to train a codebook on, drawn evenly from a commit's ``enc`` and the
+    float16 ``stores`` (bounded: only the drawn rows are read). With ``pool`` > 1, whole documents
+    are drawn and pooled, so the codebook sees vectors like the ones it will code."""
+    if pool > 1:
+        return _pooled_sample(enc, stores, n, pool, seed)
+    new = enc.colbert
     sizes = [len(new)] + [int(s.offsets[-1]) for s in stores]
     total = sum(sizes)
     rng = np.random.default_rng(seed)
@@ -1013,6 +1029,24 @@ def _codec_sample(new: np.ndarray, stores, n: int, seed: int = 0) -> np.ndarray:
             out.append(np.asarray(src[sel], dtype=np.float32))
         lo += size
     return np.concatenate(out)
+
+
+def _pooled_sample(enc: Encoded, stores, n: int, pool: int, seed: int) -> np.ndarray:
+    sources = [(enc.colbert, np.asarray(enc.colbert_offsets))] + [(s.vectors, np.asarray(s.offsets)) for s in stores]
+    docs = np.concatenate([np.stack([np.full(len(off) - 1, i), np.arange(len(off) - 1)], 1)
+                           for i, (_, off) in enumerate(sources)])
+    rng = np.random.default_rng(seed)
+    vecs, offs, total = [], [0], 0
+    for i, r in docs[rng.permutation(len(docs))]:
+        if total >= n:
+            break
+        v, off = sources[i]
+        a, b = int(off[r]), int(off[r + 1])
+        vecs.append(np.asarray(v[a:b], dtype=np.float32))
+        total += b - a
+        offs.append(total)
+    pooled, _ = pool_tokens(np.concatenate(vecs), np.array(offs, np.int64), pool)
+    return pooled[:n]
 
 
 def _rerank(reranker, query: str, hits: list[Hit], k: int, weight: float = 1.0) -> list[Hit]:

@@ -52,6 +52,13 @@ CODECS = {
     "res2": {"kind": "residual", "nbits": 2, "pool": 1},
     "res1-pool2": {"kind": "residual", "nbits": 1, "pool": 2},
 }
+# How an index trains each codec: most centroids and whether decoded vectors are renormalised.
+# res1-pool2 at K=1024, renormalised, is within 0.5 nDCG@10 points of float16 on SciFact for
+# ColBERT and hybrid alike (bench/results/colbert_codec.md) and codes half the tokens, so its
+# larger K costs about 2.5x res1's K=256 per input token; res1 keeps K=256 for speed (no 130-byte setting met
+# the 0.5-point bar there).
+INDEX_TRAINING = {"res1": {"k_max": 256, "renorm": False}, "res2": {"k_max": 256, "renorm": False},
+                  "res1-pool2": {"k_max": 1024, "renorm": True}}
 # Centroid count: PLAID's 2**floor(log2(16 * sqrt(tokens))), capped, since encoding costs
 # tokens * k * dim multiply-adds. At d=1024 on one core: K=256 codes ~130k tokens per CPU-second,
 # K=1024 ~42k, K=4096 ~11k, i.e. 100M tokens (1M BGE-M3 passages) in ~6.5 / 20 / 75 minutes on
