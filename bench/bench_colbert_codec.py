@@ -625,9 +625,12 @@ def main() -> None:
     res_p = work / "codec" / "results.json"
     results = json.loads(res_p.read_text()) if res_p.is_file() else {}
     results["training"] = json.loads((work / "training.json").read_text())
-    notes_p = work / "codec" / "notes.md"  # hand-written observations, kept beside the numbers
+    # hand-written observations: WORK/codec/notes.md, else the Notes section of the existing report
+    notes_p, out_p = work / "codec" / "notes.md", Path(args.out)
     if notes_p.is_file():
-        results["notes"] = notes_p.read_text()
+        results["notes"] = notes_p.read_text().strip()
+    elif out_p.is_file() and "\n## Notes\n" in out_p.read_text():
+        results["notes"] = out_p.read_text().split("\n## Notes\n", 1)[1].strip()
 
     def save():
         res_p.write_text(json.dumps(results, indent=2))
