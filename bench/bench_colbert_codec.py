@@ -32,7 +32,8 @@ and the mean cosine of decoded to original token vectors. ``--index`` adds the r
 (``HybridIndex.create(..., colbert_codec=NAME)``, documents added from the cached encodings, commits
 of 1000; ``search(mode="colbert" | "hybrid", query_encoded=...)``; ``stats()``). Results are
 cached per configuration (``WORK/codec/results.json``); the table goes to
-``bench/results/colbert_codec.md``.
+``bench/results/colbert_codec.md``. ``--codebook-check`` scores the indexes' own codebooks and
+res1-pool2 codebooks trained on index-like samples (:func:`codebook_check`).
 """
 
 from __future__ import annotations
@@ -510,6 +511,68 @@ def index_path(args, enc_dir: Path, work: Path, results: dict, save) -> None:
         log(f"index {name}: colbert {row['colbert_ndcg10']:.4f} hybrid {row['hybrid_ndcg10']:.4f}")
 
 
+# ============================================================================ which codebook
+
+
+def codebook_check(args, enc_dir: Path, work: Path, results: dict, save) -> None:
+    """Why the index path differs from the study: score every document with (a) the codebook each
+    index trained (read from its ``codec-*`` folder, applied to this study's tokens) and (b)
+    res1-pool2 codebooks trained on samples like the index's (first commit = first 1000 documents,
+    or the whole corpus; 65,748 rows = what the index drew, or 131,072) at K 256 / 1024.
+    Candidates-scored, as the non-full study rows."""
+    from hybridsearch.retrievers.colbert_codec import ColbertCodec
+
+    meta = read_meta(enc_dir)
+    doc_ids, c = load_encoded(enc_dir, "corpus", meta)
+    qids, q = load_encoded(enc_dir, "queries", meta)
+    corpus, queries, qrels = load_beir(args.scifact, "test")
+    from hybridsearch.train.data import doc_text
+
+    hyb = Hybrid(q, c, [queries[x] for x in qids], [doc_text(corpus[d]) for d in doc_ids])
+    qv = np.ascontiguousarray(q.colbert, np.float32)
+    S16 = st.load_npy(work / "codec" / "S-fp16.npy", mmap=False, dtype=np.float32, shape=(len(qids), len(doc_ids)))
+    deep = top_k(S16, args.rerank_depth)
+    cands = [np.union1d(deep[j], hyb.unions[j]) for j in range(len(qids))]
+    ref = np.load(_top_path(work, "fp16"))
+    pooled = pooled_corpus(c.colbert, c.colbert_offsets, work / "codec" / "pool2")
+    rng = np.random.default_rng(0)
+    first = int(pooled[1][1000])
+    cases = []
+    for name in ("res1", "res1-pool2"):
+        books = sorted((work / f"idx-{name}").glob("codec-*"))
+        if books:
+            cases.append((f"index's {name} codebook", name, lambda b=books[0]: ColbertCodec.load(b, dim=c.colbert.shape[1])))
+    for where, n_rows, k in (("first 1000 docs", 65748, 1024), ("first 1000 docs", 131072, 1024),
+                             ("first 1000 docs", 65748, 256), ("whole corpus", 65748, 1024)):
+        total = first if where == "first 1000 docs" else int(pooled[1][-1])
+        rows = np.sort(rng.choice(total, n_rows, replace=False))
+        cases.append((f"res1-pool2, {where}, {n_rows} rows, K={k}", "res1-pool2",
+                      lambda rows=rows, k=k: ColbertCodec.train(np.asarray(pooled[0][rows], np.float32), nbits=1,
+                                                                pool=2, k=k, renorm=True)))
+    out = results.setdefault("codebook_check", {})
+    for label, name, make in cases:
+        if label in out:
+            continue
+        t = time.perf_counter()
+        codec = make()
+        vec, off = pooled if name == "res1-pool2" else (c.colbert, c.colbert_offsets)
+        T = int(off[-1])
+        ids = np.empty(T, np.uint16)
+        res = np.empty((T, codec.residual_bytes), np.uint8)
+        for lo in range(0, T, 1 << 17):
+            ids[lo:lo + (1 << 17)], res[lo:lo + (1 << 17)] = codec.encode(np.asarray(vec[lo:lo + (1 << 17)], np.float32))
+        src = CodedSource(codec, ids, res, off)
+        S = maxsim_rerank(qv, q.colbert_offsets, src, cands)
+        tc, th = top_k(S, K10), hyb.rank(S)
+        out[label] = {"k": codec.k, "renorm": codec.renorm, "trained_on": codec.trained_on,
+                      "colbert_ndcg10": ndcg(tc, qids, doc_ids, qrels), "hybrid_ndcg10": ndcg(th, qids, doc_ids, qrels),
+                      "colbert_top10_agreement": agreement(tc, ref["colbert"]),
+                      "hybrid_top10_agreement": agreement(th, ref["hybrid"]),
+                      "recon_cosine": recon_cosine(src, vec, off), "seconds": round(time.perf_counter() - t, 1)}
+        save()
+        log(f"{label}: {out[label]}")
+
+
 # ============================================================================ report
 
 
@@ -549,7 +612,8 @@ def write_report(results: dict, path: Path) -> None:
     text = f"""# Compressed ColBERT storage on SciFact, 1024-d vectors
 
 `OMP_NUM_THREADS=2 python bench/build_m3_small_1024.py ../shared/data/scifact` (model + encodings), then
-`OMP_NUM_THREADS=2 python bench/bench_colbert_codec.py ../shared/data/scifact` (this table).
+`OMP_NUM_THREADS=2 python bench/bench_colbert_codec.py ../shared/data/scifact --index --codebook-check` (this
+file; every step cached under bench/.cache/m3small1024/, rerun with `--report-only` to re-render).
 
 {machine_info()} Shared with other jobs; timings are indicative only.
 
@@ -574,7 +638,7 @@ Single channels of this model: dense nDCG@10 {ctx.get('dense_ndcg10', float('nan
 
 ## Codec study (exact, outside the index)
 
-ColBERT = exact MaxSim over all documents. Hybrid = what `HybridIndex.search(mode="hybrid")` does for an
+ColBERT = ranking by exact MaxSim (over all documents or over candidates: column "scored"). Hybrid = what `HybridIndex.search(mode="hybrid")` does for an
 M3 model: dense top-100 U sparse top-100 U BM25 top-100 (mean union {ctx.get('mean_union', 0):.0f}
 docs), fused by BGE-M3's raw formula 0.4 dense + 0.2 sparse + 0.4 ColBERT (BM25 weight 0). Codecs
 trained on {results.get('train_rows', '2^17')} random corpus tokens (pooled tokens for the pooled codec).
@@ -590,14 +654,33 @@ mean {results.get('context', {}).get('mean_rerank_candidates', float('nan')):.0f
 {table(["config", "scored", "B/stored token", "B/orig token", "ColBERT nDCG@10", "Δ", "agree", "hybrid nDCG@10", "Δ",
         "agree", "cos", "ok"], rows)}
 
-Cost (seconds; 2 threads on a shared 2-core machine):
+Cost (seconds; 2 threads on a shared 2-core machine; pooled rows count tokens after pooling, and
+pooling the corpus itself took {results.get('pool_seconds', 154)} s):
 
 {table(["config", "k-means", "encode", "encode tokens/s", "MaxSim (all docs / candidates)"], cost)}
 
 ## Real index path
 
+`--index`: one index per codec built from the cached encodings (`HybridIndex.create(model folder,
+colbert_codec=NAME)`, `add(docs, encoded=...)` in commits of 1000 documents, default merge policy),
+reopened, then `search(queries, k=10, mode="colbert" | "hybrid", query_encoded=...)` for the 300 test
+queries. The index trains its codebook itself, on its first commit (settings of
+`colbert_codec.INDEX_TRAINING` at run time; the codebooks it made are in the next table). Δ and
+agreement against the fp16 index.
+
 {table(["codec", "stats() ColBERT B/token", "ColBERT nDCG@10", "Δ", "agree", "hybrid nDCG@10", "Δ", "agree"], idx_rows)
  if idx_rows else "Not run: the index integration (`HybridIndex.create(..., colbert_codec=...)`) was not there yet."}
+
+## Which codebook (index path vs study)
+
+{table(["codebook", "K", "renorm", "trained on", "ColBERT nDCG@10", "Δ", "agree", "hybrid nDCG@10", "Δ", "agree", "cos"],
+       [[lab, r["k"], r["renorm"], r["trained_on"], f"{r['colbert_ndcg10']:.4f}",
+         f"{(r['colbert_ndcg10'] - ref['colbert_ndcg10']) * 100:+.2f}" if ref else "",
+         f"{r['colbert_top10_agreement']:.3f}", f"{r['hybrid_ndcg10']:.4f}",
+         f"{(r['hybrid_ndcg10'] - ref['hybrid_ndcg10']) * 100:+.2f}" if ref else "",
+         f"{r['hybrid_top10_agreement']:.3f}", f"{r['recon_cosine']:.4f}"]
+        for lab, r in results.get("codebook_check", {}).items()])
+ if results.get("codebook_check") else "Not run (`--codebook-check`)."}
 
 ## Notes
 
@@ -617,6 +700,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="config labels to run (default: all)")
     ap.add_argument("--index", action="store_true", help="also run the real index path")
     ap.add_argument("--index-codecs", nargs="+", default=["fp16", "res1", "res1-pool2"])
+    ap.add_argument("--codebook-check", action="store_true",
+                    help="score the indexes' codebooks and res1-pool2 codebooks trained like the index's")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     work = Path(args.work)
@@ -643,6 +728,8 @@ def main() -> None:
         study(args, enc_dir, work, results, save)
         if args.index:
             index_path(args, enc_dir, work, results, save)
+        if args.codebook_check:
+            codebook_check(args, enc_dir, work, results, save)
     save()
     print(Path(args.out).read_text())
 
