@@ -272,7 +272,7 @@ def test_pooled_codec_trains_on_pooled_documents_and_halves_the_vectors(tmp_path
         idx.add(_docs(rng, [f"p{c}-{j}" for j in range(30)]), encoded=enc)
     m = json.loads((idx.path / "manifest.json").read_text())
     codec = ColbertCodec.load(idx.path / m["channels"]["colbert_codec"]["codebook"])
-    assert codec.pool == 2 and codec.renorm
+    assert codec.pool == 2 and codec.transform and not codec.renorm
     state = idx._current()
     coded = [s for s in state.segments if s.colbert_kind == "codes"]
     assert coded

@@ -544,7 +544,7 @@ class HybridIndex:
         plaid = 1 << int(np.floor(np.log2(16 * np.sqrt(max(stored, 1)))))
         k = min(plaid, how["k_max"], 1 << int(np.log2(max(len(sample) // 2, 1))))
         codec = ColbertCodec.train(sample, nbits=opts["nbits"], pool=opts["pool"], k=max(k, 1),
-                                   renorm=how["renorm"])
+                                   renorm=how["renorm"], transform=how["transform"])
         name = f"codec-{gen:06d}"
         tmp = self.path / (name + ".tmp")
         st.remove_entry(self.path, tmp.name)

@@ -1,30 +1,50 @@
 """Compressed ColBERT token vectors: residual codes on a k-means codebook, and token pooling.
 
 A residual codec (ColBERTv2/PLAID style) stores each token as the id of its nearest centroid
-(uint16, so ``k <= 65536``) plus ``nbits`` bits per dimension of the residual
-``r = v - centroids[id]``. The residual values of a held-out training sample give ``2**nbits - 1``
-global cutoffs (quantiles over every dimension) and one weight per bucket (the mean residual value
-that falls in it). A token decodes to ``centroids[id] + weights[bucket_j]`` in each dimension j,
-optionally (``renorm``) scaled back to unit length. Renormalising is off by default: it turns the
-residual's error into a multiplicative error on the centroid's (dominant) share of every score,
-and on clustered 1024-d tokens it raised the spread of the MaxSim error against float16 in
-every setting tried (standard deviation res1 0.016 -> 0.019 and res2 0.007 -> 0.014 at k=256,
-0.021 -> 0.024 and 0.010 -> 0.012 at k=64); the top-10 agreement of search moved with it at k=256
-(res2 0.83 -> 0.75) and within noise at k=64. At d=1024 a 1-bit token is 2 + 128 = 130 bytes
-against 2,048 for float16.
+(uint16, so ``k <= 65536``) plus ``nbits * dim`` bits for the residual ``r = v - centroids[id]``.
+At d=1024 and 1 bit a token is 2 + 128 = 130 bytes against 2,048 for float16.
 
-Residual bits are packed little-endian within each byte: dimension ``j`` lives in byte
-``j // (8 // nbits)`` at bit ``nbits * (j % (8 // nbits))``. Decoding looks each byte up in a
-``(256, 8 // nbits)`` float32 table.
+Two layouts share the kernels:
+
+* **transform** (codec format 2, what :meth:`ColbertCodec.train` makes by default). The residual
+  is rotated into the principal axes of the training residuals (``z = r @ rotation``, an
+  orthogonal ``(dim, dim)`` matrix) and the bit budget is spread over the rotated dimensions by
+  their measured quantisation error: ``sections = (n4, n2, n1)`` dimensions, in order of
+  decreasing variance, get 4, 2 and 1 bits (``4 n4 + 2 n2 + n1 = nbits * dim``, each a multiple
+  of 8) and the rest none. Each coded dimension has its own quantile cutoffs and bucket means;
+  an uncoded dimension decodes to the training mean (``fill``). Learned ColBERT vectors are
+  strongly anisotropic, so this beats one bit everywhere at the same size (SciFact, 1024-d,
+  bench/results/colbert_codec.md). MaxSim runs in the rotated space: queries are rotated once
+  (``q @ rotation``), which keeps every dot product.
+* **uniform** (codec format 1, read for older indexes and available with ``transform=False``):
+  no rotation, every dimension ``nbits`` bits with global cutoffs (quantiles over every residual
+  value) and bucket weights (the mean value in each bucket).
+
+Decoded tokens are ``centroid + weight`` per dimension (in the rotated space for transform
+codecs), optionally (``renorm``) scaled back to unit length. Renormalising is off by default: it
+turns the residual's error into a multiplicative error on the centroid's (dominant) share of
+every score.
+
+Residual bits are packed little-endian within each byte, section after section (4-bit
+dimensions first, then 2-bit, then 1-bit): with ``per = 8 // width`` dimensions a byte, the
+``l``-th dimension of a section lives in byte ``section_start + l // per`` at bit
+``width * (l % per)``. A uniform codec is one section of ``dim`` dimensions.
 
 Token pooling (``pool=2``) merges each document's tokens into ``ceil(n / 2)`` groups by greedy
 average-linkage agglomerative clustering on cosine similarity, each group replaced by its
 L2-normalised mean; it runs before coding, so a pooled store has its own (pooled) offsets.
 
 Files written by :meth:`ColbertCodec.save` into one folder:
-``codec.json`` ``{"format_version", "kind", "nbits", "pool", "dim", "k", "renorm", "trained_on"}``,
-``centroids.npy`` ``(k, dim)`` float32 unit rows, ``cutoffs.npy`` ``(2**nbits - 1,)`` float32
-ascending, ``weights.npy`` ``(2**nbits,)`` float32 ascending.
+
+* ``codec.json`` ``{"format_version", "kind", "nbits", "pool", "dim", "k", "renorm",
+  "trained_on"}`` plus, in format 2, ``"transform"`` and ``"sections"`` ``[n4, n2, n1]``;
+* ``centroids.npy`` ``(k, dim)`` float32 unit rows (unrotated);
+* uniform: ``cutoffs.npy`` ``(2**nbits - 1,)`` and ``weights.npy`` ``(2**nbits,)`` float32
+  ascending;
+* transform: ``rotation.npy`` ``(dim, dim)`` float32 orthogonal, ``cutoffs.npy``
+  ``(n_coded, 15)`` and ``weights.npy`` ``(n_coded, 16)`` float32, each row ascending (a
+  dimension of width w uses its first ``2**w - 1`` cutoffs and ``2**w`` weights, the rest repeat
+  the last), ``fill.npy`` ``(dim,)`` float32.
 """
 
 from __future__ import annotations
@@ -44,7 +64,16 @@ from numba.extending import intrinsic
 from hybridsearch.errors import IndexFormatError
 
 CODEC_FILES = ("codec.json", "centroids.npy", "cutoffs.npy", "weights.npy")
-CODEC_FORMAT_VERSION = 1
+TRANSFORM_FILES = CODEC_FILES + ("rotation.npy", "fill.npy")
+CODEC_FORMAT_VERSION = 2
+# Bits a transform codec may give one rotated dimension (byte-aligned sections).
+WIDTHS = (4, 2, 1)
+MAX_LEVELS = 16
+# Rows of the training residuals used for their covariance (the rotation).
+COV_SAMPLE = 1 << 16
+# Rows held out of k-means and the rotation, for a transform codec's per-dimension cutoffs,
+# weights and bit allocation (at least, up to half the sample).
+STATS_MIN_ROWS = 4096
 # Codec names accepted by parse_codec.
 CODECS = {
     "fp16": {"kind": "fp16", "nbits": None, "pool": 1},
@@ -52,13 +81,13 @@ CODECS = {
     "res2": {"kind": "residual", "nbits": 2, "pool": 1},
     "res1-pool2": {"kind": "residual", "nbits": 1, "pool": 2},
 }
-# How an index trains each codec: most centroids and whether decoded vectors are renormalised.
-# res1-pool2 at K=1024, renormalised, is within 0.5 nDCG@10 points of float16 on SciFact for
-# ColBERT and hybrid alike (bench/results/colbert_codec.md) and codes half the tokens, so its
-# larger K costs about 2.5x res1's K=256 per input token; res1 keeps K=256 for speed (no 130-byte setting met
-# the 0.5-point bar there).
-INDEX_TRAINING = {"res1": {"k_max": 256, "renorm": False}, "res2": {"k_max": 256, "renorm": False},
-                  "res1-pool2": {"k_max": 1024, "renorm": True}}
+# How an index trains each codec: most centroids, renormalisation, transform layout. With the
+# transform layout K=256 without renormalisation is used for every codec: more centroids cost
+# encode time (tokens x K x dim) and did not raise the ranking agreement of 1-bit codes
+# (bench/results/colbert_codec.md).
+INDEX_TRAINING = {"res1": {"k_max": 256, "renorm": False, "transform": True},
+                  "res2": {"k_max": 256, "renorm": False, "transform": True},
+                  "res1-pool2": {"k_max": 256, "renorm": False, "transform": True}}
 # Centroid count: PLAID's 2**floor(log2(16 * sqrt(tokens))), capped, since encoding costs
 # tokens * k * dim multiply-adds. At d=1024 on one core: K=256 codes ~130k tokens per CPU-second,
 # K=1024 ~42k, K=4096 ~11k, i.e. 100M tokens (1M BGE-M3 passages) in ~6.5 / 20 / 75 minutes on
@@ -121,60 +150,61 @@ def _widen_parallel(bits, n_chunks, out):
 
 
 @njit(cache=True, parallel=True)
-def _residual_codes(x, ids, centroids, cutoffs, nbits, out):
-    """Pack the residual buckets of rows ``x`` ``(T, d)`` float32 (normalised here) against
-    ``centroids[ids]`` into ``out`` ``(T, d * nbits // 8)`` uint8."""
-    t, d = x.shape
-    per = 8 // nbits
-    nc = cutoffs.shape[0]
+def _residual_codes(z, cut, nlev, byte, shift, out):
+    """Pack the bucket of every coded dimension ``j < len(nlev)`` of the residual rows ``z``
+    ``(T, dim)`` float32 into ``out`` ``(T, residual_bytes)`` uint8: the bucket is the number
+    of the dimension's first ``nlev[j] - 1`` cutoffs ``cut[j]`` below ``z[i, j]``."""
+    t = z.shape[0]
+    nd = nlev.shape[0]
     for i in prange(t):
-        ss = np.float32(0.0)
-        for j in range(d):
-            ss += x[i, j] * x[i, j]
-        inv = np.float32(1.0) / np.sqrt(ss) if ss > 0 else np.float32(0.0)
-        c = centroids[ids[i]]
-        for b in range(d // per):
-            byte = 0
-            for s in range(per):
-                j = b * per + s
-                r = x[i, j] * inv - c[j]
-                bucket = 0
-                for u in range(nc):
-                    if r > cutoffs[u]:
-                        bucket += 1
-                byte |= bucket << (nbits * s)
-            out[i, b] = byte
+        for b in range(out.shape[1]):
+            out[i, b] = 0
+        for j in range(nd):
+            v = z[i, j]
+            bucket = 0
+            for u in range(nlev[j] - 1):
+                if v > cut[j, u]:
+                    bucket += 1
+            out[i, byte[j]] |= np.uint8(bucket << shift[j])
 
 
-@njit(cache=True)
-def _decode_tokens(ids, res, start, n, centroids, lut, renorm, out):
-    """Decode tokens ``[start, start + n)`` into ``out[:n * d]`` (flat float32)."""
-    d = centroids.shape[1]
-    per = lut.shape[1]
-    nb = res.shape[1]
+@njit(cache=True, nogil=True)
+def _decode_tokens(ids, res, start, n, base, w4, w2, d1, renorm, out):
+    """Decode tokens ``[start, start + n)`` into ``out[:n * d]`` (flat float32).
+
+    ``base[id]`` holds the centroid in the coding space plus each coded dimension's bucket-0
+    weight (``fill`` beyond the coded dimensions), so a code adds ``w4[j, code]`` (4-bit
+    dimensions), ``w2[j, code]`` (2-bit) or ``code * d1[j]`` (1-bit) relative to bucket 0; the
+    section sizes are the tables' lengths. Literal widths let LLVM vectorise each byte.
+    """
+    d = base.shape[1]
+    n4 = w4.shape[0]
+    n2 = w2.shape[0]
+    n1 = d1.shape[0]
+    b2 = n4 // 2
+    b1 = b2 + n2 // 4
     for t in range(n):
-        c = centroids[ids[start + t]]
+        c = base[ids[start + t]]
         row = res[start + t]
         o = t * d
-        # Literal widths let LLVM turn each byte into one vector load-add-store.
-        if per == 8:
-            for b in range(nb):
-                w = lut[row[b]]
-                base = b * 8
-                for s in range(8):
-                    out[o + base + s] = c[base + s] + w[s]
-        elif per == 4:
-            for b in range(nb):
-                w = lut[row[b]]
-                base = b * 4
-                for s in range(4):
-                    out[o + base + s] = c[base + s] + w[s]
-        else:
-            for b in range(nb):
-                w = lut[row[b]]
-                base = b * per
-                for s in range(per):
-                    out[o + base + s] = c[base + s] + w[s]
+        for b in range(n4 // 2):
+            byte = row[b]
+            j = 2 * b
+            out[o + j] = c[j] + w4[j, byte & 15]
+            out[o + j + 1] = c[j + 1] + w4[j + 1, byte >> 4]
+        for b in range(n2 // 4):
+            byte = row[b2 + b]
+            j = 4 * b
+            for s in range(4):
+                out[o + n4 + j + s] = c[n4 + j + s] + w2[j + s, (byte >> (2 * s)) & 3]
+        for b in range(n1 // 8):
+            byte = row[b1 + b]
+            j = 8 * b
+            for s in range(8):
+                out[o + n4 + n2 + j + s] = (c[n4 + n2 + j + s]
+                                            + np.float32((byte >> s) & 1) * d1[j + s])
+        for j in range(n4 + n2 + n1, d):
+            out[o + j] = c[j]
         if renorm:
             ss = np.float32(0.0)
             for j in range(d):
@@ -186,21 +216,31 @@ def _decode_tokens(ids, res, start, n, centroids, lut, renorm, out):
 
 
 @njit(cache=True, parallel=True)
-def _decode_parallel(ids, res, centroids, lut, renorm, n_chunks, out):
+def _decode_parallel(ids, res, base, w4, w2, d1, renorm, n_chunks, out):
     t = ids.shape[0]
-    d = centroids.shape[1]
+    d = base.shape[1]
     flat = out.reshape(-1)
     for c in prange(n_chunks):
         lo = c * t // n_chunks
         hi = (c + 1) * t // n_chunks
-        _decode_tokens(ids, res, lo, hi - lo, centroids, lut, renorm, flat[lo * d:hi * d])
+        _decode_tokens(ids, res, lo, hi - lo, base, w4, w2, d1, renorm, flat[lo * d:hi * d])
 
 
-def _lut(nbits: int, weights: np.ndarray) -> np.ndarray:
-    """``(256, 8 // nbits)`` float32: the residual values one packed byte decodes to."""
-    per = 8 // nbits
-    b = np.arange(256)[:, None] >> (nbits * np.arange(per))[None, :]
-    return np.ascontiguousarray(weights[b & ((1 << nbits) - 1)], dtype=np.float32)
+def _layout(sections) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per coded dimension: levels, byte and bit shift in the packed sections
+    ``[(width, count), ...]`` (in ``WIDTHS`` order)."""
+    nlev, byte, shift = [], [], []
+    b0 = 0
+    for width, count in sections:
+        per = 8 // width
+        loc = np.arange(count)
+        nlev.append(np.full(count, 1 << width))
+        byte.append(b0 + loc // per)
+        shift.append(width * (loc % per))
+        b0 += count // per
+    cat = [np.ascontiguousarray(np.concatenate(a) if a else np.zeros(0), dtype=np.int64)
+           for a in (nlev, byte, shift)]
+    return cat[0], cat[1], cat[2]
 
 
 def _pack(buckets: np.ndarray, nbits: int) -> np.ndarray:
@@ -445,11 +485,14 @@ class ColbertCodec:
     """A trained residual codebook (immutable once built).
 
     Attributes:
-        nbits: residual bits per dimension (1 or 2).
+        nbits: residual bits per dimension on average (1 or 2).
         pool: token pooling factor applied before coding (1 or 2).
         centroids: ``(k, dim)`` float32 unit rows.
-        cutoffs: ``(2**nbits - 1,)`` float32 ascending bucket boundaries.
-        weights: ``(2**nbits,)`` float32 ascending residual value of each bucket.
+        cutoffs, weights: uniform: ``(2**nbits - 1,)`` and ``(2**nbits,)`` float32 ascending;
+            transform: ``(n_coded, 15)`` and ``(n_coded, 16)`` float32, rows ascending.
+        rotation: ``(dim, dim)`` float32 orthogonal, or None (uniform layout).
+        sections: ``(n4, n2, n1)`` rotated dimensions coded with 4, 2 and 1 bits.
+        fill: ``(dim,)`` float32 decoded value of uncoded rotated dimensions.
         renorm: decoded tokens are scaled to unit length.
         trained_on: rows of the training sample.
     """
@@ -457,7 +500,9 @@ class ColbertCodec:
     kind = "residual"
 
     def __init__(self, centroids: np.ndarray, cutoffs: np.ndarray, weights: np.ndarray, *,
-                 nbits: int, pool: int = 1, renorm: bool = False, trained_on: int = 0):
+                 nbits: int, pool: int = 1, renorm: bool = False, trained_on: int = 0,
+                 rotation: np.ndarray | None = None, sections=None,
+                 fill: np.ndarray | None = None):
         if nbits not in (1, 2):
             raise ValueError(f"nbits must be 1 or 2, got {nbits!r}")
         if isinstance(pool, bool) or pool not in (1, 2):
@@ -468,22 +513,78 @@ class ColbertCodec:
         if centroids.ndim != 2 or not 1 <= centroids.shape[0] <= K_LIMIT:
             raise ValueError(f"centroids must be (k, dim) with 1 <= k <= {K_LIMIT}, "
                              f"got {centroids.shape}")
-        _check_dim(centroids.shape[1])
-        if cutoffs.shape != ((1 << nbits) - 1,) or weights.shape != (1 << nbits,):
-            raise ValueError(f"{nbits}-bit codec needs {(1 << nbits) - 1} cutoffs and "
-                             f"{1 << nbits} weights, got {cutoffs.shape} and {weights.shape}")
-        for name, a in (("centroids", centroids), ("cutoffs", cutoffs), ("weights", weights)):
-            if not np.isfinite(a).all():
+        dim = centroids.shape[1]
+        _check_dim(dim)
+        if rotation is None:
+            if sections is not None or fill is not None:
+                raise ValueError("sections and fill belong to a transform codec (with rotation)")
+            if cutoffs.shape != ((1 << nbits) - 1,) or weights.shape != (1 << nbits,):
+                raise ValueError(f"{nbits}-bit codec needs {(1 << nbits) - 1} cutoffs and "
+                                 f"{1 << nbits} weights, got {cutoffs.shape} and {weights.shape}")
+            sections = (0, dim, 0) if nbits == 2 else (0, 0, dim)
+            fill = np.zeros(dim, np.float32)
+        else:
+            rotation = np.ascontiguousarray(rotation, dtype=np.float32)
+            sections = _check_sections(sections, nbits, dim)
+            n_coded = sum(sections)
+            fill = np.ascontiguousarray(fill, dtype=np.float32)
+            if rotation.shape != (dim, dim):
+                raise ValueError(f"rotation must be ({dim}, {dim}), got {rotation.shape}")
+            if cutoffs.shape != (n_coded, MAX_LEVELS - 1) or weights.shape != (n_coded, MAX_LEVELS):
+                raise ValueError(f"a transform codec needs ({n_coded}, {MAX_LEVELS - 1}) cutoffs "
+                                 f"and ({n_coded}, {MAX_LEVELS}) weights, got {cutoffs.shape} "
+                                 f"and {weights.shape}")
+            if fill.shape != (dim,):
+                raise ValueError(f"fill must be ({dim},), got {fill.shape}")
+        for name, a in (("centroids", centroids), ("cutoffs", cutoffs), ("weights", weights),
+                        ("rotation", rotation), ("fill", fill)):
+            if a is not None and not np.isfinite(a).all():
                 raise ValueError(f"{name} must be finite")
-        if np.any(np.diff(cutoffs) < 0) or np.any(np.diff(weights) < 0):
+        if np.any(np.diff(cutoffs, axis=-1) < 0) or np.any(np.diff(weights, axis=-1) < 0):
             raise ValueError("cutoffs and weights must be ascending")
+        if rotation is not None:
+            err = np.abs(rotation.astype(np.float64).T @ rotation - np.eye(dim)).max()
+            if err > 1e-3:
+                raise ValueError(f"rotation must be orthogonal (|R^T R - I| = {err:.3g})")
         self.nbits, self.pool, self.renorm = int(nbits), int(pool), bool(renorm)
         self.trained_on = int(trained_on)
         self.centroids, self.cutoffs, self.weights = centroids, cutoffs, weights
-        for a in (centroids, cutoffs, weights):
-            a.flags.writeable = False
-        self._lut = _lut(self.nbits, weights)
-        self._lut.flags.writeable = False
+        self.rotation, self.sections, self.fill = rotation, tuple(int(s) for s in sections), fill
+        # Kernel tables: per coded dimension levels/byte/shift/mask, cutoffs and weights padded
+        # to 16 levels, and the centroids in the coding space with ``fill`` beyond the coded
+        # dimensions.
+        self._nlev, self._byte, self._shift = _layout(
+            [(w, c) for w, c in zip(WIDTHS, self.sections) if c])
+        nc = self.n_coded
+        if rotation is None:
+            self._cut = np.ascontiguousarray(np.broadcast_to(_pad_row(cutoffs, MAX_LEVELS - 1), (nc, MAX_LEVELS - 1)))
+            w = np.ascontiguousarray(np.broadcast_to(_pad_row(weights, MAX_LEVELS), (nc, MAX_LEVELS)))
+            base = centroids.astype(np.float64)
+        else:
+            self._cut, w = cutoffs, weights
+            base = centroids.astype(np.float64) @ rotation.astype(np.float64)
+            base[:, nc:] += fill[nc:]
+        # Decode tables: bucket 0 folded into the base, the sections' weights relative to it.
+        base[:, :nc] += w[:, 0]
+        rel = w.astype(np.float64) - w[:, :1]
+        n4, n2, n1 = self.sections
+        self._base = np.ascontiguousarray(base, dtype=np.float32)
+        self._w4 = np.ascontiguousarray(rel[:n4], dtype=np.float32)
+        self._w2 = np.ascontiguousarray(rel[n4:n4 + n2, :4], dtype=np.float32)
+        self._d1 = np.ascontiguousarray(rel[n4 + n2:nc, 1], dtype=np.float32)
+        for a in (centroids, cutoffs, weights, rotation, fill, self._nlev, self._byte,
+                  self._shift, self._cut, self._base, self._w4, self._w2, self._d1):
+            if a is not None:
+                a.flags.writeable = False
+
+    def with_options(self, *, pool: int | None = None, renorm: bool | None = None) -> ColbertCodec:
+        """The same codebook with another pooling factor or renormalisation."""
+        t = self.rotation is not None
+        return ColbertCodec(self.centroids, self.cutoffs, self.weights, nbits=self.nbits,
+                            pool=self.pool if pool is None else pool,
+                            renorm=self.renorm if renorm is None else renorm,
+                            trained_on=self.trained_on, rotation=self.rotation,
+                            sections=self.sections if t else None, fill=self.fill if t else None)
 
     # -- identity and sizes
 
@@ -494,6 +595,15 @@ class ColbertCodec:
     @property
     def k(self) -> int:
         return int(self.centroids.shape[0])
+
+    @property
+    def transform(self) -> bool:
+        return self.rotation is not None
+
+    @property
+    def n_coded(self) -> int:
+        """Dimensions that carry residual bits (all of them for a uniform codec)."""
+        return int(sum(self.sections))
 
     @property
     def name(self) -> str:
@@ -513,27 +623,35 @@ class ColbertCodec:
     def identity(self) -> str:
         """sha256 (hex) of everything decoding depends on: equal identities decode alike."""
         h = hashlib.sha256()
-        h.update(json.dumps([self.kind, self.nbits, self.pool, self.dim, self.k, self.renorm]).encode())
-        for a in (self.centroids, self.cutoffs, self.weights):
-            h.update(a.tobytes())
+        meta = [self.kind, self.nbits, self.pool, self.dim, self.k, self.renorm]
+        if self.transform:
+            meta += ["transform", list(self.sections)]
+        h.update(json.dumps(meta).encode())
+        for a in (self.centroids, self.cutoffs, self.weights, self.rotation, self.fill):
+            if a is not None and (a is not self.fill or self.transform):
+                h.update(a.tobytes())
         return h.hexdigest()
 
     def __repr__(self) -> str:
-        return (f"ColbertCodec({self.name}, dim={self.dim}, k={self.k}, renorm={self.renorm}, "
-                f"trained_on={self.trained_on})")
+        layout = f"transform {self.sections}" if self.transform else "uniform"
+        return (f"ColbertCodec({self.name}, dim={self.dim}, k={self.k}, {layout}, "
+                f"renorm={self.renorm}, trained_on={self.trained_on})")
 
     # -- training
 
     @classmethod
     def train(cls, sample: np.ndarray, *, nbits: int = 1, pool: int = 1, k: int | None = None,
               total_tokens: int | None = None, seed: int = 0, renorm: bool = False,
-              niter: int = KMEANS_NITER) -> ColbertCodec:
+              niter: int = KMEANS_NITER, transform: bool = True) -> ColbertCodec:
         """Train on ``sample`` ``(n, dim)`` float16/32 token vectors (pass at most
         ``MAX_TRAIN_SAMPLE`` rows, drawn across the collection).
 
         ``k`` defaults to :func:`default_k` of ``total_tokens`` (or of ``n``), and is capped to
         the k-means rows. About 5% of the sample (at most 16,384 rows) is held out of k-means to
-        set the residual cutoffs and weights. ``dim % 8 == 0`` is required.
+        set the cutoffs and weights (and, with ``transform``, to measure each rotated
+        dimension's error at 0/1/2/4 bits for the bit allocation); the rotation is the
+        eigenvectors of the covariance of at most ``COV_SAMPLE`` training residuals.
+        ``dim % 8 == 0`` is required.
         """
         import faiss
 
@@ -554,6 +672,10 @@ class ColbertCodec:
         rng = np.random.default_rng(seed)
         perm = rng.permutation(n)
         n_held = min(n // 20, 1 << 14)
+        if transform:
+            # Per-dimension quantiles and the bit allocation need rows the rotation was not
+            # fitted on (in-sample, its top axes overstate the variance they hold).
+            n_held = min(max(n_held, min(n // 2, STATS_MIN_ROWS)), 1 << 14)
         held, fit = (x[perm[:n_held]], x[perm[n_held:]]) if n_held else (x, x)
         if k is None:
             k = default_k(total_tokens if total_tokens is not None else n)
@@ -568,9 +690,22 @@ class ColbertCodec:
                           max_points_per_centroid=max(256, -(-fit.shape[0] // int(k))))
         km.train(fit)
         centroids = _unit_rows(km.centroids)
-        cutoffs, weights = _bucket_stats(held, centroids, nbits)
-        return cls(centroids, cutoffs, weights, nbits=nbits, pool=pool, renorm=renorm,
-                   trained_on=n)
+        if not transform:
+            cutoffs, weights = _bucket_stats(held, centroids, nbits)
+            return cls(centroids, cutoffs, weights, nbits=nbits, pool=pool, renorm=renorm,
+                       trained_on=n)
+        rotation = _residual_rotation(fit[:COV_SAMPLE], centroids)
+        z = _residuals(held, centroids) @ rotation
+        stats = {w: _dim_stats(z, w) for w in WIDTHS}
+        sections = _allocate(z, stats, nbits * dim)
+        cutoffs, weights, off = [], [], 0
+        for w, count in zip(WIDTHS, sections):
+            cutoffs.append(stats[w][0][off:off + count])
+            weights.append(stats[w][1][off:off + count])
+            off += count
+        return cls(centroids, np.concatenate(cutoffs), np.concatenate(weights), nbits=nbits,
+                   pool=pool, renorm=renorm, trained_on=n, rotation=rotation, sections=sections,
+                   fill=z.mean(axis=0).astype(np.float32))
 
     # -- coding
 
@@ -578,16 +713,20 @@ class ColbertCodec:
         return int(max(256, min(1 << 14, ENCODE_CHUNK_BYTES // (4 * max(self.k, self.dim)))))
 
     def _encode_chunk(self, x: np.ndarray):
-        """float32 ``(n, dim)`` rows -> (ids uint16, residuals uint8); scaling a row does not
-        move its argmax, so only the residual kernel normalises."""
+        """float32 ``(n, dim)`` rows -> (ids uint16, residuals uint8)."""
+        x = _unit_rows(x)
         ids = np.argmax(x @ self.centroids.T, axis=1)
+        z = x - self.centroids[ids]
+        if self.rotation is not None:
+            z = z @ self.rotation
         res = np.empty((x.shape[0], self.residual_bytes), np.uint8)
-        _residual_codes(x, ids, self.centroids, self.cutoffs, self.nbits, res)
+        _residual_codes(np.ascontiguousarray(z, dtype=np.float32), self._cut, self._nlev,
+                        self._byte, self._shift, res)
         return ids.astype(np.uint16), res
 
     def encode(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Code ``(T, dim)`` finite float vectors (rows normalised first), a bounded chunk at a
-        time: nearest centroid by BLAS, residual buckets by a Numba kernel.
+        time: nearest centroid and rotation by BLAS, residual buckets by a Numba kernel.
 
         Returns ids ``(T,)`` uint16 and residuals ``(T, dim * nbits // 8)`` uint8. No pooling
         here: :func:`pool_tokens` first when ``pool > 1``.
@@ -607,8 +746,19 @@ class ColbertCodec:
         x = _unit_rows(self._check_input(vectors))
         ids = np.argmax(x @ self.centroids.T, axis=1)
         r = x - self.centroids[ids]
-        buckets = np.searchsorted(self.cutoffs, r.reshape(-1), side="left").reshape(r.shape)
-        return ids.astype(np.uint16), _pack(buckets, self.nbits)
+        if self.rotation is None:
+            buckets = np.searchsorted(self.cutoffs, r.reshape(-1), side="left").reshape(r.shape)
+            return ids.astype(np.uint16), _pack(buckets, self.nbits)
+        z = r @ self.rotation
+        parts, off = [], 0
+        for w, count in zip(WIDTHS, self.sections):
+            if count:
+                cols = []
+                for j in range(off, off + count):
+                    cols.append(np.searchsorted(self.cutoffs[j, :(1 << w) - 1], z[:, j], side="left"))
+                parts.append(_pack(np.stack(cols, axis=1), w))
+            off += count
+        return ids.astype(np.uint16), np.concatenate(parts, axis=1)
 
     def _check_input(self, vectors) -> np.ndarray:
         vectors = np.asarray(vectors)
@@ -630,19 +780,49 @@ class ColbertCodec:
             raise ValueError(f"ids must be < k={self.k}")
         return ids, residual
 
-    def decode(self, ids: np.ndarray, residual: np.ndarray) -> np.ndarray:
-        """``(T,)`` uint16 ids + ``(T, dim * nbits // 8)`` uint8 -> ``(T, dim)`` float32 (Numba)."""
+    def kernel_tables(self) -> tuple:
+        """``(base, w4, w2, d1, renorm)``: what the decode kernel takes after
+        ``(ids, residuals, start, n)``."""
+        return self._base, self._w4, self._w2, self._d1, self.renorm
+
+    def rotate(self, q: np.ndarray) -> np.ndarray:
+        """Query vectors ``(m, dim)`` into the coding space (float32; unchanged for a uniform
+        codec). Dot products with :meth:`decode_native` tokens equal those with :meth:`decode`."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        return q if self.rotation is None else np.ascontiguousarray(q @ self.rotation)
+
+    def decode_native(self, ids: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        """Decode to ``(T, dim)`` float32 in the coding space (rotated for a transform codec)."""
         ids, residual = self._check_codes(ids, residual)
         out = np.empty((ids.shape[0], self.dim), np.float32)
         if ids.size:
-            _decode_parallel(ids, np.ascontiguousarray(residual), self.centroids, self._lut,
-                             self.renorm, max(1, min(64, ids.shape[0] // 1024)), out)
+            _decode_parallel(ids, np.ascontiguousarray(residual), *self.kernel_tables(),
+                             max(1, min(64, ids.shape[0] // 1024)), out)
         return out
+
+    def decode(self, ids: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        """``(T,)`` uint16 ids + ``(T, dim * nbits // 8)`` uint8 -> ``(T, dim)`` float32 (Numba),
+        in the vectors' own space."""
+        out = self.decode_native(ids, residual)
+        return out if self.rotation is None else np.ascontiguousarray(out @ self.rotation.T)
 
     def decode_reference(self, ids: np.ndarray, residual: np.ndarray) -> np.ndarray:
         """Plain numpy :meth:`decode`."""
         ids, residual = self._check_codes(ids, residual)
-        v = self.centroids[ids.astype(np.int64)] + self.weights[unpack_buckets(residual, self.nbits)]
+        c = self.centroids[ids.astype(np.int64)]
+        if self.rotation is None:
+            v = c + self.weights[unpack_buckets(residual, self.nbits)]
+        else:
+            z = np.tile(self.fill, (len(ids), 1))
+            off = byte = 0
+            for w, count in zip(WIDTHS, self.sections):
+                if count:
+                    nb = count * w // 8
+                    codes = unpack_buckets(residual[:, byte:byte + nb], w)
+                    z[:, off:off + count] = self.weights[np.arange(off, off + count), codes]
+                    byte += nb
+                off += count
+            v = c + z @ self.rotation.T
         if self.renorm:
             v = _unit_rows(v)
         return v.astype(np.float32)
@@ -650,26 +830,30 @@ class ColbertCodec:
     # -- files
 
     def save(self, folder: str | Path) -> list[str]:
-        """Write the four codec files into ``folder`` (created if needed), each fsynced; returns
-        their names."""
+        """Write the codec files into ``folder`` (created if needed), each fsynced; returns
+        their names. A uniform codec is written in codec format 1, a transform one in 2."""
         from hybridsearch.index.storage import save_npy, write_bytes_durable
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"format_version": CODEC_FORMAT_VERSION, "kind": self.kind, "nbits": self.nbits,
+        meta = {"format_version": 1, "kind": self.kind, "nbits": self.nbits,
                 "pool": self.pool, "dim": self.dim, "k": self.k, "renorm": self.renorm,
                 "trained_on": self.trained_on}
-        for name, a in (("centroids", self.centroids), ("cutoffs", self.cutoffs),
-                        ("weights", self.weights)):
+        arrays = [("centroids", self.centroids), ("cutoffs", self.cutoffs),
+                  ("weights", self.weights)]
+        if self.transform:
+            meta.update(format_version=2, transform=True, sections=list(self.sections))
+            arrays += [("rotation", self.rotation), ("fill", self.fill)]
+        for name, a in arrays:
             save_npy(folder / f"{name}.npy", a)
         write_bytes_durable(folder / "codec.json", json.dumps(meta, indent=2, sort_keys=True).encode())
-        return list(CODEC_FILES)
+        return list(TRANSFORM_FILES if self.transform else CODEC_FILES)
 
     @classmethod
     def load(cls, folder: str | Path, dim: int | None = None) -> ColbertCodec:
         """Read a codec folder as untrusted: links refused, JSON schema, ``.npy`` dtypes and
-        shapes against it, finite values, ascending cutoffs/weights; IndexFormatError naming the
-        file otherwise."""
+        shapes against it, finite values, ascending cutoffs/weights, an orthogonal rotation;
+        IndexFormatError naming the file otherwise."""
         from hybridsearch.index.storage import load_npy
 
         folder = Path(folder)
@@ -701,24 +885,130 @@ class ColbertCodec:
         k = field("k", int, lambda v: 1 <= v <= K_LIMIT)
         renorm = field("renorm", bool, lambda v: True)
         trained_on = field("trained_on", int, lambda v: v >= 0)
+        transform = version >= 2 and field("transform", bool, lambda v: True)
+        if transform:
+            sections = field("sections", list, lambda v: len(v) == 3 and all(
+                isinstance(s, int) and not isinstance(s, bool) for s in v))
+            try:
+                sections = _check_sections(sections, nbits, d)
+            except ValueError as e:
+                raise IndexFormatError(f"codec file corrupted: {path}: {e}") from None
+            n_coded = sum(sections)
+            shapes = [("centroids", (k, d)), ("cutoffs", (n_coded, MAX_LEVELS - 1)),
+                      ("weights", (n_coded, MAX_LEVELS)), ("rotation", (d, d)), ("fill", (d,))]
+        else:
+            shapes = [("centroids", (k, d)), ("cutoffs", ((1 << nbits) - 1,)),
+                      ("weights", (1 << nbits,))]
         arrays = {}
-        for name, shape in (("centroids", (k, d)), ("cutoffs", ((1 << nbits) - 1,)),
-                            ("weights", (1 << nbits,))):
+        for name, shape in shapes:
             p = folder / f"{name}.npy"
             a = load_npy(p, mmap=False, dtype=np.float32, shape=shape)
             if not np.isfinite(a).all():
                 raise IndexFormatError(f"codec file corrupted: {p} holds non-finite values")
-            if name != "centroids" and np.any(np.diff(a) < 0):
+            if name in ("cutoffs", "weights") and np.any(np.diff(a, axis=-1) < 0):
                 raise IndexFormatError(f"codec file corrupted: {p} must be ascending")
             arrays[name] = a
-        return cls(arrays["centroids"], arrays["cutoffs"], arrays["weights"], nbits=nbits,
-                   pool=pool, renorm=renorm, trained_on=trained_on)
+        extra = {}
+        if transform:
+            extra = {"rotation": arrays["rotation"], "sections": sections, "fill": arrays["fill"]}
+        try:
+            return cls(arrays["centroids"], arrays["cutoffs"], arrays["weights"], nbits=nbits,
+                       pool=pool, renorm=renorm, trained_on=trained_on, **extra)
+        except ValueError as e:
+            raise IndexFormatError(f"codec file corrupted: {folder}: {e}") from None
 
 
 def _check_dim(dim: int) -> None:
     if dim < 8 or dim % 8:
         raise ValueError(f"residual ColBERT codecs need a dimension that is a multiple of 8 "
                          f"(packed bits), got {dim}; use the fp16 codec for this model")
+
+
+def _check_sections(sections, nbits: int, dim: int) -> tuple[int, int, int]:
+    if sections is None or len(sections) != 3:
+        raise ValueError(f"sections must be (n4, n2, n1), got {sections!r}")
+    s = tuple(int(v) for v in sections)
+    if any(v < 0 or v % 8 for v in s):
+        raise ValueError(f"sections must be non-negative multiples of 8, got {s}")
+    if sum(w * v for w, v in zip(WIDTHS, s)) != nbits * dim or sum(s) > dim:
+        raise ValueError(f"sections {s} must spend exactly {nbits * dim} bits on at most "
+                         f"{dim} dimensions")
+    return s
+
+
+def _pad_row(a: np.ndarray, n: int) -> np.ndarray:
+    """Extend the last axis of ``a`` to ``n`` entries by repeating its last value."""
+    return np.concatenate([a, np.repeat(a[..., -1:], n - a.shape[-1], axis=-1)], axis=-1)
+
+
+def _residuals(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    ids = np.argmax(x @ centroids.T, axis=1)
+    return x - centroids[ids]
+
+
+def _residual_rotation(fit: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Principal axes of the residuals of ``fit``, by decreasing variance; each column's
+    largest entry is made positive, so the result does not depend on the eigen-solver's signs."""
+    dim = fit.shape[1]
+    cov = np.zeros((dim, dim))
+    mean = np.zeros(dim)
+    for lo in range(0, fit.shape[0], 8192):
+        r = _residuals(fit[lo:lo + 8192], centroids).astype(np.float64)
+        cov += r.T @ r
+        mean += r.sum(axis=0)
+    n = max(fit.shape[0], 1)
+    mean /= n
+    cov = cov / n - np.outer(mean, mean)
+    vals, vecs = np.linalg.eigh(cov)
+    vecs = vecs[:, np.argsort(-vals, kind="stable")]
+    top = np.argmax(np.abs(vecs), axis=0)
+    vecs *= np.where(vecs[top, np.arange(dim)] < 0, -1.0, 1.0)
+    return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+def _dim_stats(z: np.ndarray, width: int):
+    """Per dimension of ``z`` ``(n, dim)`` at ``width`` bits: cutoffs ``(dim, 15)`` (quantiles
+    ``i / 2**width``), weights ``(dim, 16)`` (bucket means; an empty bucket takes its nearest
+    cutoff), both padded by repetition, and the mean squared error ``(dim,)``."""
+    levels = 1 << width
+    zd = z.astype(np.float64)
+    cut = np.quantile(zd, np.arange(1, levels) / levels, axis=0).T  # (dim, levels - 1)
+    buckets = np.zeros(z.shape, np.int64)
+    for u in range(levels - 1):
+        buckets += zd > cut[:, u]
+    weights = np.empty((z.shape[1], levels))
+    err = np.zeros(z.shape[1])
+    for b in range(levels):
+        hit = buckets == b
+        cnt = hit.sum(axis=0)
+        s = np.where(hit, zd, 0.0).sum(axis=0)
+        near = cut[:, min(b, levels - 2)]
+        weights[:, b] = np.where(cnt > 0, s / np.maximum(cnt, 1), near)
+    weights = np.maximum.accumulate(weights, axis=1)
+    err = ((zd - np.take_along_axis(weights, buckets.T, axis=1).T) ** 2).mean(axis=0)
+    return (_pad_row(cut, MAX_LEVELS - 1).astype(np.float32),
+            _pad_row(weights, MAX_LEVELS).astype(np.float32), err)
+
+
+def _allocate(z: np.ndarray, stats: dict, budget: int) -> tuple[int, int, int]:
+    """``(n4, n2, n1)`` (multiples of 8, ``4 n4 + 2 n2 + n1 = budget``) with the least total
+    squared error of the rotated residuals ``z``, widths decreasing with the dimension's rank
+    (the rotation orders them by variance); an uncoded dimension costs its variance."""
+    dim = z.shape[1]
+    pre = {w: np.concatenate([[0.0], np.cumsum(stats[w][2])]) for w in WIDTHS}
+    pre[0] = np.concatenate([[0.0], np.cumsum(z.astype(np.float64).var(axis=0))])
+    best = None
+    for n4 in range(0, min(dim, budget // 4) + 1, 8):
+        for n2 in range(0, min(dim - n4, (budget - 4 * n4) // 2) + 1, 8):
+            n1 = budget - 4 * n4 - 2 * n2
+            if n1 < 0 or n4 + n2 + n1 > dim:
+                continue
+            a, b, c = n4, n4 + n2, n4 + n2 + n1
+            err = (pre[4][a] + pre[2][b] - pre[2][a] + pre[1][c] - pre[1][b]
+                   + pre[0][dim] - pre[0][c])
+            if best is None or err < best[0] - 1e-12:
+                best = (err, (n4, n2, n1))
+    return best[1]
 
 
 def _bucket_stats(held: np.ndarray, centroids: np.ndarray, nbits: int):

@@ -98,7 +98,7 @@ def _buffers(q_off4, owner, offsets, cand, lo, hi, d):
     return np.empty((max_n + 1) * d, np.float32), np.empty(max_m, np.float32)
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=_FASTMATH, nogil=True)
 def _maxsim_range(q4, q_off4, q_len, owner, vec16, d, offsets, cand, lo, hi, out):
     """MaxSim of pairs ``[lo, hi)``: pair ``t`` is query ``owner[t]`` against doc ``cand[t]``.
 
@@ -121,12 +121,13 @@ def _maxsim_range(q4, q_off4, q_len, owner, vec16, d, offsets, cand, lo, hi, out
         out[t] = _tile_maxsim(q4[q_off4[b]:q_off4[b + 1]], m, buf, n, d, best)
 
 
-@njit(cache=True, fastmath=_FASTMATH)
-def _coded_range(q4, q_off4, q_len, owner, ids, res, centroids, lut, renorm, offsets, cand,
+@njit(cache=True, fastmath=_FASTMATH, nogil=True)
+def _coded_range(q4, q_off4, q_len, owner, ids, res, base, w4, w2, d1, renorm, offsets, cand,
                  lo, hi, out):
     """:func:`_maxsim_range` on residual codes: each candidate is decoded into a per-call
-    buffer (one document at a time, never the store)."""
-    d = centroids.shape[1]
+    buffer (one document at a time, never the store), in the codec's coding space (the
+    queries ``q4`` are already rotated into it)."""
+    d = base.shape[1]
     buf, best = _buffers(q_off4, owner, offsets, cand, lo, hi, d)
     for t in range(lo, hi):
         b = owner[t]
@@ -136,16 +137,16 @@ def _coded_range(q4, q_off4, q_len, owner, ids, res, centroids, lut, renorm, off
         if m == 0 or n == 0:
             out[t] = 0.0
             continue
-        _decode_tokens(ids, res, start, n, centroids, lut, renorm, buf)
+        _decode_tokens(ids, res, start, n, base, w4, w2, d1, renorm, buf)
         out[t] = _tile_maxsim(q4[q_off4[b]:q_off4[b + 1]], m, buf, n, d, best)
 
 
 @njit(cache=True, parallel=True)
-def _coded_parallel(q4, q_off4, q_len, owner, ids, res, centroids, lut, renorm, offsets, cand,
+def _coded_parallel(q4, q_off4, q_len, owner, ids, res, base, w4, w2, d1, renorm, offsets, cand,
                     n_chunks, out):
     c = cand.shape[0]
     for k in prange(n_chunks):
-        _coded_range(q4, q_off4, q_len, owner, ids, res, centroids, lut, renorm, offsets, cand,
+        _coded_range(q4, q_off4, q_len, owner, ids, res, base, w4, w2, d1, renorm, offsets, cand,
                      k * c // n_chunks, (k + 1) * c // n_chunks, out)
 
 
@@ -200,10 +201,17 @@ class _MaxSimStore:
 
     A subclass sets ``offsets`` and provides ``dim``, ``bytes_per_token``,
     ``_kernel(query args, cand, out, n_chunks)`` (0 chunks: on the calling thread) and
-    ``decode_range(lo, hi)`` (tokens as float32).
+    ``decode_range(lo, hi)`` (tokens as float32); a store that scores in another space (a
+    rotated codec) overrides ``_prepare`` (queries into it) and ``_native_range`` (tokens in it).
     """
 
     offsets: np.ndarray
+
+    def _prepare(self, q: np.ndarray) -> np.ndarray:
+        return q
+
+    def _native_range(self, lo: int, hi: int) -> np.ndarray:
+        return self.decode_range(lo, hi)
 
     @property
     def n_docs(self) -> int:
@@ -250,7 +258,7 @@ class _MaxSimStore:
         out = np.zeros(cand.shape[0], np.float32)
         if cand.size == 0:
             return out
-        q4, q_off4, q_len = _pad_queries(Q, q_offsets)
+        q4, q_off4, q_len = _pad_queries(self._prepare(Q), q_offsets)
         owner = np.repeat(np.arange(q_len.shape[0], dtype=np.int64), np.diff(cand_offsets))
         doc_len = self.offsets[cand + 1] - self.offsets[cand]
         flops = int((doc_len * q_len[owner]).sum()) * self.dim
@@ -323,7 +331,7 @@ class _MaxSimStore:
         if m == 0 or self.n_docs == 0:
             return out
         offsets = np.asarray(self.offsets)
-        qt = np.ascontiguousarray(q.T)
+        qt = np.ascontiguousarray(self._prepare(q).T)
         s = 0
         while s < self.n_docs:
             e = int(np.searchsorted(offsets, offsets[s] + block, side="right")) - 1
@@ -333,7 +341,7 @@ class _MaxSimStore:
                 lengths = np.diff(offsets[s:e + 1])
                 full = np.flatnonzero(lengths)
                 if full.size:
-                    sims = self.decode_range(lo, hi) @ qt
+                    sims = self._native_range(lo, hi) @ qt
                     best = np.maximum.reduceat(sims, offsets[s + full] - lo, axis=0)
                     out[s + full] = best.sum(axis=1) / np.float32(m)
             s = e
@@ -508,9 +516,14 @@ class CodedColbertStore(_MaxSimStore):
         return cls(codes.reshape(-1), residuals.reshape(c_shape[0], codec.residual_bytes),
                    offsets, codec)
 
+    def _prepare(self, q: np.ndarray) -> np.ndarray:
+        return self.codec.rotate(q)
+
+    def _native_range(self, lo: int, hi: int) -> np.ndarray:
+        return self.codec.decode_native(self.codes[lo:hi], self.residuals[lo:hi])
+
     def _kernel(self, args, cand, out, n_chunks):
-        c = self.codec
-        tail = (self.codes, self.residuals, c.centroids, c._lut, c.renorm, self.offsets, cand)
+        tail = (self.codes, self.residuals, *self.codec.kernel_tables(), self.offsets, cand)
         if n_chunks:
             _coded_parallel(*args, *tail, n_chunks, out)
         else:
