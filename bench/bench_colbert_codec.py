@@ -61,23 +61,27 @@ from hybridsearch.index import storage as st  # noqa: E402
 from hybridsearch.retrievers.sparse import brute_force_topk  # noqa: E402
 
 K10 = 10
-# (label, codec name, K, renormalise, full): "full" configs get the exact MaxSim over every
-# document; the others are scored exactly on each query's candidates (see maxsim_rerank). fp16 is
-# the reference; "pool2 float" (pooled, not coded) separates what pooling loses from what coding loses.
+# (label, codec name, K, renormalise, full, transform): "full" configs get the exact MaxSim over
+# every document; the others are scored exactly on each query's candidates (see maxsim_rerank).
+# fp16 is the reference; "pool2 float" (pooled, not coded) separates what pooling loses from what
+# coding loses. transform=False is the uniform layout (codec format 1: every dimension nbits bits,
+# global cutoffs), True the rotated layout with per-dimension bit allocation (codec format 2).
 CONFIGS = [
-    ("fp16", "fp16", None, None, True),
-    ("res1 K=256", "res1", 256, True, True),
-    ("res1-pool2 K=256", "res1-pool2", 256, True, True),
-    ("pool2 float", "pool2-float", None, None, True),
-    ("res1 K=256 no-renorm", "res1", 256, False, False),
-    ("res2 K=256", "res2", 256, True, False),
-    ("res2 K=256 no-renorm", "res2", 256, False, False),
-    ("res1-pool2 K=256 no-renorm", "res1-pool2", 256, False, False),
-    ("res1 K=1024", "res1", 1024, True, False),
-    ("res1 K=1024 no-renorm", "res1", 1024, False, False),
-    ("res1-pool2 K=1024", "res1-pool2", 1024, True, False),
-    ("res1 K=4096", "res1", 4096, True, False),
-    ("res1 K=4096 no-renorm", "res1", 4096, False, False),
+    ("fp16", "fp16", None, None, True, False),
+    ("res1 K=256", "res1", 256, True, True, False),
+    ("res1-pool2 K=256", "res1-pool2", 256, True, True, False),
+    ("pool2 float", "pool2-float", None, None, True, False),
+    ("res1 K=256 no-renorm", "res1", 256, False, False, False),
+    ("res2 K=256", "res2", 256, True, False, False),
+    ("res2 K=256 no-renorm", "res2", 256, False, False, False),
+    ("res1-pool2 K=256 no-renorm", "res1-pool2", 256, False, False, False),
+    ("res1 K=1024", "res1", 1024, True, False, False),
+    ("res1 K=1024 no-renorm", "res1", 1024, False, False, False),
+    ("res1-pool2 K=1024", "res1-pool2", 1024, True, False, False),
+    ("res1 K=4096", "res1", 4096, True, False, False),
+    ("res1 K=4096 no-renorm", "res1", 4096, False, False, False),
+    ("res1 transform K=256", "res1", 256, False, False, True),
+    ("res1-pool2 transform K=256", "res1-pool2", 256, False, False, True),
 ]
 
 
@@ -155,7 +159,8 @@ def pooled_corpus(colbert: np.ndarray, offsets: np.ndarray, folder: Path, docs_p
     return vec, off
 
 
-def coded_corpus(name: str, k: int, vectors: np.ndarray, offsets: np.ndarray, folder: Path, seed: int = 0):
+def coded_corpus(name: str, k: int, vectors: np.ndarray, offsets: np.ndarray, folder: Path, seed: int = 0,
+                 transform: bool = False):
     """Train (once) and encode every token; cached in ``folder`` (codec files + ids/res .npy)."""
     from hybridsearch.retrievers.colbert_codec import MAX_TRAIN_SAMPLE, ColbertCodec, parse_codec
 
@@ -171,7 +176,8 @@ def coded_corpus(name: str, k: int, vectors: np.ndarray, offsets: np.ndarray, fo
         rows = np.sort(rng.choice(T, size=min(T, MAX_TRAIN_SAMPLE), replace=False))
         sample = np.asarray(vectors[rows], np.float32)
         t = time.perf_counter()
-        codec = ColbertCodec.train(sample, nbits=spec["nbits"], pool=spec["pool"], k=k, total_tokens=T, seed=seed)
+        codec = ColbertCodec.train(sample, nbits=spec["nbits"], pool=spec["pool"], k=k, total_tokens=T, seed=seed,
+                                   transform=transform)
         train_s = time.perf_counter() - t
         codec.save(tmp)
         t = time.perf_counter()
@@ -193,7 +199,7 @@ def coded_corpus(name: str, k: int, vectors: np.ndarray, offsets: np.ndarray, fo
         log(f"{name} K={k}: trained on {len(rows)} rows in {train_s:.0f}s, encoded {T} tokens in {enc_s:.0f}s")
     info = json.loads(info_p.read_text())
     codec = ColbertCodec.load(folder, dim=d)
-    if codec.k != k or codec.nbits != spec["nbits"]:
+    if codec.k != k or codec.nbits != spec["nbits"] or codec.transform != transform:
         raise st.IndexFormatError(f"{folder}: codec K={codec.k} nbits={codec.nbits}, expected K={k} nbits={spec['nbits']}")
     ids = st.load_npy(folder / "ids.npy", dtype=np.uint16, shape=(T,))
     res = st.load_npy(folder / "res.npy", dtype=np.uint8, shape=(T, codec.residual_bytes))
@@ -204,12 +210,7 @@ def coded_corpus(name: str, k: int, vectors: np.ndarray, offsets: np.ndarray, fo
 
 
 def with_renorm(codec, renorm: bool):
-    from hybridsearch.retrievers.colbert_codec import ColbertCodec
-
-    if codec.renorm == renorm:
-        return codec
-    return ColbertCodec(codec.centroids, codec.cutoffs, codec.weights, nbits=codec.nbits, pool=codec.pool,
-                        renorm=renorm, trained_on=codec.trained_on)
+    return codec if codec.renorm == renorm else codec.with_options(renorm=renorm)
 
 
 # ============================================================================ scoring
@@ -377,7 +378,7 @@ def study(args, enc_dir: Path, work: Path, results: dict, save) -> None:
     ref_top, cands = {}, None
     pooled = None
     s16_p = work / "codec" / "S-fp16.npy"
-    for label, name, k, renorm, full in CONFIGS:
+    for label, name, k, renorm, full, transform in CONFIGS:
         if args.only and label not in args.only:
             continue
         top_p = _top_path(work, label)
@@ -395,7 +396,8 @@ def study(args, enc_dir: Path, work: Path, results: dict, save) -> None:
             cands = [np.union1d(deep[j], hyb.unions[j]) for j in range(len(qids))]
             results["context"]["mean_rerank_candidates"] = float(np.mean([len(x) for x in cands]))
         t0 = time.perf_counter()
-        row = {"codec": name, "k": k, "renorm": renorm, "scored": "all documents" if full else "candidates"}
+        row = {"codec": name, "k": k, "renorm": renorm, "scored": "all documents" if full else "candidates",
+               "transform": transform}
         if name == "fp16":
             src = Fp16Source(c.colbert, c.colbert_offsets)
             row.update(bytes_per_stored_token=2 * c.colbert.shape[1], stored_tokens=T, recon_cosine=1.0)
@@ -410,7 +412,9 @@ def study(args, enc_dir: Path, work: Path, results: dict, save) -> None:
                 src = Fp16Source(vec, off)
                 row.update(bytes_per_stored_token=2 * vec.shape[1], stored_tokens=int(off[-1]), stored_dtype="float16")
             else:
-                codec, ids, res, info = coded_corpus(name, k, vec, off, work / "codec" / f"{name}-k{k}")
+                codec, ids, res, info = coded_corpus(name, k, vec, off,
+                                                     work / "codec" / (f"{name}-k{k}" + ("-t" if transform else "")),
+                                                     transform=transform)
                 codec = with_renorm(codec, renorm)
                 src = CodedSource(codec, ids, res, off)
                 row.update(bytes_per_stored_token=codec.bytes_per_token, stored_tokens=int(off[-1]),
@@ -548,7 +552,7 @@ def codebook_check(args, enc_dir: Path, work: Path, results: dict, save) -> None
         rows = np.sort(rng.choice(total, n_rows, replace=False))
         cases.append((f"res1-pool2, {where}, {n_rows} rows, K={k}", "res1-pool2",
                       lambda rows=rows, k=k: ColbertCodec.train(np.asarray(pooled[0][rows], np.float32), nbits=1,
-                                                                pool=2, k=k, renorm=True)))
+                                                                pool=2, k=k, renorm=True, transform=False)))
     out = results.setdefault("codebook_check", {})
     for label, name, make in cases:
         if label in out:

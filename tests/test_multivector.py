@@ -198,3 +198,74 @@ def test_blocked_scores_and_search(corpus, monkeypatch, block_tokens):
     scores, ids = store.search(q, 5, allowed=allowed)  # few allowed: the kernel on those rows
     assert sorted(ids[:3]) == [3, 17, 20] and (ids[3:] == -1).all()
     np.testing.assert_allclose(full[ids[:3]], scores[:3], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- many stores in one pass
+
+
+@pytest.fixture(scope="module")
+def segment_stores():
+    """Six stores like an index's segments: float16 ones and ones coded by a transform and a
+    uniform codebook (64-d, 1 bit), documents of 0-30 tokens."""
+    from hybridsearch.retrievers.colbert_codec import ColbertCodec
+    from hybridsearch.retrievers.multivector import CodedColbertStore
+
+    rng = np.random.default_rng(11)
+    d = 64
+    train = unit_rows(rng, 4000, d)
+    codecs = [ColbertCodec.train(train, nbits=1, k=16, transform=t) for t in (True, False)]
+    stores = []
+    for i in range(6):
+        lengths = rng.integers(0, 30, 150 + 40 * i)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        v = unit_rows(rng, int(offsets[-1]), d)
+        if i % 3 == 0:
+            stores.append(ColbertStore.from_arrays(v, offsets))
+        else:
+            stores.append(CodedColbertStore.from_arrays(v, offsets, codecs[i % 3 - 1]))
+    return stores, [unit_rows(rng, m, d) for m in (1, 7, 32)]
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_maxsim_many_equals_one_store_at_a_time(segment_stores, monkeypatch, parallel):
+    if parallel:  # every batch through the thread pool, in many small items
+        monkeypatch.setattr(multivector, "PARALLEL_MIN_FLOPS", 0)
+        monkeypatch.setattr(multivector, "MANY_ITEMS_PER_THREAD", 50)
+    stores, queries = segment_stores
+    rng = np.random.default_rng(5)
+    for q in queries:
+        parts = [(s, rng.choice(s.n_docs, size=int(rng.integers(0, 60)), replace=True)) for s in stores]
+        parts[2] = (stores[2], np.zeros(0, np.int64))  # a segment with no candidate
+        got = multivector.maxsim_many(q, parts)
+        assert [g.shape for g in got] == [(len(r),) for _, r in parts]
+        for (s, rows), g in zip(parts, got):
+            np.testing.assert_allclose(g, s.maxsim(q, rows), rtol=1e-5, atol=1e-6)
+            if isinstance(s, ColbertStore):
+                want = maxsim_reference(q, [s.vectors[s.offsets[r]:s.offsets[r + 1]] for r in rows])
+            else:
+                want = multivector.coded_maxsim_reference(q, s, rows)
+            np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5)
+    assert multivector.maxsim_many(queries[0], []) == []
+    with pytest.raises(ValueError, match="cand rows"):
+        multivector.maxsim_many(queries[0], [(stores[0], [stores[0].n_docs])])
+    with pytest.raises(ValueError, match=r"q must be \(m, 64\)"):
+        multivector.maxsim_many(queries[0][:, :8], [(stores[0], [0])])
+
+
+def test_maxsim_many_from_many_threads(segment_stores, monkeypatch):
+    """Callers on several threads share the pool; each gets its own scores."""
+    import concurrent.futures
+
+    monkeypatch.setattr(multivector, "PARALLEL_MIN_FLOPS", 0)
+    stores, queries = segment_stores
+    rng = np.random.default_rng(8)
+    cases = []
+    for i in range(24):
+        q = queries[i % 3]
+        parts = [(s, rng.integers(0, s.n_docs, 40)) for s in stores]
+        cases.append((q, parts, [s.maxsim(q, r) for s, r in parts]))
+    with concurrent.futures.ThreadPoolExecutor(6) as ex:
+        results = list(ex.map(lambda c: multivector.maxsim_many(c[0], c[1]), cases))
+    for (_, _, want), got in zip(cases, results):
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

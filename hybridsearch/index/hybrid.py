@@ -39,6 +39,7 @@ from ..retrievers.colbert_codec import (
     pool_tokens,
 )
 from ..retrievers.dense import check_factory
+from ..retrievers.multivector import maxsim_many
 from . import locking
 from . import storage as st
 from .filters import check_filter
@@ -850,6 +851,7 @@ class HybridIndex:
             res["colbert"] = np.empty(len(union), np.float32)
             qc = q.colbert_of(j)
         seg_of = state.locate(union)
+        colbert_parts, colbert_sel = [], []
         for si in np.unique(seg_of):
             s = state.segments[si]
             sel = seg_of == si
@@ -858,7 +860,12 @@ class HybridIndex:
             if spec.has_sparse:
                 res["sparse"][sel] = s.sparse.score(qi, qw, rows)
             if spec.has_colbert:
-                res["colbert"][sel] = s.colbert.maxsim(qc, rows)
+                colbert_parts.append((s.colbert, rows))
+                colbert_sel.append(sel)
+        if colbert_parts:
+            # One parallel pass over every segment's candidates (not one per segment).
+            for sel, scores in zip(colbert_sel, maxsim_many(qc, colbert_parts)):
+                res["colbert"][sel] = scores
         return res
 
     # first-stage channels: each returns (scores (nq, k) float32, docnos (nq, k) int64, -1 = none)

@@ -27,6 +27,8 @@ Files (plain ``.npy``, never pickled), ``T`` tokens and ``n`` documents:
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numba
@@ -713,6 +715,93 @@ def _copy_source(store, rows, codec, writers, budget, float_budget) -> None:
             ids, res = codec.encode(x)
             writers["codes"].write(ids)
             writers["residuals"].write(res)
+
+
+# Work items per thread handed out by maxsim_many: enough that a thread slowed by other load
+# takes fewer, few enough that dispatch stays small next to a ~1 ms item.
+MANY_ITEMS_PER_THREAD = 4
+_POOL_LOCK = threading.Lock()
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``threads`` workers (rebuilt when the thread count changes)."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE != threads:
+            old = _POOL
+            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="hybridsearch-maxsim")
+            _POOL_SIZE = threads
+            if old is not None:
+                old.shutdown(wait=False)
+        return _POOL
+
+
+def maxsim_many(q: np.ndarray, parts) -> list[np.ndarray]:
+    """MaxSim of one query against rows of several stores (the segments of an index) in one
+    parallel pass: :meth:`_MaxSimStore.maxsim` per part, equal scores.
+
+    One store at a time would open one parallel region per segment, each too small to keep
+    every thread busy (and waiting on its slowest thread); here every part is cut into chunks of
+    about equal tokens, and a process-wide pool of ``numba.get_num_threads()`` threads runs the
+    serial kernels (which release the GIL) over all of them.
+
+    Args:
+        q: ``(m, d)`` float query vectors.
+        parts: sequence of ``(store, rows)``: a :class:`ColbertStore` or
+            :class:`CodedColbertStore` and the ``(c,)`` integer rows to score in it.
+
+    Returns:
+        One ``(c,)`` float32 array per part.
+    """
+    parts = list(parts)
+    outs, jobs, total, m = [], [], 0, 0
+    prepared = {}
+    for store, rows in parts:
+        if not isinstance(store, _MaxSimStore):
+            raise TypeError(f"parts must hold ColBERT stores, got {type(store)}")
+        qs = _check_vectors(q, store.dim, "q")
+        rows = store._check_cand(rows)
+        out = np.zeros(rows.shape[0], np.float32)
+        outs.append(out)
+        m = qs.shape[0]
+        if rows.size == 0 or m == 0:
+            continue
+        key = id(store.codec)  # stores sharing a codec share its rotated query
+        if key not in prepared:
+            q4, q_off4, q_len = _pad_queries(store._prepare(qs), np.array([0, qs.shape[0]], np.int64))
+            prepared[key] = (store.codec, (_readonly(q4), _readonly(q_off4), _readonly(q_len)))
+        lengths = store.offsets[rows + 1] - store.offsets[rows]
+        total += int(lengths.sum())
+        jobs.append((store, prepared[key][1], rows, lengths, out))
+    if not jobs:
+        return outs
+    threads = numba.get_num_threads()
+    if threads == 1 or total * m * jobs[0][0].dim < PARALLEL_MIN_FLOPS:
+        for store, args, rows, _, out in jobs:
+            store._kernel((*args, _readonly(np.zeros(rows.shape[0], np.int64))), _readonly(rows), out, 0)
+        return outs
+    step = max(1, total // (MANY_ITEMS_PER_THREAD * threads))
+    items = []
+    for store, args, rows, lengths, out in jobs:
+        ends = np.searchsorted(np.cumsum(lengths), np.arange(step, int(lengths.sum()) + step, step),
+                               side="left") + 1
+        lo = 0
+        for hi in np.unique(np.minimum(ends, rows.shape[0])):
+            if hi > lo:
+                items.append((store, args, rows[lo:hi], out[lo:hi]))
+                lo = int(hi)
+        if lo < rows.shape[0]:
+            items.append((store, args, rows[lo:], out[lo:]))
+
+    def run(item):
+        store, args, rows, out = item
+        store._kernel((*args, _readonly(np.zeros(rows.shape[0], np.int64))), _readonly(rows), out, 0)
+
+    for _ in _pool(threads).map(run, items):
+        pass
+    return outs
 
 
 def coded_maxsim_reference(q: np.ndarray, store: CodedColbertStore, cand) -> np.ndarray:
