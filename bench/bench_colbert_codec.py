@@ -102,6 +102,9 @@ class Fp16Source:
     def n_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    def prep(self, q: np.ndarray) -> np.ndarray:
+        return q
+
     def block(self, lo: int, hi: int) -> np.ndarray:
         return np.asarray(self.vectors[lo:hi], dtype=np.float32)
 
@@ -119,11 +122,16 @@ class CodedSource:
     def n_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    # Tokens are decoded in the codec's coding space (rotated, for a transform codec) and the
+    # queries rotated into it (prep): the same dot products, without rotating every token back.
+    def prep(self, q: np.ndarray) -> np.ndarray:
+        return self.codec.rotate(q)
+
     def block(self, lo: int, hi: int) -> np.ndarray:
-        return self.codec.decode(np.ascontiguousarray(self.ids[lo:hi]), np.ascontiguousarray(self.res[lo:hi]))
+        return self.codec.decode_native(np.ascontiguousarray(self.ids[lo:hi]), np.ascontiguousarray(self.res[lo:hi]))
 
     def rows(self, r: np.ndarray) -> np.ndarray:
-        return self.codec.decode(np.ascontiguousarray(self.ids[r]), np.ascontiguousarray(self.res[r]))
+        return self.codec.decode_native(np.ascontiguousarray(self.ids[r]), np.ascontiguousarray(self.res[r]))
 
 
 def pooled_corpus(colbert: np.ndarray, offsets: np.ndarray, folder: Path, docs_per_chunk: int = 256):
@@ -226,7 +234,7 @@ def maxsim_all(q: np.ndarray, q_off: np.ndarray, source, block_tokens: int) -> n
     off = source.offsets
     n = len(off) - 1
     best = np.empty((n, q.shape[0]), np.float32)  # per (document, query token)
-    qt = np.ascontiguousarray(q.T)
+    qt = np.ascontiguousarray(source.prep(q).T)
     a = 0
     while a < n:
         b = int(np.searchsorted(off, off[a] + block_tokens, side="right")) - 1
@@ -246,6 +254,7 @@ def maxsim_rerank(q: np.ndarray, q_off: np.ndarray, source, cands: list[np.ndarr
     where defined (up to float rounding)."""
     off = source.offsets
     out = np.full((len(cands), len(off) - 1), -np.inf, np.float32)
+    q = source.prep(q)
     for j, cand in enumerate(cands):
         lens = off[cand + 1] - off[cand]
         starts = np.zeros(len(cand), np.int64)

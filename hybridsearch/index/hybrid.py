@@ -191,9 +191,9 @@ class HybridIndex:
         * ``dense_storage``: ``"fp32"`` (exact), ``"fp16"`` or ``"sq8"`` (1 byte a dimension:
           1M x 1024-d in 1 GB); searched exactly over the stored vectors unless
           ``dense_factory`` names a FAISS ANN index (``"HNSW32"``, ``"IVF4096,Flat"``...).
-        * ``colbert_codec``: ``"res1"`` (default: centroid id + 1 bit a dimension, 130 bytes a
-          token at d=1024), ``"res2"``, ``"res1-pool2"`` (token pooling by 2 first: ~65 bytes a
-          token) or ``"fp16"``. The codebook is trained on the first ``codec_train_tokens``
+        * ``colbert_codec``: ``"res1"`` (default: centroid id + 1 bit a dimension on average,
+          spent on the residual's principal axes, 130 bytes a token at d=1024), ``"res2"``,
+          ``"res1-pool2"`` (token pooling by 2 first: ~65 bytes a token) or ``"fp16"``. The codebook is trained on the first ``codec_train_tokens``
           ColBERT vectors; until then they are stored as float16 and coded when merged.
 
         Safe against a concurrent ``create`` of the same folder: the folder is claimed under the
