@@ -268,6 +268,23 @@ def unpack_buckets(residual: np.ndarray, nbits: int) -> np.ndarray:
 # ---------------------------------------------------------------- token pooling
 
 
+@njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
+def _gram(x):
+    """``x @ x.T`` in float64 by plain loops. Not ``np.dot``: that calls OpenBLAS, which must not
+    run inside the OpenMP threads of a parallel kernel (OpenBLAS warns "Detect OpenMP Loop" and
+    may hang)."""
+    n, d = x.shape
+    sim = np.empty((n, n), np.float64)
+    for i in range(n):
+        for j in range(i, n):
+            acc = 0.0
+            for e in range(d):
+                acc += np.float64(x[i, e]) * np.float64(x[j, e])
+            sim[i, j] = acc
+            sim[j, i] = acc
+    return sim
+
+
 @njit(cache=True)
 def _pool_window(x, target, out):
     """Greedy average-linkage clustering of the unit rows ``x`` ``(n, d)`` into ``target`` groups.
@@ -277,8 +294,7 @@ def _pool_window(x, target, out):
     cache keeps a step near O(n).
     """
     n, d = x.shape
-    xd = x.astype(np.float64)
-    sim = np.dot(xd, xd.T)
+    sim = _gram(x)
     size = np.ones(n, np.float64)
     active = np.ones(n, np.bool_)
     label = np.arange(n)
