@@ -6,6 +6,12 @@ the query's CSR entries, which is the order scipy's ``q @ D.T`` uses, without fu
 multiply-adds: :meth:`search`, :meth:`score` and :func:`brute_force_topk` compute the same
 float32 sums (bit-identical on the machines tested), so their rankings agree.
 
+Two exact kernels serve :meth:`SparsePostings.search`: the term-at-a-time scan of every
+posting of the query's terms, and a pruned one (MaxScore over posting lists split by weight,
+see "pruned search" below) that reads a fraction of them and returns the same top-k, float32
+scores included, because every score it reports is summed in that same order. ``search``
+picks the pruned kernel from :data:`PRUNED_MIN_DOCS` documents on; below, the scan wins.
+
 Conventions shared by every function here: a document is a hit only if its score is positive
 (it shares a token with the query) and it is allowed; ties are broken by the lower row; result
 slots beyond the hits hold score ``0`` and id ``-1``.
@@ -13,12 +19,16 @@ slots beyond the hits hold score ``0`` and id ``-1``.
 Files written by :meth:`SparsePostings.save` (all plain ``.npy``, never pickled):
 ``{prefix}_indptr.npy``, ``{prefix}_docs.npy``, ``{prefix}_weights.npy``,
 ``{prefix}_term_max.npy`` and ``{prefix}_n_docs.npy`` (a 0-d int64: trailing empty documents
-cannot be derived from the postings).
+cannot be derived from the postings). The pruned kernel's split lists are not stored: they are
+built from these files on its first use (two passes over the postings) and kept in memory
+(about a tenth of the postings' size on learned-sparse weights), so segments written before
+it existed work unchanged.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numba
@@ -34,6 +44,17 @@ BLOCK_DOCS = 1 << 16
 # Below this many postings (a few ms of work) a batch is scored on the calling thread: waking
 # the pool costs microseconds on an idle machine but milliseconds on a busy one.
 PARALLEL_MIN_POSTINGS = 1 << 20
+# The pruned kernel scores blocks of 2**PRUNE_BLOCK_SHIFT docs; it splits lists of at least
+# PRUNE_SPLIT_MIN postings at PRUNE_SPLIT_FACTOR times their mean weight; its non-essential
+# bounds add up to at most PRUNE_NE_FRAC times the k-th score (see "pruned search" below).
+PRUNE_BLOCK_SHIFT = 16
+PRUNE_SPLIT_MIN = 256
+PRUNE_SPLIT_FACTOR = 2.0
+# Docs scored in full (term at a time) for a first k-th score.
+PRUNE_FIRST_DOCS = 1 << 12
+# From this many docs on, search(kernel="auto") prunes; below, the term-at-a-time scan wins.
+PRUNED_MIN_DOCS = 1 << 17
+PRUNE_NE_FRAC = 0.5
 
 
 @njit(cache=True, inline="always")
@@ -215,6 +236,382 @@ def _score_candidates(indptr, docs, weights, q_idx, q_w, cand):
     return out
 
 
+# ----------------------------------------------------------------------------- pruned search
+#
+# Exact MaxScore over split posting lists. At first use (never stored), the long lists are
+# split by weight: term ``t``'s postings heavier than ``tau[t]`` (a few times the list's mean
+# weight) are copied into a short "high" list, and ``low_max[t]`` is the largest weight of the
+# rest. A query entry then offers two bounds, ``w * term_max[t]`` for docs in its high list and
+# ``w * low_max[t]`` for the others, several times smaller on learned-sparse weights, whose
+# tails are long.
+#
+# Docs are scored in blocks of ``2**PRUNE_BLOCK_SHIFT`` rows into a float32 accumulator. Once
+# ``k`` hits are held, each block splits the bounds MaxScore-style by the k-th score: the
+# smallest ones whose sum stays under ``PRUNE_NE_FRAC`` times it are "non-essential"; an entry
+# whose both bounds are essential is read in full, one whose high bound only is essential reads
+# its high list only, the others nothing. A doc is a candidate if its partial sum plus the
+# bounds left can beat the k-th score; candidates are looked up (galloping search) in the lists
+# not read, largest bound first, and dropped as soon as they cannot; survivors get their exact
+# score, the float32 sum over every entry in query-CSR order, which is the arithmetic of the
+# term-at-a-time kernel, so the top-k is identical to it.
+#
+# Bounds are compared after multiplying by ``1 + (n + 2) * 2**-21`` for a query of ``n``
+# entries: a float32 sum of ``n`` non-negative rounded products exceeds the real sum by at most
+# a factor ``(1 + 2**-24)**n``, and partial sums are float32 too, so the slack covers both
+# roundings with room to spare: pruning never drops a doc that could enter.
+
+
+@njit(cache=True)
+def _split_lists(indptr, docs, weights, min_len, factor):
+    """``(tau (V,) float32, low_max (V,) float32, h_indptr (V + 1,) int64, h_docs, h_weights)``:
+    lists of at least ``min_len`` postings keep their weights above ``tau = factor * mean`` in a
+    high list; shorter ones are not split (``tau = -1``, ``low_max = 0``, no high list)."""
+    vocab = indptr.shape[0] - 1
+    tau = np.full(vocab, -1.0, np.float32)
+    low_max = np.zeros(vocab, np.float32)
+    h_indptr = np.zeros(vocab + 1, np.int64)
+    for t in range(vocab):
+        lo = indptr[t]
+        hi = indptr[t + 1]
+        h_indptr[t + 1] = h_indptr[t]
+        if hi - lo < min_len:
+            continue
+        total = 0.0
+        for p in range(lo, hi):
+            total += weights[p]
+        cut = np.float32(factor * total / (hi - lo))
+        tau[t] = cut
+        n_high = 0
+        mx = np.float32(0.0)
+        for p in range(lo, hi):
+            if weights[p] > cut:
+                n_high += 1
+            elif weights[p] > mx:
+                mx = weights[p]
+        low_max[t] = mx
+        h_indptr[t + 1] += n_high
+    h_docs = np.empty(h_indptr[vocab], np.int32)
+    h_weights = np.empty(h_indptr[vocab], np.float32)
+    for t in range(vocab):
+        f = h_indptr[t]
+        if tau[t] < 0:
+            continue
+        for p in range(indptr[t], indptr[t + 1]):
+            if weights[p] > tau[t]:
+                h_docs[f] = docs[p]
+                h_weights[f] = weights[p]
+                f += 1
+    return tau, low_max, h_indptr, h_docs, h_weights
+
+
+@njit(cache=True)
+def _gallop(docs, p, hi, row):
+    """First position in ``docs[p:hi]`` (ascending) holding a row >= ``row``, or ``hi``: an
+    exponential search from ``p``, cheap when successive rows land close together."""
+    if p >= hi or docs[p] >= row:
+        return p
+    step = 1  # invariant: docs[p] < row
+    while p + step < hi and docs[p + step] < row:
+        p += step
+        step <<= 1
+    lo = p + 1
+    up = min(p + step, hi)
+    while lo < up:
+        mid = (lo + up) >> 1
+        if docs[mid] < row:
+            lo = mid + 1
+        else:
+            up = mid
+    return lo
+
+
+@njit(cache=True)
+def _scatter(docs, weights, w, lo, hi, d_lo, acc):
+    for p in range(lo, hi):
+        acc[np.uint32(docs[p] - d_lo)] += w * weights[p]
+
+
+@njit(cache=True)
+def _scatter_touched(docs, weights, w, lo, hi, d_lo, acc, touched, n_touched):
+    for p in range(lo, hi):
+        d = np.uint32(docs[p] - d_lo)
+        old = acc[d]
+        new = old + w * weights[p]
+        acc[d] = new
+        # Weights are >= 0, so a doc leaves 0 at most once: recorded exactly once.
+        if old == 0.0 and new > 0.0:
+            touched[n_touched] = d
+            n_touched += 1
+    return n_touched
+
+
+@njit(cache=True)
+def _offer_all(acc, width, d_lo, allowed, use_allowed, k, size, hs, hi):
+    """Offer every allowed doc of the accumulator with a positive sum to the heap; returns its
+    new size. (A function of its own: inlined, this loop compiled about 4x slower.)"""
+    for d in range(width):
+        s = acc[d]
+        if s <= 0.0 or (size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0]))):
+            continue
+        if use_allowed and not allowed[d_lo + d]:
+            continue
+        size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
+    return size
+
+
+@njit(cache=True)
+def _collect(acc, width, cut, d_lo, allowed, use_allowed, cand, cbound):
+    """Rows of the accumulator's docs holding at least ``cut`` > 0 (allowed ones), in order,
+    with their partial sums; returns how many."""
+    n_cand = 0
+    for d in range(width):
+        s = acc[d]
+        if s >= cut:
+            if use_allowed and not allowed[d_lo + d]:
+                continue
+            cand[n_cand] = d_lo + d
+            cbound[n_cand] = s
+            n_cand += 1
+    return n_cand
+
+
+@njit(cache=True)
+def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs, h_weights,
+                  q_indptr, q_idx, q_w, allowed, use_allowed, shift, first_width, n_docs,
+                  ne_frac, n_parts, item_lo, item_hi, out_s, out_i, stats):
+    """Items ``[item_lo, item_hi)``; item ``q * n_parts + j`` is query ``q`` over the blocks
+    ``b`` with ``b % n_parts == j``. Writes each item's top-k into its output row. ``stats``
+    (int64, 6) counts blocks, blocks read in full, essential postings read, candidates, docs
+    scored exactly and list lookups."""
+    k = out_s.shape[1]
+    width_max = 1 << shift
+    acc = np.zeros(width_max, np.float32)
+    touched = np.empty(width_max, np.int32)
+    cand = np.empty(width_max, np.int32)
+    cbound = np.empty(width_max, np.float64)
+    hs = np.empty(k, np.float32)
+    hi = np.empty(k, np.int64)
+    for item in range(item_lo, item_hi):
+        q = item // n_parts
+        part = item % n_parts
+        e0 = q_indptr[q]
+        n = q_indptr[q + 1] - e0
+        slack = 1.0 + (n + 2) * 2.0 ** -21
+        # Per entry: term, weight, bounds (high list, rest), cursors in both lists.
+        ts = q_idx[e0:e0 + n]
+        ws = q_w[e0:e0 + n]
+        b_high = np.empty(n, np.float64)
+        b_low = np.empty(n, np.float64)
+        split = np.empty(n, np.bool_)
+        cur = np.empty(n, np.int64)
+        cur_h = np.empty(n, np.int64)
+        end = np.empty(n, np.int64)
+        end_h = np.empty(n, np.int64)
+        for e in range(n):
+            t = ts[e]
+            b_high[e] = np.float64(ws[e]) * term_max[t]
+            split[e] = tau[t] >= 0
+            b_low[e] = np.float64(ws[e]) * low_max[t] if split[e] else 0.0
+            cur[e] = indptr[t]
+            cur_h[e] = h_indptr[t]
+        # The 2n bounds in increasing order: v < n is entry v's rest, v >= n its high list.
+        by_bound = np.argsort(np.concatenate((b_low, b_high)), kind="mergesort")
+        level = np.empty(n, np.int8)  # 0: read nothing, 1: high list only, 2: whole list
+        pos = np.empty(n, np.int64)
+        contrib = np.empty(n, np.float32)
+        resid = np.empty(n, np.float64)  # bound of what is not read
+        size = 0
+        b = part
+        d_lo = b << shift
+        while d_lo < n_docs:
+            # Windows: the blocks of this part, except that while fewer than k hits are held
+            # only first_width docs are read in full; the k-th score they give prunes the rest.
+            b_hi = min((b + 1) << shift, n_docs)
+            d_hi = b_hi if size == k else min(d_lo + first_width, b_hi)
+            width = d_hi - d_lo
+            w_lo = d_lo
+            if d_hi == b_hi:
+                b += n_parts
+                d_lo = b << shift
+            else:
+                d_lo = d_hi
+            stats[0] += 1
+            for e in range(n):
+                t = ts[e]
+                cur[e] = _gallop(docs, cur[e], indptr[t + 1], w_lo)
+                end[e] = _gallop(docs, cur[e], indptr[t + 1], d_hi)
+            # The non-essential bounds: the smallest, while their sum times the slack stays
+            # under ne_frac times the k-th score (none while fewer than k hits are held).
+            for e in range(n):
+                level[e] = 2
+                resid[e] = 0.0
+            ne_bound = 0.0
+            if size == k:
+                theta_ne = np.float64(hs[0]) * ne_frac
+                for v in by_bound:
+                    e = v % n
+                    bound = b_high[e] if v >= n else b_low[e]
+                    inc = bound - b_low[e] if v >= n else bound
+                    if inc > 0.0 and (ne_bound + inc) * slack >= theta_ne:
+                        break
+                    if v >= n:
+                        level[e] = 0
+                        resid[e] = b_high[e]
+                        ne_bound += bound - b_low[e]
+                    elif split[e]:
+                        level[e] = 1
+                        resid[e] = b_low[e]
+                        ne_bound += bound
+            if ne_bound == 0.0:
+                # Every list read in full, in query order: the exact term-at-a-time sums.
+                stats[1] += 1
+                size = _taat_block(docs, weights, ws, cur, end, allowed, use_allowed, w_lo,
+                                   width, k, size, hs, hi, acc, touched, stats)
+                continue
+            # Essential lists into the accumulator: partial sums of the docs they reach.
+            total = 0
+            for e in range(n):
+                if level[e] == 1:
+                    t = ts[e]
+                    cur_h[e] = _gallop(h_docs, cur_h[e], h_indptr[t + 1], w_lo)
+                    end_h[e] = _gallop(h_docs, cur_h[e], h_indptr[t + 1], d_hi)
+                    total += end_h[e] - cur_h[e]
+                elif level[e] == 2:
+                    total += end[e] - cur[e]
+            stats[2] += total
+            theta = np.float64(hs[0])
+            # Docs whose partial sum is under cut cannot enter (rounded down: lets more through).
+            cut = np.float32((theta / slack - ne_bound) * (1.0 - 1e-6))
+            n_cand = 0
+            if total * 4 >= width:
+                for e in range(n):
+                    if level[e] == 1:
+                        _scatter(h_docs, h_weights, ws[e], cur_h[e], end_h[e], w_lo, acc)
+                    elif level[e] == 2:
+                        _scatter(docs, weights, ws[e], cur[e], end[e], w_lo, acc)
+                n_cand = _collect(acc, width, cut, w_lo, allowed, use_allowed, cand, cbound)
+                acc[:width] = 0.0
+            else:
+                n_touched = 0
+                for e in range(n):
+                    if level[e] == 1:
+                        n_touched = _scatter_touched(h_docs, h_weights, ws[e], cur_h[e],
+                                                     end_h[e], w_lo, acc, touched, n_touched)
+                    elif level[e] == 2:
+                        n_touched = _scatter_touched(docs, weights, ws[e], cur[e], end[e],
+                                                     w_lo, acc, touched, n_touched)
+                for j in range(n_touched):
+                    d = touched[j]
+                    s = acc[d]
+                    acc[d] = 0.0
+                    if s < cut:
+                        continue
+                    if use_allowed and not allowed[w_lo + d]:
+                        continue
+                    cand[n_cand] = w_lo + np.int32(d)
+                    cbound[n_cand] = s
+                    n_cand += 1
+                # Candidates in row order, for the galloping searches.
+                order = np.argsort(cand[:n_cand])
+                cand[:n_cand] = cand[:n_cand][order]
+                cbound[:n_cand] = cbound[:n_cand][order]
+            stats[3] += n_cand
+            if n_cand == 0:
+                continue
+            # Candidates one by one, in row order (each list's cursor only moves forward).
+            # MaxScore: look the doc up in the unread lists, largest bound first, while it can
+            # still beat the k-th score; the survivors get their exact score: the float32 sum
+            # over every entry in query order, as term at a time (a missing term adds nothing).
+            by_resid = np.argsort(-resid)
+            m = 0
+            while m < n and resid[by_resid[m]] > 0.0:
+                m += 1
+            rest = np.empty(m + 1, np.float64)
+            rest[m] = 0.0
+            for i in range(m - 1, -1, -1):
+                rest[i] = rest[i + 1] + resid[by_resid[i]]
+            for e in range(n):
+                pos[e] = cur[e]
+            for c in range(n_cand):
+                row = cand[c]
+                bound = cbound[c]
+                alive = True
+                for i in range(m):
+                    if (bound + rest[i]) * slack < theta:
+                        alive = False
+                        break
+                    e = by_resid[i]
+                    p = _gallop(docs, pos[e], end[e], row)
+                    pos[e] = p
+                    stats[5] += 1
+                    contrib[e] = 0.0
+                    if p < end[e] and docs[p] == row:
+                        contrib[e] = ws[e] * weights[p]
+                        if not (level[e] == 1 and weights[p] > tau[ts[e]]):
+                            bound += contrib[e]  # the high list did not count it yet
+                if not alive or bound * slack < theta:
+                    continue
+                stats[4] += 1
+                s = np.float32(0.0)
+                for e in range(n):
+                    if resid[e] > 0.0:
+                        s += contrib[e]
+                    else:
+                        p = _gallop(docs, pos[e], end[e], row)
+                        pos[e] = p
+                        if p < end[e] and docs[p] == row:
+                            s += ws[e] * weights[p]
+                if s <= 0.0 or s < hs[0] or (s == hs[0] and row > hi[0]):
+                    continue
+                size = _heap_push(hs, hi, size, k, s, np.int64(row))
+                theta = np.float64(hs[0])
+        _heap_drain(hs, hi, size, out_s[item], out_i[item])
+
+
+@njit(cache=True)
+def _taat_block(docs, weights, ws, cur, end, allowed, use_allowed, d_lo, width, k, size,
+                hs, hi, acc, touched, stats):
+    """Every list over one block, term at a time in query order (the exact float32 sums): the
+    search kernel's inner loop. Returns the new heap size."""
+    n = ws.shape[0]
+    total = 0
+    for e in range(n):
+        total += end[e] - cur[e]
+    stats[2] += total
+    if total * 4 >= width:
+        for e in range(n):
+            _scatter(docs, weights, ws[e], cur[e], end[e], d_lo, acc)
+        size = _offer_all(acc, width, d_lo, allowed, use_allowed, k, size, hs, hi)
+        acc[:width] = 0.0
+        return size
+    n_touched = 0
+    for e in range(n):
+        n_touched = _scatter_touched(docs, weights, ws[e], cur[e], end[e], d_lo, acc, touched,
+                                     n_touched)
+    for j in range(n_touched):
+        d = touched[j]
+        s = acc[d]
+        acc[d] = 0.0
+        if size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0])):
+            continue
+        if use_allowed and not allowed[d_lo + d]:
+            continue
+        size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
+    return size
+
+
+@njit(cache=True, parallel=True)
+def _pruned_parallel(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
+                     h_weights, q_indptr, q_idx, q_w, allowed, use_allowed, shift, first_width,
+                     n_docs, ne_frac, n_parts, n_chunks, out_s, out_i, stats):
+    n_items = out_s.shape[0]
+    for c in prange(n_chunks):
+        _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
+                      h_weights, q_indptr, q_idx, q_w, allowed, use_allowed, shift, first_width,
+                      n_docs, ne_frac, n_parts, c * n_items // n_chunks, (c + 1) * n_items // n_chunks,
+                      out_s, out_i, stats[c])
+
+
 @njit(cache=True)
 def _count_part(indptr, indices, data, n_parts, r, counts, maxima):
     """Non-zero entries per term, and their largest weight, among the docs of range ``r`` of
@@ -379,6 +776,12 @@ class SparsePostings:
         self.weights = _readonly(weights)
         self.term_max = _readonly(term_max)
         self.n_docs = int(n_docs)
+        self._lock = threading.Lock()
+        self._split_lists = None  # the pruned kernel's split lists, built on first use
+        self._weight_max = 0.0
+        # Counters of the pruned kernel summed over calls, for the benchmark (not thread safe):
+        # see _pruned_items.
+        self.prune_stats = np.zeros((1, 6), np.int64)
 
     @property
     def vocab_size(self) -> int:
@@ -470,7 +873,8 @@ class SparsePostings:
         arrs = {name: load_npy(paths[name], mmap=mmap) for name in ("docs", "weights", "term_max")}
         return cls(indptr, arrs["docs"], arrs["weights"], arrs["term_max"], n_file)
 
-    def search(self, q, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, q, k: int, allowed: np.ndarray | None = None, *,
+               kernel: str = "auto") -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k by sparse dot product for a batch of queries.
 
         Args:
@@ -478,10 +882,15 @@ class SparsePostings:
             k: number of results per query, >= 1.
             allowed: ``(n_docs,)`` bool mask, False for deleted or filtered-out rows; None
                 allows all.
+            kernel: ``"taat"`` (term-at-a-time over every posting), ``"pruned"`` (exact
+                block-max pruning, see the module docstring) or ``"auto"``: pruned from
+                :data:`PRUNED_MIN_DOCS` documents on. All three return identical results.
 
         Returns:
             ``scores`` ``(nq, k)`` float32 and ``ids`` ``(nq, k)`` int64 local rows, best first.
         """
+        if kernel not in ("auto", "taat", "pruned"):
+            raise ValueError(f"kernel must be 'auto', 'taat' or 'pruned', got {kernel!r}")
         q = _as_query_csr(q, self.vocab_size)
         k = _check_k(k)
         allowed, use_allowed = _check_allowed(allowed, self.n_docs)
@@ -490,11 +899,16 @@ class SparsePostings:
         out_i = np.full((nq, k), -1, np.int64)
         if nq == 0 or self.n_docs == 0:
             return out_s, out_i
+        if kernel == "auto":
+            kernel = "pruned" if self.n_docs >= PRUNED_MIN_DOCS else "taat"
         q_indptr = _readonly(q.indptr.astype(np.int64))
         q_idx = _readonly(q.indices.astype(np.int32))
         q_w = _readonly(q.data)
         postings = int((self.indptr[q.indices + 1] - self.indptr[q.indices]).sum())
         threads = numba.get_num_threads()
+        if kernel == "pruned" and self._prunable(q):
+            return self._search_pruned(q_indptr, q_idx, q_w, k, allowed, use_allowed,
+                                       postings, threads, out_s, out_i)
         block = min(self.n_docs, BLOCK_DOCS)
         n_blocks = -(-self.n_docs // block)
         args = (self.indptr, self.docs, self.weights, q_indptr, q_idx, q_w, _readonly(allowed),
@@ -508,6 +922,53 @@ class SparsePostings:
             _search_parallel(*args, min(threads, n_items), part_s, part_i)
         if n_blocks > 1:
             _merge_blocks(part_s, part_i, n_blocks, out_s, out_i)
+        return out_s, out_i
+
+    def _split(self):
+        """The split lists of the pruned kernel, computed on first use (two passes over the
+        postings, O(nnz)) and kept: ``(tau, low_max, h_indptr, h_docs, h_weights)``."""
+        with self._lock:
+            if self._split_lists is None:
+                self._split_lists = tuple(_readonly(a) for a in _split_lists(
+                    self.indptr, self.docs, self.weights, PRUNE_SPLIT_MIN, PRUNE_SPLIT_FACTOR))
+                self._weight_max = float(self.term_max.max()) if self.term_max.size else 0.0
+            return self._split_lists
+
+    def _prunable(self, q: sp.csr_matrix) -> bool:
+        """Whether the pruned kernel's float64 bounds hold: finite query weights and no sum that
+        could overflow float32 (the term-at-a-time kernel serves the rest)."""
+        self._split()
+        if not q.nnz:
+            return True
+        longest = int(np.diff(q.indptr).max())
+        return bool(np.isfinite(q.data).all()) and (
+            float(q.data.max()) * self._weight_max * longest < 1e37)
+
+    def _search_pruned(self, q_indptr, q_idx, q_w, k, allowed, use_allowed, postings, threads,
+                       out_s, out_i):
+        split = self._split()
+        nq = out_s.shape[0]
+        n_blocks = -(-self.n_docs // (1 << PRUNE_BLOCK_SHIFT))
+        parallel = threads > 1 and postings >= PARALLEL_MIN_POSTINGS
+        # One query alone is split over the threads by blocks (each part keeps its own top-k).
+        n_parts = threads if parallel and nq < threads else 1
+        n_parts = max(1, min(n_parts, n_blocks))
+        part_s, part_i = (out_s, out_i) if n_parts == 1 else (
+            np.zeros((nq * n_parts, k), np.float32), np.full((nq * n_parts, k), -1, np.int64))
+        n_items = nq * n_parts
+        args = (self.indptr, self.docs, self.weights, self.term_max, *split, q_indptr, q_idx,
+                q_w, _readonly(allowed), use_allowed, PRUNE_BLOCK_SHIFT,
+                min(PRUNE_FIRST_DOCS, 1 << PRUNE_BLOCK_SHIFT), self.n_docs,
+                min(float(PRUNE_NE_FRAC), 1.0), n_parts)
+        if not parallel or n_items == 1:
+            _pruned_items(*args, 0, n_items, part_s, part_i, self.prune_stats[0])
+        else:
+            n_chunks = min(threads, n_items)
+            stats = np.zeros((n_chunks, self.prune_stats.shape[1]), np.int64)
+            _pruned_parallel(*args, n_chunks, part_s, part_i, stats)
+            self.prune_stats[0] += stats.sum(axis=0)
+        if n_parts > 1:
+            _merge_blocks(part_s, part_i, n_parts, out_s, out_i)
         return out_s, out_i
 
     def score(self, q_indices: np.ndarray, q_weights: np.ndarray, cand: np.ndarray) -> np.ndarray:

@@ -1,0 +1,282 @@
+"""The pruned learned-sparse kernel (exact MaxScore over split lists) against today's
+term-at-a-time kernel and the scipy brute force: identical ids and float32 scores.
+
+Data look like learned-sparse postings at a small scale: a Zipf(1) vocabulary of 250k terms,
+~60 distinct terms a document with lognormal weights that shrink for frequent terms, 100k
+documents, and long queries (30-100 terms) built around a document's heaviest terms plus
+Zipf-drawn expansion terms, as well as flat random queries.
+"""
+
+import numba
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from hybridsearch.retrievers import sparse
+from hybridsearch.retrievers.sparse import SparsePostings, brute_force_topk
+
+VOCAB = 250_000
+N_DOCS = 100_000
+ABSENT = (VOCAB - 1, VOCAB - 7)  # terms no document uses
+
+
+def zipf_terms(rng, n):
+    cdf = np.cumsum(1.0 / np.arange(1, VOCAB + 1))
+    return np.minimum(np.searchsorted(cdf / cdf[-1], rng.random(n)), VOCAB - 8)
+
+
+def idf_scale(terms):
+    return np.log(2.0 + terms) / np.log(2.0 + VOCAB)
+
+
+def make_docs(rng, n, draws=64):
+    terms = zipf_terms(rng, n * draws)
+    w = (rng.lognormal(0.0, 0.5, terms.size) * idf_scale(terms)).astype(np.float32)
+    docs = sp.csr_matrix((w, (np.repeat(np.arange(n), draws), terms)), shape=(n, VOCAB))
+    docs.sum_duplicates()
+    return docs
+
+
+def make_queries(rng, docs, n, flat=False):
+    """Long queries: a random document's heaviest terms plus Zipf expansion terms (or, flat,
+    Zipf terms only with unscaled weights)."""
+    rows, cols, vals = [], [], []
+    for r in range(n):
+        length = int(rng.integers(30, 101))
+        core = np.zeros(0, np.int64)
+        if not flat:
+            d = docs[int(rng.integers(docs.shape[0]))]
+            core = d.indices[np.argsort(-d.data)][: int(rng.integers(8, 21))]
+        terms = np.unique(np.concatenate([core, zipf_terms(rng, length - core.size)]))
+        w = rng.lognormal(0.0 if flat else -0.5, 0.6, terms.size)
+        if not flat:
+            w *= idf_scale(terms)
+        rows += [r] * terms.size
+        cols += list(terms)
+        vals += list(w)
+    return sp.csr_matrix((np.array(vals, np.float32), (rows, cols)), shape=(n, VOCAB))
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(13)
+    docs = make_docs(rng, N_DOCS)
+    # Ties: the last rows repeat earlier documents, which queries below are built around.
+    dup_of = rng.choice(N_DOCS - 200, 200, replace=False)
+    docs = sp.vstack([docs[: N_DOCS - 200], docs[dup_of]], format="csr")
+    queries = [make_queries(rng, docs, 14), make_queries(rng, docs, 4, flat=True)]
+    around_dups = make_queries(rng, docs[N_DOCS - 200:N_DOCS - 190], 4)
+    # An empty query, one of absent terms only, one mixing absent and rare terms (few hits).
+    odd = sp.lil_matrix((3, VOCAB), dtype=np.float32)
+    odd[1, list(ABSENT)] = 1.0
+    odd[2, list(ABSENT)] = 2.0
+    odd[2, [VOCAB - 9, VOCAB - 10, 40_000, 60_000]] = [0.5, 0.25, 1.0, 1.5]
+    queries = sp.vstack(queries + [around_dups, odd.tocsr()], format="csr")
+    assert docs.shape == (N_DOCS, VOCAB) and docs[:, list(ABSENT)].nnz == 0
+    return docs, queries, SparsePostings.from_csr(docs)
+
+
+@pytest.fixture(scope="module")
+def brute(data):
+    docs, queries, _ = data
+    cache = {}
+
+    def get(k, allowed=None, key=None):
+        if (k, key) not in cache:
+            cache[k, key] = brute_force_topk(docs, queries, k, allowed=allowed)
+        return cache[k, key]
+    return get
+
+
+def assert_identical(got, ref):
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(got[0], ref[0])
+
+
+@pytest.fixture(params=[16, 13], ids=["blocks64k", "blocks8k"])
+def block_shift(request, monkeypatch):
+    """The default blocks, and small ones: many blocks and first windows on 100k docs."""
+    monkeypatch.setattr(sparse, "PRUNE_BLOCK_SHIFT", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_pruned_equals_taat_and_brute_force(data, brute, block_shift, k):
+    docs, queries, ix = data
+    ref = brute(k)
+    taat = ix.search(queries, k, kernel="taat")
+    assert_identical(taat, ref)
+    ix.prune_stats[:] = 0
+    assert_identical(ix.search(queries, k, kernel="pruned"), ref)
+    stats = ix.prune_stats[0]
+    # Pruning did happen: far fewer postings read than the queries' lists hold.
+    postings = int(np.diff(ix.indptr)[queries.indices].sum())
+    assert 0 < stats[2] < postings // 2
+    assert stats[1] < stats[0]  # not every window read in full
+
+
+def test_ties_resolved_to_the_lower_row(data, brute):
+    docs, queries, ix = data
+    ids = ix.search(queries, 10, kernel="pruned")[1]
+    dup_rows = ids[18:22]  # the queries built around repeated documents
+    assert (dup_rows >= N_DOCS - 200).any()  # the copies score like their originals...
+    scores = ix.search(queries, 10, kernel="pruned")[0]
+    for r in range(18, 22):
+        for j in range(9):
+            if scores[r, j] == scores[r, j + 1]:
+                assert ids[r, j] < ids[r, j + 1]  # ...and come after them on a tie
+    assert_identical(ix.search(queries, 10, kernel="pruned"), brute(10))
+
+
+def test_k_beyond_the_hits(data, brute):
+    docs, queries, ix = data
+    hits = ((queries @ docs.T) > 0).sum(axis=1).A1
+    assert hits[-3] == 0 and hits[-2] == 0 and 0 < hits[-1] < 2000
+    k = int(hits[-1]) + 50
+    tail = queries[-3:]
+    got = ix.search(tail, k, kernel="pruned")
+    assert_identical(got, ix.search(tail, k, kernel="taat"))
+    assert_identical(got, brute_force_topk(docs, tail, k))
+    assert (got[1][:2] == -1).all() and (got[0][:2] == 0).all()
+    assert (got[1][2, hits[-1]:] == -1).all() and (got[1][2, :hits[-1]] >= 0).all()
+
+
+@pytest.mark.parametrize("density", [0.7, 0.001])
+def test_allowed_masks(data, brute, block_shift, density):
+    docs, queries, ix = data
+    allowed = np.random.default_rng(int(density * 1000)).random(N_DOCS) < density
+    for k in (1, 10, 100):
+        ref = brute(k, allowed, key=density)
+        got = ix.search(queries, k, allowed=allowed, kernel="pruned")
+        assert_identical(got, ref)
+        assert_identical(ix.search(queries, k, allowed=allowed, kernel="taat"), ref)
+        assert allowed[got[1][got[1] >= 0]].all()
+
+
+@pytest.mark.parametrize("ne_frac,split_min,split_factor",
+                         [(1.0, 256, 2.0), (0.2, 256, 2.0), (0.6, 16, 1.2), (0.9, 10**9, 2.0)])
+def test_any_pruning_setting_stays_exact(data, monkeypatch, ne_frac, split_min, split_factor):
+    """The knobs trade speed only: from no split lists to most lists split, and from a small
+    to the largest non-essential share."""
+    docs, queries, _ = data
+    monkeypatch.setattr(sparse, "PRUNE_BLOCK_SHIFT", 14)
+    monkeypatch.setattr(sparse, "PRUNE_NE_FRAC", ne_frac)
+    monkeypatch.setattr(sparse, "PRUNE_SPLIT_MIN", split_min)
+    monkeypatch.setattr(sparse, "PRUNE_SPLIT_FACTOR", split_factor)
+    ix = SparsePostings(*(getattr(data[2], a) for a in ("indptr", "docs", "weights",
+                                                        "term_max", "n_docs")))
+    for k in (1, 10):
+        assert_identical(ix.search(queries, k, kernel="pruned"),
+                         ix.search(queries, k, kernel="taat"))
+
+
+def test_query_parts_merge_exactly(data):
+    """A query split over several parts (what threads get), each part run serially here."""
+    docs, queries, ix = data
+    k, n_parts = 10, 3
+    split = ix._split()
+    q_args = (sparse._readonly(queries.indptr.astype(np.int64)),
+              sparse._readonly(queries.indices.astype(np.int32)), sparse._readonly(queries.data))
+    nq = queries.shape[0]
+    part_s = np.zeros((nq * n_parts, k), np.float32)
+    part_i = np.full((nq * n_parts, k), -1, np.int64)
+    sparse._pruned_items(ix.indptr, ix.docs, ix.weights, ix.term_max, *split, *q_args,
+                         sparse._readonly(np.zeros(0, np.bool_)), False, 14, 1 << 12,
+                         ix.n_docs, 0.5, n_parts, 0, nq * n_parts, part_s, part_i,
+                         np.zeros(6, np.int64))
+    out_s, out_i = np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
+    sparse._merge_blocks(part_s, part_i, n_parts, out_s, out_i)
+    assert_identical((out_s, out_i), ix.search(queries, k, kernel="taat"))
+
+
+def test_parallel_path(data, monkeypatch):
+    """Batches over threads, and one query split over them (needs NUMBA_NUM_THREADS >= 2)."""
+    docs, queries, ix = data
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba runs one thread here")
+    monkeypatch.setattr(sparse, "PARALLEL_MIN_POSTINGS", 0)
+    ref = ix.search(queries, 10, kernel="taat")
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        assert_identical(ix.search(queries, 10, kernel="pruned"), ref)
+        for r in (0, 5, 20):
+            assert_identical(ix.search(queries[r], 10, kernel="pruned"),
+                             (ref[0][r:r + 1], ref[1][r:r + 1]))
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_auto_picks_by_size(data, monkeypatch):
+    docs, queries, ix = data
+    ref = ix.search(queries, 10, kernel="taat")
+    for threshold in (1, 10**9):
+        monkeypatch.setattr(sparse, "PRUNED_MIN_DOCS", threshold)
+        ix.prune_stats[:] = 0
+        assert_identical(ix.search(queries, 10), ref)
+        assert (ix.prune_stats[0, 0] > 0) == (threshold == 1)
+
+
+def test_query_csr_order_duplicates_and_odd_weights(data):
+    """Unsorted and repeated query entries, zero weights: the sums follow the query's CSR
+    order exactly as term at a time does; an infinite weight falls back to it."""
+    docs, queries, ix = data
+    q = queries[:3]
+    rng = np.random.default_rng(5)
+    indptr, indices, values = [0], [], []
+    for r in range(3):
+        row = q[r]
+        idx = np.concatenate([row.indices, row.indices[:5]])
+        w = np.concatenate([row.data, row.data[:5] * 0.5]).astype(np.float32)
+        w[::11] = 0.0
+        perm = rng.permutation(idx.size)
+        indices += list(idx[perm])
+        values += list(w[perm])
+        indptr.append(len(indices))
+    odd = sp.csr_matrix((np.array(values, np.float32), np.array(indices, np.int32),
+                         np.array(indptr)), shape=(3, VOCAB))
+    assert not odd.has_canonical_format
+    assert_identical(ix.search(odd, 10, kernel="pruned"), ix.search(odd, 10, kernel="taat"))
+    inf = odd.copy()
+    inf.data[3] = np.inf
+    got = ix.search(inf, 10, kernel="pruned")
+    ref = ix.search(inf, 10, kernel="taat")
+    np.testing.assert_array_equal(got[1], ref[1])
+
+
+def test_save_load_then_pruned(data, tmp_path):
+    docs, queries, ix = data
+    ix.save(tmp_path, prefix="seg")
+    back = SparsePostings.load(tmp_path, prefix="seg", mmap=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "seg_docs.npy", "seg_indptr.npy", "seg_n_docs.npy", "seg_term_max.npy",
+        "seg_weights.npy"]  # nothing new on disk: the split lists are built on load
+    assert_identical(back.search(queries, 10, kernel="pruned"), ix.search(queries, 10))
+
+
+def test_split_lists_match_numpy(data):
+    docs, _, ix = data
+    min_len, factor = 256, 2.0
+    tau, low_max, h_indptr, h_docs, h_weights = sparse._split_lists(
+        ix.indptr, ix.docs, ix.weights, min_len, factor)
+    lengths = np.diff(ix.indptr)
+    for t in np.flatnonzero(lengths)[::97].tolist() + [0, 1, 2]:
+        rows = ix.docs[ix.indptr[t]:ix.indptr[t + 1]]
+        w = ix.weights[ix.indptr[t]:ix.indptr[t + 1]]
+        hr = h_docs[h_indptr[t]:h_indptr[t + 1]]
+        hw = h_weights[h_indptr[t]:h_indptr[t + 1]]
+        if w.size < min_len:
+            assert tau[t] == -1 and low_max[t] == 0 and hr.size == 0
+            continue
+        cut = np.float32(factor * float(w.astype(np.float64).sum()) / w.size)
+        np.testing.assert_allclose(tau[t], cut, rtol=1e-6)
+        high = w > tau[t]
+        np.testing.assert_array_equal(hr, rows[high])
+        np.testing.assert_array_equal(hw, w[high])
+        assert low_max[t] == (w[~high].max() if (~high).any() else 0)
+        assert ix.term_max[t] >= low_max[t]
+
+
+def test_bad_kernel_name(data):
+    with pytest.raises(ValueError, match="kernel"):
+        data[2].search(data[1][:1], 3, kernel="wand")
