@@ -686,6 +686,10 @@ agreement against the fp16 index.
 
 ## Which codebook (index path vs study)
 
+Recorded with the uniform layout (codec format 1), before the index switched to the transform
+layout: "index's ... codebook" rows are the codebooks the uniform-layout indexes trained (K and
+renormalisation as `INDEX_TRAINING` set them then), applied to this study's tokens.
+
 {table(["codebook", "K", "renorm", "trained on", "ColBERT nDCG@10", "Δ", "agree", "hybrid nDCG@10", "Δ", "agree", "cos"],
        [[lab, r["k"], r["renorm"], r["trained_on"], f"{r['colbert_ndcg10']:.4f}",
          f"{(r['colbert_ndcg10'] - ref['colbert_ndcg10']) * 100:+.2f}" if ref else "",
