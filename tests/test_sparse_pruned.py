@@ -170,23 +170,27 @@ def test_any_pruning_setting_stays_exact(data, monkeypatch, ne_frac, split_min, 
                          ix.search(queries, k, kernel="taat"))
 
 
-def test_query_parts_merge_exactly(data):
+def test_query_parts_merge_exactly(data, monkeypatch):
     """A query split over several parts (what threads get), each part run serially here."""
     docs, queries, ix = data
+    monkeypatch.setattr(sparse, "PRUNE_BLOCK_SHIFT", 13)
     k, n_parts = 10, 3
-    split = ix._split()
+    split = ix._split()  # rebuilt for these blocks
     q_args = (sparse._readonly(queries.indptr.astype(np.int64)),
               sparse._readonly(queries.indices.astype(np.int32)), sparse._readonly(queries.data))
     nq = queries.shape[0]
     part_s = np.zeros((nq * n_parts, k), np.float32)
     part_i = np.full((nq * n_parts, k), -1, np.int64)
+    scratch = [a[0] for a in sparse._scratch(1, 1 << 13)]
     sparse._pruned_items(ix.indptr, ix.docs, ix.weights, ix.term_max, *split, *q_args,
-                         sparse._readonly(np.zeros(0, np.bool_)), False, 14, 1 << 12,
-                         ix.n_docs, 0.5, n_parts, 0, nq * n_parts, part_s, part_i,
+                         sparse._readonly(np.zeros(0, np.bool_)), False, 13, 1 << 12,
+                         ix.n_docs, 0.5, n_parts, 0, nq * n_parts, part_s, part_i, *scratch,
                          np.zeros(6, np.int64))
+    sparse._local.clean = True
     out_s, out_i = np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
     sparse._merge_blocks(part_s, part_i, n_parts, out_s, out_i)
     assert_identical((out_s, out_i), ix.search(queries, k, kernel="taat"))
+    assert_identical(ix.search(queries, k, kernel="pruned"), (out_s, out_i))
 
 
 def test_parallel_path(data, monkeypatch):
@@ -280,3 +284,20 @@ def test_split_lists_match_numpy(data):
 def test_bad_kernel_name(data):
     with pytest.raises(ValueError, match="kernel"):
         data[2].search(data[1][:1], 3, kernel="wand")
+
+
+def test_block_offsets_match_searchsorted(data):
+    _, _, ix = data
+    shift, min_len = 13, 1000
+    tau, low_max, h_indptr, h_docs, h_weights = sparse._split_lists(
+        ix.indptr, ix.docs, ix.weights, 256, 2.0)
+    row, offs, h_offs = sparse._block_offsets(ix.indptr, ix.docs, h_indptr, h_docs, shift,
+                                              ix.n_docs, min_len)
+    lengths = np.diff(ix.indptr)
+    np.testing.assert_array_equal(row >= 0, lengths >= min_len)
+    edges = np.arange(offs.shape[1]) << shift
+    for t in np.flatnonzero(row >= 0)[::7]:
+        lo, hi = ix.indptr[t], ix.indptr[t + 1]
+        np.testing.assert_array_equal(offs[row[t]], lo + np.searchsorted(ix.docs[lo:hi], edges))
+        lo, hi = h_indptr[t], h_indptr[t + 1]
+        np.testing.assert_array_equal(h_offs[row[t]], lo + np.searchsorted(h_docs[lo:hi], edges))

@@ -52,6 +52,8 @@ PRUNE_SPLIT_MIN = 256
 PRUNE_SPLIT_FACTOR = 2.0
 # Docs scored in full (term at a time) for a first k-th score.
 PRUNE_FIRST_DOCS = 1 << 12
+# Lists of at least this many postings get their block starts precomputed (no searches).
+PRUNE_OFFSETS_MIN = 4096
 # From this many docs on, search(kernel="auto") prunes; below, the term-at-a-time scan wins.
 PRUNED_MIN_DOCS = 1 << 17
 PRUNE_NE_FRAC = 0.5
@@ -305,6 +307,39 @@ def _split_lists(indptr, docs, weights, min_len, factor):
 
 
 @njit(cache=True)
+def _block_offsets(indptr, docs, h_indptr, h_docs, shift, n_docs, min_len):
+    """Where each block of ``2**shift`` rows starts in the long lists (at least ``min_len``
+    postings), which galloping searches would reach through a cache miss a step:
+    ``(row (V,) int32, -1 for other terms; offs, h_offs (n_long, n_blocks + 1) int64)``, the
+    positions in ``docs`` and ``h_docs`` of each block's first posting of the term."""
+    vocab = indptr.shape[0] - 1
+    n_blocks = (n_docs + (1 << shift) - 1) >> shift
+    row = np.full(vocab, -1, np.int32)
+    n_long = 0
+    for t in range(vocab):
+        if indptr[t + 1] - indptr[t] >= min_len:
+            row[t] = n_long
+            n_long += 1
+    offs = np.empty((n_long, n_blocks + 1), np.int64)
+    h_offs = np.empty((n_long, n_blocks + 1), np.int64)
+    for t in range(vocab):
+        r = row[t]
+        if r < 0:
+            continue
+        p = indptr[t]
+        h = h_indptr[t]
+        for b in range(n_blocks + 1):
+            lo = b << shift
+            while p < indptr[t + 1] and docs[p] < lo:
+                p += 1
+            while h < h_indptr[t + 1] and h_docs[h] < lo:
+                h += 1
+            offs[r, b] = p
+            h_offs[r, b] = h
+    return row, offs, h_offs
+
+
+@njit(cache=True)
 def _gallop(docs, p, hi, row):
     """First position in ``docs[p:hi]`` (ascending) holding a row >= ``row``, or ``hi``: an
     exponential search from ``p``, cheap when successive rows land close together."""
@@ -362,7 +397,8 @@ def _offer_all(acc, width, d_lo, allowed, use_allowed, k, size, hs, hi):
 @njit(cache=True)
 def _collect(acc, width, cut, d_lo, allowed, use_allowed, cand, cbound):
     """Rows of the accumulator's docs holding at least ``cut`` > 0 (allowed ones), in order,
-    with their partial sums; returns how many."""
+    with their partial sums; returns how many, and leaves the accumulator zero. (A function of
+    its own: inlined in the kernel, this loop compiled several times slower.)"""
     n_cand = 0
     for d in range(width):
         s = acc[d]
@@ -372,23 +408,22 @@ def _collect(acc, width, cut, d_lo, allowed, use_allowed, cand, cbound):
             cand[n_cand] = d_lo + d
             cbound[n_cand] = s
             n_cand += 1
+    acc[:width] = 0.0
     return n_cand
 
 
 @njit(cache=True)
 def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs, h_weights,
-                  q_indptr, q_idx, q_w, allowed, use_allowed, shift, first_width, n_docs,
-                  ne_frac, n_parts, item_lo, item_hi, out_s, out_i, stats):
+                  off_row, offs, h_offs, q_indptr, q_idx, q_w, allowed, use_allowed, shift, first_width, n_docs,
+                  ne_frac, n_parts, item_lo, item_hi, out_s, out_i, acc, touched, cand,
+                  cbound, stats):
     """Items ``[item_lo, item_hi)``; item ``q * n_parts + j`` is query ``q`` over the blocks
     ``b`` with ``b % n_parts == j``. Writes each item's top-k into its output row. ``stats``
     (int64, 6) counts blocks, blocks read in full, essential postings read, candidates, docs
-    scored exactly and list lookups."""
+    scored exactly and list lookups. Scratch of at least ``2**shift`` entries, reused across
+    calls: ``acc`` (float32, all zero on entry and left so), ``touched``, ``cand`` (int32) and
+    ``cbound`` (float32)."""
     k = out_s.shape[1]
-    width_max = 1 << shift
-    acc = np.zeros(width_max, np.float32)
-    touched = np.empty(width_max, np.int32)
-    cand = np.empty(width_max, np.int32)
-    cbound = np.empty(width_max, np.float64)
     hs = np.empty(k, np.float32)
     hi = np.empty(k, np.int64)
     for item in range(item_lo, item_hi):
@@ -436,10 +471,17 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
             else:
                 d_lo = d_hi
             stats[0] += 1
+            blk = w_lo >> shift
+            aligned = w_lo == blk << shift and d_hi == min((blk + 1) << shift, n_docs)
             for e in range(n):
                 t = ts[e]
-                cur[e] = _gallop(docs, cur[e], indptr[t + 1], w_lo)
-                end[e] = _gallop(docs, cur[e], indptr[t + 1], d_hi)
+                r = off_row[t]
+                if aligned and r >= 0:
+                    cur[e] = offs[r, blk]
+                    end[e] = offs[r, blk + 1]
+                else:
+                    cur[e] = _gallop(docs, cur[e], indptr[t + 1], w_lo)
+                    end[e] = _gallop(docs, cur[e], indptr[t + 1], d_hi)
             # The non-essential bounds: the smallest, while their sum times the slack stays
             # under ne_frac times the k-th score (none while fewer than k hits are held).
             for e in range(n):
@@ -473,8 +515,13 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
             for e in range(n):
                 if level[e] == 1:
                     t = ts[e]
-                    cur_h[e] = _gallop(h_docs, cur_h[e], h_indptr[t + 1], w_lo)
-                    end_h[e] = _gallop(h_docs, cur_h[e], h_indptr[t + 1], d_hi)
+                    r = off_row[t]
+                    if aligned and r >= 0:
+                        cur_h[e] = h_offs[r, blk]
+                        end_h[e] = h_offs[r, blk + 1]
+                    else:
+                        cur_h[e] = _gallop(h_docs, cur_h[e], h_indptr[t + 1], w_lo)
+                        end_h[e] = _gallop(h_docs, cur_h[e], h_indptr[t + 1], d_hi)
                     total += end_h[e] - cur_h[e]
                 elif level[e] == 2:
                     total += end[e] - cur[e]
@@ -490,7 +537,6 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                     elif level[e] == 2:
                         _scatter(docs, weights, ws[e], cur[e], end[e], w_lo, acc)
                 n_cand = _collect(acc, width, cut, w_lo, allowed, use_allowed, cand, cbound)
-                acc[:width] = 0.0
             else:
                 n_touched = 0
                 for e in range(n):
@@ -602,14 +648,16 @@ def _taat_block(docs, weights, ws, cur, end, allowed, use_allowed, d_lo, width, 
 
 @njit(cache=True, parallel=True)
 def _pruned_parallel(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
-                     h_weights, q_indptr, q_idx, q_w, allowed, use_allowed, shift, first_width,
-                     n_docs, ne_frac, n_parts, n_chunks, out_s, out_i, stats):
+                     h_weights, off_row, offs, h_offs, q_indptr, q_idx, q_w, allowed, use_allowed, shift, first_width,
+                     n_docs, ne_frac, n_parts, n_chunks, out_s, out_i, acc, touched, cand,
+                     cbound, stats):
     n_items = out_s.shape[0]
     for c in prange(n_chunks):
         _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
-                      h_weights, q_indptr, q_idx, q_w, allowed, use_allowed, shift, first_width,
-                      n_docs, ne_frac, n_parts, c * n_items // n_chunks, (c + 1) * n_items // n_chunks,
-                      out_s, out_i, stats[c])
+                      h_weights, off_row, offs, h_offs, q_indptr, q_idx, q_w, allowed, use_allowed, shift, first_width,
+                      n_docs, ne_frac, n_parts, c * n_items // n_chunks,
+                      (c + 1) * n_items // n_chunks, out_s, out_i, acc[c], touched[c], cand[c],
+                      cbound[c], stats[c])
 
 
 @njit(cache=True)
@@ -689,6 +737,24 @@ def _transpose(csr: sp.csr_matrix, n_parts: int):
         _scatter_parallel(csr.indptr, csr.indices, csr.data, fill, docs, weights)
     term_max = maxima[0] if n_parts == 1 else maxima.max(axis=0)
     return indptr, docs, weights, term_max
+
+
+_local = threading.local()
+
+
+def _scratch(n_chunks: int, width: int):
+    """The pruned kernel's scratch arrays ``(acc, touched, cand, cbound)``, ``(n_chunks, width)``
+    each, kept per calling thread: allocating and first touching them cost ~0.4 ms a query.
+    The kernel leaves ``acc`` zero; it is zeroed again only if the last call did not finish."""
+    arrays = getattr(_local, "arrays", None)
+    if arrays is None or arrays[0].shape[0] < n_chunks or arrays[0].shape[1] < width:
+        arrays = (np.zeros((n_chunks, width), np.float32), np.empty((n_chunks, width), np.int32),
+                  np.empty((n_chunks, width), np.int32), np.empty((n_chunks, width), np.float32))
+        _local.arrays = arrays
+    elif not getattr(_local, "clean", True):
+        arrays[0][:] = 0.0
+    _local.clean = False
+    return tuple(a[:n_chunks, :width] for a in arrays)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -778,6 +844,7 @@ class SparsePostings:
         self.n_docs = int(n_docs)
         self._lock = threading.Lock()
         self._split_lists = None  # the pruned kernel's split lists, built on first use
+        self._split_key = None
         self._weight_max = 0.0
         # Counters of the pruned kernel summed over calls, for the benchmark (not thread safe):
         # see _pruned_items.
@@ -925,12 +992,18 @@ class SparsePostings:
         return out_s, out_i
 
     def _split(self):
-        """The split lists of the pruned kernel, computed on first use (two passes over the
-        postings, O(nnz)) and kept: ``(tau, low_max, h_indptr, h_docs, h_weights)``."""
+        """The pruned kernel's split lists and block offsets, computed on first use (a few
+        passes over the postings, O(nnz)) and kept: ``(tau, low_max, h_indptr, h_docs,
+        h_weights, off_row, offs, h_offs)``, rebuilt if the PRUNE_* settings change."""
+        key = (PRUNE_SPLIT_MIN, PRUNE_SPLIT_FACTOR, PRUNE_BLOCK_SHIFT, PRUNE_OFFSETS_MIN)
         with self._lock:
-            if self._split_lists is None:
-                self._split_lists = tuple(_readonly(a) for a in _split_lists(
-                    self.indptr, self.docs, self.weights, PRUNE_SPLIT_MIN, PRUNE_SPLIT_FACTOR))
+            if self._split_lists is None or self._split_key != key:
+                split = _split_lists(self.indptr, self.docs, self.weights, PRUNE_SPLIT_MIN,
+                                     PRUNE_SPLIT_FACTOR)
+                offsets = _block_offsets(self.indptr, self.docs, split[2], split[3],
+                                         PRUNE_BLOCK_SHIFT, self.n_docs, PRUNE_OFFSETS_MIN)
+                self._split_lists = tuple(_readonly(a) for a in split + offsets)
+                self._split_key = key
                 self._weight_max = float(self.term_max.max()) if self.term_max.size else 0.0
             return self._split_lists
 
@@ -960,13 +1033,16 @@ class SparsePostings:
                 q_w, _readonly(allowed), use_allowed, PRUNE_BLOCK_SHIFT,
                 min(PRUNE_FIRST_DOCS, 1 << PRUNE_BLOCK_SHIFT), self.n_docs,
                 min(float(PRUNE_NE_FRAC), 1.0), n_parts)
-        if not parallel or n_items == 1:
-            _pruned_items(*args, 0, n_items, part_s, part_i, self.prune_stats[0])
+        n_chunks = 1 if not parallel or n_items == 1 else min(threads, n_items)
+        scratch = _scratch(n_chunks, 1 << PRUNE_BLOCK_SHIFT)
+        if n_chunks == 1:
+            _pruned_items(*args, 0, n_items, part_s, part_i, *(a[0] for a in scratch),
+                          self.prune_stats[0])
         else:
-            n_chunks = min(threads, n_items)
             stats = np.zeros((n_chunks, self.prune_stats.shape[1]), np.int64)
-            _pruned_parallel(*args, n_chunks, part_s, part_i, stats)
+            _pruned_parallel(*args, n_chunks, part_s, part_i, *scratch, stats)
             self.prune_stats[0] += stats.sum(axis=0)
+        _local.clean = True
         if n_parts > 1:
             _merge_blocks(part_s, part_i, n_parts, out_s, out_i)
         return out_s, out_i
