@@ -625,3 +625,21 @@ def test_hostile_store_misc(small, tmp_path):
     (tmp_path / "c_codes.npy").symlink_to(tmp_path / "c_offsets.npy")
     with pytest.raises(IndexFormatError, match="c_codes.npy"):
         CodedColbertStore.load(tmp_path, "c", codec=codec)
+
+
+def test_renormalised_store_uses_the_full_decode(small, monkeypatch):
+    """Without renormalisation the kernel scores base + coded dimensions apart; a renormalising
+    codec decodes whole tokens. Both agree with the numpy reference, serial and parallel."""
+    vectors, offsets, queries, codec = small
+    for c in (codec, codec.with_options(renorm=True)):
+        store = CodedColbertStore.from_arrays(vectors, offsets, c)
+        args = store._query_args(queries[0], np.array([0, len(queries[0])]))
+        assert (args[3] is None) == c.renorm
+        cand = np.arange(60)
+        for q in queries[:3]:
+            np.testing.assert_allclose(store.maxsim(q, cand), coded_maxsim_reference(q, store, cand),
+                                       rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(multivector, "PARALLEL_MIN_FLOPS", 0)
+        np.testing.assert_allclose(store.maxsim(queries[1], cand),
+                                   coded_maxsim_reference(queries[1], store, cand), rtol=1e-5, atol=1e-5)
+        monkeypatch.undo()

@@ -215,6 +215,36 @@ def _decode_tokens(ids, res, start, n, base, w4, w2, d1, renorm, out):
                     out[o + j] *= inv
 
 
+@njit(cache=True, nogil=True)
+def _decode_relative(res, start, n, w4, w2, d1, out):
+    """The coded part of tokens ``[start, start + n)`` relative to their base (see
+    :func:`_decode_tokens`): ``n * n_coded`` floats into the flat ``out``. A token is
+    ``base[id] + relative`` padded with zeros beyond the coded dimensions."""
+    n4 = w4.shape[0]
+    n2 = w2.shape[0]
+    n1 = d1.shape[0]
+    nc = n4 + n2 + n1
+    b2 = n4 // 2
+    b1 = b2 + n2 // 4
+    for t in range(n):
+        row = res[start + t]
+        o = t * nc
+        for b in range(n4 // 2):
+            byte = row[b]
+            out[o + 2 * b] = w4[2 * b, byte & 15]
+            out[o + 2 * b + 1] = w4[2 * b + 1, byte >> 4]
+        for b in range(n2 // 4):
+            byte = row[b2 + b]
+            j = 4 * b
+            for s in range(4):
+                out[o + n4 + j + s] = w2[j + s, (byte >> (2 * s)) & 3]
+        for b in range(n1 // 8):
+            byte = row[b1 + b]
+            j = 8 * b
+            for s in range(8):
+                out[o + n4 + n2 + j + s] = np.float32((byte >> s) & 1) * d1[j + s]
+
+
 @njit(cache=True, parallel=True)
 def _decode_parallel(ids, res, base, w4, w2, d1, renorm, n_chunks, out):
     t = ids.shape[0]
