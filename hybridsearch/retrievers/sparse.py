@@ -394,6 +394,11 @@ def _offer_all(acc, width, d_lo, allowed, use_allowed, k, size, hs, hi):
     return size
 
 
+@njit(cache=True, inline="always")
+def _gain_per_bound(postings, bound):
+    return np.inf if bound <= 0.0 else postings / bound
+
+
 @njit(cache=True)
 def _collect(acc, width, cut, d_lo, allowed, use_allowed, cand, cbound):
     """Rows of the accumulator's docs holding at least ``cut`` > 0 (allowed ones), in order,
@@ -449,8 +454,19 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
             b_low[e] = np.float64(ws[e]) * low_max[t] if split[e] else 0.0
             cur[e] = indptr[t]
             cur_h[e] = h_indptr[t]
-        # The 2n bounds in increasing order: v < n is entry v's rest, v >= n its high list.
-        by_bound = np.argsort(np.concatenate((b_low, b_high)), kind="mergesort")
+        # What leaving a list unread saves (postings) per unit of bound it costs: v < n is
+        # entry v's rest (its list less its high list), v >= n its high list, never before its
+        # rest. Per block, the non-essential lists are picked greedily in that order.
+        ratio = np.empty(2 * n, np.float64)
+        for e in range(n):
+            t = ts[e]
+            n_high = h_indptr[t + 1] - h_indptr[t]
+            n_all = indptr[t + 1] - indptr[t]
+            ratio[e] = _gain_per_bound(n_all - n_high, b_low[e]) if split[e] else -1.0
+            ratio[n + e] = _gain_per_bound(n_high if split[e] else n_all, b_high[e] - b_low[e])
+            if split[e]:
+                ratio[n + e] = min(ratio[n + e], ratio[e])
+        by_ratio = np.argsort(-ratio, kind="mergesort")
         level = np.empty(n, np.int8)  # 0: read nothing, 1: high list only, 2: whole list
         pos = np.empty(n, np.int64)
         contrib = np.empty(n, np.float32)
@@ -490,20 +506,25 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
             ne_bound = 0.0
             if size == k:
                 theta_ne = np.float64(hs[0]) * ne_frac
-                for v in by_bound:
+                for v in by_ratio:
                     e = v % n
-                    bound = b_high[e] if v >= n else b_low[e]
-                    inc = bound - b_low[e] if v >= n else bound
-                    if inc > 0.0 and (ne_bound + inc) * slack >= theta_ne:
-                        break
-                    if v >= n:
-                        level[e] = 0
-                        resid[e] = b_high[e]
-                        ne_bound += bound - b_low[e]
-                    elif split[e]:
+                    if v < n:
+                        if not split[e]:
+                            continue
+                        cost = b_low[e]
+                    else:
+                        if split[e] and level[e] != 1:
+                            continue
+                        cost = b_high[e] - b_low[e]
+                    if cost > 0.0 and (ne_bound + cost) * slack >= theta_ne:
+                        continue
+                    ne_bound += cost
+                    if v < n:
                         level[e] = 1
                         resid[e] = b_low[e]
-                        ne_bound += bound
+                    else:
+                        level[e] = 0
+                        resid[e] = b_high[e]
             if ne_bound == 0.0:
                 # Every list read in full, in query order: the exact term-at-a-time sums.
                 stats[1] += 1
