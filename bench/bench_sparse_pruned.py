@@ -166,7 +166,7 @@ def main():
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     # Compile both kernels (serial and parallel paths) before any timing.
-    warm = SparsePostings.from_csr(make_docs(rng, 3000))
+    warm = SparsePostings.from_csr(make_docs(rng, 20_000))  # parallel build path too
     wq = make_queries(rng, sp.csr_matrix((1, VOCAB), dtype=np.float32), 4, flat=True)
     for kern in ("taat", "pruned"):
         for threads in sorted({1, numba.get_num_threads()}):
