@@ -10,8 +10,9 @@ Two stores share one reading API (``n_docs``, ``dim``, ``offsets``, ``maxsim``, 
   decodes one candidate document at a time into a per-thread buffer. Without renormalisation a
   score splits into the query row against the token's base (centroid + bucket-0 weights +
   fill, one product per centroid and query row, by BLAS) plus the coded dimensions alone, so a
-  transform codec that leaves axes uncoded multiplies only the coded ones (3.6x faster than
-  decoding whole tokens on SciFact's 1024-d vectors, 368 of 1,024 axes coded).
+  transform codec that leaves axes uncoded multiplies only the coded ones (2.6x faster than
+  decoding whole tokens on SciFact's 1024-d vectors, 368 of 1,024 axes coded;
+  bench/results/coded_maxsim.md).
 
 All arithmetic is float32. The score is BGE-M3's ``colbert_score``: the mean over query vectors
 of the best dot product with the document's vectors. A document without vectors, or a query
