@@ -1070,7 +1070,9 @@ class SparsePostings:
         split = self._split()
         nq = out_s.shape[0]
         n_blocks = -(-self.n_docs // (1 << PRUNE_BLOCK_SHIFT))
-        parallel = threads > 1 and postings >= PARALLEL_MIN_POSTINGS
+        # It reads about a tenth of the query terms' postings (9-27% measured at 1M documents),
+        # so threads pay off from ten times the term-at-a-time kernel's threshold.
+        parallel = threads > 1 and postings >= PARALLEL_MIN_POSTINGS * 10
         # One query alone is split over the threads by blocks (each part keeps its own top-k).
         n_parts = threads if parallel and nq < threads else 1
         n_parts = max(1, min(n_parts, n_blocks))
