@@ -153,13 +153,16 @@ def test_allowed_masks(data, brute, block_shift, density):
         assert allowed[got[1][got[1] >= 0]].all()
 
 
-@pytest.mark.parametrize("ne_frac,split_min,split_factor",
-                         [(1.0, 256, 2.0), (0.2, 256, 2.0), (0.6, 16, 1.2), (0.9, 10**9, 2.0)])
-def test_any_pruning_setting_stays_exact(data, monkeypatch, ne_frac, split_min, split_factor):
-    """The knobs trade speed only: from no split lists to most lists split, and from a small
-    to the largest non-essential share."""
+@pytest.mark.parametrize("ne_frac,split_min,split_factor,seed_terms",
+                         [(1.0, 256, 2.0, 4), (0.2, 256, 2.0, 4), (0.6, 16, 1.2, 0),
+                          (0.9, 10**9, 2.0, 0), (0.5, 256, 2.0, 20)])
+def test_any_pruning_setting_stays_exact(data, monkeypatch, ne_frac, split_min, split_factor,
+                                         seed_terms):
+    """The knobs trade speed only: from no split lists to most lists split, from a small
+    to the largest non-essential share, with and without a first k-th score."""
     docs, queries, _ = data
     monkeypatch.setattr(sparse, "PRUNE_BLOCK_SHIFT", 14)
+    monkeypatch.setattr(sparse, "PRUNE_SEED_TERMS", seed_terms)
     monkeypatch.setattr(sparse, "PRUNE_NE_FRAC", ne_frac)
     monkeypatch.setattr(sparse, "PRUNE_SPLIT_MIN", split_min)
     monkeypatch.setattr(sparse, "PRUNE_SPLIT_FACTOR", split_factor)
@@ -183,9 +186,11 @@ def test_query_parts_merge_exactly(data, monkeypatch):
     part_i = np.full((nq * n_parts, k), -1, np.int64)
     scratch = [a[0] for a in sparse._scratch(1, 1 << 13)]
     sparse._pruned_items(ix.indptr, ix.docs, ix.weights, ix.term_max, *split, *q_args,
+                         sparse._readonly(np.zeros(nq, np.float32)),
                          sparse._readonly(np.zeros(0, np.bool_)), False, 13, 1 << 12,
-                         ix.n_docs, 0.5, n_parts, 0, nq * n_parts, part_s, part_i, *scratch,
-                         np.zeros(6, np.int64))
+                         ix.n_docs, 0.5, 4, 50_000, 20_000, n_parts, 0, nq * n_parts, part_s,
+                         part_i, *scratch,
+                         np.zeros(7, np.int64))
     sparse._local.clean = True
     out_s, out_i = np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
     sparse._merge_blocks(part_s, part_i, n_parts, out_s, out_i)
@@ -301,3 +306,26 @@ def test_block_offsets_match_searchsorted(data):
         np.testing.assert_array_equal(offs[row[t]], lo + np.searchsorted(ix.docs[lo:hi], edges))
         lo, hi = h_indptr[t], h_indptr[t + 1]
         np.testing.assert_array_equal(h_offs[row[t]], lo + np.searchsorted(h_docs[lo:hi], edges))
+
+
+@pytest.mark.parametrize("density", [1.0, 0.05])
+def test_seed_is_a_lower_bound_of_the_kth_score(data, brute, density):
+    """The first k-th score comes from exact scores of allowed docs: never above the true
+    k-th score (equal to it is allowed), and found for the queries built around documents."""
+    docs, queries, ix = data
+    allowed = np.random.default_rng(3).random(N_DOCS) < density
+    split = ix._split()
+    skip = split[-1]
+    for k in (1, 10, 100):
+        ref = brute_force_topk(docs, queries, k, allowed=allowed)
+        found = 0
+        for r in range(queries.shape[0]):
+            q = queries[r]
+            ts, ws = q.indices.astype(np.int32), q.data
+            b_high = ws.astype(np.float64) * ix.term_max[ts]
+            seed = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, ts, ws, b_high,
+                                      allowed, density < 1.0, k, 4, 50_000, 20_000)
+            assert seed <= ref[0][r, -1]
+            assert seed == 0.0 or ref[1][r, -1] >= 0  # a seed implies k hits exist
+            found += seed > 0
+        assert found >= (10 if k <= 10 and density == 1.0 else 0)

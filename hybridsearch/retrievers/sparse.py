@@ -58,6 +58,11 @@ PRUNE_OFFSETS_MIN = 4096
 # From this many docs on, search(kernel="auto") prunes; below, the term-at-a-time scan wins.
 PRUNED_MIN_DOCS = 1 << 17
 PRUNE_NE_FRAC = 0.5
+# A first k-th score from the docs best on the PRUNE_SEED_TERMS heaviest query terms with at
+# most PRUNE_SEED_MAX_POSTINGS postings, scored exactly (at most PRUNE_SEED_LOOKUPS look-ups).
+PRUNE_SEED_TERMS = 4
+PRUNE_SEED_MAX_POSTINGS = 50_000
+PRUNE_SEED_LOOKUPS = 20_000
 
 
 @njit(cache=True, inline="always")
@@ -444,14 +449,108 @@ def _collect(acc, width, cut, d_lo, allowed, use_allowed, cand, cbound):
 
 
 @njit(cache=True)
+def _seed_theta(indptr, docs, weights, skip, ts, ws, b_high, allowed, use_allowed, k, n_top,
+                cap, budget):
+    """A lower bound of the query's k-th score, 0.0 if none: the exact score of docs likely to
+    rank high, the k-th best of them. The docs: those with the largest partial sums over the
+    ``n_top`` entries of largest bound whose lists hold at most ``cap`` postings (merged
+    directly); ``2k`` of them, fewer if ``budget`` look-ups would not cover that many."""
+    n = ts.shape[0]
+    m = min(2 * k, budget // max(n, 1))
+    if m < k:
+        return 0.0
+    lists = np.empty(n_top, np.int64)
+    n_lists = 0
+    for e in np.argsort(-b_high):
+        t = ts[e]
+        if b_high[e] > 0.0 and indptr[t + 1] - indptr[t] <= cap:
+            lists[n_lists] = e
+            n_lists += 1
+            if n_lists == n_top:
+                break
+    if n_lists == 0:
+        return 0.0
+    head = np.empty(n_lists, np.int64)
+    for i in range(n_lists):
+        head[i] = indptr[ts[lists[i]]]
+    # Merge the lists in row order, keeping the m best partial sums (a min-heap).
+    ps = np.empty(m, np.float64)
+    pi = np.empty(m, np.int64)
+    size = 0
+    while True:
+        row = np.int64(-1)
+        for i in range(n_lists):
+            if head[i] < indptr[ts[lists[i]] + 1]:
+                d = np.int64(docs[head[i]])
+                if row < 0 or d < row:
+                    row = d
+        if row < 0:
+            break
+        part = 0.0
+        for i in range(n_lists):
+            p = head[i]
+            if p < indptr[ts[lists[i]] + 1] and docs[p] == row:
+                part += np.float64(ws[lists[i]]) * weights[p]
+                head[i] = p + 1
+        if use_allowed and not allowed[row]:
+            continue
+        if size < m:
+            ps[size] = part
+            pi[size] = row
+            size += 1
+            j = size - 1
+            while j > 0 and ps[(j - 1) // 2] > ps[j]:
+                par = (j - 1) // 2
+                ps[j], ps[par] = ps[par], ps[j]
+                pi[j], pi[par] = pi[par], pi[j]
+                j = par
+        elif part > ps[0]:
+            ps[0] = part
+            pi[0] = row
+            j = 0
+            while True:
+                c = 2 * j + 1
+                if c >= size:
+                    break
+                if c + 1 < size and ps[c + 1] < ps[c]:
+                    c += 1
+                if ps[j] <= ps[c]:
+                    break
+                ps[j], ps[c] = ps[c], ps[j]
+                pi[j], pi[c] = pi[c], pi[j]
+                j = c
+    if size < k:
+        return 0.0
+    # Their exact scores, every entry in query order (the search's arithmetic).
+    rows = np.sort(pi[:size])
+    exact = np.zeros(size, np.float32)
+    for e in range(n):
+        t = ts[e]
+        p = indptr[t]
+        hi = indptr[t + 1]
+        w = ws[e]
+        for c in range(size):
+            p = _seek(docs, skip, p, hi, rows[c])
+            if p >= hi:
+                break
+            if docs[p] == rows[c]:
+                exact[c] += w * weights[p]
+    exact.sort()
+    kth = exact[size - k]
+    return np.float64(kth) if kth > 0.0 else 0.0
+
+
+@njit(cache=True)
 def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs, h_weights,
-                  off_row, offs, h_offs, skip, q_indptr, q_idx, q_w, allowed, use_allowed, shift, first_width, n_docs,
-                  ne_frac, n_parts, item_lo, item_hi, out_s, out_i, acc, touched, cand,
+                  off_row, offs, h_offs, skip, q_indptr, q_idx, q_w, seeds, allowed,
+                  use_allowed, shift, first_width, n_docs, ne_frac, seed_top, seed_cap,
+                  seed_budget, n_parts, item_lo, item_hi, out_s, out_i, acc, touched, cand,
                   cbound, stats):
     """Items ``[item_lo, item_hi)``; item ``q * n_parts + j`` is query ``q`` over the blocks
     ``b`` with ``b % n_parts == j``. Writes each item's top-k into its output row. ``stats``
-    (int64, 6) counts blocks, blocks read in full, essential postings read, candidates, docs
-    scored exactly and list lookups. Scratch of at least ``2**shift`` entries, reused across
+    (int64, 7) counts windows, windows read in full, postings read, candidates, docs scored
+    exactly, list look-ups and queries given a first k-th score by :func:`_seed_theta`
+    (``seed_top`` > 0 enables it; ``seeds[q]`` > 0 gives one instead). Scratch of at least ``2**shift`` entries, reused across
     calls: ``acc`` (float32, all zero on entry and left so), ``touched``, ``cand`` (int32) and
     ``cbound`` (float32)."""
     k = out_s.shape[1]
@@ -463,6 +562,8 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
         e0 = q_indptr[q]
         n = q_indptr[q + 1] - e0
         slack = 1.0 + (n + 2) * 2.0 ** -21
+        # A k-th score known beforehand (exact scores of k allowed docs), 0 if none.
+        seed = np.float64(seeds[q])
         # Per entry: term, weight, bounds (high list, rest), cursors in both lists.
         ts = q_idx[e0:e0 + n]
         ws = q_w[e0:e0 + n]
@@ -493,6 +594,10 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
             if split[e]:
                 ratio[n + e] = min(ratio[n + e], ratio[e])
         by_ratio = np.argsort(-ratio, kind="mergesort")
+        if seed == 0.0 and seed_top > 0:
+            seed = _seed_theta(indptr, docs, weights, skip, ts, ws, b_high, allowed,
+                               use_allowed, k, seed_top, seed_cap, seed_budget)
+            stats[6] += seed > 0.0
         level = np.empty(n, np.int8)  # 0: read nothing, 1: high list only, 2: whole list
         pos = np.empty(n, np.int64)
         contrib = np.empty(n, np.float32)
@@ -504,7 +609,7 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
             # Windows: the blocks of this part, except that while fewer than k hits are held
             # only first_width docs are read in full; the k-th score they give prunes the rest.
             b_hi = min((b + 1) << shift, n_docs)
-            d_hi = b_hi if size == k else min(d_lo + first_width, b_hi)
+            d_hi = b_hi if size == k or seed > 0.0 else min(d_lo + first_width, b_hi)
             width = d_hi - d_lo
             w_lo = d_lo
             if d_hi == b_hi:
@@ -530,8 +635,9 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                 level[e] = 2
                 resid[e] = 0.0
             ne_bound = 0.0
-            if size == k:
-                theta_ne = np.float64(hs[0]) * ne_frac
+            theta = max(seed, np.float64(hs[0])) if size == k else seed
+            if theta > 0.0:
+                theta_ne = theta * ne_frac
                 for v in by_ratio:
                     e = v % n
                     if v < n:
@@ -573,7 +679,6 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                 elif level[e] == 2:
                     total += end[e] - cur[e]
             stats[2] += total
-            theta = np.float64(hs[0])
             # Docs whose partial sum is under cut cannot enter (rounded down: lets more through).
             cut = np.float32((theta / slack - ne_bound) * (1.0 - 1e-6))
             n_cand = 0
@@ -654,10 +759,11 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                         pos[e] = p
                         if p < end[e] and docs[p] == row:
                             s += ws[e] * weights[p]
-                if s <= 0.0 or s < hs[0] or (s == hs[0] and row > hi[0]):
+                if s <= 0.0 or (size == k and (s < hs[0] or (s == hs[0] and row > hi[0]))):
                     continue
                 size = _heap_push(hs, hi, size, k, s, np.int64(row))
-                theta = np.float64(hs[0])
+                if size == k:
+                    theta = max(seed, np.float64(hs[0]))
         _heap_drain(hs, hi, size, out_s[item], out_i[item])
 
 
@@ -695,14 +801,16 @@ def _taat_block(docs, weights, ws, cur, end, allowed, use_allowed, d_lo, width, 
 
 @njit(cache=True, parallel=True)
 def _pruned_parallel(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
-                     h_weights, off_row, offs, h_offs, skip, q_indptr, q_idx, q_w, allowed, use_allowed, shift, first_width,
-                     n_docs, ne_frac, n_parts, n_chunks, out_s, out_i, acc, touched, cand,
+                     h_weights, off_row, offs, h_offs, skip, q_indptr, q_idx, q_w, seeds,
+                     allowed, use_allowed, shift, first_width, n_docs, ne_frac, seed_top,
+                     seed_cap, seed_budget, n_parts, n_chunks, out_s, out_i, acc, touched, cand,
                      cbound, stats):
     n_items = out_s.shape[0]
     for c in prange(n_chunks):
         _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
-                      h_weights, off_row, offs, h_offs, skip, q_indptr, q_idx, q_w, allowed, use_allowed, shift, first_width,
-                      n_docs, ne_frac, n_parts, c * n_items // n_chunks,
+                      h_weights, off_row, offs, h_offs, skip, q_indptr, q_idx, q_w, seeds,
+                      allowed, use_allowed, shift, first_width, n_docs, ne_frac, seed_top,
+                      seed_cap, seed_budget, n_parts, c * n_items // n_chunks,
                       (c + 1) * n_items // n_chunks, out_s, out_i, acc[c], touched[c], cand[c],
                       cbound[c], stats[c])
 
@@ -895,7 +1003,7 @@ class SparsePostings:
         self._weight_max = 0.0
         # Counters of the pruned kernel summed over calls, for the benchmark (not thread safe):
         # see _pruned_items.
-        self.prune_stats = np.zeros((1, 6), np.int64)
+        self.prune_stats = np.zeros((1, 7), np.int64)
 
     @property
     def vocab_size(self) -> int:
@@ -1079,10 +1187,12 @@ class SparsePostings:
         part_s, part_i = (out_s, out_i) if n_parts == 1 else (
             np.zeros((nq * n_parts, k), np.float32), np.full((nq * n_parts, k), -1, np.int64))
         n_items = nq * n_parts
+        seeds = _readonly(np.zeros(nq, np.float32))
         args = (self.indptr, self.docs, self.weights, self.term_max, *split, q_indptr, q_idx,
-                q_w, _readonly(allowed), use_allowed, PRUNE_BLOCK_SHIFT,
+                q_w, seeds, _readonly(allowed), use_allowed, PRUNE_BLOCK_SHIFT,
                 min(PRUNE_FIRST_DOCS, 1 << PRUNE_BLOCK_SHIFT), self.n_docs,
-                min(float(PRUNE_NE_FRAC), 1.0), n_parts)
+                min(float(PRUNE_NE_FRAC), 1.0), PRUNE_SEED_TERMS, PRUNE_SEED_MAX_POSTINGS,
+                PRUNE_SEED_LOOKUPS, n_parts)
         n_chunks = 1 if not parallel or n_items == 1 else min(threads, n_items)
         scratch = _scratch(n_chunks, 1 << PRUNE_BLOCK_SHIFT)
         if n_chunks == 1:
