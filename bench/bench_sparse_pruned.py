@@ -90,15 +90,20 @@ def with_threads(n, fn, *args, **kwargs):
 
 
 def time_single(ix, queries, k, threads, repeat):
-    """{kernel: (p50 ms, p99 ms)}: medians over rounds of per-round percentiles."""
+    """{kernel: (p50 ms, p99 ms)}: medians over rounds of per-round percentiles. Each call is
+    one ``search`` of one query (rows sliced beforehand), the kernels alternating."""
+    return with_threads(threads, _time_single, ix, [queries[r] for r in range(queries.shape[0])],
+                        k, repeat)
+
+
+def _time_single(ix, rows, k, repeat):
     per = {"taat": [], "pruned": []}
     for _ in range(repeat):
         lat = {v: [] for v in per}
-        for r in range(queries.shape[0]):
-            q = queries[r]
+        for q in rows:
             for v in per:
                 t = time.perf_counter()
-                with_threads(threads, ix.search, q, k, kernel=v)
+                ix.search(q, k, kernel=v)
                 lat[v].append(time.perf_counter() - t)
         for v in per:
             per[v].append((np.percentile(lat[v], 50) * 1e3, np.percentile(lat[v], 99) * 1e3))
