@@ -269,3 +269,24 @@ def test_maxsim_many_from_many_threads(segment_stores, monkeypatch):
     for (_, _, want), got in zip(cases, results):
         for w, g in zip(want, got):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_maxsim_many_after_fork(segment_stores, monkeypatch):
+    """A child forked after the pool started gets its own pool (the parent's threads do not
+    exist in it; submitting to the inherited pool would wait forever)."""
+    import multiprocessing as mp
+
+    monkeypatch.setattr(multivector, "PARALLEL_MIN_FLOPS", 0)
+    stores, queries = segment_stores
+    parts = [(s, np.arange(min(20, s.n_docs))) for s in stores]
+    want = [w.tolist() for w in multivector.maxsim_many(queries[2], parts)]  # starts the pool here
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_many_in_child, (queries[2], parts)).get(timeout=120)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def _many_in_child(q, parts):
+    multivector.PARALLEL_MIN_FLOPS = 0
+    return [r.tolist() for r in multivector.maxsim_many(q, parts)]

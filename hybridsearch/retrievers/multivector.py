@@ -815,6 +815,16 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 
 
+def _forget_pool() -> None:
+    # A forked child has none of the parent's pool threads: it must build its own pool (and its
+    # own lock, which a parent thread may have held at the fork).
+    global _POOL, _POOL_SIZE, _POOL_LOCK
+    _POOL, _POOL_SIZE, _POOL_LOCK = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _pool(threads: int) -> ThreadPoolExecutor:
     """A process-wide pool of ``threads`` workers (rebuilt when the thread count changes)."""
     global _POOL, _POOL_SIZE
