@@ -208,37 +208,39 @@ def main():
 NOTES = """
 ## Notes
 
-- **Target (issue 13, item 2): exact mode >= 5x faster than today at 1M documents.** Read
-  the one-thread rows: on the learned-sparse-like `doc` queries the pruned kernel is about
-  3.5x faster at 1M (2x at 300k, 1.5x at 100k), reading under a tenth of the postings; on
-  `flat` queries about 2x at 1M, 1.1x at 300k and a tie at 100k. The 5x target is missed.
+- **Target (issue 13, item 2): exact mode >= 5x faster than today at 1M documents. Missed.**
+  On the learned-sparse-like `doc` queries the pruned kernel is 3.7x faster than term at a
+  time on one thread at 1M (3.2x with both kernels on two threads), 2x at 300k, 1.6x at 100k,
+  reading under a tenth of the postings; on `flat` queries 2x at 1M, 1.3x at 300k, and it
+  loses at 100k (0.75x). Run back to back instead of alternating with the term-at-a-time
+  kernel (whose streaming evicts the caches), a 1M `doc` query took 1.4 ms (4.5x).
 - Why not more: today's kernel is a fast baseline, about 1 ns a posting (each list streams into
-  an accumulator that stays in L2). The pruned kernel's time, from a perf profile at 1M: about
-  a third in candidate look-ups (a cache miss or two each in long lists, even through the
-  1-in-64 sample), a quarter in scattering the essential lists, a tenth in scanning each 64k
-  block's accumulator for candidates. Documents are in random order here, so a block's
-  maximum weight for a term is its global maximum and no block is ever skipped: all the
-  pruning comes from the MaxScore split of lists, sharpened by splitting long lists by weight.
-  Reordering documents (clustering similar ones, as block-max methods on learned sparse
-  indexes do) is what would make per-block bounds bite; it changes doc ids, so it is for the
-  segment writer, not this kernel.
+  an accumulator that stays in L2). Profiled at 1M (perf), the pruned kernel's time goes to
+  candidate look-ups in long lists (a cache miss or two each, even through the 1-in-64 sample),
+  scattering the essential lists, and scanning each 64k block's accumulator for candidates
+  (~20 us a block, ~0.35 ms a query). Documents are in random order here, so a block's maximum
+  weight for a term is its global maximum and no block is ever skipped: all the pruning comes
+  from the MaxScore split of lists, sharpened by splitting long lists by weight and by a first
+  k-th score taken from the exact scores of the docs best on the query's heaviest terms
+  (without it, 1.6 ms at 1M; with the true k-th score given, 1.05 ms: the seed gets within 1%
+  of it for most queries). Reordering documents so that similar ones share blocks is what
+  would let per-block bounds skip whole blocks; it changes doc ids, so it belongs to the
+  segment writer, not to this kernel.
 - The data decide the figure. Weights shrink for frequent terms (``log(2 + rank)``), as learned
   models learn to do; with uniform weights (the `flat` set, or `bench_kernels.py`'s data) the
   long lists carry bounds as large as any and little can be left unread.
-- Threads: this machine has 2 cores shared with other jobs (load average 2-4 during the run),
-  and a parallel region for one query waited 6-8 ms for the second core, which is why the
-  term-at-a-time kernel's 2-thread p50 is worse than its 1-thread p50 from 300k on. The
-  pruned kernel only uses threads from 10x that kernel's threshold (10M postings of query
-  terms), so a single query at 1M runs on one thread: in the "2" rows the ratio mixes the
-  kernels with that waiting. Compare kernels on the 1-thread rows.
+- Threads: 2 cores shared with other jobs. When the second core is busy, a parallel region for
+  one query waits 6-8 ms for it (seen in earlier runs of this file, for both kernels); this run
+  had a calm machine. The pruned kernel splits a single query over threads from 2x the
+  term-at-a-time kernel's threshold (so at 1M, not at 300k).
 - `search(kernel="auto")` prunes from `PRUNED_MIN_DOCS` = 131,072 documents: at 100k the
-  pruned kernel already wins on `doc` queries but only ties on `flat` ones (the ~100k crossover
-  Milvus reported for the naive scan); from 300k it wins on both. Query length did not move
-  the crossover in these runs (30-100 terms; not measured separately).
+  pruned kernel wins on `doc` queries but loses on `flat` ones (the ~100k crossover Milvus
+  reported for the naive scan); from 300k it wins on both. Query length did not move the
+  crossover in these runs (30-100 terms; not measured separately).
 - The first pruned query on a segment builds its split lists, block starts and doc-id sample
-  (nothing is stored on disk: old segments keep working): see the build line under the table.
-- Not done: the approximate (SEISMIC-style) mode; 10M documents; batched throughput (batches
-  run one query per thread, each as here).
+  (nothing is stored on disk, so old segments keep working): see the lines under the table.
+- Not done: the approximate (SEISMIC-style) mode; 10M documents; batched throughput (a batch
+  runs one query per thread, each as here).
 """
 
 
