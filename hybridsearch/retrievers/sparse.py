@@ -399,6 +399,20 @@ def _scatter(docs, weights, w, lo, hi, d_lo, acc):
 
 
 @njit(cache=True)
+def _scatter_cut(docs, weights, w, lo, hi, d_lo, acc, cut, up, n_up):
+    """:func:`_scatter`, recording in ``up`` the docs whose sum reaches ``cut`` (> 0)."""
+    for p in range(lo, hi):
+        d = np.uint32(docs[p] - d_lo)
+        old = acc[d]
+        new = old + w * weights[p]
+        acc[d] = new
+        if new >= cut and old < cut:
+            up[n_up] = d
+            n_up += 1
+    return n_up
+
+
+@njit(cache=True)
 def _scatter_touched(docs, weights, w, lo, hi, d_lo, acc, touched, n_touched):
     for p in range(lo, hi):
         d = np.uint32(docs[p] - d_lo)
@@ -429,24 +443,6 @@ def _offer_all(acc, width, d_lo, allowed, use_allowed, k, size, hs, hi):
 @njit(cache=True, inline="always")
 def _gain_per_bound(postings, bound):
     return np.inf if bound <= 0.0 else postings / bound
-
-
-@njit(cache=True)
-def _collect(acc, width, cut, d_lo, allowed, use_allowed, cand, cbound):
-    """Rows of the accumulator's docs holding at least ``cut`` > 0 (allowed ones), in order,
-    with their partial sums; returns how many, and leaves the accumulator zero. (A function of
-    its own: inlined in the kernel, this loop compiled several times slower.)"""
-    n_cand = 0
-    for d in range(width):
-        s = acc[d]
-        if s >= cut:
-            if use_allowed and not allowed[d_lo + d]:
-                continue
-            cand[n_cand] = d_lo + d
-            cbound[n_cand] = s
-            n_cand += 1
-    acc[:width] = 0.0
-    return n_cand
 
 
 @njit(cache=True)
@@ -681,15 +677,32 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                     total += end[e] - cur[e]
             stats[2] += total
             # Docs whose partial sum is under cut cannot enter (rounded down: lets more through).
-            cut = np.float32((theta / slack - ne_bound) * (1.0 - 1e-6))
+            # At least the smallest positive float32: a doc none of the lists read reaches is
+            # bounded by the unread ones alone, under the k-th score.
+            cut = max(np.float32((theta / slack - ne_bound) * (1.0 - 1e-6)),
+                      np.float32(1.4e-45))
             n_cand = 0
             if total * 4 >= width:
+                # Docs recorded as their partial sum reaches cut (sums only grow: once each).
+                n_up = 0
                 for e in range(n):
                     if level[e] == 1:
-                        _scatter(h_docs, h_weights, ws[e], cur_h[e], end_h[e], w_lo, acc)
+                        n_up = _scatter_cut(h_docs, h_weights, ws[e], cur_h[e], end_h[e], w_lo,
+                                            acc, cut, touched, n_up)
                     elif level[e] == 2:
-                        _scatter(docs, weights, ws[e], cur[e], end[e], w_lo, acc)
-                n_cand = _collect(acc, width, cut, w_lo, allowed, use_allowed, cand, cbound)
+                        n_up = _scatter_cut(docs, weights, ws[e], cur[e], end[e], w_lo, acc,
+                                            cut, touched, n_up)
+                for j in range(n_up):
+                    d = touched[j]
+                    if use_allowed and not allowed[w_lo + d]:
+                        continue
+                    cand[n_cand] = w_lo + d
+                    cbound[n_cand] = acc[d]
+                    n_cand += 1
+                acc[:width] = 0.0
+                order = np.argsort(cand[:n_cand])
+                cand[:n_cand] = cand[:n_cand][order]
+                cbound[:n_cand] = cbound[:n_cand][order]
             else:
                 n_touched = 0
                 for e in range(n):
