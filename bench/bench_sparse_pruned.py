@@ -3,8 +3,9 @@
 Both kernels are ``SparsePostings.search`` (``kernel="taat"`` and ``kernel="pruned"``) on the
 same index; the run first checks that they return identical ids and float32 scores for every
 query (and, up to 100k documents, that both equal ``brute_force_topk``), then times single
-queries, interleaved, after warm-up: per round the median (p50) and p99 over the queries,
-then the median over rounds. With one numba thread and with the default number.
+queries after warm-up, the kernels taking turns query by query and, separately, each over all
+the queries in a row: per round the median (p50) and p99 over the queries, then the median
+over rounds. With one numba thread and with the default number.
 
 Synthetic data shaped like learned-sparse postings: a Zipf(1) vocabulary of 250k terms, 64
 draws a document (~60 distinct terms), lognormal weights scaled down for frequent terms (a
@@ -89,22 +90,25 @@ def with_threads(n, fn, *args, **kwargs):
         numba.set_num_threads(before)
 
 
-def time_single(ix, queries, k, threads, repeat):
+def time_single(ix, queries, k, threads, repeat, alternate):
     """{kernel: (p50 ms, p99 ms)}: medians over rounds of per-round percentiles. Each call is
-    one ``search`` of one query (rows sliced beforehand), the kernels alternating."""
+    one ``search`` of one query (rows sliced beforehand); with ``alternate`` the kernels take
+    turns query by query (each runs after the other has churned the caches), else each runs
+    all the queries in a row."""
     return with_threads(threads, _time_single, ix, [queries[r] for r in range(queries.shape[0])],
-                        k, repeat)
+                        k, repeat, alternate)
 
 
-def _time_single(ix, rows, k, repeat):
+def _time_single(ix, rows, k, repeat, alternate):
     per = {"taat": [], "pruned": []}
     for _ in range(repeat):
         lat = {v: [] for v in per}
-        for q in rows:
-            for v in per:
-                t = time.perf_counter()
-                ix.search(q, k, kernel=v)
-                lat[v].append(time.perf_counter() - t)
+        order = ([(q, v) for q in rows for v in per] if alternate
+                 else [(q, v) for v in per for q in rows])
+        for q, v in order:
+            t = time.perf_counter()
+            ix.search(q, k, kernel=v)
+            lat[v].append(time.perf_counter() - t)
         for v in per:
             per[v].append((np.percentile(lat[v], 50) * 1e3, np.percentile(lat[v], 99) * 1e3))
     return {v: (statistics.median(a for a, _ in ts), statistics.median(b for _, b in ts))
@@ -147,11 +151,13 @@ def run(n_docs, n_queries, repeat, k, rng):
         terms = np.diff(queries.indptr).mean()
         postings = np.diff(ix.indptr)[queries.indices].sum() / queries.shape[0]
         for threads in sorted({1, numba.get_num_threads()}):
-            res = time_single(ix, queries, k, threads, repeat)
+            res = time_single(ix, queries, k, threads, repeat, alternate=True)
+            seq = time_single(ix, queries, k, threads, repeat, alternate=False)
             rows.append([f"{n_docs:,}", name, f"{terms:.0f}", f"{postings / 1e6:.2f}M",
                          threads, res["taat"][0], res["pruned"][0],
                          f"{res['taat'][0] / res['pruned'][0]:.2f}x", res["taat"][1],
-                         res["pruned"][1], f"{read:.1%}"])
+                         res["pruned"][1], seq["taat"][0], seq["pruned"][0],
+                         f"{seq['taat'][0] / seq['pruned'][0]:.2f}x", f"{read:.1%}"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     info = (f"{n_docs:,} docs: {ix.docs.size / n_docs:.1f} terms a doc, {postings_mb:.0f} MiB "
             f"of postings; generated in {t_gen:.1f} s, index built in {t_build:.2f} s; split "
@@ -182,13 +188,16 @@ def main():
         all_rows += rows
         infos.append(info)
     header = ["docs", "queries", "terms/q", "postings/q", "threads", "TAAT p50 ms",
-              "pruned p50 ms", "speedup p50", "TAAT p99 ms", "pruned p99 ms", "postings read"]
+              "pruned p50 ms", "speedup p50", "TAAT p99 ms", "pruned p99 ms",
+              "in a row: TAAT p50", "pruned p50", "speedup", "postings read"]
     cmd = "python bench/bench_sparse_pruned.py " + " ".join(sys.argv[1:])
     text = "\n".join([
         "# Exact pruned learned-sparse search vs term at a time", "",
         machine_info(("numpy", "numba", "scipy")), "",
         f"Command: `{cmd}` (k={args.k}, {args.queries} single queries per set, median of "
-        f"{args.repeat} rounds; both kernels on the same index, interleaved). Before timing, "
+        f"{args.repeat} rounds; both kernels on the same index, taking turns query by query; "
+        "the `in a row` columns time each kernel over all the queries in a row instead, so "
+        "its working set stays in cache from one query to the next). Before timing, "
         "the run checked that both kernels return identical ids and float32 scores on every "
         "query, in batches and one at a time, with every thread setting"
         + (" (and equal `brute_force_topk` at 100k documents)." if min(args.docs) <= 100_000
