@@ -254,18 +254,20 @@ def _score_candidates(indptr, docs, weights, q_idx, q_w, cand):
 # ``w * low_max[t]`` for the others, several times smaller on learned-sparse weights, whose
 # tails are long.
 #
-# Docs are scored in blocks of ``2**PRUNE_BLOCK_SHIFT`` rows into a float32 accumulator; the
-# first ``PRUNE_FIRST_DOCS`` rows are read in full (term at a time) for a first k-th score.
-# Then each block splits the bounds MaxScore-style by the k-th score: bounds whose sum stays
-# under ``PRUNE_NE_FRAC`` times it are "non-essential", picked greedily by postings saved per
-# unit of bound (an entry's rest before its high list). An entry whose both bounds are
+# A query first gets a lower bound of its k-th score: the exact scores of the docs best on its
+# few heaviest terms with short lists (merged directly), the k-th best of them (when that finds
+# no k docs, the first ``PRUNE_FIRST_DOCS`` rows are read in full, term at a time, instead).
+# Docs are scored in blocks of ``2**PRUNE_BLOCK_SHIFT`` rows into a float32 accumulator; each
+# block splits the bounds MaxScore-style by the k-th score: bounds whose sum stays under
+# ``PRUNE_NE_FRAC`` times it are "non-essential", picked greedily by postings saved per unit
+# of bound (an entry's rest before its high list). An entry whose both bounds are
 # essential is read in full, one whose high bound only is essential reads its high list only,
 # the others nothing. A doc is a candidate if its partial sum plus the bounds left can beat the
-# k-th score; candidates are looked up in the lists not read (through a 1-in-64 sample of the
-# doc ids, then the 64 postings it points to), largest bound first, and dropped as soon as
-# they cannot enter; survivors get their exact score, the float32 sum over every entry in
-# query-CSR order, which is the arithmetic of the term-at-a-time kernel, so the top-k is
-# identical to it, scores included.
+# k-th score (recorded as its sum crosses that line during the scatter). Candidates are looked
+# up in the lists not read (through a 1-in-64 sample of the doc ids, then the 64 postings it
+# points to), largest bound first, and dropped as soon as they cannot enter; survivors get
+# their exact score, the float32 sum over every entry in query-CSR order, which is the
+# arithmetic of the term-at-a-time kernel, so the top-k is identical to it, scores included.
 #
 # Bounds are compared after multiplying by ``1 + (n + 2) * 2**-21`` for a query of ``n``
 # entries: a float32 sum of ``n`` non-negative rounded products exceeds the real sum by at most
@@ -547,9 +549,9 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
     ``b`` with ``b % n_parts == j``. Writes each item's top-k into its output row. ``stats``
     (int64, 7) counts windows, windows read in full, postings read, candidates, docs scored
     exactly, list look-ups and queries given a first k-th score by :func:`_seed_theta`
-    (``seed_top`` > 0 enables it; ``seeds[q]`` > 0 gives one instead). Scratch of at least ``2**shift`` entries, reused across
-    calls: ``acc`` (float32, all zero on entry and left so), ``touched``, ``cand`` (int32) and
-    ``cbound`` (float32)."""
+    (``seed_top`` > 0 enables it; ``seeds[q]`` > 0 gives one instead). Scratch of at least
+    ``2**shift`` entries, reused across calls: ``acc`` (float32, all zero on entry and left
+    so), ``touched``, ``cand`` (int32) and ``cbound`` (float32)."""
     k = out_s.shape[1]
     hs = np.empty(k, np.float32)
     hi = np.empty(k, np.int64)
