@@ -217,31 +217,30 @@ def main():
 NOTES = """
 ## Notes
 
-- **Target (issue 13, item 2): exact mode >= 5x faster than today at 1M documents. Missed.**
-  On the learned-sparse-like `doc` queries the pruned kernel is 3.7x faster than term at a
-  time on one thread at 1M (3.2x with both kernels on two threads), 2x at 300k, 1.6x at 100k,
-  reading under a tenth of the postings; on `flat` queries 2x at 1M, 1.3x at 300k, and it
-  loses at 100k (0.75x). Run back to back instead of alternating with the term-at-a-time
-  kernel (whose streaming evicts the caches), a 1M `doc` query took 1.4 ms (4.5x).
-- Why not more: today's kernel is a fast baseline, about 1 ns a posting (each list streams into
-  an accumulator that stays in L2). Profiled at 1M (perf), the pruned kernel's time goes to
-  candidate look-ups in long lists (a cache miss or two each, even through the 1-in-64 sample),
-  scattering the essential lists, and scanning each 64k block's accumulator for candidates
-  (~20 us a block, ~0.35 ms a query). Documents are in random order here, so a block's maximum
-  weight for a term is its global maximum and no block is ever skipped: all the pruning comes
-  from the MaxScore split of lists, sharpened by splitting long lists by weight and by a first
-  k-th score taken from the exact scores of the docs best on the query's heaviest terms
-  (without it, 1.6 ms at 1M; with the true k-th score given, 1.05 ms: the seed gets within 1%
-  of it for most queries). Reordering documents so that similar ones share blocks is what
-  would let per-block bounds skip whole blocks; it changes doc ids, so it belongs to the
-  segment writer, not to this kernel.
+- **Target (issue 13, item 2): exact mode >= 5x faster than today at 1M documents. Missed,
+  narrowly.** On the learned-sparse-like `doc` queries at 1M the pruned kernel is 4.8x faster
+  on one thread when each kernel runs the queries in a row, 3.9x when they take turns (each
+  then starts from caches the other churned), and 3.5x / 2.9x with both kernels on two
+  threads; 2.6x at 300k; at 100k 1.8x in turns but 1.4x in a row. It reads 6.5% of the
+  postings at 1M. On `flat` queries it is about 2x at 1M, 1.2x at 300k, and slower at 100k.
+- Where the time goes now (perf at 1M, one thread): mostly scattering the essential lists into
+  the accumulator, then the candidate look-ups in long lists (a cache miss or two each, even
+  through the 1-in-64 sample), then the exact scoring of the seed docs and the per-block setup.
+  Today's kernel is a fast baseline, about 1 ns a posting (each list streams into an
+  accumulator that stays in L2), so skipping 93% of the postings does not buy 14x. Documents
+  are in random order here: a block's maximum weight for a term is its global maximum and no
+  block is ever skipped; all the pruning comes from the MaxScore split, sharpened by splitting
+  long lists by weight and by the first k-th score taken from the query's heaviest terms
+  (within 1% of the true k-th score for most `doc` queries; it cut the time by a quarter).
+  Reordering documents so that similar ones share blocks is what would let whole blocks be
+  skipped; it changes doc ids, so it belongs to the segment writer, not to this kernel.
 - The data decide the figure. Weights shrink for frequent terms (``log(2 + rank)``), as learned
   models learn to do; with uniform weights (the `flat` set, or `bench_kernels.py`'s data) the
   long lists carry bounds as large as any and little can be left unread.
-- Threads: 2 cores shared with other jobs. When the second core is busy, a parallel region for
-  one query waits 6-8 ms for it (seen in earlier runs of this file, for both kernels); this run
-  had a calm machine. The pruned kernel splits a single query over threads from 2x the
-  term-at-a-time kernel's threshold (so at 1M, not at 300k).
+- Threads: 2 cores shared with other jobs. When the second core was busy (earlier runs of this
+  file), a parallel region for one query waited 6-8 ms for it, for both kernels; this run had
+  a calm machine. The pruned kernel splits one query over threads from 2x the term-at-a-time
+  kernel's threshold (so at 1M, not at 300k), each part with its own top-k.
 - `search(kernel="auto")` prunes from `PRUNED_MIN_DOCS` = 131,072 documents: at 100k the
   pruned kernel wins on `doc` queries but loses on `flat` ones (the ~100k crossover Milvus
   reported for the naive scan); from 300k it wins on both. Query length did not move the
