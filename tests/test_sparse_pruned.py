@@ -216,14 +216,15 @@ def test_parallel_path(data, monkeypatch):
         numba.set_num_threads(before)
 
 
-def test_auto_picks_by_size(data, monkeypatch):
+def test_auto_picks_by_size_and_k(data, monkeypatch):
     docs, queries, ix = data
-    ref = ix.search(queries, 10, kernel="taat")
+    monkeypatch.setattr(sparse, "PRUNED_DOCS_PER_K", 1000)  # k <= 100 on 100k docs
     for threshold in (1, 10**9):
         monkeypatch.setattr(sparse, "PRUNED_MIN_DOCS", threshold)
-        ix.prune_stats[:] = 0
-        assert_identical(ix.search(queries, 10), ref)
-        assert (ix.prune_stats[0, 0] > 0) == (threshold == 1)
+        for k in (10, 100, 101):
+            ix.prune_stats[:] = 0
+            assert_identical(ix.search(queries, k), ix.search(queries, k, kernel="taat"))
+            assert (ix.prune_stats[0, 0] > 0) == (threshold == 1 and k <= 100)
 
 
 def test_query_csr_order_duplicates_and_odd_weights(data):

@@ -10,7 +10,8 @@ Two exact kernels serve :meth:`SparsePostings.search`: the term-at-a-time scan o
 posting of the query's terms, and a pruned one (MaxScore over posting lists split by weight,
 see "pruned search" below) that reads a fraction of them and returns the same top-k, float32
 scores included, because every score it reports is summed in that same order. ``search``
-picks the pruned kernel from :data:`PRUNED_MIN_DOCS` documents on; below, the scan wins.
+picks the pruned kernel from :data:`PRUNED_MIN_DOCS` documents on, for ``k`` up to one
+:data:`PRUNED_DOCS_PER_K`-th of them; elsewhere the scan wins.
 
 Conventions shared by every function here: a document is a hit only if its score is positive
 (it shares a token with the query) and it is allowed; ties are broken by the lower row; result
@@ -55,8 +56,11 @@ PRUNE_SPLIT_FACTOR = 2.0
 PRUNE_FIRST_DOCS = 1 << 12
 # Lists of at least this many postings get their block starts precomputed (no searches).
 PRUNE_OFFSETS_MIN = 4096
-# From this many docs on, search(kernel="auto") prunes; below, the term-at-a-time scan wins.
+# search(kernel="auto") prunes from PRUNED_MIN_DOCS docs on, and while k is at most one
+# PRUNED_DOCS_PER_K-th of them; otherwise the term-at-a-time scan wins (measured at 1M docs
+# and k = 10 / 100 / 250 / 500: 4.6x / 2.2x / 1.5x faster, then 0.85x).
 PRUNED_MIN_DOCS = 1 << 17
+PRUNED_DOCS_PER_K = 4000
 PRUNE_NE_FRAC = 0.5
 # A first k-th score from the docs best on the PRUNE_SEED_TERMS heaviest query terms with at
 # most PRUNE_SEED_MAX_POSTINGS postings, scored exactly (at most PRUNE_SEED_LOOKUPS look-ups).
@@ -1122,7 +1126,8 @@ class SparsePostings:
                 allows all.
             kernel: ``"taat"`` (term-at-a-time over every posting), ``"pruned"`` (exact
                 block-max pruning, see the module docstring) or ``"auto"``: pruned from
-                :data:`PRUNED_MIN_DOCS` documents on. All three return identical results.
+                :data:`PRUNED_MIN_DOCS` documents on while ``k`` is at most one
+                :data:`PRUNED_DOCS_PER_K`-th of them. All three return identical results.
 
         Returns:
             ``scores`` ``(nq, k)`` float32 and ``ids`` ``(nq, k)`` int64 local rows, best first.
@@ -1138,7 +1143,8 @@ class SparsePostings:
         if nq == 0 or self.n_docs == 0:
             return out_s, out_i
         if kernel == "auto":
-            kernel = "pruned" if self.n_docs >= PRUNED_MIN_DOCS else "taat"
+            kernel = ("pruned" if self.n_docs >= PRUNED_MIN_DOCS
+                      and k * PRUNED_DOCS_PER_K <= self.n_docs else "taat")
         q_indptr = _readonly(q.indptr.astype(np.int64))
         q_idx = _readonly(q.indices.astype(np.int32))
         q_w = _readonly(q.data)
