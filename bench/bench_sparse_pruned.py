@@ -115,7 +115,7 @@ def _time_single(ix, rows, k, repeat, alternate):
             for v, ts in per.items()}
 
 
-def run(n_docs, n_queries, repeat, k, rng):
+def run(n_docs, n_queries, repeat, k, rng, k_sweep=()):
     t = time.perf_counter()
     docs = make_docs(rng, n_docs)
     qsets = {"doc": make_queries(rng, docs, n_queries, flat=False),
@@ -163,7 +163,17 @@ def run(n_docs, n_queries, repeat, k, rng):
             f"of postings; generated in {t_gen:.1f} s, index built in {t_build:.2f} s; split "
             f"lists (first pruned query) {t_split:.2f} s, {split_mb:.0f} MiB in memory")
     print(info, flush=True)
-    return rows, info
+    sweep = []
+    for kk in k_sweep:  # doc queries, one thread, each kernel in a row
+        queries = qsets["doc"]
+        ref = ix.search(queries, kk, kernel="taat")
+        got = ix.search(queries, kk, kernel="pruned")
+        assert np.array_equal(got[1], ref[1]) and np.array_equal(got[0], ref[0]), kk
+        seq = time_single(ix, queries, kk, 1, repeat, alternate=False)
+        sweep.append([f"{n_docs:,}", kk, seq["taat"][0], seq["pruned"][0],
+                      f"{seq['taat'][0] / seq['pruned'][0]:.2f}x"])
+        print(" | ".join(str(c) for c in sweep[-1]), flush=True)
+    return rows, info, sweep
 
 
 def main():
@@ -172,6 +182,8 @@ def main():
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--k-sweep", type=int, nargs="*", default=[1, 100, 250, 500],
+                    help="other k timed on the largest index (doc queries, one thread)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sparse_pruned.md"))
     args = ap.parse_args()
@@ -182,11 +194,13 @@ def main():
     for kern in ("taat", "pruned"):
         for threads in sorted({1, numba.get_num_threads()}):
             with_threads(threads, warm.search, wq, args.k, kernel=kern)
-    all_rows, infos = [], []
+    all_rows, infos, sweep = [], [], []
     for n in args.docs:
-        rows, info = run(n, args.queries, args.repeat, args.k, rng)
+        rows, info, sw = run(n, args.queries, args.repeat, args.k, rng,
+                             args.k_sweep if n == max(args.docs) else ())
         all_rows += rows
         infos.append(info)
+        sweep += sw
     header = ["docs", "queries", "terms/q", "postings/q", "threads", "TAAT p50 ms",
               "pruned p50 ms", "speedup p50", "TAAT p99 ms", "pruned p99 ms",
               "in a row: TAAT p50", "pruned p50", "speedup", "postings read"]
@@ -204,12 +218,16 @@ def main():
            else "."), "",
         "Settings: " + ", ".join(f"{n} = {getattr(sparse, n)}" for n in (
             "PRUNE_BLOCK_SHIFT", "PRUNE_FIRST_DOCS", "PRUNE_SPLIT_MIN", "PRUNE_SPLIT_FACTOR",
-            "PRUNE_NE_FRAC", "PRUNED_MIN_DOCS")) + ".", "",
+            "PRUNE_NE_FRAC", "PRUNED_MIN_DOCS", "PRUNED_DOCS_PER_K")) + ".", "",
         table(header, all_rows), "",
         "\n".join(f"- {i}" for i in infos), "",
         "`postings read`: postings the pruned kernel scanned (essential lists, high lists and "
         "the first windows read in full), as a share of the postings of the query terms that "
-        "term at a time reads, one thread; candidate look-ups are not counted.", ""])
+        "term at a time reads, one thread; candidate look-ups are not counted.", "",
+        *(["Other k (`doc` queries, one thread, each kernel over the queries in a row; "
+           "identical results checked):", "",
+           table(["docs", "k", "TAAT p50 ms", "pruned p50 ms", "speedup"], sweep), ""]
+          if sweep else [])])
     Path(args.out).write_text(text + NOTES)
     print(f"wrote {args.out}")
 
