@@ -235,12 +235,15 @@ def main():
 NOTES = """
 ## Notes
 
-- **Target (issue 13, item 2): exact mode >= 5x faster than today at 1M documents. Missed,
-  narrowly.** On the learned-sparse-like `doc` queries at 1M the pruned kernel is 4.8x faster
-  on one thread when each kernel runs the queries in a row, 3.9x when they take turns (each
-  then starts from caches the other churned), and 3.5x / 2.9x with both kernels on two
-  threads; 2.6x at 300k; at 100k 1.8x in turns but 1.4x in a row. It reads 6.5% of the
+- **Target (issue 13, item 2): exact mode >= 5x faster than today at 1M documents, k = 10.
+  Missed, narrowly.** On the learned-sparse-like `doc` queries at 1M the pruned kernel is
+  4.8x faster on one thread when each kernel runs the queries in a row, 4.1x when they take
+  turns (each then starts from caches the other churned), and 4.1x / 3.5x with both kernels on
+  two threads; 2.5-2.8x at 300k; at 100k 1.7x in turns, 1.4x in a row. It reads 6.5% of the
   postings at 1M. On `flat` queries it is about 2x at 1M, 1.2x at 300k, and slower at 100k.
+- k matters (second table): at 1M, 7.7x for k = 1, 2.1x for k = 100, 1.3x for k = 250, and
+  slower from k = 500 (more candidates survive, each scored exactly). `search(kernel="auto")`
+  therefore prunes only while k <= n_docs / `PRUNED_DOCS_PER_K` (250 at 1M).
 - Where the time goes now (perf at 1M, one thread): mostly scattering the essential lists into
   the accumulator, then the candidate look-ups in long lists (a cache miss or two each, even
   through the 1-in-64 sample), then the exact scoring of the seed docs and the per-block setup.
@@ -259,7 +262,7 @@ NOTES = """
   file), a parallel region for one query waited 6-8 ms for it, for both kernels; this run had
   a calm machine. The pruned kernel splits one query over threads from 2x the term-at-a-time
   kernel's threshold (so at 1M, not at 300k), each part with its own top-k.
-- `search(kernel="auto")` prunes from `PRUNED_MIN_DOCS` = 131,072 documents: at 100k the
+- `search(kernel="auto")` also needs `PRUNED_MIN_DOCS` = 131,072 documents: at 100k the
   pruned kernel wins on `doc` queries but loses on `flat` ones (the ~100k crossover Milvus
   reported for the naive scan); from 300k it wins on both. Query length did not move the
   crossover in these runs (30-100 terms; not measured separately).
