@@ -35,6 +35,7 @@ from ..retrievers.colbert_codec import (
     INDEX_TRAINING,
     MAX_TRAIN_SAMPLE,
     ColbertCodec,
+    default_k,
     parse_codec,
     pool_tokens,
 )
@@ -193,8 +194,9 @@ class HybridIndex:
           ``dense_factory`` names a FAISS ANN index (``"HNSW32"``, ``"IVF4096,Flat"``...).
         * ``colbert_codec``: ``"res1"`` (default: centroid id + 1 bit a dimension on average,
           spent on the residual's principal axes, 130 bytes a token at d=1024), ``"res2"``,
-          ``"res1-pool2"`` (token pooling by 2 first: ~65 bytes a token) or ``"fp16"``. The codebook is trained on the first ``codec_train_tokens``
-          ColBERT vectors; until then they are stored as float16 and coded when merged.
+          ``"res1-pool2"`` (token pooling by 2 first: ~65 bytes a token) or ``"fp16"``. The
+          codebook is trained on the first ``codec_train_tokens`` ColBERT vectors; until then
+          they are stored as float16 and coded when merged.
 
         Safe against a concurrent ``create`` of the same folder: the folder is claimed under the
         writer lock, the loser then opens the winner's index (``exist_ok=True``) or raises
@@ -541,9 +543,7 @@ class HybridIndex:
         how = INDEX_TRAINING[cc["spec"]]
         sample = _codec_sample(enc, [s.colbert for s in fp16], MAX_TRAIN_SAMPLE, opts["pool"])
         # PLAID's centroid count for the (pooled) vectors stored so far, capped per codec and by the sample
-        stored = have // opts["pool"]
-        plaid = 1 << int(np.floor(np.log2(16 * np.sqrt(max(stored, 1)))))
-        k = min(plaid, how["k_max"], 1 << int(np.log2(max(len(sample) // 2, 1))))
+        k = min(default_k(have // opts["pool"]), how["k_max"], 1 << int(np.log2(max(len(sample) // 2, 1))))
         codec = ColbertCodec.train(sample, nbits=opts["nbits"], pool=opts["pool"], k=max(k, 1),
                                    renorm=how["renorm"], transform=how["transform"])
         name = f"codec-{gen:06d}"

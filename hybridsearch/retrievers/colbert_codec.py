@@ -169,66 +169,20 @@ def _residual_codes(z, cut, nlev, byte, shift, out):
 
 
 @njit(cache=True, nogil=True)
-def _decode_tokens(ids, res, start, n, base, w4, w2, d1, renorm, out):
-    """Decode tokens ``[start, start + n)`` into ``out[:n * d]`` (flat float32).
-
-    ``base[id]`` holds the centroid in the coding space plus each coded dimension's bucket-0
-    weight (``fill`` beyond the coded dimensions), so a code adds ``w4[j, code]`` (4-bit
-    dimensions), ``w2[j, code]`` (2-bit) or ``code * d1[j]`` (1-bit) relative to bucket 0; the
-    section sizes are the tables' lengths. Literal widths let LLVM vectorise each byte.
-    """
-    d = base.shape[1]
+def _decode_relative(res, start, n, w4, w2, d1, stride, out):
+    """The coded dimensions of tokens ``[start, start + n)`` relative to their base: token ``t``
+    goes to ``out[t * stride:t * stride + n_coded]`` (flat float32). A code adds ``w4[j, code]``
+    (4-bit dimensions), ``w2[j, code]`` (2-bit) or ``code * d1[j]`` (1-bit) to bucket 0's value,
+    which the base holds; the section sizes are the tables' lengths. Literal widths let LLVM
+    vectorise each byte."""
     n4 = w4.shape[0]
     n2 = w2.shape[0]
     n1 = d1.shape[0]
     b2 = n4 // 2
     b1 = b2 + n2 // 4
     for t in range(n):
-        c = base[ids[start + t]]
         row = res[start + t]
-        o = t * d
-        for b in range(n4 // 2):
-            byte = row[b]
-            j = 2 * b
-            out[o + j] = c[j] + w4[j, byte & 15]
-            out[o + j + 1] = c[j + 1] + w4[j + 1, byte >> 4]
-        for b in range(n2 // 4):
-            byte = row[b2 + b]
-            j = 4 * b
-            for s in range(4):
-                out[o + n4 + j + s] = c[n4 + j + s] + w2[j + s, (byte >> (2 * s)) & 3]
-        for b in range(n1 // 8):
-            byte = row[b1 + b]
-            j = 8 * b
-            for s in range(8):
-                out[o + n4 + n2 + j + s] = (c[n4 + n2 + j + s]
-                                            + np.float32((byte >> s) & 1) * d1[j + s])
-        for j in range(n4 + n2 + n1, d):
-            out[o + j] = c[j]
-        if renorm:
-            ss = np.float32(0.0)
-            for j in range(d):
-                ss += out[o + j] * out[o + j]
-            if ss > 0:
-                inv = np.float32(1.0) / np.sqrt(ss)
-                for j in range(d):
-                    out[o + j] *= inv
-
-
-@njit(cache=True, nogil=True)
-def _decode_relative(res, start, n, w4, w2, d1, out):
-    """The coded part of tokens ``[start, start + n)`` relative to their base (see
-    :func:`_decode_tokens`): ``n * n_coded`` floats into the flat ``out``. A token is
-    ``base[id] + relative`` padded with zeros beyond the coded dimensions."""
-    n4 = w4.shape[0]
-    n2 = w2.shape[0]
-    n1 = d1.shape[0]
-    nc = n4 + n2 + n1
-    b2 = n4 // 2
-    b1 = b2 + n2 // 4
-    for t in range(n):
-        row = res[start + t]
-        o = t * nc
+        o = t * stride
         for b in range(n4 // 2):
             byte = row[b]
             out[o + 2 * b] = w4[2 * b, byte & 15]
@@ -243,6 +197,31 @@ def _decode_relative(res, start, n, w4, w2, d1, out):
             j = 8 * b
             for s in range(8):
                 out[o + n4 + n2 + j + s] = np.float32((byte >> s) & 1) * d1[j + s]
+
+
+@njit(cache=True, nogil=True)
+def _decode_tokens(ids, res, start, n, base, w4, w2, d1, renorm, out):
+    """Decode tokens ``[start, start + n)`` into ``out[:n * d]`` (flat float32): ``base[id]``
+    (the centroid in the coding space, plus each coded dimension's bucket-0 weight and ``fill``
+    beyond the coded dimensions) plus :func:`_decode_relative`."""
+    d = base.shape[1]
+    nc = w4.shape[0] + w2.shape[0] + d1.shape[0]
+    _decode_relative(res, start, n, w4, w2, d1, d, out)
+    for t in range(n):
+        c = base[ids[start + t]]
+        o = t * d
+        for j in range(nc):
+            out[o + j] += c[j]
+        for j in range(nc, d):
+            out[o + j] = c[j]
+        if renorm:
+            ss = np.float32(0.0)
+            for j in range(d):
+                ss += out[o + j] * out[o + j]
+            if ss > 0:
+                inv = np.float32(1.0) / np.sqrt(ss)
+                for j in range(d):
+                    out[o + j] *= inv
 
 
 @njit(cache=True, parallel=True)
@@ -1023,7 +1002,6 @@ def _dim_stats(z: np.ndarray, width: int):
     for u in range(levels - 1):
         buckets += zd > cut[:, u]
     weights = np.empty((z.shape[1], levels))
-    err = np.zeros(z.shape[1])
     for b in range(levels):
         hit = buckets == b
         cnt = hit.sum(axis=0)
@@ -1058,16 +1036,8 @@ def _allocate(z: np.ndarray, stats: dict, budget: int) -> tuple[int, int, int]:
 
 
 def _bucket_stats(held: np.ndarray, centroids: np.ndarray, nbits: int):
-    """Cutoffs = quantiles ``i / 2**nbits`` of every residual value of ``held``; weights = the
-    mean value in each bucket (an empty bucket takes its nearest cutoff)."""
-    ids = np.argmax(held @ centroids.T, axis=1)
-    r = (held - centroids[ids]).reshape(-1).astype(np.float64)
-    nb = 1 << nbits
-    cutoffs = np.quantile(r, np.arange(1, nb) / nb)
-    buckets = np.searchsorted(cutoffs, r, side="left")
-    weights = np.empty(nb)
-    for b in range(nb):
-        v = r[buckets == b]
-        weights[b] = v.mean() if v.size else cutoffs[min(b, nb - 2)]
-    weights = np.maximum.accumulate(weights)
-    return cutoffs.astype(np.float32), weights.astype(np.float32)
+    """Uniform layout: :func:`_dim_stats` of every residual value of ``held`` pooled as one
+    dimension (cutoffs = quantiles ``i / 2**nbits``, weights = bucket means)."""
+    cut, weights, _ = _dim_stats(_residuals(held, centroids).reshape(-1, 1), nbits)
+    levels = 1 << nbits
+    return cut[0, :levels - 1].copy(), weights[0, :levels].copy()
