@@ -368,6 +368,12 @@ def _seek(docs, skip, p, hi, row):
     j = _gallop(skip, j, j_end + 1, row)  # first sample >= row (j_end + 1 if none)
     lo = max(p, (j - 1) << 6)
     up = hi if j > j_end else (j << 6) + 1
+    return _lower_bound(docs, lo, up, row)
+
+
+@njit(cache=True, inline="always")
+def _lower_bound(docs, lo, up, row):
+    """First position in ``docs[lo:up]`` (ascending) holding a row >= ``row``, or ``up``."""
     while lo < up:
         mid = (lo + up) >> 1
         if docs[mid] < row:
@@ -387,15 +393,7 @@ def _gallop(docs, p, hi, row):
     while p + step < hi and docs[p + step] < row:
         p += step
         step <<= 1
-    lo = p + 1
-    up = min(p + step, hi)
-    while lo < up:
-        mid = (lo + up) >> 1
-        if docs[mid] < row:
-            lo = mid + 1
-        else:
-            up = mid
-    return lo
+    return _lower_bound(docs, p + 1, min(p + step, hi), row)
 
 
 @njit(cache=True)
