@@ -43,16 +43,30 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="folder for the index (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the index folder")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", default=None, help="a run folder kept with --keep (index/, queries/, build.json): "
+                    "serve and compare it without building (one size only)")
+    ap.add_argument("--compact-first", action="store_true",
+                    help="compact() before serving (rewrites an older index in this version's format)")
+    ap.add_argument("--no-versus", action="store_true", help="skip the per-channel anchors (FAISS, bm25s, exhaustive)")
+    ap.add_argument("--versus-queries", type=int, default=30, help="queries per system against the anchors (default 30)")
+    ap.add_argument("--versus-hnsw-max-docs", type=int, default=1_000_000,
+                    help="build the bare FAISS HNSW32 anchor up to this size (default 1000000)")
+    ap.add_argument("--colbert-exhaustive-queries", type=int, default=3,
+                    help="exhaustive ColBERT MaxSim queries in the anchors (default 3; ~1 min each at 1M)")
     ap.add_argument("--out", default=str(HERE / "results" / "scale_m3.md"))
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"), help="RESULTS.md whose section is replaced")
     args = ap.parse_args(argv)
     if min(args.docs) < 1 or args.commit < 1 or args.queries < 1:
         ap.error("--docs, --commit and --queries must be positive")
+    if args.reuse and len(args.docs) != 1:
+        ap.error("--reuse serves one kept index: give its size as the one --docs")
     create = m3.index_kwargs(args.dense_factory, args.dense_storage, args.colbert_codec)
     o = m3.Options(sizes=sorted(args.docs), create=create, queries=args.queries, commit=args.commit, seed=args.seed,
                    colbert_max_docs=args.colbert_max_docs, colbert_queries=args.colbert_queries,
                    milvus_max_docs=0 if args.no_milvus else args.milvus_max_docs, compact=not args.no_compact,
-                   rss_cap_mib=args.rss_cap_gib * 1024, work=args.work, keep=args.keep,
+                   rss_cap_mib=args.rss_cap_gib * 1024, work=args.work, keep=args.keep, reuse=args.reuse,
+                   compact_first=args.compact_first, versus=not args.no_versus, versus_queries=args.versus_queries,
+                   hnsw_max_docs=args.versus_hnsw_max_docs, colbert_exhaustive_queries=args.colbert_exhaustive_queries,
                    command="python bench/bench_scale_m3.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     t0 = time.perf_counter()
 
@@ -61,7 +75,7 @@ def main(argv=None) -> int:
 
     work = Path(args.work) if args.work else Path(tempfile.gettempdir())
     work.mkdir(parents=True, exist_ok=True)
-    for n in o.sizes:  # refuse up front, before hours of smaller sizes
+    for n in ([] if args.reuse else o.sizes):  # refuse up front, before hours of smaller sizes
         m3.check_disk(work, n, o.shape, m3.effective(create), o.commit, n <= o.milvus_max_docs, log)
     section = m3.run_all(o, work, Path(args.out), log)
     m3.splice(Path(args.results), section.body)

@@ -68,6 +68,8 @@ FILTERS = {  # name -> (filter, fraction of documents it keeps, from the generat
     "year in [2015, 2019] (range)": ({"year": {"gte": 2015, "lte": 2019}}, 5 / (YEARS[1] - YEARS[0] + 1)),
 }
 MODES = ("dense", "sparse", "bm25", "hybrid", "colbert")
+# search() keywords that ask the index for the exhaustive ColBERT MaxSim (the anchor of colbert mode)
+COLBERT_EXHAUSTIVE_KW: dict = {}
 
 
 # ---------------------------------------------------------------- the synthetic corpus
@@ -186,9 +188,11 @@ class Corpus:
         v = self.shape.vocab - 5
         return ((rng.zipf(1.15, size) - 1) * 7919 % v + 5).astype(np.int64)
 
-    def block(self, j: int) -> Block:
-        """Block ``j``: documents ``j * block .. (j + 1) * block``."""
-        if self._cache is not None and self._cache[0] == j:
+    def block(self, j: int, colbert: bool = True) -> Block:
+        """Block ``j``: documents ``j * block .. (j + 1) * block``. ``colbert=False`` skips making
+        the token vectors (most of the cost; ``colbert`` is then None): every other array is the
+        same, since the vectors draw no random numbers."""
+        if self._cache is not None and self._cache[0] == j and (self._cache[1].colbert is not None or not colbert):
             return self._cache[1]
         import scipy.sparse as sp
 
@@ -217,7 +221,7 @@ class Corpus:
         a = np.where(rng.random(len(tt)) < 2 / 3, self.topic_tokens[tt, rng.integers(0, s.topic_pool, len(tt))],
                      rng.integers(0, s.pool, len(tt)))
         b = rng.integers(0, s.pool, len(tt))
-        colbert = self._token_vectors(a, b)
+        cb = self._token_vectors(a, b) if colbert else None
         nw = rng.integers(s.text_words[0], s.text_words[1] + 1, n)
         wt = np.repeat(topics, nw)
         wid = np.where(rng.random(len(wt)) < 1 / 3, self.topic_words[wt, rng.integers(0, 64, len(wt))],
@@ -226,8 +230,9 @@ class Corpus:
         years = rng.integers(YEARS[0], YEARS[1] + 1, n)
         langs = rng.choice(len(LANGS), n, p=LANG_P)
         sources = (rng.zipf(1.3, n) - 1) % N_SOURCES
-        blk = Block(j * n, dense, csr, colbert, off, words, topics, years, langs, sources)
-        self._cache = (j, blk)
+        blk = Block(j * n, dense, csr, cb, off, words, topics, years, langs, sources)
+        if colbert:
+            self._cache = (j, blk)
         return blk
 
     def _token_vectors(self, a: np.ndarray, b: np.ndarray, chunk: int = 1024) -> np.ndarray:
@@ -436,6 +441,14 @@ class Queries:
         a, b = self.colbert_offsets[i], self.colbert_offsets[i + 1]
         return Encoded(dense=self.dense[i:i + 1], sparse=self.sparse[i:i + 1], colbert=self.colbert[a:b],
                        colbert_offsets=np.array([0, b - a], np.int64), n_tokens=np.array([b - a + 1], np.int64))
+
+    def encoded(self):
+        """Every query as one :class:`Encoded` batch."""
+        from hybridsearch.representations import Encoded
+
+        return Encoded(dense=self.dense, sparse=self.sparse, colbert=self.colbert,
+                       colbert_offsets=self.colbert_offsets,
+                       n_tokens=(np.diff(self.colbert_offsets) + 1).astype(np.int64))
 
     @classmethod
     def from_list(cls, qs: list[dict], vocab: int) -> Queries:
@@ -793,8 +806,174 @@ def w_milvus_serve(a: dict) -> dict:
     return out
 
 
+def _recall(found: list, truth: list) -> float:
+    """Mean over queries of |found ∩ truth| / |truth| (top-10 id sets)."""
+    r = [len(set(f) & set(t)) / max(len(t), 1) for f, t in zip(found, truth) if len(t)]
+    return float(np.mean(r)) if r else float("nan")
+
+
+def w_versus(a: dict) -> dict:
+    """Every channel against its anchor, on the same rows and queries, in this one fresh process
+    (so rounds interleave and ratios compare like with like):
+
+    * dense: ours (the index's structure) vs bare FAISS ``IndexFlatIP`` (exact; its top 10 is the
+      truth for recall) and bare FAISS ``HNSW32`` (up to ``hnsw_max_docs``), one thread;
+    * bm25: ours vs bm25s ('lucene', k1 1.2, b 0.75) with its numpy and numba backends;
+    * sparse: ours (kernel auto) vs the exhaustive term-at-a-time kernel (``kernel="taat"``);
+    * colbert: ours (first stage + exact MaxSim) vs the exhaustive MaxSim over every token, on
+      ``colbert_exhaustive_queries`` queries (minutes each at 1M);
+    * hybrid: ours (every channel).
+
+    Single queries, k=10: p50/p99 over ``rounds`` interleaved rounds; batched: all queries in one
+    call, queries/s (median of the rounds); recall@10 of ours against the exact anchor."""
+    import gc
+
+    import faiss
+
+    from hybridsearch import HybridIndex
+    from suite.report import interleaved
+
+    shape, n = _shape(a), a["docs"]
+    corpus = Corpus(shape, a["seed"])
+    Q = Queries.load(Path(a["queries_dir"]), shape, n)
+    nq, rounds = min(a["queries"], len(Q)), a.get("rounds", 3)
+    out = {"queries": nq, "rounds": rounds, "systems": {}, "batch": {}, "recall": {}, "build": {}, "notes": []}
+    faiss.omp_set_num_threads(1)
+    t = time.perf_counter()
+    flat = faiss.IndexFlatIP(shape.dim)
+    texts: list[str] = []
+    for j in range(-(-n // shape.block)):
+        blk = corpus.block(j, colbert=False)
+        m = min(shape.block, n - j * shape.block)
+        flat.add(np.ascontiguousarray(blk.dense[:m]))
+        texts.extend(blk.texts()[:m])
+    out["build"]["regenerate dense + texts s"] = time.perf_counter() - t
+    qd = np.ascontiguousarray(Q.dense[:nq])
+    qtexts = Q.texts[:nq]
+    _, gt = flat.search(qd, 10)
+    truth = {"dense": [[f"d{x}" for x in row if x >= 0] for row in gt.tolist()]}
+    hnsw = None
+    if n <= a.get("hnsw_max_docs", 0):
+        t = time.perf_counter()
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        hnsw = faiss.IndexHNSWFlat(shape.dim, 32, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = 40
+        for j in range(-(-n // shape.block)):
+            blk = corpus.block(j, colbert=False)
+            hnsw.add(np.ascontiguousarray(blk.dense[:min(shape.block, n - j * shape.block)]))
+        faiss.omp_set_num_threads(1)
+        out["build"]["bare FAISS HNSW32 (efConstruction 40, all cores) s"] = time.perf_counter() - t
+        hnsw.hnsw.efSearch = a.get("hnsw_ef", 64)
+    else:
+        out["notes"].append(f"bare FAISS HNSW32 not built at {n:,} documents (--versus-hnsw-max-docs "
+                            f"{a.get('hnsw_max_docs', 0):,})")
+    bm = {}
+    try:
+        import bm25s
+
+        toks = bm25s.tokenize(texts, stopwords=None, show_progress=False)
+        for label, backend in (("bm25s", "numpy"), ("bm25s (numba backend)", "numba")):
+            t = time.perf_counter()
+            r = bm25s.BM25(method="lucene", k1=1.2, b=0.75, backend=backend)
+            r.index(toks, show_progress=False)
+            out["build"][f"{label} index s"] = time.perf_counter() - t
+            bm[label] = r
+        del toks
+    except ImportError:
+        out["notes"].append("bm25s is not installed: no BM25 anchor")
+    del texts
+    gc.collect()
+    enc = load_encoder(a["model"])
+    idx = HybridIndex.open(a["index"], enc)
+
+    def ours(mode, **kw):
+        return lambda i: idx.search(Q.texts[i], k=10, mode=mode, query_encoded=Q.row(i), **kw)
+
+    def ids(hits):
+        return [h.id for h in hits]
+
+    systems = {"ours dense": (ours("dense"), nq), "bare FAISS IndexFlatIP (exact)": (
+        lambda i: flat.search(qd[i:i + 1], 10), nq)}
+    if hnsw is not None:
+        systems[f"bare FAISS HNSW32 (efSearch {hnsw.hnsw.efSearch})"] = (lambda i: hnsw.search(qd[i:i + 1], 10), nq)
+    if "bm25" in idx.channels:
+        systems["ours bm25"] = (ours("bm25"), nq)
+    for label, r in bm.items():
+        systems[label] = (lambda i, r=r: r.retrieve(bm25s.tokenize(qtexts[i:i + 1], stopwords=None,
+                                                                   show_progress=False), k=10,
+                                                    show_progress=False, n_threads=1), nq)
+    state = idx._current()  # the exhaustive sparse kernel is a segment-level option (private path)
+    if "sparse" in idx.channels:
+        systems["ours sparse"] = (ours("sparse"), nq)
+        systems["sparse, exhaustive TAAT kernel (segments, private path)"] = (
+            lambda i: [s.sparse.search(Q.sparse[i:i + 1], 10, s.rows_mask(None), kernel="taat")
+                       for s in state.segments], nq)
+    if "colbert" in idx.channels:
+        systems["ours colbert"] = (ours("colbert"), nq)
+    systems["ours hybrid"] = (ours("hybrid"), nq)
+    lat = interleaved(systems, rounds)
+    for name, L in lat.items():
+        out["systems"][name] = {"p50": float(np.median(L.p50s)), "p99": float(np.median(L.p99s)),
+                                "p50s": L.p50s, "queries": nq}
+    # recall@10 against the exact anchors
+    found = {m: [ids(idx.search(Q.texts[i], k=10, mode=m, query_encoded=Q.row(i))) for i in range(nq)]
+             for m in ("dense", "sparse", "bm25", "colbert", "hybrid") if m == "hybrid" or m in idx.channels}
+    out["recall"]["ours dense vs exact Flat"] = _recall(found["dense"], truth["dense"])
+    if hnsw is not None:
+        _, hi = hnsw.search(qd, 10)
+        out["recall"]["bare FAISS HNSW32 vs exact Flat"] = _recall(
+            [[f"d{x}" for x in row if x >= 0] for row in hi.tolist()], truth["dense"])
+    if "sparse" in found:
+        from hybridsearch.index.hybrid import _docnos
+
+        parts = [(sc, _docnos(sg, ix)) for sg in state.segments
+                 for sc, ix in [sg.sparse.search(Q.sparse[:nq], 10, sg.rows_mask(None), kernel="taat")]]
+        _, ex = idx._merge(parts, nq, 10)
+        out["recall"]["ours sparse vs exhaustive TAAT"] = _recall(
+            found["sparse"], [[f"d{int(x)}" for x in row if x >= 0] for row in ex.tolist()])
+    for label, r in bm.items():
+        res, _ = r.retrieve(bm25s.tokenize(qtexts, stopwords=None, show_progress=False), k=10,
+                            show_progress=False, n_threads=1)
+        out["recall"][f"ours bm25 vs {label} (top-10 overlap)"] = _recall(
+            found.get("bm25", []), [[f"d{int(x)}" for x in row] for row in np.asarray(res).tolist()])
+    if "colbert" in idx.channels:
+        nx = min(a.get("colbert_exhaustive_queries", 3), nq)
+        ts, ex_ids = [], []
+        for i in range(nx):
+            t = time.perf_counter()
+            hits = idx.search(Q.texts[i], k=10, mode="colbert", query_encoded=Q.row(i), **a["colbert_exhaustive_kw"])
+            ts.append(1000 * (time.perf_counter() - t))
+            ex_ids.append(ids(hits))
+        out["systems"]["colbert, exhaustive MaxSim over every token"] = {
+            "p50": float(np.median(ts)), "p99": float(max(ts)), "p50s": ts, "queries": nx}
+        out["recall"]["ours colbert vs exhaustive MaxSim"] = _recall(found["colbert"][:nx], ex_ids)
+    # batched: every query in one call
+    Qall = Queries(Q.dense[:nq], Q.sparse[:nq], Q.colbert[:Q.colbert_offsets[nq]], Q.colbert_offsets[:nq + 1],
+                   Q.texts[:nq], Q.sources[:nq])
+    batch = {f"ours {m}": (lambda m=m: idx.search(list(qtexts), k=10, mode=m, query_encoded=Qall.encoded()))
+             for m in ("dense", "sparse", "bm25", "hybrid") if m == "hybrid" or m in idx.channels}
+    batch["bare FAISS IndexFlatIP (exact)"] = lambda: flat.search(qd, 10)
+    if hnsw is not None:
+        batch["bare FAISS HNSW32"] = lambda: hnsw.search(qd, 10)
+    for label, r in bm.items():
+        batch[label] = (lambda r=r: r.retrieve(bm25s.tokenize(qtexts, stopwords=None, show_progress=False), k=10,
+                                               show_progress=False, n_threads=1))
+    bt = {k_: [] for k_ in batch}
+    for fn in batch.values():
+        fn()
+    for _ in range(rounds):
+        for label, fn in batch.items():
+            t = time.perf_counter()
+            fn()
+            bt[label].append(nq / (time.perf_counter() - t))
+    out["batch"] = {k_: float(np.median(v)) for k_, v in bt.items()}
+    out["structures"] = [s.dense_factory if hasattr(s, "dense_factory") else "?" for s in state.segments]
+    idx.close()
+    return out
+
+
 WORKERS = {"build": w_build, "serve": w_serve, "compact": w_compact, "milvus_build": w_milvus_build,
-           "milvus_serve": w_milvus_serve}
+           "milvus_serve": w_milvus_serve, "versus": w_versus}
 
 
 def run_worker(kind: str, args: dict, log, rss_cap_mib: float, timeout_s: float = 6 * 3600) -> dict:
@@ -886,6 +1065,12 @@ class Options:
     work: str | None = None      # where the index is built (None: the caller's temporary folder)
     keep: bool = False
     command: str = ""
+    reuse: str | None = None     # a kept run folder (index/, queries/, build.json): no build
+    compact_first: bool = False  # compact() before serving (an older index is rewritten in today's format)
+    versus: bool = True          # the per-channel anchors (w_versus)
+    versus_queries: int = 30
+    hnsw_max_docs: int = 1_000_000
+    colbert_exhaustive_queries: int = 3
 
 
 def _available_mib() -> float:
@@ -918,25 +1103,43 @@ def run_size(n: int, o: Options, work: Path, log) -> dict:
            "create": o.create, "storage": opts, "shape": asdict(o.shape), "queries": o.queries,
            "commit": o.commit, "threads": {k: os.environ.get(k, "unset") for k in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")},
            "load_start": os.getloadavg()[0], "cpus": os.cpu_count()}
-    rec["disk_check"] = check_disk(work, n, o.shape, opts, o.commit, milvus, log)
+    rec["disk_check"] = ({"estimate_bytes": 0, "reused": o.reuse} if o.reuse
+                         else check_disk(work, n, o.shape, opts, o.commit, milvus, log))
     cap = o.rss_cap_mib or min(12288.0, 0.6 * _available_mib())
     rec["rss_cap_mib"] = cap
     model = o.model or str(make_model(None, o.shape))
-    folder = Path(tempfile.mkdtemp(prefix=f"scale_m3_{n}_", dir=work))
+    folder = Path(o.reuse) if o.reuse else Path(tempfile.mkdtemp(prefix=f"scale_m3_{n}_", dir=work))
     try:
         base = {"shape": asdict(o.shape), "model": model, "docs": n, "seed": o.seed, "commit": o.commit,
                 "index": str(folder / "index"), "queries_dir": str(folder / "queries"), "queries": o.queries}
-        log(f"scale_m3: {n:,} docs: build (commits of {o.commit:,}) in {folder}")
-        rec["build"] = run_worker("build", {**base, "create": o.create, "min_free_bytes": o.min_free_gib * 2**30,
-                                            "progress_s": o.progress_s, "out": str(folder / "build.json")}, log, cap)
+        if o.reuse:  # the build of an earlier run, kept with --keep
+            rec["build"] = json.loads((folder / "build.json").read_text())
+            rec["build"]["reused"] = str(folder)
+            log(f"scale_m3: {n:,} docs: reusing the index built in {folder}")
+        else:
+            log(f"scale_m3: {n:,} docs: build (commits of {o.commit:,}) in {folder}")
+            rec["build"] = run_worker("build", {**base, "create": o.create, "min_free_bytes": o.min_free_gib * 2**30,
+                                                "progress_s": o.progress_s, "out": str(folder / "build.json")}, log, cap)
         if "failed" in rec["build"]:
             return rec
+        if o.compact_first:
+            log(f"scale_m3: {n:,} docs: compact() first (rewrites the index in this version's format)")
+            rec["compact"] = run_worker("compact", {**base, "out": str(folder / "compact.json")}, log, cap)
+            if "failed" in rec["compact"]:
+                return rec
         rec["du_bytes"], rec["apparent_bytes"] = disk_bytes(folder / "index")
         log(f"scale_m3: {n:,} docs: built in {rec['build']['add_s']:.0f} s; serving in a fresh process")
         rec["serve"] = run_worker("serve", {**base, "colbert_max_docs": o.colbert_max_docs,
                                             "colbert_queries": o.colbert_queries, "colbert_budget_s": o.colbert_budget_s,
                                             "filter_queries": o.filter_queries, "out": str(folder / "serve.json")},
                                   log, cap)
+        if o.versus:
+            log(f"scale_m3: {n:,} docs: every channel against its anchor, in one fresh process")
+            rec["versus"] = run_worker("versus", {**base, "queries": min(o.versus_queries, o.queries),
+                                                  "hnsw_max_docs": o.hnsw_max_docs,
+                                                  "colbert_exhaustive_queries": o.colbert_exhaustive_queries,
+                                                  "colbert_exhaustive_kw": COLBERT_EXHAUSTIVE_KW,
+                                                  "out": str(folder / "versus.json")}, log, max(cap, 16384.0))
         if milvus:
             log(f"scale_m3: {n:,} docs: Milvus Lite on the same rows")
             mb = {**base, "folder": str(folder / "milvus")}
@@ -945,7 +1148,7 @@ def run_size(n: int, o: Options, work: Path, log) -> dict:
                 rec["milvus_serve"] = run_worker("milvus_serve", {**mb, "queries": min(o.queries, 20),
                                                                   "out": str(folder / "ms.json")}, log, cap)
             shutil.rmtree(folder / "milvus", ignore_errors=True)
-        if o.compact:
+        if o.compact and not o.compact_first:
             from hybridsearch import HybridIndex
 
             if hasattr(HybridIndex, "compact"):
@@ -955,7 +1158,7 @@ def run_size(n: int, o: Options, work: Path, log) -> dict:
                     rec["compact"]["du_bytes"] = disk_bytes(folder / "index")[0]
     finally:
         rec["load_end"] = os.getloadavg()[0]
-        if o.keep:
+        if o.keep or o.reuse:
             log(f"scale_m3: kept {folder}")
         else:
             shutil.rmtree(folder, ignore_errors=True)
@@ -1005,7 +1208,7 @@ def _table(header, rows) -> str:
 def render(records: dict) -> tuple[str, list[str]]:
     """Markdown body (tables for every recorded size) and the lines where Milvus Lite beats us."""
     recs = [records[k] for k in sorted(records, key=int)]
-    build, disk, mem, lat, filt, mil, notes, losses = [], [], [], [], [], [], [], []
+    build, disk, mem, lat, filt, mil, notes, losses, versus = [], [], [], [], [], [], [], [], []
     for r in recs:
         n, key = r["docs"], f"{r['docs']:,}"
         s = r["storage"]
@@ -1071,6 +1274,15 @@ def render(records: dict) -> tuple[str, list[str]]:
                 filt.append([key, name, f"{100 * f['fraction']:.0f}%", f["p50_plain"], f["p50_filtered"],
                              f["p50_filtered"] - f["p50_plain"], f["first_ms"], f.get("mask_ms"),
                              f.get("mask_first_ms"), f.get("mask_api", "not exposed"), f["violations"]])
+        vs = r.get("versus")
+        if vs and "failed" in vs:
+            notes.append(f"**{key} documents: the per-channel anchors failed**: {vs['failed']}.")
+        elif vs:
+            versus += _versus_rows(key, vs, losses)
+            notes += [f"{key} documents, anchors: {x}" for x in vs.get("notes", [])]
+            notes.append(f"{key} documents, anchors built in the same process: " + ", ".join(
+                f"{k_} {v_:,.0f}" for k_, v_ in vs["build"].items()) + "; dense structure per segment: "
+                + ", ".join(map(str, vs.get("structures", []))) + ".")
         c = r.get("compact")
         if c and "failed" in c:
             notes.append(f"{key} documents, compact(): {c['failed']}.")
@@ -1134,6 +1346,14 @@ def render(records: dict) -> tuple[str, list[str]]:
             _table(["docs", "process, moment", "RSS", "anonymous"], mem),
             "### Query latency (ms)", _table(["docs", "mode", "p50", "p99", "first call", "queries",
                                               "source in top 10"], lat),
+            *(["### Every channel against its anchor (k=10, same rows and queries, one process)",
+               "Single queries on one thread, p50/p99 per round and the median over interleaved rounds; "
+               "'ratio' is the median over rounds of our p50 / the anchor's (< 1: we are faster; the "
+               "exhaustive ColBERT MaxSim runs on a few queries only, so its ratio is of medians). Batched: "
+               "every query in one call. Recall@10 is against the exact anchor of the channel (for BM25: the "
+               "overlap of the two top-10 lists).",
+               _table(["docs", "channel", "system", "p50 ms", "p99 ms", "batched queries/s", "recall@10",
+                       "ours / it (p50)"], versus)] if versus else []),
             "### Filters (hybrid mode, k=10; filtered minus unfiltered, same queries interleaved)",
             _table(["docs", "filter", "keeps", "unfiltered p50", "filtered p50", "difference", "first filtered call",
                     "mask alone", "mask, first call", "mask API", "hits failing the filter"], filt)]
@@ -1144,6 +1364,56 @@ def render(records: dict) -> tuple[str, list[str]]:
     if losses:
         body += ["### Where Milvus Lite beats us here", "\n".join(f"- {x}" for x in losses)]
     return "\n\n".join(body), losses
+
+
+def _versus_rows(key: str, vs: dict, losses: list) -> list:
+    """Table rows (and loss lines) of one :func:`w_versus` record."""
+    S, B, R = vs["systems"], vs.get("batch", {}), vs.get("recall", {})
+
+    def find(prefix):
+        return next((k_ for k_ in S if k_.startswith(prefix)), None)
+
+    def batch_of(name):
+        return B.get(name) or B.get(name.split(" (efSearch")[0]) or B.get(name.replace(" (exact)", "") + " (exact)")
+
+    groups = [("dense", "ours dense", [("bare FAISS IndexFlatIP", "ours dense vs exact Flat"),
+                                       ("bare FAISS HNSW32", "bare FAISS HNSW32 vs exact Flat")]),
+              ("bm25", "ours bm25", [("bm25s (numba backend)", None), ("bm25s", None)]),
+              ("sparse", "ours sparse", [("sparse, exhaustive TAAT", "ours sparse vs exhaustive TAAT")]),
+              ("colbert", "ours colbert", [("colbert, exhaustive", "ours colbert vs exhaustive MaxSim")]),
+              ("hybrid", "ours hybrid", [])]
+    rows = []
+    for ch, mine, anchors in groups:
+        if mine not in S:
+            continue
+        m = S[mine]
+        rec_key = {"dense": "ours dense vs exact Flat", "sparse": "ours sparse vs exhaustive TAAT",
+                   "colbert": "ours colbert vs exhaustive MaxSim"}.get(ch)
+        if ch == "bm25":
+            rec = "; ".join(f"{v_:.3f} vs {k_.split(' vs ')[1].split(' (top')[0]}" for k_, v_ in R.items()
+                            if k_.startswith("ours bm25 vs"))
+        else:
+            rec = None if rec_key is None else R.get(rec_key)
+        rows.append([key, ch, "hybridsearch (" + mine.split()[1] + ")", m["p50"], m["p99"], batch_of(mine), rec, None])
+        for prefix, rk in anchors:
+            name = prefix if prefix in S else find(prefix)
+            if name is None:
+                continue
+            a_ = S[name]
+            if len(a_["p50s"]) == len(m["p50s"]) and a_["queries"] == m["queries"]:
+                ratio = float(np.median(np.asarray(m["p50s"]) / np.asarray(a_["p50s"])))
+            else:
+                ratio = m["p50"] / a_["p50"]
+            rec_a = R.get(rk) if rk and not rk.startswith("ours") else ("exact" if rk else None)
+            rows.append([key, ch, name, a_["p50"], a_["p99"], batch_of(name), rec_a, ratio])
+            if ratio > 1.0:
+                losses.append(f"{key} docs (BGE-M3 shape), {ch} top-10: ours p50 {m['p50']:.3g} ms vs {name} "
+                              f"{a_['p50']:.3g} ms ({ratio:.2f}x slower" + (", within noise)" if ratio < 1.1 else ")"))
+            bo, ba = batch_of(mine), batch_of(name)
+            if bo and ba and ba > bo:
+                losses.append(f"{key} docs (BGE-M3 shape), batched {ch}: {name} {ba:,.0f} queries/s vs ours "
+                              f"{bo:,.0f} ({ba / bo:.2f}x)")
+    return rows
 
 
 RAW_MARK = "<!-- scale_m3 raw records (read back by bench/suite/scale_m3.py) -->"
