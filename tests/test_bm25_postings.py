@@ -11,6 +11,7 @@ import pytest
 from hybridsearch.errors import IndexFormatError
 from hybridsearch.retrievers import bm25_postings as bp
 from hybridsearch.retrievers.bm25 import BM25Index
+from hybridsearch.retrievers.sparse import _merge_blocks
 
 WORDS = ("alpha beta gamma delta epsilon running runs ran the of cats dog dogs zeta eta theta "
          "iota kappa naïve café 東京大学 ไทยภาษา 한국어 über straße").split()
@@ -80,6 +81,10 @@ def test_fieldnorm_table_is_lucene_small_float():
 
 def test_matches_reference_and_tantivy():
     texts = _texts(1500, 0)
+    # Frequencies past the kernel's table (32) and past the impact byte (255).
+    texts[3] += " kappa" * 40
+    texts[10] += " kappa" * 300 + " beta" * 31
+    texts[11] += " iota" * 33
     p = bp.Bm25Postings.from_texts(texts)
     docs_terms = [bp.document_terms(t) for t in texts]
     for k in (1, 10, 100):
@@ -156,11 +161,12 @@ def test_blocks_and_threads_on_many_rows():
                        ids[order][None])
 
 
-def test_parallel_chunks_match_one_chunk():
+def test_parallel_chunks_and_parts_match_one_chunk():
     texts = _texts(3000, 7)
     p = bp.Bm25Postings.from_texts(texts)
     terms, per_query = bp._analyze(QUERIES)
-    (ids,), weight, cache = bp._statistics([p], terms)
+    (ids,), weight, avg = bp._statistics([p], terms)
+    cache, table = bp._tables(avg)
     q_indptr, q_idx, q_w = [0], [], []
     for entries in per_query:
         for ti, c in entries:
@@ -168,21 +174,49 @@ def test_parallel_chunks_match_one_chunk():
                 q_idx.append(ids[ti])
                 q_w.append(weight[ti] * c)
         q_indptr.append(len(q_idx))
-    args = (p.indptr, p.docs, p.tf, p.norms, cache, np.array(q_indptr, np.int64),
-            np.array(q_idx, np.int32), np.array(q_w, np.float32), np.zeros(0, bool), False,
-            p.n_docs, 1024, 3)  # 1024-row blocks: 3 blocks per query
-    n_items = len(QUERIES) * 3
+    q_ub = np.full(len(q_idx), 1e30)  # loose bounds: never prunes, still exact
     outs = []
-    for chunks in (1, 4):
+    for prune, n_parts, chunks in ((False, 1, 1), (True, 1, 4), (False, 2, 3), (True, 3, 2)):
+        args = (p.indptr, p.docs, p.impact, p.tf, cache, table, np.array(q_indptr, np.int64),
+                np.array(q_idx, np.int32), np.array(q_w, np.float32), q_ub, np.zeros(0, bool),
+                False, prune, p.n_docs, 1024, n_parts)  # 1024-row blocks: 3 per query
+        n_items = len(QUERIES) * n_parts
         s = np.zeros((n_items, 10), np.float32)
         i = np.full((n_items, 10), -1, np.int64)
+        acc = np.zeros((chunks, 1024), np.float32)
+        scratch = (acc, np.zeros((chunks, 1024), np.int32), np.zeros((chunks, 1024), np.int32))
         if chunks == 1:
-            bp._bm25_items(*args, 0, n_items, s, i)
+            bp._bm25_items(*args, 0, n_items, s, i, *(a[0] for a in scratch))
         else:
-            bp._bm25_parallel(*args, chunks, s, i)
+            bp._bm25_parallel(*args, chunks, s, i, *scratch)
+        assert not acc.any()
+        if n_parts > 1:
+            s2 = np.zeros((len(QUERIES), 10), np.float32)
+            i2 = np.full((len(QUERIES), 10), -1, np.int64)
+            _merge_blocks(s, i, n_parts, s2, i2)
+            s, i = s2, i2
         outs.append((s, i))
-    np.testing.assert_array_equal(outs[0][0], outs[1][0])
-    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    for s, i in outs[1:]:
+        np.testing.assert_array_equal(outs[0][0], s)
+        np.testing.assert_array_equal(outs[0][1], i)
+
+
+def test_pruning_gives_the_same_hits():
+    # Zipf words: queries mixing rare and very common terms, where MaxScore skips most postings.
+    rng = np.random.default_rng(8)
+    n, vocab = 40_000, 3000
+    words = rng.zipf(1.1, (n, 30)) % vocab
+    docs_terms = [[f"w{w}" for w in row[: rng.integers(5, 30)]] for row in words]
+    p = bp.Bm25Postings.from_terms(docs_terms)
+    qw = rng.zipf(1.1, (60, 6)) % vocab
+    queries = [" ".join(f"w{w}" for w in row) for row in qw]
+    allowed = rng.random(n) < 0.7
+    for k in (1, 10, 50):
+        for mask in (None, [allowed]):
+            (s0, i0), = bp.search([p], queries, k, mask, prune=False)
+            (s1, i1), = bp.search([p], queries, k, mask, prune=True)
+            np.testing.assert_array_equal(s0, s1)
+            np.testing.assert_array_equal(i0, i1)
 
 
 def test_save_load_and_merge(tmp_path):
@@ -194,8 +228,8 @@ def test_save_load_and_merge(tmp_path):
     a2 = bp.Bm25Postings.load(tmp_path / "a", n_docs=500)
     b2 = bp.Bm25Postings.load(tmp_path / "b", mmap=False)
     for x, y in ((a, a2), (b, b2)):
-        for attr in ("term_hash", "term_blob", "term_offsets", "indptr", "docs", "tf", "lengths",
-                     "term_bound"):
+        for attr in ("term_hash", "term_blob", "term_offsets", "indptr", "docs", "tf", "impact",
+                     "lengths", "term_bound"):
             np.testing.assert_array_equal(getattr(x, attr), getattr(y, attr))
     rng = np.random.default_rng(5)
     keep_a = np.flatnonzero(rng.random(500) < 0.6)
@@ -205,8 +239,8 @@ def test_save_load_and_merge(tmp_path):
     m = bp.Bm25Postings.load(tmp_path / "m")
     kept = [texts[r] for r in keep_a] + [texts[500 + r] for r in keep_b]
     want = bp.Bm25Postings.from_texts(kept)
-    for attr in ("term_hash", "term_blob", "term_offsets", "indptr", "docs", "tf", "lengths",
-                 "term_bound"):
+    for attr in ("term_hash", "term_blob", "term_offsets", "indptr", "docs", "tf", "impact",
+                 "lengths", "term_bound"):
         np.testing.assert_array_equal(getattr(m, attr), getattr(want, attr), err_msg=attr)
 
 
@@ -257,6 +291,7 @@ def _saved(tmp_path):
 
 @pytest.mark.parametrize("name,value", [
     ("bm25_tf.npy", "zero_tf"),
+    ("bm25_impact.npy", "inconsistent"),
     ("bm25_docs.npy", "out_of_range"),
     ("bm25_docs.npy", "unsorted"),
     ("bm25_indptr.npy", "decreasing"),
@@ -275,6 +310,10 @@ def test_hostile_files_raise_index_format_error(tmp_path, name, value):
     elif value == "zero_tf":
         a = np.array(p.tf)
         a[7] = 0
+        np.save(path, a)
+    elif value == "inconsistent":
+        a = np.array(p.impact)
+        a[5] ^= 1
         np.save(path, a)
     elif value == "out_of_range":
         a = np.array(p.docs)

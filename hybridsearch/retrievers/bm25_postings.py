@@ -32,6 +32,9 @@ postings, ``n`` rows):
 * ``bm25_indptr.npy``         (V + 1,) int64: term ``t`` owns postings ``indptr[t]:indptr[t+1]``;
 * ``bm25_docs.npy``           (nnz,) int32 rows, strictly ascending within a term;
 * ``bm25_tf.npy``             (nnz,) int32 term frequencies, >= 1;
+* ``bm25_impact.npy``         (nnz,) uint16 ``min(tf, 255) << 8 | fieldnorm code of the row``:
+  what the kernel reads per posting (two bytes, no look-up into the rows); ``tf`` itself is read
+  only where ``tf >= 32``;
 * ``bm25_lengths.npy``        (n,) int32 document lengths in terms (the field norm's input);
 * ``bm25_term_bound.npy``     (V, 2) int32: each term's largest tf and the smallest length of a
   document holding it. ``tf / (tf + k1 * (1 - b + b * fieldnorm(minlen) / avg))`` at the largest
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,8 +60,17 @@ from numba import njit, prange
 
 from ..errors import IndexFormatError
 from .bm25 import _split_scripts, _text_analyzer, analyze_query
-from .sparse import (BLOCK_DOCS, PARALLEL_MIN_POSTINGS, _check_allowed, _check_k, _heap_drain,
-                     _heap_push, _merge_blocks, _readonly)
+from .sparse import (
+    BLOCK_DOCS,
+    PARALLEL_MIN_POSTINGS,
+    _check_allowed,
+    _check_k,
+    _gallop,
+    _heap_drain,
+    _heap_push,
+    _merge_blocks,
+    _readonly,
+)
 
 __all__ = ["B", "FIELDNORM_TABLE", "FILES", "K1", "Bm25Postings", "document_terms",
            "fieldnorm_ids", "merge_bm25", "reference_scores", "search"]
@@ -66,7 +79,11 @@ K1 = 1.2
 B = 0.75
 PREFIX = "bm25_"
 FILES = tuple(PREFIX + n for n in ("terms.bin", "term_offsets.npy", "term_hash.npy", "indptr.npy",
-                                   "docs.npy", "tf.npy", "lengths.npy", "term_bound.npy"))
+                                   "docs.npy", "tf.npy", "impact.npy", "lengths.npy",
+                                   "term_bound.npy"))
+# Postings with tf below TABLE_TF read their factor tf / (tf + norm) from a per-search table of
+# TABLE_TF * 256 float32 (32 KiB: stays in L1) instead of dividing.
+TABLE_TF = 32
 MAX_LENGTH = (1 << 31) - 1
 
 
@@ -123,91 +140,232 @@ def _hash_terms(terms: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndar
 # ----------------------------------------------------------------------------- scoring kernel
 
 
+@njit(cache=True, inline="always")
+def _factor(impact, tfs, p, cache, table):
+    """``tf / (tf + cache[code])`` of posting ``p``: from the table while tf < TABLE_TF."""
+    key = impact[p]
+    if key < table.shape[0]:
+        return table[key]
+    tf = np.float32(tfs[p])
+    return tf / (tf + cache[key & 255])
+
+
 @njit(cache=True)
-def _bm25_items(indptr, docs, tfs, norms, cache, q_indptr, q_idx, q_w, allowed, use_allowed,
-                n_docs, block, n_blocks, item_lo, item_hi, out_s, out_i):
-    """Score work items ``[item_lo, item_hi)``; item ``q * n_blocks + b`` is query ``q`` over the
-    rows of block ``b``. A posting adds ``w * tf / (tf + cache[norms[row]])`` (float32, the
-    query's entries in order). Writes each item's top-k into its output row."""
+def _offer_block(acc, width, d_lo, allowed, use_allowed, k, size, hs, hi):
+    """Offer the block's allowed rows with a positive sum to the heap; returns its size. Once
+    the heap is full, runs of 64 rows none of which beats its worst entry are skipped after one
+    branch-free (vectorised) comparison: rows come in ascending order, so a tie loses too."""
+    for c0 in range(0, width, 64):
+        c1 = min(c0 + 64, width)
+        if size == k:
+            worst = hs[0]
+            hit = False
+            for d in range(c0, c1):
+                hit |= acc[d] > worst
+            if not hit:
+                continue
+        for d in range(c0, c1):
+            s = acc[d]
+            if s <= 0.0 or (size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0]))):
+                continue
+            if use_allowed and not allowed[d_lo + d]:
+                continue
+            size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
+    return size
+
+
+@njit(cache=True)
+def _kth_with(hs, hi, size, k, acc, touched, n_touched, d_lo, allowed, use_allowed, ths, thi):
+    """The k-th best of the heap's entries and the block's partial sums (0.0 while fewer than
+    ``k``): partial sums only grow, so it is a lower bound of the final k-th score."""
+    ths[:size] = hs[:size]
+    thi[:size] = hi[:size]
+    t = size
+    for j in range(n_touched):
+        d = touched[j]
+        s = acc[d]
+        if t == k and s <= ths[0]:
+            continue
+        if use_allowed and not allowed[d_lo + d]:
+            continue
+        t = _heap_push(ths, thi, t, k, s, np.int64(d_lo + d))
+    return np.float64(ths[0]) if t == k else 0.0
+
+
+@njit(cache=True)
+def _bm25_items(indptr, docs, impact, tfs, cache, table, q_indptr, q_idx, q_w, q_ub, allowed,
+                use_allowed, prune, n_docs, block, n_parts, item_lo, item_hi, out_s, out_i, acc,
+                touched, cand):
+    """Score work items ``[item_lo, item_hi)``; item ``q * n_parts + j`` is query ``q`` over the
+    blocks ``b`` of ``block`` rows with ``b % n_parts == j``, whose top-k (k = out_s.shape[1])
+    goes to output row ``item``. A posting adds ``w * tf / (tf + cache[code])`` (float32).
+
+    A query's entries are scored shortest list first (rare terms, the largest idf), term at a
+    time. With ``prune``, before each next list that holds more postings than twice the rows
+    touched so far, the k-th best score so far (heap and partial sums) is compared with the
+    bounds ``q_ub`` of the entries left: when they sum below it, no untouched row can enter
+    the top-k, so the rest of the lists are only searched for the touched rows whose partial
+    sum plus those bounds can still reach it (MaxScore, term at a time), and such rows are
+    dropped as the bounds left shrink. Sums are added in the same order either way, so the
+    scores are the same float32 numbers with or without pruning.
+
+    Scratch: ``acc`` float32 (all zero on entry, left so), ``touched`` and ``cand`` int32,
+    ``block`` entries each."""
     k = out_s.shape[1]
-    acc = np.zeros(block, np.float32)
-    touched = np.empty(block, np.int32)
     hs = np.empty(k, np.float32)
     hi = np.empty(k, np.int64)
+    ths = np.empty(k, np.float32)
+    thi = np.empty(k, np.int64)
     max_terms = 0
     for item in range(item_lo, item_hi):
-        q = item // n_blocks
+        q = item // n_parts
         max_terms = max(max_terms, q_indptr[q + 1] - q_indptr[q])
     starts = np.empty(max_terms, np.int64)
     ends = np.empty(max_terms, np.int64)
+    lens = np.empty(max_terms, np.int64)
+    n_blocks = -(-n_docs // block)
     for item in range(item_lo, item_hi):
-        q = item // n_blocks
-        d_lo = (item % n_blocks) * block
-        width = min(d_lo + block, n_docs) - d_lo
+        q = item // n_parts
         e0 = q_indptr[q]
         n_terms = q_indptr[q + 1] - e0
-        total = 0
+        slack = 1.0 + (n_terms + 2) * 2.0 ** -20
         for e in range(n_terms):
             t = q_idx[e0 + e]
-            p_lo = indptr[t]
-            p_hi = indptr[t + 1]
-            if n_blocks > 1:
-                p_lo += np.searchsorted(docs[p_lo:p_hi], d_lo)
-                p_hi = p_lo + np.searchsorted(docs[p_lo:p_hi], d_lo + width)
-            starts[e] = p_lo
-            ends[e] = p_hi
-            total += p_hi - p_lo
+            lens[e] = indptr[t + 1] - indptr[t]
+        order = np.argsort(lens[:n_terms], kind="mergesort")
         size = 0
-        if total * 4 >= width:
-            # Most rows touched: no bookkeeping, scan the block afterwards.
+        for b in range(item % n_parts, n_blocks, n_parts):
+            d_lo = b * block
+            width = min(d_lo + block, n_docs) - d_lo
+            left = 0
             for e in range(n_terms):
-                w = q_w[e0 + e]
-                for p in range(starts[e], ends[e]):
-                    d = docs[p]
-                    tf = np.float32(tfs[p])
-                    acc[np.uint32(d - d_lo)] += w * (tf / (tf + cache[norms[d]]))
-            for d in range(width):
-                s = acc[d]
-                if s <= 0.0 or (size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0]))):
-                    continue
-                if use_allowed and not allowed[d_lo + d]:
-                    continue
-                size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
-            acc[:width] = 0.0
-        else:
+                t = q_idx[e0 + e]
+                p_lo = indptr[t]
+                p_hi = indptr[t + 1]
+                if n_blocks > 1:
+                    p_lo += np.searchsorted(docs[p_lo:p_hi], d_lo)
+                    p_hi = p_lo + np.searchsorted(docs[p_lo:p_hi], d_lo + width)
+                starts[e] = p_lo
+                ends[e] = p_hi
+                left += p_hi - p_lo
+            rest = 0.0
+            for e in range(n_terms):
+                rest += q_ub[e0 + e]
             n_touched = 0
-            for e in range(n_terms):
+            n_cand = -1  # -1: every row can still enter; else cand[:n_cand] can
+            theta = 0.0
+            for oi in range(n_terms):
+                e = order[oi]
                 w = q_w[e0 + e]
-                for p in range(starts[e], ends[e]):
-                    d = docs[p]
-                    tf = np.float32(tfs[p])
-                    r = np.uint32(d - d_lo)
-                    old = acc[r]
-                    acc[r] = old + w * (tf / (tf + cache[norms[d]]))
-                    # Every contribution is > 0: a row leaves 0 once, recorded once.
-                    if old == 0.0:
-                        touched[n_touched] = r
-                        n_touched += 1
-            for j in range(n_touched):
-                d = touched[j]
-                s = acc[d]
-                acc[d] = 0.0
-                if size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0])):
+                n_post = ends[e] - starts[e]
+                if prune and n_cand < 0 and oi > 0 and left > 2 * n_touched:
+                    theta = _kth_with(hs, hi, size, k, acc, touched, n_touched, d_lo, allowed,
+                                      use_allowed, ths, thi)
+                    if theta > 0.0 and rest * slack < theta:
+                        n_cand = 0
+                        for j in range(n_touched):
+                            d = touched[j]
+                            if (acc[d] + rest) * slack >= theta and not (
+                                    use_allowed and not allowed[d_lo + d]):
+                                cand[n_cand] = d
+                                n_cand += 1
+                        cand[:n_cand].sort()
+                left -= n_post
+                rest -= q_ub[e0 + e]
+                if n_cand < 0:
+                    for p in range(starts[e], ends[e]):
+                        r = np.uint32(docs[p] - d_lo)
+                        old = acc[r]
+                        acc[r] = old + w * _factor(impact, tfs, p, cache, table)
+                        # Every contribution is > 0: a row leaves 0 once, recorded once.
+                        if old == 0.0:
+                            touched[n_touched] = r
+                            n_touched += 1
                     continue
-                if use_allowed and not allowed[d_lo + d]:
-                    continue
-                size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
+                p = starts[e]
+                m = 0
+                for j in range(n_cand):
+                    d = cand[j]
+                    p = _gallop(docs, p, ends[e], d_lo + d)
+                    if p < ends[e] and docs[p] == d_lo + d:
+                        acc[d] += w * _factor(impact, tfs, p, cache, table)
+                    if (acc[d] + rest) * slack >= theta:
+                        cand[m] = d
+                        m += 1
+                n_cand = m
+            if n_cand >= 0:
+                for j in range(n_cand):
+                    d = cand[j]
+                    s = acc[d]
+                    if size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0])):
+                        continue
+                    size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
+                for j in range(n_touched):
+                    acc[touched[j]] = 0.0
+            elif n_touched * 4 >= width:
+                size = _offer_block(acc, width, d_lo, allowed, use_allowed, k, size, hs, hi)
+                acc[:width] = 0.0
+            else:
+                for j in range(n_touched):
+                    d = touched[j]
+                    s = acc[d]
+                    acc[d] = 0.0
+                    if size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0])):
+                        continue
+                    if use_allowed and not allowed[d_lo + d]:
+                        continue
+                    size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
         _heap_drain(hs, hi, size, out_s[item], out_i[item])
 
 
 @njit(cache=True, parallel=True)
-def _bm25_parallel(indptr, docs, tfs, norms, cache, q_indptr, q_idx, q_w, allowed, use_allowed,
-                   n_docs, block, n_blocks, n_chunks, out_s, out_i):
+def _bm25_parallel(indptr, docs, impact, tfs, cache, table, q_indptr, q_idx, q_w, q_ub, allowed,
+                   use_allowed, prune, n_docs, block, n_parts, n_chunks, out_s, out_i, acc,
+                   touched, cand):
     n_items = out_s.shape[0]
     for c in prange(n_chunks):
-        _bm25_items(indptr, docs, tfs, norms, cache, q_indptr, q_idx, q_w, allowed, use_allowed,
-                    n_docs, block, n_blocks, c * n_items // n_chunks,
-                    (c + 1) * n_items // n_chunks, out_s, out_i)
+        _bm25_items(indptr, docs, impact, tfs, cache, table, q_indptr, q_idx, q_w, q_ub,
+                    allowed, use_allowed, prune, n_docs, block, n_parts,
+                    c * n_items // n_chunks, (c + 1) * n_items // n_chunks, out_s, out_i,
+                    acc[c], touched[c], cand[c])
+
+
+_local = threading.local()
+
+
+def _scratch(n_chunks: int, width: int):
+    """``(acc, touched, cand)`` scratch, ``(n_chunks, width)`` each, kept per calling thread:
+    allocating and first touching 64k-entry buffers costs more than a small query. The kernel
+    leaves ``acc`` zero; it is zeroed again only if the last call did not finish."""
+    arrays = getattr(_local, "arrays", None)
+    if arrays is None or arrays[0].shape[0] < n_chunks or arrays[0].shape[1] < width:
+        arrays = (np.zeros((n_chunks, width), np.float32), np.empty((n_chunks, width), np.int32),
+                  np.empty((n_chunks, width), np.int32))
+        _local.arrays = arrays
+    elif not getattr(_local, "clean", True):
+        arrays[0][:] = 0.0
+    _local.clean = False
+    return tuple(x[:n_chunks, :width] for x in arrays)
+
+
+_TABLES: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _tables(avg: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """``(cache (256,), table (TABLE_TF * 256,))`` float32 for an average length: ``cache[c] =
+    k1 * (1 - b + b * FIELDNORM_TABLE[c] / avg)`` and ``table[tf << 8 | c] = tf / (tf +
+    cache[c])``, computed in float32 as the kernel would. Kept for the last few averages."""
+    got = _TABLES.get(float(avg))
+    if got is None:
+        f32 = np.float32
+        cache = (f32(K1) * (f32(1.0 - B) + f32(B) * FIELDNORM_TABLE.astype(f32) / avg)).astype(f32)
+        tf = np.arange(TABLE_TF, dtype=f32)[:, None]
+        table = (tf / (tf + cache[None, :])).astype(f32).ravel()
+        got = (_readonly(cache), _readonly(table))
+        if len(_TABLES) > 16:
+            _TABLES.clear()
+        _TABLES[float(avg)] = got
+    return got
 
 
 # ----------------------------------------------------------------------------- one segment
@@ -218,21 +376,22 @@ class Bm25Postings:
     :meth:`load` or :func:`merge_bm25`.
 
     Attributes: ``term_hash`` (V,) uint64, ``term_blob`` (B,) uint8, ``term_offsets`` (V + 1,)
-    int64, ``indptr`` (V + 1,) int64, ``docs`` (nnz,) int32, ``tf`` (nnz,) int32, ``lengths``
-    (n,) int32, ``term_bound`` (V, 2) int32; derived on construction: ``norms`` (n,) uint8
-    field-norm codes and ``total_length`` (int, the sum of ``lengths``).
+    int64, ``indptr`` (V + 1,) int64, ``docs`` (nnz,) int32, ``tf`` (nnz,) int32, ``impact``
+    (nnz,) uint16, ``lengths`` (n,) int32, ``term_bound`` (V, 2) int32; derived on
+    construction: ``total_length`` (int, the sum of ``lengths``).
     """
 
-    def __init__(self, term_hash, term_blob, term_offsets, indptr, docs, tf, lengths, term_bound):
+    def __init__(self, term_hash, term_blob, term_offsets, indptr, docs, tf, impact, lengths,
+                 term_bound):
         self.term_hash = _readonly(term_hash)
         self.term_blob = _readonly(term_blob)
         self.term_offsets = _readonly(term_offsets)
         self.indptr = _readonly(indptr)
         self.docs = _readonly(docs)
         self.tf = _readonly(tf)
+        self.impact = _readonly(impact)
         self.lengths = _readonly(lengths)
         self.term_bound = _readonly(term_bound)
-        self.norms = _readonly(fieldnorm_ids(self.lengths))
         self.total_length = int(np.asarray(self.lengths).sum(dtype=np.int64))
 
     @property
@@ -283,15 +442,16 @@ class Bm25Postings:
         new_blob = (np.concatenate([blob[offsets[i]:offsets[i + 1]] for i in order])
                     if len(vocab) else np.zeros(0, np.uint8))
         tf = tf.astype(np.int32)
-        bound = _term_bound(indptr, docs, tf, lens.astype(np.int32))
-        return cls(hashes[order], new_blob, new_off, indptr, docs, tf, lens.astype(np.int32),
-                   bound)
+        lens = lens.astype(np.int32)
+        bound = _term_bound(indptr, docs, tf, lens)
+        return cls(hashes[order], new_blob, new_off, indptr, docs, tf,
+                   _impact(tf, fieldnorm_ids(lens)[docs]), lens, bound)
 
     def save(self, folder: str | os.PathLike) -> list[str]:
         """Write :data:`FILES` into ``folder`` (not fsynced); returns their names."""
         folder = Path(folder)
         arrays = (self.term_offsets, self.term_hash, self.indptr, self.docs, self.tf,
-                  self.lengths, self.term_bound)
+                  self.impact, self.lengths, self.term_bound)
         with open(folder / FILES[0], "wb") as f:
             f.write(np.asarray(self.term_blob).tobytes())
         for name, a in zip(FILES[1:], arrays):
@@ -307,7 +467,7 @@ class Bm25Postings:
         Headers first (no links, dtypes, shapes, sizes; ``lengths`` (n,) with ``n == n_docs``
         when given), then O(V) checks of the offsets and hashes, then with ``check_postings``
         one chunked pass: rows in ``[0, n)`` ascending strictly within each term, tf >= 1,
-        lengths >= 0. Every problem is an :class:`IndexFormatError` naming the file.
+        impacts equal to what tf and the row's length give, lengths >= 0. Every problem is an :class:`IndexFormatError` naming the file.
         """
         from ..index.storage import _open_nofollow, load_npy, npy_chunks, read_npy_header
 
@@ -323,6 +483,7 @@ class Bm25Postings:
         read_npy_header(p["bm25_term_bound.npy"], np.int32, (v, 2))
         docs_shape, _, _ = read_npy_header(p["bm25_docs.npy"], np.int32, (None,))
         read_npy_header(p["bm25_tf.npy"], np.int32, docs_shape)
+        read_npy_header(p["bm25_impact.npy"], np.uint16, docs_shape)
         len_shape, _, _ = read_npy_header(p["bm25_lengths.npy"], np.int32,
                                           (None if n_docs is None else int(n_docs),))
         n, nnz = len_shape[0], docs_shape[0]
@@ -351,14 +512,21 @@ class Bm25Postings:
                                    ">= 0")
         if check_postings and nnz:
             _check_rows(p["bm25_docs.npy"], indptr, n, npy_chunks)
-            for a in npy_chunks(p["bm25_tf.npy"], np.int32):
+            codes = fieldnorm_ids(lengths)
+            for d, a, m in zip(npy_chunks(p["bm25_docs.npy"], np.int32),
+                               npy_chunks(p["bm25_tf.npy"], np.int32),
+                               npy_chunks(p["bm25_impact.npy"], np.uint16)):
                 if a.min() < 1:
                     raise IndexFormatError(f"index file corrupted: {p['bm25_tf.npy']}: term "
                                            "frequencies must be >= 1")
+                if not np.array_equal(m, _impact(a, codes[d])):
+                    raise IndexFormatError(f"index file corrupted: {p['bm25_impact.npy']} "
+                                           "disagrees with the term frequencies and lengths")
         docs = load_npy(p["bm25_docs.npy"], mmap=mmap, dtype=np.int32)
         tf = load_npy(p["bm25_tf.npy"], mmap=mmap, dtype=np.int32)
+        impact = load_npy(p["bm25_impact.npy"], mmap=mmap, dtype=np.uint16)
         bound = load_npy(p["bm25_term_bound.npy"], mmap=False, dtype=np.int32)
-        return cls(hashes, blob, offsets, indptr, docs, tf, lengths, bound)
+        return cls(hashes, blob, offsets, indptr, docs, tf, impact, lengths, bound)
 
     # ------------------------------------------------------------------ reading
     def lookup(self, terms: Sequence[str]) -> np.ndarray:
@@ -386,14 +554,14 @@ class Bm25Postings:
         df[ok] = self.indptr[t[ok] + 1] - self.indptr[t[ok]]
         return df
 
-    def search_ids(self, q_indptr, q_idx, q_w, cache, k: int, allowed=None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+    def search_ids(self, q_indptr, q_idx, q_w, avg, k: int, allowed=None, *,
+                   prune: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for queries given as this segment's term ids (the kernel's input).
 
         ``q_indptr`` (nq + 1,) int64, ``q_idx`` (e,) int32 term ids, ``q_w`` (e,) float32 term
-        weights ``idf * (1 + k1) * occurrences``, ``cache`` (256,) float32 ``k1 * (1 - b + b *
-        FIELDNORM_TABLE / avg_len)``, ``allowed`` (n,) bool or None. Returns ``(nq, k)`` float32
-        scores and int64 rows.
+        weights ``idf * (1 + k1) * occurrences`` (> 0), ``avg`` the collection's average length
+        (float32), ``allowed`` (n,) bool or None; ``prune`` False reads every posting (same
+        results). Returns ``(nq, k)`` float32 scores and int64 rows.
         """
         k = _check_k(k)
         allowed, use_allowed = _check_allowed(allowed, self.n_docs)
@@ -402,22 +570,33 @@ class Bm25Postings:
         out_i = np.full((nq, k), -1, np.int64)
         if nq == 0 or self.n_docs == 0 or q_idx.shape[0] == 0:
             return out_s, out_i
+        cache, table = _tables(np.float32(avg))
+        ip = self.indptr
+        postings = int((ip[q_idx + 1] - ip[q_idx]).sum())
+        # Each entry's largest possible contribution: its largest tf in its shortest document.
+        tb = self.term_bound[q_idx]
+        tf_max = tb[:, 0].astype(np.float64)
+        q_ub = q_w * tf_max / (tf_max + cache[fieldnorm_ids(tb[:, 1])])
         block = min(self.n_docs, BLOCK_DOCS)
         n_blocks = -(-self.n_docs // block)
-        postings = int((self.indptr[q_idx + 1] - self.indptr[q_idx]).sum())
-        args = (self.indptr, self.docs, self.tf, self.norms, _readonly(cache), _readonly(q_indptr),
-                _readonly(q_idx), _readonly(q_w), _readonly(allowed), use_allowed, self.n_docs,
-                block, n_blocks)
-        part_s, part_i = (out_s, out_i) if n_blocks == 1 else (
-            np.zeros((nq * n_blocks, k), np.float32), np.full((nq * n_blocks, k), -1, np.int64))
-        n_items = nq * n_blocks
         threads = numba.get_num_threads()
-        if threads == 1 or n_items == 1 or postings < PARALLEL_MIN_POSTINGS:
-            _bm25_items(*args, 0, n_items, part_s, part_i)
+        parallel = threads > 1 and postings >= PARALLEL_MIN_POSTINGS
+        # One query alone is split over the threads by blocks (each part keeps its own top-k).
+        n_parts = max(1, min(threads, n_blocks)) if parallel and nq < threads else 1
+        n_items = nq * n_parts
+        n_chunks = min(threads, n_items) if parallel else 1
+        part_s, part_i = (out_s, out_i) if n_parts == 1 else (
+            np.zeros((n_items, k), np.float32), np.full((n_items, k), -1, np.int64))
+        args = (ip, self.docs, self.impact, self.tf, cache, table, q_indptr, q_idx, q_w,
+                _readonly(q_ub), allowed, use_allowed, bool(prune), self.n_docs, block, n_parts)
+        acc, touched, cand = _scratch(n_chunks, block)
+        if n_chunks == 1:
+            _bm25_items(*args, 0, n_items, part_s, part_i, acc[0], touched[0], cand[0])
         else:
-            _bm25_parallel(*args, min(threads, n_items), part_s, part_i)
-        if n_blocks > 1:
-            _merge_blocks(part_s, part_i, n_blocks, out_s, out_i)
+            _bm25_parallel(*args, n_chunks, part_s, part_i, acc, touched, cand)
+        _local.clean = True
+        if n_parts > 1:
+            _merge_blocks(part_s, part_i, n_parts, out_s, out_i)
         return out_s, out_i
 
     def __repr__(self) -> str:
@@ -443,6 +622,12 @@ def _check_rows(path, indptr: np.ndarray, n_docs: int, chunks) -> None:
         pos += a.size
 
 
+def _impact(tf: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """(nnz,) uint16 ``min(tf, 255) << 8 | code`` of postings with frequencies ``tf`` in rows of
+    field-norm codes ``codes``."""
+    return (np.minimum(tf, 255).astype(np.uint16) << 8) | codes.astype(np.uint16)
+
+
 def _term_bound(indptr, docs, tf, lengths) -> np.ndarray:
     """(V, 2) int32: per term the largest tf and the smallest length of a document holding it."""
     v = indptr.shape[0] - 1
@@ -458,9 +643,9 @@ def _term_bound(indptr, docs, tf, lengths) -> np.ndarray:
 
 
 def _statistics(segments, terms: list[str]):
-    """Per segment the term ids of ``terms``; the idf weights ``idf * (1 + k1)`` (float32, 0 for
-    terms in no segment) and the length cache (256,) float32, from statistics summed over
-    ``segments``."""
+    """``(ids, weight, avg)``: per segment the term ids of ``terms`` ((m,) int64, -1 where
+    absent); ``idf * (1 + k1)`` of each term ((m,) float32, 0 for terms in no segment); the
+    average length (float32), from statistics summed over ``segments``."""
     ids = [s.lookup(terms) for s in segments]
     df = np.zeros(len(terms), np.int64)
     for s, t in zip(segments, ids):
@@ -469,12 +654,11 @@ def _statistics(segments, terms: list[str]):
     total = sum(s.total_length for s in segments)
     # float32 throughout, as tantivy computes them.
     f32 = np.float32
-    x = ((np.float32(n) - df.astype(f32)) + f32(0.5)) / (df.astype(f32) + f32(0.5))
-    idf = np.log(f32(1.0) + x).astype(f32)
+    dff = df.astype(f32)
+    idf = np.log(f32(1.0) + ((f32(n) - dff) + f32(0.5)) / (dff + f32(0.5)))
     weight = np.where(df > 0, idf * f32(1.0 + K1), f32(0.0)).astype(f32)
     avg = f32(total) / f32(n) if n and total else f32(1.0)
-    cache = (f32(K1) * (f32(1.0 - B) + f32(B) * FIELDNORM_TABLE.astype(f32) / avg)).astype(f32)
-    return ids, weight, cache
+    return ids, weight, avg
 
 
 def _analyze(queries) -> tuple[list[str], list[list[tuple[int, int]]]]:
@@ -491,7 +675,7 @@ def _analyze(queries) -> tuple[list[str], list[list[tuple[int, int]]]]:
 
 
 def search(segments: Sequence[Bm25Postings], queries: list[str], k: int,
-           allowed: Sequence[np.ndarray | None] | None = None
+           allowed: Sequence[np.ndarray | None] | None = None, *, prune: bool = True
            ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Top-``k`` BM25 hits of each query in each segment, scored with statistics summed over
     all ``segments`` (the module docstring).
@@ -501,6 +685,8 @@ def search(segments: Sequence[Bm25Postings], queries: list[str], k: int,
         queries: ``nq`` strings, each a bag of words.
         k: hits per query and segment, >= 1.
         allowed: None, or per segment None or an ``(n_docs,)`` bool mask of its rows.
+        prune: skip postings that cannot change the top-k (MaxScore, :func:`_bm25_items`);
+            False reads them all. Both give the same hits and scores.
 
     Returns:
         Per segment ``(scores, rows)``: ``(nq, k)`` float32 and int64 local rows, best first,
@@ -512,20 +698,21 @@ def search(segments: Sequence[Bm25Postings], queries: list[str], k: int,
         allowed = [None] * len(segments)
     if len(allowed) != len(segments):
         raise ValueError(f"{len(segments)} segments but {len(allowed)} masks")
-    ids, weight, cache = _statistics(segments, terms)
+    ids, weight, avg = _statistics(segments, terms)
+    # The batch's entries, flat: query, term index, occurrences.
+    e_q = np.fromiter((j for j, es in enumerate(per_query) for _ in es), np.int64)
+    e_t = np.fromiter((ti for es in per_query for ti, _ in es), np.int64, e_q.shape[0])
+    e_c = np.fromiter((c for es in per_query for _, c in es), np.float32, e_q.shape[0])
+    e_w = weight[e_t] * e_c
+    nq = len(per_query)
     out = []
     for s, local, mask in zip(segments, ids, allowed):
-        q_indptr = np.zeros(len(per_query) + 1, np.int64)
-        q_idx: list[int] = []
-        q_w: list[float] = []
-        for j, entries in enumerate(per_query):
-            for ti, c in entries:
-                if local[ti] >= 0:
-                    q_idx.append(int(local[ti]))
-                    q_w.append(weight[ti] * np.float32(c))
-            q_indptr[j + 1] = len(q_idx)
-        out.append(s.search_ids(q_indptr, np.array(q_idx, np.int32), np.array(q_w, np.float32),
-                                cache, k, mask))
+        loc = local[e_t]
+        keep = (loc >= 0) & (e_w > 0)
+        q_indptr = np.zeros(nq + 1, np.int64)
+        np.cumsum(np.bincount(e_q[keep], minlength=nq), out=q_indptr[1:])
+        out.append(s.search_ids(_readonly(q_indptr), _readonly(loc[keep].astype(np.int32)),
+                                _readonly(e_w[keep]), avg, k, mask, prune=prune))
     return out
 
 
@@ -572,7 +759,7 @@ def _merge_count(indptr, docs, tf, lengths, remap, tmap, counts, bound):
 
 
 @njit(cache=True)
-def _merge_fill(indptr, docs, tf, remap, tmap, fill, out_docs, out_tf):
+def _merge_fill(indptr, docs, tf, impact, remap, tmap, fill, out_docs, out_tf, out_impact):
     for t in range(indptr.shape[0] - 1):
         m = tmap[t]
         if m < 0:  # no kept row holds the term
@@ -583,6 +770,7 @@ def _merge_fill(indptr, docs, tf, remap, tmap, fill, out_docs, out_tf):
             if r >= 0:
                 out_docs[f] = r
                 out_tf[f] = tf[p]
+                out_impact[f] = impact[p]  # the row's length, hence its code, is kept
                 f += 1
         fill[m] = f
 
@@ -644,16 +832,17 @@ def merge_bm25(folder: str | os.PathLike, sources) -> list[str]:
     np.save(folder / FILES[3], indptr, allow_pickle=False)
     out_docs = open_memmap(folder / FILES[4], mode="w+", dtype=np.int32, shape=(nnz,))
     out_tf = open_memmap(folder / FILES[5], mode="w+", dtype=np.int32, shape=(nnz,))
+    out_imp = open_memmap(folder / FILES[6], mode="w+", dtype=np.uint16, shape=(nnz,))
     if nnz:
         fill = indptr[:-1].copy()
         for (s, _), remap, tm in zip(sources, remaps, tmaps_raw):
             if tm.size:
-                _merge_fill(s.indptr, s.docs, s.tf, remap, new_pos[rank[tm]], fill, out_docs,
-                            out_tf)
-    out_docs.flush()
-    out_tf.flush()
-    del out_docs, out_tf
+                _merge_fill(s.indptr, s.docs, s.tf, s.impact, remap, new_pos[rank[tm]], fill,
+                            out_docs, out_tf, out_imp)
+    for a in (out_docs, out_tf, out_imp):
+        a.flush()
+    del out_docs, out_tf, out_imp, a
     all_len = np.concatenate([np.zeros(0, np.int32), *lengths]).astype(np.int32)
-    np.save(folder / FILES[6], all_len, allow_pickle=False)
-    np.save(folder / FILES[7], bound, allow_pickle=False)
+    np.save(folder / FILES[7], all_len, allow_pickle=False)
+    np.save(folder / FILES[8], bound, allow_pickle=False)
     return list(FILES)
