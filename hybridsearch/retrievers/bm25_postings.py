@@ -51,7 +51,7 @@ import math
 import os
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numba
@@ -404,8 +404,8 @@ class Bm25Postings:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_texts(cls, texts: Sequence[str]) -> Bm25Postings:
-        """Analyse ``texts`` (row ``i`` is ``texts[i]``) and build their postings."""
+    def from_texts(cls, texts: Iterable[str]) -> Bm25Postings:
+        """Analyse ``texts`` (row ``i`` is the ``i``-th; any iterable) and build their postings."""
         return cls.from_terms(document_terms(t) for t in texts)
 
     @classmethod
