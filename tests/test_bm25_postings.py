@@ -146,6 +146,9 @@ def test_blocks_and_threads_on_many_rows():
     norm = bp.K1 * (1 - bp.B + bp.B * bp.FIELDNORM_TABLE[bp.fieldnorm_ids(lens)] / (total / n))
     for mask in (None, allowed):
         (s, i), = bp.search([p], queries, 50, None if mask is None else [mask])
+        (s0, i0), = bp.search([p], queries, 50, None if mask is None else [mask], prune=False)
+        np.testing.assert_array_equal(s, s0)
+        np.testing.assert_array_equal(i, i0)
         for j, q in enumerate(queries):
             sc = np.zeros(n)
             for t in q.split():
