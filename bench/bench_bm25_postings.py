@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     md = [
         "# BM25 on our own postings vs bm25s",
         "",
-        f"Machine: {machine_info(('hybridsearch', 'numpy', 'numba', 'tantivy', 'bm25s'))}. "
+        f"{machine_info(('hybridsearch', 'numpy', 'numba', 'tantivy', 'bm25s'))} "
         f"numba threads {numba.get_num_threads()}. 1-minute load average {load_before:.1f} before "
         f"the run, {os.getloadavg()[0]:.1f} after: the machine was shared with other work, so "
         "only the ratios (measured in the same interleaved rounds) are comparable.",
