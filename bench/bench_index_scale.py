@@ -73,6 +73,12 @@ def make_model(folder: Path, colbert: bool, layers: int = 1) -> Path:
     return p
 
 
+def synth_texts(n, rng, n_words=50_000):
+    """n texts of 60 words drawn from a Zipf(1.1) vocabulary of ``n_words`` (``w0``, ``w1``...)."""
+    words = rng.zipf(1.1, (n, 60)) % n_words
+    return [" ".join(f"w{w}" for w in row) for row in words]
+
+
 def synth(n, rng, colbert: bool, n_words=50_000):
     """Encoded + texts for n documents."""
     dense = rng.standard_normal((n, D), dtype=np.float32)
@@ -92,8 +98,7 @@ def synth(n, rng, colbert: bool, n_words=50_000):
         np.cumsum(ntok, out=cb_off[1:])
         cb = rng.standard_normal((cb_off[-1], DC), dtype=np.float32)
         cb /= np.linalg.norm(cb, axis=1, keepdims=True)
-    words = rng.zipf(1.1, (n, 60)) % n_words
-    texts = [" ".join(f"w{w}" for w in row) for row in words]
+    texts = synth_texts(n, rng, n_words)
     enc = Encoded(dense=dense, sparse=csr if colbert else None, colbert=cb, colbert_offsets=cb_off,
                   n_tokens=(cb_off[1:] - cb_off[:-1] + 1) if colbert else np.full(n, 62, np.int64))
     return enc, texts

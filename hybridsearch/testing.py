@@ -117,3 +117,27 @@ def make_tiny_reranker(path: str | Path, seed: int = 0, hidden: int = 32, layers
     model = XLMRobertaForSequenceClassification(config).eval()
     model.save_pretrained(path)
     return path
+
+
+def legacy_bm25_index(path: str | Path) -> Path:
+    """Turn a new, empty index folder (``HybridIndex.create(..., bm25=True)``, nothing added)
+    into the layout hybridsearch wrote before BM25 postings (format version 2): BM25 in a
+    tantivy folder ``bm25-000000``. Tests of old indexes start from it."""
+    import json
+
+    from .index import locking
+    from .index import storage as st
+    from .retrievers.bm25 import BM25Index
+
+    path = Path(path)
+    m = json.loads((path / st.MANIFEST).read_text())
+    if m["segments"] or not m["channels"]["bm25"]:
+        raise ValueError("legacy_bm25_index needs a new, empty index with BM25")
+    m["channels"].pop("bm25_store", None)
+    m["format_version"] = 2
+    m["bm25"] = "bm25-000000"
+    BM25Index.create(path / m["bm25"]).close()
+    locking.write_lease(path, m)
+    st.write_json_durable(path / st.MANIFEST, m)
+    st.fsync_dir(path)
+    return path

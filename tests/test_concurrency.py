@@ -115,6 +115,8 @@ def test_searches_answer_from_one_snapshot_while_writing(tmp_path, m3_encoder, m
     assert merges  # merges happened, and answered exactly as the generation before them
     for gen in merges:  # (equal scores may come in another order: the segments changed)
         for mode in expected[gen]:
+            if mode == "bm25":  # its statistics lose the deleted rows a merge drops (as Lucene's)
+                continue
             for a, b in zip(expected[gen][mode], expected[gen - 1][mode]):
                 assert [sc for _, sc in a] == [sc for _, sc in b], (gen, mode)
                 low = a[-1][1] if a else None

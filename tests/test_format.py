@@ -11,6 +11,7 @@ from hybridsearch.index import storage as st
 from hybridsearch.index.docstore import Docstore
 from hybridsearch.index.hybrid import HybridIndex
 from hybridsearch.index.merge import MergePolicy
+from hybridsearch.testing import legacy_bm25_index
 
 WORDS = ["river", "fox", "cloud", "token", "stone", "delta", "maple", "quartz"]
 
@@ -48,7 +49,9 @@ def _to_version1(path):
 
 
 def test_version1_index_reads_writes_and_compacts_to_version2(tmp_path, m3_encoder):
-    v2 = HybridIndex.create(tmp_path / "v2", m3_encoder, colbert_codec="fp16", merge_policy=None)
+    HybridIndex.create(tmp_path / "v2", m3_encoder, colbert_codec="fp16").close()
+    legacy_bm25_index(tmp_path / "v2")  # version 1 kept BM25 in tantivy
+    v2 = HybridIndex.open(tmp_path / "v2", m3_encoder, merge_policy=None)
     v2.add(_docs(20, "a", 0))
     v2.add(_docs(15, "b", 1))
     v2.delete(["a3", "b4"])
@@ -68,14 +71,16 @@ def test_version1_index_reads_writes_and_compacts_to_version2(tmp_path, m3_encod
             want = ref.search("fox river", k=8, mode=mode, filter=flt)
             assert [h.id for h in got] == [h.id for h in want], (mode, flt)
             np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
-    # a write adds a version-2 segment beside the version-1 ones; the manifest becomes version 2
+    # a write adds a version-2 segment beside the version-1 ones; the manifest takes this
+    # library's version (3), BM25 stays in tantivy until compaction
     old.add(_docs(5, "c", 2))
     m = json.loads((path / st.MANIFEST).read_text())
-    assert m["format_version"] == st.FORMAT_VERSION == 2
+    assert m["format_version"] == st.FORMAT_VERSION == 3 and m["bm25"] is not None
     assert [e.get("format", 1) for e in m["segments"]] == [1, 1, 2]
     old.compact()
     m = json.loads((path / st.MANIFEST).read_text())
     assert [e["format"] for e in m["segments"]] == [2] and len(old) == 38
+    assert m["bm25"] is None and m["channels"]["bm25_store"] == "postings"
     assert not list(path.glob("seg-*/docs.msgpack"))
     assert {h.id for h in old.search("fox", k=50, mode="bm25")} <= set(old.ids())
     assert old.get("b7") == ref.get("b7")

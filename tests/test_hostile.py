@@ -16,6 +16,7 @@ import pytest
 from hybridsearch.errors import IndexFormatError
 from hybridsearch.index import storage as st
 from hybridsearch.index.hybrid import HybridIndex
+from hybridsearch.testing import legacy_bm25_index
 
 WORDS = "fox dog dense sparse vector token ranking hybrid search water light river cloud".split()
 
@@ -38,6 +39,22 @@ def folders(tmp_path, m3_encoder):
     victim.close()
     np.save(tmp_path / "victim" / "keep.npy", np.arange(3, dtype=np.int64))
     return tmp_path / "idx", tmp_path / "victim"
+
+
+@pytest.fixture
+def legacy_folders(tmp_path, m3_encoder):
+    """:func:`folders`, both indexes keeping BM25 in a tantivy folder (written before format 3)."""
+    out = []
+    for name, docs in (("idx", [make_docs(12), make_docs(8, seed=1, prefix="e")]),
+                       ("victim", [make_docs(10, seed=2, prefix="v")])):
+        HybridIndex.create(tmp_path / name, m3_encoder).close()
+        legacy_bm25_index(tmp_path / name)
+        with HybridIndex.open(tmp_path / name, m3_encoder) as idx:
+            for d in docs:
+                idx.add(d)
+        out.append(tmp_path / name)
+    np.save(tmp_path / "victim" / "keep.npy", np.arange(3, dtype=np.int64))
+    return tuple(out)
 
 
 def snapshot(folder: Path) -> dict:
@@ -121,8 +138,8 @@ def test_deleted_outside_folder(folders, m3_encoder):
     assert (victim / "keep.npy").exists()
 
 
-def test_bm25_outside_folder(folders, m3_encoder):
-    path, victim = folders
+def test_bm25_outside_folder(legacy_folders, m3_encoder):
+    path, victim = legacy_folders
     m = manifest(path)
     m["bm25"] = "../victim/" + manifest(victim)["bm25"]
     save_manifest(path, m)
@@ -173,8 +190,8 @@ def test_segment_file_is_a_link(folders, m3_encoder, tmp_path):
     refused(path, m3_encoder, "link", other)
 
 
-def test_bm25_folder_is_a_link(folders, m3_encoder, tmp_path):
-    path, _ = folders
+def test_bm25_folder_is_a_link(legacy_folders, m3_encoder, tmp_path):
+    path, _ = legacy_folders
     other = tmp_path / "other"
     shutil.copytree(path, other)
     name = manifest(path)["bm25"]

@@ -70,7 +70,7 @@ def run(cfg, tmp_root: Path, log) -> Section:
                 q = _row(qenc, i)
                 firsts = [clock("dense top-C (FAISS)", idx._dense_topk, state, q.dense, C, None),
                           clock("sparse top-C (Numba)", idx._sparse_topk, state, q.sparse, C, None),
-                          clock("BM25 top-C (tantivy)", idx._bm25_topk, state, [qtexts[i]], C, None)]
+                          clock("BM25 top-C (Numba postings)", idx._bm25_topk, state, [qtexts[i]], C, None)]
                 t = time.perf_counter()
                 union = np.unique(np.concatenate([ids[0][ids[0] >= 0] for _, ids in firsts]))
                 scores = idx._rescore(state, q, 0, union)

@@ -141,12 +141,6 @@ def run(cfg, tmp_root: Path, log) -> Section:
                 modes = ["dense", "bm25", "hybrid"] + (["sparse"] if colbert else [])
                 for m in modes:
                     systems[f"hybridsearch {m}"] = (ours(m), nq)
-                # tantivy's own search call, as ours makes it (prebuilt query, top 10): the part of
-                # our BM25 latency that is tantivy's, the rest being Python on either side of it
-                bm = idx._bm25
-                tq = [bm._query(t) for t in qtexts]
-                systems["tantivy Searcher.search alone (inside ours)"] = (
-                    lambda i: bm._searcher.search(tq[i], limit=10, count=False), nq)
                 threads = faiss.omp_get_max_threads()
                 systems["bare FAISS dense (1 thread)"] = (lambda i: flat.search(qenc.dense[i:i + 1], 10), nq)
                 if retr is not None:
@@ -194,12 +188,6 @@ def run(cfg, tmp_root: Path, log) -> Section:
                 cmp("dense top-10", "hybridsearch dense", "bare FAISS dense (1 thread)")
                 cmp("dense top-10", "hybridsearch dense", "Milvus Lite dense")
                 cmp("BM25 top-10", "hybridsearch bm25", "bm25s BM25")
-                if "bm25s BM25 (numba backend)" in lat:
-                    share = lat["tantivy Searcher.search alone (inside ours)"].p50 / lat["hybridsearch bm25"].p50
-                    notes.append(f"{key} docs: tantivy's own search call is {100 * share:.0f}% of our BM25 p50 "
-                                 f"({lat['tantivy Searcher.search alone (inside ours)'].p50:.3g} of "
-                                 f"{lat['hybridsearch bm25'].p50:.3g} ms); bm25s (numba) answers in "
-                                 f"{lat['bm25s BM25 (numba backend)'].p50:.3g} ms.")
                 cmp("BM25 top-10", "hybridsearch bm25", "bm25s BM25 (numba backend)")
                 cmp("BM25 top-10", "hybridsearch bm25", "Milvus Lite BM25")
                 cmp("learned sparse top-10", "hybridsearch sparse", "Milvus Lite sparse")

@@ -30,6 +30,7 @@ from ..encode import BGEM3Encoder
 from ..errors import DiskFullError, IndexFormatError, ModelMismatchError
 from ..fusion import CHANNELS, FusionConfig, fuse, minmax
 from ..representations import Encoded
+from ..retrievers import bm25_postings
 from ..retrievers.bm25 import BM25Index
 from ..retrievers.colbert_codec import (
     INDEX_TRAINING,
@@ -95,13 +96,20 @@ class _State:
     alive: np.ndarray  # (next_docno,) bool: a live row holds this docno
     deleted: np.ndarray  # (n,) int64 sorted: docnos of rows still stored but deleted
     codecs: dict  # codebook name -> ColbertCodec
-    bm25: BM25Index | None  # the BM25 folder's handle (shared by the states that use that folder)
-    bm25_searcher: Any  # tantivy searcher taken when this state was made
+    # Indexes that keep BM25 in tantivy (written before format 3, until compacted): the BM25
+    # folder's handle (shared by the states that use that folder) and the searcher taken when
+    # this state was made. None with BM25 postings in the segments, or no BM25.
+    bm25: BM25Index | None
+    bm25_searcher: Any
     lease: locking.Lease | None
 
     @property
     def generation(self) -> int:
         return int(self.manifest["generation"])
+
+    @property
+    def has_bm25(self) -> bool:
+        return bool(self.manifest["channels"]["bm25"])
 
     @property
     def all_alive(self) -> bool:
@@ -228,6 +236,8 @@ class HybridIndex:
         }
         channels = {"dense": {"factory": dense_factory, "storage": dense_storage}, "sparse": spec.has_sparse,
                     "colbert": spec.has_colbert, "bm25": bool(bm25)}
+        if bm25:
+            channels["bm25_store"] = "postings"  # per segment (format 3); tantivy before
         if spec.has_colbert:
             channels["colbert_codec"] = {"spec": colbert_codec, "codebook": None,
                                          "train_tokens": codec_train_tokens}
@@ -244,9 +254,6 @@ class HybridIndex:
             # No manifest and the lock held: whatever is here is ours and was never committed.
             locking.collect(path, st.new_manifest(model_info, channels))
             m = st.new_manifest(model_info, channels)
-            if bm25:
-                m["bm25"] = "bm25-000000"
-                BM25Index.create(path / m["bm25"]).close()
             locking.write_lease(path, m)
             st.write_json_durable(path / st.MANIFEST, m)
             st.fsync_dir(path)
@@ -324,7 +331,7 @@ class HybridIndex:
                 raise IndexFormatError(f"{self.path / m['deleted']}: lists docnos that no segment holds")
             alive[dead] = False
         bm25 = searcher = None
-        if m["channels"]["bm25"]:
+        if m["channels"]["bm25"] and not st.bm25_postings(m["channels"]):
             if prev is not None and prev.bm25 is not None and prev.bm25.folder.name == m["bm25"]:
                 bm25 = prev.bm25
             else:
@@ -495,7 +502,8 @@ class HybridIndex:
             codec, codec_name = self._codec_for(m, old, enc, gen)
             entry = write_segment(self.path / name, ids, texts, metas, enc, m["channels"]["dense"]["factory"],
                                   first=base, dense_storage=m["channels"]["dense"].get("storage", "fp32"),
-                                  codec=codec, codec_name=codec_name)
+                                  codec=codec, codec_name=codec_name,
+                                  bm25=st.bm25_postings(m["channels"]))
             m["segments"].append(entry)
             m["next_docno"] = base + len(ids)
             m["counts"]["tokens"] += int(enc.n_tokens.sum())
@@ -587,7 +595,8 @@ class HybridIndex:
     def _merge_range(self, i: int, j: int, renumber: bool = False) -> None:
         """Replace segments ``[i, j)`` by one holding their live rows. Docnos are kept (so BM25,
         deletion lists and concurrent readers need nothing), unless ``renumber`` (compaction of
-        the whole index): then rows get docnos ``0..n-1`` and BM25 is rebuilt."""
+        the whole index): then rows get docnos ``0..n-1``, and an index that kept BM25 in
+        tantivy moves it to postings in the segment (format 3)."""
         old = self._state
         m = json.loads(json.dumps(old.manifest))
         gen = m["generation"] + 1
@@ -602,6 +611,9 @@ class HybridIndex:
         first = 0 if renumber else int(old.bases[i])
         span = n_live if renumber else sum(s.span for s in segs)
         name = f"seg-{gen:06d}"
+        if renumber and m["channels"]["bm25"] and not st.bm25_postings(m["channels"]):
+            m["channels"]["bm25_store"] = "postings"  # the tantivy folder is collected once unused
+            m["bm25"] = None
         if n_live == 0 and renumber:
             m["segments"] = []
         elif segs:
@@ -609,7 +621,7 @@ class HybridIndex:
                                    dense_factory=m["channels"]["dense"]["factory"],
                                    dense_storage=m["channels"]["dense"].get("storage", "fp32"),
                                    codec=codec, codec_name=codec_name if codec is not None else None,
-                                   renumber=renumber)
+                                   renumber=renumber, bm25=st.bm25_postings(m["channels"]))
             m["segments"][i:j] = [entry]
         if renumber:
             dead = np.zeros(0, np.int64)
@@ -625,17 +637,6 @@ class HybridIndex:
                 os.replace(tmp, self.path / m["deleted"])
         m["counts"]["deleted"] = len(dead)
         m["counts"]["documents"] = sum(int(e["count"]) for e in m["segments"]) - len(dead)
-        if renumber and m["channels"]["bm25"]:
-            m["bm25"] = f"bm25-{gen:06d}"
-            b = BM25Index.create(self.path / m["bm25"])
-            docno = 0
-            for s, rows in sources:
-                for lo in range(0, len(rows), 1 << 14):
-                    r = rows[lo:lo + (1 << 14)]
-                    b.add(np.arange(docno, docno + len(r), dtype=np.int64), s.docs_of(r)[1])
-                    docno += len(r)
-            b.commit()
-            b.close()
         segs = sources = None
         self._switch(m)
         self._install(self._load_state(m, old), self._manifest_stat())
@@ -647,9 +648,9 @@ class HybridIndex:
         st.fsync_dir(self.path)
 
     def compact(self) -> None:
-        """Rewrite all live documents into one segment and a fresh BM25 index; reclaims space
-        (the old generation's files are removed as soon as no search, here or in another
-        process, still reads them)."""
+        """Rewrite all live documents into one segment (BM25 postings included: an index that
+        kept BM25 in tantivy moves to postings here); reclaims space (the old generation's files
+        are removed as soon as no search, here or in another process, still reads them)."""
         with self._writing():
             self._compact()  # its locals (the old state) are gone before _writing collects
 
@@ -815,7 +816,7 @@ class HybridIndex:
         firsts = [self._dense_topk(state, q.dense, C, allowed)]
         if spec.has_sparse:
             firsts.append(self._sparse_topk(state, q.sparse, C, allowed))
-        bm = self._bm25_topk(state, queries, C, allowed) if state.bm25 is not None else None
+        bm = self._bm25_topk(state, queries, C, allowed) if state.has_bm25 else None
         if bm is not None:
             firsts.append(bm)
         out = []
@@ -911,6 +912,12 @@ class HybridIndex:
         return sc[0], ids[0]
 
     def _bm25_topk(self, state, queries, k, allowed):
+        if state.bm25 is None:  # postings in the segments: statistics summed over all of them
+            segs = state.segments
+            masks = None if allowed is None else [s.rows_mask(allowed) for s in segs]
+            parts = bm25_postings.search([s.bm25 for s in segs], queries, k, masks)
+            return self._merge([(sc, _docnos(s, ids)) for s, (sc, ids) in zip(segs, parts)],
+                               len(queries), k)
         bm25, searcher = state.bm25, state.bm25_searcher
         if allowed is not None:
             return bm25.search(queries, k, allowed, searcher=searcher)
@@ -959,6 +966,9 @@ class HybridIndex:
         per["dense"]["storage"] = m["channels"]["dense"].get("storage", "fp32")
         if state.bm25 is not None:
             b = state.bm25.disk_bytes()
+            per["bm25"] = {"bytes": b, "bytes_per_doc": b / n}
+        elif state.has_bm25:
+            b = sum(s.bytes_of("bm25_") for s in state.segments)
             per["bm25"] = {"bytes": b, "bytes_per_doc": b / n}
         return {
             "path": str(self.path), "format_version": m["format_version"], "generation": m["generation"],

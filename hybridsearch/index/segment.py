@@ -9,6 +9,7 @@ A segment folder ``seg-NNNNNN/`` holds (docs/ARCHITECTURE.md lists every file):
   (+ ``dense.faiss`` unless the factory is Flat);
 * ``sparse_*.npy`` -- the learned-sparse postings (models with a sparse head);
 * ``colbert_*.npy`` -- float16 token vectors or codes of the index's codebook, + offsets;
+* ``bm25_*`` -- BM25 postings of the texts (format-3 indexes, :mod:`..retrievers.bm25_postings`);
 * ``docnos.npy`` -- only in a merged segment that dropped deleted rows: row r's docno.
 
 Row ``r`` of a segment with entry ``first`` is docno ``first + r``, or ``docnos[r]`` when the
@@ -34,6 +35,7 @@ import numpy as np
 
 from ..errors import IndexFormatError
 from ..representations import Encoded
+from ..retrievers.bm25_postings import Bm25Postings, merge_bm25
 from ..retrievers.dense import DenseIndex, gpu_available
 from ..retrievers.dense_store import DenseStore, write_dense, write_dense_array
 from ..retrievers.multivector import CodedColbertStore, ColbertStore, write_colbert
@@ -94,10 +96,11 @@ def _entry(folder: Path, count: int, first: int, span: int, factory, storage: st
 
 def write_segment(folder: Path, ids: list[str], texts: list[str], metadata: list[dict],
                   enc: Encoded, dense_factory: str, *, first: int, dense_storage: str = "fp32",
-                  codec=None, codec_name: str | None = None) -> dict:
+                  codec=None, codec_name: str | None = None, bm25: bool = False) -> dict:
     """Write a complete segment at ``folder`` (atomically) for docnos ``first ..``; return its
     manifest entry. ``codec`` (a trained :class:`ColbertCodec`, named ``codec_name`` in the
-    index) codes the ColBERT vectors; None stores them as float16."""
+    index) codes the ColBERT vectors; None stores them as float16. ``bm25``: write the BM25
+    postings of ``texts``."""
     tmp = _start(folder)
     w = DocstoreWriter(tmp)
     w.append(ids, texts, metadata)
@@ -124,18 +127,22 @@ def write_segment(folder: Path, ids: list[str], texts: list[str], metadata: list
         else:
             ColbertStore.from_arrays(enc.colbert, enc.colbert_offsets).save(tmp, "colbert")
             colbert = "fp16"
+    if bm25:
+        Bm25Postings.from_texts(texts).save(tmp)
     entry = _entry(folder, len(ids), first, len(ids), factory, dense_storage, colbert, codec_name, False)
     return _finish(tmp, folder, entry)
 
 
 def merge_segments(folder: Path, sources: list, *, first: int, span: int, dense_factory: str,
                    dense_storage: str, codec=None, codec_name: str | None = None,
-                   renumber: bool = False) -> dict:
+                   renumber: bool = False, bm25: bool = False) -> dict:
     """Write one segment at ``folder`` holding, in order, rows ``rows`` of each ``(Segment,
     rows)`` in ``sources`` (adjacent segments, ascending rows). Every channel streams: codes are
     copied when the codec is the same, float16 ColBERT vectors are coded with ``codec``. Returns
     the manifest entry, covering docnos ``[first, first + span)``. With ``renumber`` the rows
-    get docnos ``first, first + 1, ...`` (compaction), else they keep theirs."""
+    get docnos ``first, first + 1, ...`` (compaction), else they keep theirs. ``bm25``: write
+    BM25 postings, merged from the sources' or, where they have none (an index moving from
+    tantivy), built from the texts."""
     tmp = _start(folder)
     w, cw = DocstoreWriter(tmp), ColumnsWriter(tmp)
     docnos, ntok = [], []
@@ -171,6 +178,11 @@ def merge_segments(folder: Path, sources: list, *, first: int, span: int, dense_
     if sources[0][0].colbert is not None:
         write_colbert(tmp, "colbert", [(s.colbert, r) for s, r in sources], codec)
         colbert = "codes" if codec is not None else "fp16"
+    if bm25 and all(s.bm25 is not None for s, _ in sources):
+        merge_bm25(tmp, [(s.bm25, r) for s, r in sources])
+    elif bm25:
+        Bm25Postings.from_texts(t for s, rows in sources for lo in range(0, len(rows), MERGE_CHUNK)
+                                for t in s.docs_of(rows[lo:lo + MERGE_CHUNK])[1]).save(tmp)
     entry = _entry(folder, count, first, span, factory, dense_storage, colbert, codec_name, has_docnos)
     return _finish(tmp, folder, entry)
 
@@ -233,6 +245,9 @@ class Segment:
         if "sparse_indptr.npy" in seg.files:
             seg.__dict__["sparse"] = SparsePostings.load(folder, "sparse", mmap=True, vocab_size=vocab,
                                                          n_docs=seg.count, check_postings=deep)
+        if "bm25_indptr.npy" in seg.files:
+            seg.__dict__["bm25"] = Bm25Postings.load(folder, mmap=True, n_docs=seg.count,
+                                                     check_postings=deep)
         if seg.colbert_kind == "fp16":
             seg.__dict__["colbert"] = ColbertStore.load(folder, "colbert", mmap=True, dim=cdim, n_docs=seg.count)
         elif seg.colbert_kind == "codes":
@@ -352,6 +367,10 @@ class Segment:
 
     @cached_property
     def colbert(self):
+        return None
+
+    @cached_property
+    def bm25(self) -> Bm25Postings | None:
         return None
 
     def filter_mask(self, flt: dict) -> np.ndarray:

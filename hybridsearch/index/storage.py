@@ -21,7 +21,9 @@ from .._version import __version__
 from ..errors import IndexFormatError
 
 FORMAT_NAME = "hybridsearch-index"
-FORMAT_VERSION = 2  # 2: docstore + typed columns, dense storage kinds, coded ColBERT, merged segments
+# 2: docstore + typed columns, dense storage kinds, coded ColBERT, merged segments;
+# 3: BM25 postings per segment (channels.bm25_store "postings") instead of a tantivy folder
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 LOCK = "LOCK"
 DOCS_FILE = "docs.msgpack"
@@ -39,10 +41,16 @@ DOCNOS_FILE = "docnos.npy"
 DENSE_FILES = {"fp32": ("dense.npy",), "fp16": ("dense.npy",), "sq8": ("dense_sq8.npy", "dense_sq8_params.npy")}
 DENSE_STORAGES = tuple(DENSE_FILES)
 COLBERT_CODE_FILES = ("colbert_codes.npy", "colbert_residuals.npy", "colbert_offsets.npy")
+# Format 3: BM25 postings of the segment (retrievers/bm25_postings.py), when channels.bm25_store
+# is "postings".
+BM25_FILES = ("bm25_terms.bin", "bm25_term_offsets.npy", "bm25_term_hash.npy", "bm25_indptr.npy",
+              "bm25_docs.npy", "bm25_tf.npy", "bm25_impact.npy", "bm25_lengths.npy",
+              "bm25_term_bound.npy")
+BM25_STORES = ("tantivy", "postings")
 # Every file a segment folder may hold; anything else named in a manifest is refused.
 SEGMENT_FILES = frozenset((DOCS_FILE, "n_tokens.npy", "dense.npy", FAISS_FILE, COLUMNS_FILE, DOCNOS_FILE)
                           + SPARSE_FILES + COLBERT_FILES + DOCSTORE_FILES + COLBERT_CODE_FILES
-                          + DENSE_FILES["sq8"])
+                          + DENSE_FILES["sq8"] + BM25_FILES)
 # The names a manifest may give, by kind: plain child names of the index folder, never a path.
 NAME_PATTERNS = {
     "segment": re.compile(r"seg-[0-9]{6,}"),
@@ -393,8 +401,8 @@ def expected_segment_files(entry: dict, channels: dict | None = None) -> set[str
     columns.json, docnos.npy iff the entry says ``docnos`` (a merged segment that dropped
     rows: row r holds docnos[r], else first + r), the dense files
     of its storage kind. Both: ``dense.faiss`` iff its factory is not Flat, the sparse and
-    ColBERT files (float16 or codes) iff the channel is on (without ``channels``: iff any of
-    them is listed)."""
+    ColBERT files (float16 or codes) iff the channel is on, the BM25 postings iff the BM25
+    channel is on and stored as postings (without ``channels``: iff any of them is listed)."""
     files = entry.get("files") or {}
     if entry.get("format", 1) == 1:
         want = {DOCS_FILE, "n_tokens.npy", "dense.npy"}
@@ -407,11 +415,21 @@ def expected_segment_files(entry: dict, channels: dict | None = None) -> set[str
         colbert_files = COLBERT_CODE_FILES if entry.get("colbert") == "codes" else COLBERT_FILES
     if entry.get("dense_factory") not in (None, "Flat"):
         want.add(FAISS_FILE)
-    for ch, group in (("sparse", SPARSE_FILES), ("colbert", colbert_files)):
-        on = channels[ch] if channels is not None else any(n in files for n in group)
+    for ch, group in (("sparse", SPARSE_FILES), ("colbert", colbert_files), ("bm25", BM25_FILES)):
+        if channels is None:
+            on = any(n in files for n in group)
+        elif ch == "bm25":
+            on = bm25_postings(channels)
+        else:
+            on = channels[ch]
         if on:
             want.update(group)
     return want
+
+
+def bm25_postings(channels: dict) -> bool:
+    """Whether BM25 is stored as postings in every segment (format 3), not in a tantivy folder."""
+    return bool(channels.get("bm25")) and channels.get("bm25_store", "tantivy") == "postings"
 
 
 def check_segment_files(root: str | os.PathLike, entry: dict, model: dict | None = None,
@@ -458,7 +476,11 @@ def check_segment_files(root: str | os.PathLike, entry: dict, model: dict | None
               "sparse_docs.npy": (np.int32, (None,)), "sparse_weights.npy": (np.float32, (None,)),
               "sparse_term_max.npy": (np.float32, (vocab,)), "sparse_n_docs.npy": (np.int64, ()),
               "colbert_vectors.npy": (np.float16, (None, cdim)), "colbert_offsets.npy": (np.int64, (n + 1,)),
-              "colbert_codes.npy": (np.uint16, (None,)), "colbert_residuals.npy": (np.uint8, (None, None))}
+              "colbert_codes.npy": (np.uint16, (None,)), "colbert_residuals.npy": (np.uint8, (None, None)),
+              "bm25_term_offsets.npy": (np.int64, (None,)), "bm25_term_hash.npy": (np.uint64, (None,)),
+              "bm25_indptr.npy": (np.int64, (None,)), "bm25_docs.npy": (np.int32, (None,)),
+              "bm25_tf.npy": (np.int32, (None,)), "bm25_impact.npy": (np.uint16, (None,)),
+              "bm25_lengths.npy": (np.int32, (n,)), "bm25_term_bound.npy": (np.int32, (None, 2))}
     out = {}
     for name in files:
         if name in shapes:
@@ -550,6 +572,10 @@ def validate_manifest(m, folder: str | os.PathLike) -> dict:
     _get(_get(channels, "dense", dict, f"{where}: channels"), "factory", str, f"{where}: channels.dense")
     for ch in ("sparse", "colbert", "bm25"):
         _get(channels, ch, bool, f"{where}: channels")
+    store = channels.get("bm25_store", "tantivy")
+    if store not in BM25_STORES or (store == "postings" and v < 3):
+        raise IndexFormatError(f"{where}: channels.bm25_store must be one of {BM25_STORES} "
+                               f"(postings from format version 3), got {store!r}"[:300])
     if channels["sparse"] and model["vocab_size"] < 1:
         raise IndexFormatError(f"{where}: a sparse channel needs model.vocab_size >= 1")
     if channels["colbert"] and model["colbert_dim"] < 1:
@@ -595,7 +621,7 @@ def validate_manifest(m, folder: str | os.PathLike) -> dict:
         need = {"n_tokens.npy": 8 * n, "dense.npy": width * n * model["dim"], "dense_sq8.npy": n * model["dim"],
                 DOCS_FILE: 3 * n, "colbert_offsets.npy": 8 * (n + 1), "docs_offsets.npy": 8 * (n + 1),
                 "ids_offsets.npy": 8 * (n + 1), "ids_hash.npy": 8 * n, "ids_order.npy": 8 * n,
-                DOCNOS_FILE: 8 * n}
+                DOCNOS_FILE: 8 * n, "bm25_lengths.npy": 4 * n}
         for fname, b in need.items():
             if fname in files and files[fname]["bytes"] < b:
                 raise IndexFormatError(f"{where}: segment {name} declares {n} documents, but its "
@@ -612,8 +638,11 @@ def validate_manifest(m, folder: str | os.PathLike) -> dict:
     bm25 = m.get("bm25")
     if bm25 is not None:
         check_name(bm25, "bm25", where)
-    if channels["bm25"] != (bm25 is not None):
-        raise IndexFormatError(f"{where}: channels.bm25 is {channels['bm25']} but bm25 is {bm25!r}")
+    if (channels["bm25"] and not bm25_postings(channels)) != (bm25 is not None):
+        raise IndexFormatError(f"{where}: channels.bm25 is {channels['bm25']} (stored in "
+                               f"{channels.get('bm25_store', 'tantivy')}) but bm25 is {bm25!r}")
+    if bm25_postings(channels) and any(e.get("format", 1) != 2 for e in segments):
+        raise IndexFormatError(f"{where}: BM25 postings need format-2 segments")
     counts = _get(m, "counts", dict, str(where))
     for key in ("documents", "deleted", "tokens"):
         _int(counts.get(key), f"{where}: counts.{key}")
