@@ -207,7 +207,7 @@ def test_centroid_sets_built_once_across_threads(coded):
 
 def test_uniform_codec_and_float16_store():
     vecs, offsets, pool, own, rng = _corpus(2, 1500)
-    codec = ColbertCodec.train(vecs[:15000], nbits=1, k=32, transform=False)  # format 1 layout
+    codec = ColbertCodec.train(vecs[:15000], nbits=1, k=128, transform=False)  # format 1 layout
     store = CodedColbertStore.from_arrays(vecs, offsets, codec)
     fp16 = ColbertStore.from_arrays(vecs, offsets)
     rec = []
@@ -248,3 +248,82 @@ def test_argument_checks(coded):
     with pytest.raises(ValueError, match="centroids"):
         store.first_stage(queries[0], 5, table=other.centroid_table(queries[0]))
     assert multivector.FIRST_STAGE_CANDIDATES >= 10
+
+
+# ------------------------------------------------------------------ through HybridIndex
+
+
+def _index_batch(rng, n, spec, pool, own):
+    import scipy.sparse as sp
+
+    from hybridsearch.representations import Encoded
+
+    dense = _unit(rng.standard_normal((n, spec.dim)))
+    indptr = np.arange(n + 1, dtype=np.int64)
+    sparse = sp.csr_matrix((np.ones(n, np.float32), rng.integers(5, spec.vocab_size, n), indptr), shape=(n, spec.vocab_size))
+    lengths = rng.integers(1, 16, n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    topic = np.repeat(rng.integers(0, len(own), n), lengths)
+    a = np.where(rng.random(len(topic)) < 0.7, own[topic, rng.integers(0, own.shape[1], len(topic))],
+                 rng.integers(0, len(pool), len(topic)))
+    colbert = _unit(pool[a] + 0.3 * pool[rng.integers(0, len(pool), len(topic))])
+    colbert = colbert.astype(np.float16).astype(np.float32)
+    return Encoded(dense, sparse, colbert, offsets, lengths + 1)
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory, m3_encoder):
+    """An index of 4 commits of 150 (the first float16, before the codebook; the rest coded),
+    no merging, some documents deleted; plus its ColBERT query pool."""
+    from hybridsearch import HybridIndex
+
+    spec = m3_encoder.spec
+    rng = np.random.default_rng(21)
+    pool = _unit(rng.standard_normal((120, spec.colbert_dim)))
+    own = rng.integers(0, 120, (15, 6))
+    idx = HybridIndex.create(tmp_path_factory.mktemp("fs") / "ix", m3_encoder, colbert_codec="res2",
+                             codec_train_tokens=1500, merge_policy=None)
+    for c in range(4):
+        docs = [{"id": f"c{c}-{j}", "text": f"w{j % 7} w{c}", "metadata": {"g": int(j % 3)}} for j in range(150)]
+        idx.add(docs, encoded=_index_batch(rng, 150, spec, pool, own))
+    idx.delete([f"c{c}-{j}" for c in range(4) for j in range(0, 150, 11)])
+    return idx, pool, own
+
+
+def test_index_colbert_mode_first_stage_vs_exhaustive(grown, m3_encoder):
+    idx, pool, own = grown
+    kinds = [s.colbert_kind for s in idx._current().segments]
+    assert kinds[0] == "fp16" and kinds.count("codes") == 3  # an old-style segment beside coded ones
+    rng = np.random.default_rng(4)
+    q = _index_batch(rng, 8, m3_encoder.spec, pool, own)
+    queries = [f"q{j}" for j in range(8)]
+    deleted = {f"c{c}-{j}" for c in range(4) for j in range(0, 150, 11)}
+    for flt in (None, {"g": 1}):
+        kw = dict(k=10, mode="colbert", filter=flt, query_encoded=q)
+        ex = idx.search(queries, exhaustive=True, **kw)
+        same = idx.search(queries, candidates=10_000, **kw)  # every document rescored: exhaustive
+        fs = idx.search(queries, candidates=40, **kw)
+        recalls = []
+        for e, s, f in zip(ex, same, fs):
+            assert [h.id for h in s] == [h.id for h in e]
+            np.testing.assert_allclose([h.score for h in s], [h.score for h in e], atol=1e-5)
+            assert len(f) == 10
+            for h in f:
+                assert h.id not in deleted
+                assert flt is None or idx.get(h.id)["metadata"]["g"] == 1
+            exact = {h.id: h.score for h in e}
+            for h in f:  # exact scores for what the first stage kept
+                if h.id in exact:
+                    assert h.score == pytest.approx(exact[h.id], abs=1e-5)
+            assert all(a.score >= b.score for a, b in zip(f, f[1:]))
+            recalls.append(len(exact.keys() & {h.id for h in f}) / 10)
+        assert np.mean(recalls) >= 0.8, recalls
+
+
+def test_index_colbert_mode_arguments(grown, m3_encoder):
+    idx, pool, own = grown
+    q = _index_batch(np.random.default_rng(5), 1, m3_encoder.spec, pool, own)
+    hits = idx.search("q", k=3, mode="colbert", query_encoded=q)  # default candidates
+    assert len(hits) == 3
+    with pytest.raises(ValueError, match="candidates"):
+        idx.search("q", k=3, mode="colbert", query_encoded=q, candidates=0)

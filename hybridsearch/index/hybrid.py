@@ -924,7 +924,11 @@ class HybridIndex:
         sc, ids = self._merge(parts, 1, k)
         return sc[0], ids[0]
 
-    def _colbert_staged(self, staged, qc, k, C):
+    @staticmethod
+    def _colbert_first_stage(staged, qc, C):
+        """The ``C`` best rows by centroid score over the coded segments ``staged`` (a list of
+        ``(segment, row mask or None)``): ``(index into staged (c,), row (c,), score (c,))``.
+        Also what a hybrid union can take ColBERT candidates from."""
         tables, segs, rows, approx = {}, [], [], []
         for si, (s, mask) in enumerate(staged):
             key = id(s.colbert.codec)
@@ -936,9 +940,12 @@ class HybridIndex:
             approx.append(a)
         segs, rows, approx = np.concatenate(segs), np.concatenate(rows), np.concatenate(approx)
         keep = np.lexsort((rows, segs, -approx))[:C]  # ties: lower segment, then lower row
-        segs, rows = segs[keep], rows[keep]
-        docnos = np.empty(len(keep), np.int64)
-        exact = np.empty(len(keep), np.float32)
+        return segs[keep], rows[keep], approx[keep]
+
+    def _colbert_staged(self, staged, qc, k, C):
+        segs, rows, _ = self._colbert_first_stage(staged, qc, C)
+        docnos = np.empty(len(rows), np.int64)
+        exact = np.empty(len(rows), np.float32)
         parts, sels = [], []
         for si in np.unique(segs):
             sel = np.flatnonzero(segs == si)

@@ -569,6 +569,16 @@ class CodedColbertStore(_MaxSimStore):
         self._sets = None  # (bitsets, empty docs) for the first stage, made on first use
         self._sets_lock = threading.Lock()
 
+    def __getstate__(self):
+        # A lock does not pickle (stores are sent to worker processes); the sets are rebuilt there.
+        state = dict(self.__dict__)
+        state["_sets"], state["_sets_lock"] = None, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._sets_lock = threading.Lock()
+
     @property
     def dim(self) -> int:
         return self.codec.dim
