@@ -327,3 +327,38 @@ def test_index_colbert_mode_arguments(grown, m3_encoder):
     assert len(hits) == 3
     with pytest.raises(ValueError, match="candidates"):
         idx.search("q", k=3, mode="colbert", query_encoded=q, candidates=0)
+
+
+def test_partial_maxsim_matches_reference(coded):
+    store, queries = coded
+    codec = store.codec
+    assert codec.transform and not codec.renorm
+    base = codec.kernel_tables()[0]
+    n4, n2, n1 = codec.sections
+    nc = codec.n_coded
+    cand = np.array([0, 3, 7, 50, 2999, 11, 7], np.int64)  # empty docs and repeats
+    for dims in (0, 1, n4, n4 + 5, n4 + n2, n4 + n2 + 9, nc, nc + 100):
+        w4, w2, d1 = store._leading_tables(dims)
+        kept = w4.shape[0] + w2.shape[0] + d1.shape[0]
+        assert kept <= max(dims, 0) and (dims < nc or kept == nc)
+        for q in queries[:3]:
+            docs = []
+            for c in cand:
+                lo, hi = int(store.offsets[c]), int(store.offsets[c + 1])
+                x = codec.decode_native(store.codes[lo:hi], store.residuals[lo:hi])
+                x[:, kept:nc] = base[store.codes[lo:hi].astype(np.int64), kept:nc]  # bucket 0
+                docs.append(x)
+            want = multivector.maxsim_reference(codec.rotate(q), docs)
+            np.testing.assert_allclose(store.partial_maxsim(q, cand, dims), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(store.partial_maxsim(queries[0], cand, nc), store.maxsim(queries[0], cand),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_refinement_depth_is_used(coded, monkeypatch):
+    store, queries = coded
+    seen = []
+    real = CodedColbertStore.first_stage
+    monkeypatch.setattr(CodedColbertStore, "first_stage",
+                        lambda self, q, n, allowed=None, **kw: seen.append(n) or real(self, q, n, allowed, **kw))
+    store.search(queries[0], 5, candidates=20)
+    assert seen == [20 * multivector.REFINE_DEPTH]

@@ -40,7 +40,7 @@ from ..retrievers.colbert_codec import (
     pool_tokens,
 )
 from ..retrievers.dense import check_factory
-from ..retrievers.multivector import FIRST_STAGE_CANDIDATES, maxsim_many
+from ..retrievers.multivector import FIRST_STAGE_CANDIDATES, REFINE_DEPTH, maxsim_many
 from . import locking
 from . import storage as st
 from .filters import check_filter
@@ -908,9 +908,10 @@ class HybridIndex:
         return self._merge(parts, qs.shape[0], k)
 
     def _colbert_topk(self, state, qc, k, allowed, C=FIRST_STAGE_CANDIDATES, exhaustive=False):
-        """Exact MaxSim top-k of one query. Coded segments larger than ``C`` documents: the ``C``
-        documents of best centroid score over all of them (one codebook: comparable scores) are
-        rescored in one parallel pass; the other segments are searched exhaustively."""
+        """Exact MaxSim top-k of one query. Coded segments larger than ``C`` documents: the
+        documents of best centroid score over all of them (one codebook: comparable scores),
+        narrowed to ``C`` by the leading coded dimensions, are rescored in one parallel pass; the
+        other segments are searched exhaustively."""
         parts, staged = [], []
         for s in state.segments:
             mask = s.rows_mask(allowed)
@@ -943,7 +944,17 @@ class HybridIndex:
         return segs[keep], rows[keep], approx[keep]
 
     def _colbert_staged(self, staged, qc, k, C):
-        segs, rows, _ = self._colbert_first_stage(staged, qc, C)
+        # as CodedColbertStore.search: REFINE_DEPTH x C by centroids, C of them by the leading
+        # coded dimensions, exact MaxSim on those
+        refine = all(s.colbert._refines() for s, _ in staged)
+        segs, rows, _ = self._colbert_first_stage(staged, qc, C * REFINE_DEPTH if refine else C)
+        if len(rows) > C:
+            part = np.empty(len(rows), np.float32)
+            for si in np.unique(segs):
+                sel = np.flatnonzero(segs == si)
+                part[sel] = staged[si][0].colbert.partial_maxsim(qc, rows[sel])
+            keep = np.lexsort((rows, segs, -part))[:C]
+            segs, rows = segs[keep], rows[keep]
         docnos = np.empty(len(rows), np.int64)
         exact = np.empty(len(rows), np.float32)
         parts, sels = [], []
