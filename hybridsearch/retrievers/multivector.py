@@ -14,6 +14,11 @@ Two stores share one reading API (``n_docs``, ``dim``, ``offsets``, ``maxsim``, 
   decoding whole tokens on SciFact's 1024-d vectors, 368 of 1,024 axes coded;
   bench/results/coded_maxsim.md).
 
+``search`` on a coded store is approximate by default: documents ranked by their centroids
+alone (:mod:`centroid_stage`), ``REFINE_DEPTH x candidates`` of them by MaxSim on the leading
+coded dimensions (:meth:`CodedColbertStore.partial_maxsim`), the best ``candidates`` by the exact
+MaxSim; ``exhaustive=True`` scores every allowed document.
+
 All arithmetic is float32. The score is BGE-M3's ``colbert_score``: the mean over query vectors
 of the best dot product with the document's vectors. A document without vectors, or a query
 without vectors, scores 0. :func:`write_colbert` streams documents of several stores into new
