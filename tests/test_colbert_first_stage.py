@@ -362,3 +362,43 @@ def test_refinement_depth_is_used(coded, monkeypatch):
                         lambda self, q, n, allowed=None, **kw: seen.append(n) or real(self, q, n, allowed, **kw))
     store.search(queries[0], 5, candidates=20)
     assert seen == [20 * multivector.REFINE_DEPTH]
+
+
+def test_index_with_a_format_1_codebook(tmp_path, m3_encoder, monkeypatch):
+    """Indexes whose codebook predates the transform layout (codec format 1) answer through the
+    first stage too (two stages: no leading dimensions to refine on)."""
+    import json
+
+    from hybridsearch import HybridIndex
+    from hybridsearch.retrievers import colbert_codec
+
+    monkeypatch.setitem(colbert_codec.INDEX_TRAINING, "res2",
+                        dict(colbert_codec.INDEX_TRAINING["res2"], transform=False))
+    spec = m3_encoder.spec
+    rng = np.random.default_rng(8)
+    pool = _unit(rng.standard_normal((120, spec.colbert_dim)))
+    own = rng.integers(0, 120, (15, 6))
+    idx = HybridIndex.create(tmp_path / "ix", m3_encoder, colbert_codec="res2", codec_train_tokens=500,
+                             merge_policy=None)
+    for c in range(2):
+        idx.add([{"id": f"c{c}-{j}", "text": "w"} for j in range(200)], encoded=_index_batch(rng, 200, spec, pool, own))
+    m = json.loads((idx.path / "manifest.json").read_text())
+    codec_json = json.loads((idx.path / m["channels"]["colbert_codec"]["codebook"] / "codec.json").read_text())
+    assert codec_json["format_version"] == 1
+    assert [s.colbert_kind for s in idx._current().segments] == ["codes", "codes"]
+    monkeypatch.undo()
+    idx = HybridIndex.open(idx.path, m3_encoder)
+    assert all(not s.colbert._refines() and s.colbert._has_first_stage() for s in idx._current().segments)
+    q = _index_batch(rng, 6, spec, pool, own)
+    queries = [f"q{j}" for j in range(6)]
+    ex = idx.search(queries, k=10, mode="colbert", query_encoded=q, exhaustive=True)
+    fs = idx.search(queries, k=10, mode="colbert", query_encoded=q, candidates=60)
+    rec = []
+    for e, f in zip(ex, fs):
+        exact = {h.id: h.score for h in e}
+        assert len(f) == 10
+        for h in f:
+            if h.id in exact:
+                assert h.score == pytest.approx(exact[h.id], abs=1e-5)
+        rec.append(len(exact.keys() & {h.id for h in f}) / 10)
+    assert np.mean(rec) >= 0.8, rec
