@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--candidates", default="1024,4096,16384",
                     help="two stages: the first stage's top N get the exact MaxSim")
     ap.add_argument("--refined", default="256,1024",
-                    help="three stages (the default search): REFINE_DEPTH x N by centroids, N of them "
+                    help="three stages (the default search): refine_depth(N) by centroids, N of them "
                          "by the leading coded dimensions, exact MaxSim on those")
     ap.add_argument("--variants", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -210,17 +210,17 @@ def main() -> None:
     cands = [int(c) for c in a.candidates.split(",") if c]
     refined = [int(c) for c in a.refined.split(",") if c]
     configs = [("two", c) for c in cands] + [("three", c) for c in refined]
-    depths = sorted(set(cands) | {c * mv.REFINE_DEPTH for c in refined})
+    depths = sorted(set(cands) | {mv.refine_depth(c, a.docs) for c in refined})
     k = a.k
-    depth_default = mv.REFINE_DEPTH
 
     def run(cfg, q):
         kind, c = cfg
-        mv.REFINE_DEPTH = 1 if kind == "two" else depth_default
+        if kind == "two":
+            store._refines = lambda: False  # the first stage's top N straight to the exact MaxSim
         try:
             return store.search(q, k, candidates=c)
         finally:
-            mv.REFINE_DEPTH = depth_default
+            store.__dict__.pop("_refines", None)
 
     t = time.perf_counter()
     bits, _ = store.centroid_sets()
@@ -277,7 +277,8 @@ def main() -> None:
     for c in depths:
         lines.append(f"| {c} | {np.median(stage_times[c]) * 1e3:.1f} | {recall(stage_rows[c]):.3f} |")
     lines += ["", f"Search (`CodedColbertStore.search`): *two stages* = first stage top N -> exact MaxSim on N; "
-              f"*three stages* (the default, N = `candidates`) = first stage top {depth_default} N -> MaxSim on "
+              f"*three stages* (the default, N = `candidates`) = first stage top max({mv.REFINE_DEPTH} N, "
+              f"allowed / {mv.REFINE_SHARE}) -> MaxSim on "
               f"the centroid part plus the {mv.REFINE_DIMS} leading coded dimensions -> exact MaxSim on the best N.", "",
               "| stages | N (exact MaxSim) | p50 search (ms) | p99 search (ms) | exhaustive / ours (p50) | recall@10 |",
               "|---|---:|---:|---:|---:|---:|"]

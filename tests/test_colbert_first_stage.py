@@ -361,7 +361,12 @@ def test_refinement_depth_is_used(coded, monkeypatch):
     monkeypatch.setattr(CodedColbertStore, "first_stage",
                         lambda self, q, n, allowed=None, **kw: seen.append(n) or real(self, q, n, allowed, **kw))
     store.search(queries[0], 5, candidates=20)
-    assert seen == [20 * multivector.REFINE_DEPTH]
+    store.search(queries[0], 5, candidates=5)  # at least 1/16 of the allowed documents
+    allowed = np.zeros(store.n_docs, bool)
+    allowed[:1000] = True
+    store.search(queries[0], 5, allowed, candidates=5)
+    assert seen == [20 * multivector.REFINE_DEPTH, -(-store.n_docs // multivector.REFINE_SHARE),
+                    5 * multivector.REFINE_DEPTH]
 
 
 def test_index_with_a_format_1_codebook(tmp_path, m3_encoder, monkeypatch):

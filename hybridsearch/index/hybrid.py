@@ -40,7 +40,7 @@ from ..retrievers.colbert_codec import (
     pool_tokens,
 )
 from ..retrievers.dense import check_factory
-from ..retrievers.multivector import FIRST_STAGE_CANDIDATES, REFINE_DEPTH, maxsim_many
+from ..retrievers.multivector import FIRST_STAGE_CANDIDATES, maxsim_many, refine_depth
 from . import locking
 from . import storage as st
 from .filters import check_filter
@@ -944,10 +944,11 @@ class HybridIndex:
         return segs[keep], rows[keep], approx[keep]
 
     def _colbert_staged(self, staged, qc, k, C):
-        # as CodedColbertStore.search: REFINE_DEPTH x C by centroids, C of them by the leading
+        # as CodedColbertStore.search: refine_depth() by centroids, C of them by the leading
         # coded dimensions, exact MaxSim on those
         refine = all(s.colbert._refines() for s, _ in staged)
-        segs, rows, _ = self._colbert_first_stage(staged, qc, C * REFINE_DEPTH if refine else C)
+        n_allowed = sum(s.count if m is None else int(np.count_nonzero(m)) for s, m in staged)
+        segs, rows, _ = self._colbert_first_stage(staged, qc, refine_depth(C, n_allowed) if refine else C)
         if len(rows) > C:
             part = np.empty(len(rows), np.float32)
             for si in np.unique(segs):

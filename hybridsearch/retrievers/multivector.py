@@ -15,7 +15,7 @@ Two stores share one reading API (``n_docs``, ``dim``, ``offsets``, ``maxsim``, 
   bench/results/coded_maxsim.md).
 
 ``search`` on a coded store is approximate by default: documents ranked by their centroids
-alone (:mod:`centroid_stage`), ``REFINE_DEPTH x candidates`` of them by MaxSim on the leading
+alone (:mod:`centroid_stage`), ``refine_depth(candidates, allowed)`` of them by MaxSim on the leading
 coded dimensions (:meth:`CodedColbertStore.partial_maxsim`), the best ``candidates`` by the exact
 MaxSim; ``exhaustive=True`` scores every allowed document.
 
@@ -75,13 +75,21 @@ SEARCH_BLOCKED_MIN_SHARE = 4
 # runs the exact MaxSim on the best FIRST_STAGE_CANDIDATES of them only; recall@10 against the
 # exhaustive search measured in bench/results/colbert_first_stage.md.
 FIRST_STAGE_CANDIDATES = 1024
-# Between the two, for a transform codec: the first stage keeps REFINE_DEPTH x candidates docs,
-# scored by MaxSim on the centroid part plus the REFINE_DIMS leading coded dimensions only
-# (those of most residual variance: ~1/5 of the exact kernel's work at d=1024, res1), and the
-# best `candidates` of them get the exact MaxSim. Measured at 100k documents: the refined top
-# 1024 of 16,384 kept every exact top-10 document the 16,384 held.
+# Between the two, for a transform codec: the first stage keeps refine_depth() documents (16 x
+# candidates, and at least 1/16 of the allowed ones), scored by MaxSim on the centroid part plus
+# the REFINE_DIMS leading coded dimensions only (those of most residual variance: ~1/5 of the
+# exact kernel's work at d=1024, res1), and the best `candidates` of them get the exact MaxSim.
+# Measured (bench/results/colbert_first_stage.md, BGE-M3-shaped synthetic tokens): the refined
+# top 256 kept every exact top-10 document the first stage held; the first stage's top 16,384
+# held 100% of the exact top-10 at 100k documents, 94% at 1M, its top 65,536 100% at 1M.
 REFINE_DEPTH = 16
+REFINE_SHARE = 16
 REFINE_DIMS = 104
+
+
+def refine_depth(candidates: int, allowed: int) -> int:
+    """Documents the centroid stage keeps for the refinement, out of ``allowed``."""
+    return max(candidates * REFINE_DEPTH, -(-allowed // REFINE_SHARE))
 # Codebooks up to this many centroids get the first stage (bitsets of k / 8 bytes a document;
 # an index's codebook has at most 256).
 FIRST_STAGE_MAX_K = 4096
@@ -415,9 +423,9 @@ class _MaxSimStore:
         allowed = self._check_search(k, allowed)
         q = _check_vectors(q, self.dim, "q")
         n = _check_candidates(candidates, k)
-        if not exhaustive and self._has_first_stage() and n < (
-                self.n_docs if allowed is None else int(np.count_nonzero(allowed))):
-            depth = n * REFINE_DEPTH if self._refines() else n
+        n_allowed = self.n_docs if allowed is None else int(np.count_nonzero(allowed))
+        if not exhaustive and self._has_first_stage() and n < n_allowed:
+            depth = refine_depth(n, n_allowed) if self._refines() else n
             cand, _ = self.first_stage(q, depth, allowed)
             if cand.shape[0] > n:
                 cand = np.sort(cand)
