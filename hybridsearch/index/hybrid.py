@@ -734,8 +734,8 @@ class HybridIndex:
             filter: metadata filter, see :mod:`hybridsearch.index.filters`; applies to every channel.
             candidates: how many each first-stage channel contributes to the hybrid union
                 (default :meth:`default_candidates`: 100 for BGE-M3, 1000 for dense-only models);
-                in ``colbert`` mode, how many documents of best centroid score get the exact
-                MaxSim (default ``multivector.FIRST_STAGE_CANDIDATES``, 1024).
+                in ``colbert`` mode, how many documents get the exact MaxSim after the centroid
+                and refinement stages (default ``multivector.FIRST_STAGE_CANDIDATES``, 1024).
             fusion: ``"weighted"`` or ``"rrf"``.
             normalize: channels z-scored over the query's candidate union and noise-gated before
                 the weighted sum (the others enter raw); default from :meth:`default_fusion`.
