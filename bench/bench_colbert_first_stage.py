@@ -194,8 +194,8 @@ def main() -> None:
 
     import numba
 
-    from hybridsearch.retrievers.colbert_codec import ColbertCodec
     from hybridsearch.retrievers import multivector as mv
+    from hybridsearch.retrievers.colbert_codec import ColbertCodec
     from hybridsearch.retrievers.multivector import CodedColbertStore
 
     folder = CACHE / f"colbert_fs_{a.docs}_v{a.variants}_s{a.seed}"
