@@ -119,9 +119,12 @@ class _Results:
 
     def __call__(self, mode, fname):
         if (mode, fname) not in self._cache:
+            # "colbert" here is the exhaustive scan (checked exact below); "colbert_staged" is the
+            # default ColBERT search (centroid first stage: exact scores, approximate set)
+            kw = {"exhaustive": True} if mode == "colbert" else {}
             self._cache[mode, fname] = self.idx.search(
-                self.data["queries"], k=K, mode=mode, filter=FILTERS[fname],
-                query_encoded=self.data["q_enc"])
+                self.data["queries"], k=K, mode=mode.replace("_staged", ""), filter=FILTERS[fname],
+                query_encoded=self.data["q_enc"], **kw)
         return self._cache[mode, fname]
 
 
@@ -239,6 +242,19 @@ def test_colbert_equals_brute_force(flat, data, fname):
     got = results("colbert", fname)
     for j in range(0, NQ, 16):  # 16 of the 256 queries: numpy MaxSim over the allowed docs
         _check_exact_topk(got[j], _colbert_full(data, j, allowed), allowed, K, f"colbert/{fname} q{j}")
+
+
+@pytest.mark.parametrize("fname", FILTERS)
+def test_colbert_first_stage_masks_counts_and_exact_scores(flat, data, fname):
+    _, results, data = flat
+    allowed = data["allowed"][fname]
+    got = results("colbert_staged", fname)
+    _check_allowed_sorted_unique(got, allowed, f"colbert_staged/{fname}")
+    n = min(K, int(allowed.sum()))
+    for j in range(0, NQ, 32):
+        rows = _rows(got[j])
+        assert len(rows) == n
+        np.testing.assert_allclose(_scores(got[j]), _colbert_scores(data, j, rows), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("fname", FILTERS)

@@ -41,7 +41,7 @@ from ..retrievers.colbert_codec import (
     pool_tokens,
 )
 from ..retrievers.dense import check_factory
-from ..retrievers.multivector import maxsim_many
+from ..retrievers.multivector import FIRST_STAGE_CANDIDATES, maxsim_many, refine_depth
 from . import locking
 from . import storage as st
 from .filters import check_filter
@@ -726,7 +726,7 @@ class HybridIndex:
                weights: Mapping[str, float] | None = None, filter: Mapping | None = None,
                candidates: int | None = None, fusion: str = "weighted", normalize: Sequence[str] | None = None,
                query_encoded: Encoded | None = None, reranker=None, rerank_top: int = 50,
-               rerank_weight: float = 1.0):
+               rerank_weight: float = 1.0, exhaustive: bool = False):
         """Search one query (returns ``list[Hit]``) or a batch (returns ``list[list[Hit]]``).
 
         Args:
@@ -734,7 +734,9 @@ class HybridIndex:
             weights: per-channel weights for hybrid, merged over :meth:`default_fusion`.
             filter: metadata filter, see :mod:`hybridsearch.index.filters`; applies to every channel.
             candidates: how many each first-stage channel contributes to the hybrid union
-                (default :meth:`default_candidates`: 100 for BGE-M3, 1000 for dense-only models).
+                (default :meth:`default_candidates`: 100 for BGE-M3, 1000 for dense-only models);
+                in ``colbert`` mode, how many documents get the exact MaxSim after the centroid
+                and refinement stages (default ``multivector.FIRST_STAGE_CANDIDATES``, 1024).
             fusion: ``"weighted"`` or ``"rrf"``.
             normalize: channels z-scored over the query's candidate union and noise-gated before
                 the weighted sum (the others enter raw); default from :meth:`default_fusion`.
@@ -748,6 +750,8 @@ class HybridIndex:
                 the ``rerank_top`` hits of each query, which keeps the first stage's evidence
                 (on SciFact a briefly fine-tuned cross-encoder hurt alone and helped at 0.5:
                 bench/results/rerank_scifact.md).
+            exhaustive: ``colbert`` mode only: exact MaxSim over every allowed document instead
+                of the centroid first stage (segments without a codebook always are).
         """
         single = isinstance(query, str)
         queries = [query] if single else list(query)
@@ -784,15 +788,16 @@ class HybridIndex:
             raise ValueError(f"rerank_weight must be a number in [0, 1], got {rerank_weight!r}")
         depth = max(k, rerank_top) if reranker is not None else k
         if candidates is None:
-            candidates = self.default_candidates()
+            candidates = FIRST_STAGE_CANDIDATES if mode == "colbert" else self.default_candidates()
         if not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
-        results = self._search(state, queries, depth, mode, cfg, allowed, max(candidates, depth), query_encoded)
+        results = self._search(state, queries, depth, mode, cfg, allowed, max(candidates, depth), query_encoded,
+                               exhaustive=bool(exhaustive))
         if reranker is not None:
             results = [_rerank(reranker, q, hits, k, float(rerank_weight)) for q, hits in zip(queries, results)]
         return results[0] if single else results
 
-    def _search(self, state, queries, k, mode, cfg, allowed, C, q=None) -> list[list[Hit]]:
+    def _search(self, state, queries, k, mode, cfg, allowed, C, q=None, exhaustive=False) -> list[list[Hit]]:
         spec = self.encoder.spec
         need_dense = mode in ("dense", "hybrid")
         need_sparse = spec.has_sparse and mode in ("sparse", "hybrid")
@@ -805,7 +810,7 @@ class HybridIndex:
         if mode == "sparse":
             return self._hits(state, *self._sparse_topk(state, q.sparse, k, allowed), "sparse")
         if mode == "colbert":
-            rows = [self._colbert_topk(state, q.colbert_of(i), k, allowed) for i in range(len(queries))]
+            rows = [self._colbert_topk(state, q.colbert_of(i), k, allowed, C, exhaustive) for i in range(len(queries))]
             return self._hits(state, np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), "colbert")
         if mode == "bm25":
             return self._hits(state, *self._bm25_topk(state, queries, k, allowed), "bm25")
@@ -903,13 +908,73 @@ class HybridIndex:
             parts.append((sc, _docnos(s, ids)))
         return self._merge(parts, qs.shape[0], k)
 
-    def _colbert_topk(self, state, qc, k, allowed):
-        parts = []
+    def _colbert_topk(self, state, qc, k, allowed, C=FIRST_STAGE_CANDIDATES, exhaustive=False):
+        """Exact MaxSim top-k of one query. Coded segments larger than ``C`` documents: the
+        documents of best centroid score over all of them (one codebook: comparable scores),
+        narrowed to ``C`` by the leading coded dimensions, are rescored in one parallel pass; the
+        other segments are searched exhaustively."""
+        parts, staged = [], []
         for s in state.segments:
-            sc, ids = s.colbert.search(qc, k, s.rows_mask(allowed))
+            mask = s.rows_mask(allowed)
+            if not exhaustive and s.colbert_kind == "codes" and s.colbert._has_first_stage() and s.count > C:
+                staged.append((s, mask))
+                continue
+            sc, ids = s.colbert.search(qc, k, mask, exhaustive=True)
             parts.append((sc[None], _docnos(s, ids)[None]))
+        if staged:
+            parts.append(self._colbert_staged(staged, qc, k, C))
         sc, ids = self._merge(parts, 1, k)
         return sc[0], ids[0]
+
+    @staticmethod
+    def _colbert_first_stage(staged, qc, C):
+        """The ``C`` best rows by centroid score over the coded segments ``staged`` (a list of
+        ``(segment, row mask or None)``): ``(index into staged (c,), row (c,), score (c,))``.
+        Also what a hybrid union can take ColBERT candidates from."""
+        tables, segs, rows, approx = {}, [], [], []
+        for si, (s, mask) in enumerate(staged):
+            key = id(s.colbert.codec)
+            if key not in tables:
+                tables[key] = s.colbert.centroid_table(qc)
+            r, a = s.colbert.first_stage(qc, C, mask, table=tables[key])
+            segs.append(np.full(len(r), si, np.int64))
+            rows.append(r)
+            approx.append(a)
+        segs, rows, approx = np.concatenate(segs), np.concatenate(rows), np.concatenate(approx)
+        keep = np.lexsort((rows, segs, -approx))[:C]  # ties: lower segment, then lower row
+        return segs[keep], rows[keep], approx[keep]
+
+    def _colbert_staged(self, staged, qc, k, C):
+        # as CodedColbertStore.search: refine_depth() by centroids, C of them by the leading
+        # coded dimensions, exact MaxSim on those
+        refine = all(s.colbert._refines() for s, _ in staged)
+        n_allowed = sum(s.count if m is None else int(np.count_nonzero(m)) for s, m in staged)
+        segs, rows, _ = self._colbert_first_stage(staged, qc, refine_depth(C, n_allowed) if refine else C)
+        if len(rows) > C:
+            part = np.empty(len(rows), np.float32)
+            for si in np.unique(segs):
+                sel = np.flatnonzero(segs == si)
+                part[sel] = staged[si][0].colbert.partial_maxsim(qc, rows[sel])
+            keep = np.lexsort((rows, segs, -part))[:C]
+            segs, rows = segs[keep], rows[keep]
+        docnos = np.empty(len(rows), np.int64)
+        exact = np.empty(len(rows), np.float32)
+        parts, sels = [], []
+        for si in np.unique(segs):
+            sel = np.flatnonzero(segs == si)
+            r = np.sort(rows[sel])
+            sel = sel[np.argsort(rows[sel], kind="stable")]
+            parts.append((staged[si][0].colbert, r))
+            sels.append(sel)
+            docnos[sel] = staged[si][0].docno_of(r)
+        for sel, sc in zip(sels, maxsim_many(qc, parts)):
+            exact[sel] = sc
+        top = np.lexsort((docnos, -exact))[:k]
+        out_s = np.zeros((1, k), np.float32)
+        out_i = np.full((1, k), -1, np.int64)
+        out_s[0, :len(top)] = exact[top]
+        out_i[0, :len(top)] = docnos[top]
+        return out_s, out_i
 
     def _bm25_topk(self, state, queries, k, allowed):
         if state.bm25 is None:  # postings in the segments: statistics summed over all of them

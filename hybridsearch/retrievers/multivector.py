@@ -14,6 +14,11 @@ Two stores share one reading API (``n_docs``, ``dim``, ``offsets``, ``maxsim``, 
   decoding whole tokens on SciFact's 1024-d vectors, 368 of 1,024 axes coded;
   bench/results/coded_maxsim.md).
 
+``search`` on a coded store is approximate by default: documents ranked by their centroids
+alone (:mod:`centroid_stage`), ``refine_depth(candidates, allowed)`` of them by MaxSim on the leading
+coded dimensions (:meth:`CodedColbertStore.partial_maxsim`), the best ``candidates`` by the exact
+MaxSim; ``exhaustive=True`` scores every allowed document.
+
 All arithmetic is float32. The score is BGE-M3's ``colbert_score``: the mean over query vectors
 of the best dot product with the document's vectors. A document without vectors, or a query
 without vectors, scores 0. :func:`write_colbert` streams documents of several stores into new
@@ -41,6 +46,7 @@ import numpy as np
 from numba import njit, prange
 
 from hybridsearch.errors import IndexFormatError
+from hybridsearch.retrievers import centroid_stage
 from hybridsearch.retrievers._tiles import tile_4x2
 from hybridsearch.retrievers.colbert_codec import (
     ColbertCodec,
@@ -65,6 +71,28 @@ PARALLEL_MIN_FLOPS = 1 << 24
 SEARCH_BLOCKED_MIN_QUERY = 64
 SEARCH_BLOCK_TOKENS = 1 << 13
 SEARCH_BLOCKED_MIN_SHARE = 4
+# search() on a coded store ranks the documents by their centroids alone (centroid_stage) and
+# runs the exact MaxSim on the best FIRST_STAGE_CANDIDATES of them only; recall@10 against the
+# exhaustive search measured in bench/results/colbert_first_stage.md.
+FIRST_STAGE_CANDIDATES = 1024
+# Between the two, for a transform codec: the first stage keeps refine_depth() documents (16 x
+# candidates, and at least 1/16 of the allowed ones), scored by MaxSim on the centroid part plus
+# the REFINE_DIMS leading coded dimensions only (those of most residual variance: ~1/5 of the
+# exact kernel's work at d=1024, res1), and the best `candidates` of them get the exact MaxSim.
+# Measured (bench/results/colbert_first_stage.md, BGE-M3-shaped synthetic tokens): the refined
+# top 256 kept every exact top-10 document the first stage held; the first stage's top 16,384
+# held 100% of the exact top-10 at 100k documents, 94% at 1M, its top 65,536 100% at 1M.
+REFINE_DEPTH = 16
+REFINE_SHARE = 16
+REFINE_DIMS = 104
+
+
+def refine_depth(candidates: int, allowed: int) -> int:
+    """Documents the centroid stage keeps for the refinement, out of ``allowed``."""
+    return max(candidates * REFINE_DEPTH, -(-allowed // REFINE_SHARE))
+# Codebooks up to this many centroids get the first stage (bitsets of k / 8 bytes a document;
+# an index's codebook has at most 256).
+FIRST_STAGE_MAX_K = 4096
 # Float32 tokens decoded per step by write_colbert (bounded memory for any merge size).
 WRITE_FLOAT_CHUNK_BYTES = 64 << 20
 # Codes read per chunk by the load-time range check.
@@ -260,6 +288,25 @@ def _pad_queries(q: np.ndarray, q_offsets: np.ndarray):
     return q[rows], q_off4, q_len
 
 
+def _check_candidates(candidates, k: int) -> int:
+    if candidates is None:
+        return max(int(k), FIRST_STAGE_CANDIDATES)
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) \
+            or candidates < 1:
+        raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
+    return max(int(k), int(candidates))
+
+
+def _top(scores: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` of ``cand`` by ``scores`` (ties to the lower row), padded with 0 / -1."""
+    order = np.lexsort((cand, -scores))[:k]
+    out_s = np.zeros(k, np.float32)
+    out_i = np.full(k, -1, np.int64)
+    out_s[: order.size] = scores[order]
+    out_i[: order.size] = cand[order]
+    return out_s, out_i
+
+
 class _MaxSimStore:
     """Reading API shared by both stores: ``maxsim``, ``maxsim_batch``, ``search``.
 
@@ -356,18 +403,34 @@ class _MaxSimStore:
                              f"got {allowed.dtype} {allowed.shape}")
         return allowed
 
-    def search(self, q: np.ndarray, k: int, allowed: np.ndarray | None = None
+    def search(self, q: np.ndarray, k: int, allowed: np.ndarray | None = None, *,
+               exhaustive: bool = False, candidates: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        """Exhaustive exact top-k of one query ``(m, d)`` over every allowed doc.
+        """Top-k of one query ``(m, d)`` by exact MaxSim over the allowed docs.
 
         ``allowed`` is ``(n_docs,)`` bool or None. Returns scores ``(k,)`` float32 and ids
         ``(k,)`` int64, best first, ties to the lower row; slots beyond the allowed docs hold
-        score 0 and id -1 (as in the sparse retriever). Long queries (``SEARCH_BLOCKED_MIN_QUERY``
+        score 0 and id -1 (as in the sparse retriever).
+
+        A coded store (unless ``exhaustive``) scores exactly only the ``max(k, candidates)``
+        (default ``FIRST_STAGE_CANDIDATES``) allowed docs of best centroid score
+        (:meth:`first_stage`): the scores returned are exact, the set approximate (recall@10
+        against the exhaustive search in bench/results/colbert_first_stage.md). A float16 store
+        is always searched exhaustively. Exhaustively, long queries (``SEARCH_BLOCKED_MIN_QUERY``
         vectors or more) score whole blocks of documents by BLAS (:meth:`scores_blocked`) unless
         few documents are allowed; otherwise the MaxSim kernel scores the allowed docs one by one.
         """
         allowed = self._check_search(k, allowed)
         q = _check_vectors(q, self.dim, "q")
+        n = _check_candidates(candidates, k)
+        n_allowed = self.n_docs if allowed is None else int(np.count_nonzero(allowed))
+        if not exhaustive and self._has_first_stage() and n < n_allowed:
+            depth = refine_depth(n, n_allowed) if self._refines() else n
+            cand, _ = self.first_stage(q, depth, allowed)
+            if cand.shape[0] > n:
+                cand = np.sort(cand)
+                cand = cand[_top(self.partial_maxsim(q, cand), np.arange(cand.shape[0]), n)[1]]
+            return _top(self.maxsim(q, cand), cand, k)
         if allowed is None:
             cand = np.arange(self.n_docs, dtype=np.int64)
         else:
@@ -378,12 +441,28 @@ class _MaxSimStore:
             scores = self.scores_blocked(q, allowed)[cand]
         else:
             scores = self.maxsim(q, cand)
-        order = np.lexsort((cand, -scores))[:k]
-        out_s = np.zeros(k, np.float32)
-        out_i = np.full(k, -1, np.int64)
-        out_s[: order.size] = scores[order]
-        out_i[: order.size] = cand[order]
-        return out_s, out_i
+        return _top(scores, cand, k)
+
+    def _has_first_stage(self) -> bool:
+        return False
+
+    def _refines(self) -> bool:
+        return False
+
+    def first_stage(self, q: np.ndarray, n: int, allowed: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``min(n, allowed docs)`` candidate rows of one query ``(m, d)`` for exact
+        rescoring, with their first-stage scores: rows ``(c,)`` int64 and scores ``(c,)``
+        float32, best first (ties to the lower row).
+
+        Coded store: centroid scores (:mod:`centroid_stage`, MaxSim with every token replaced
+        by its centroid), comparable across stores of one codec. Float16 store: the exact
+        MaxSim top ``n`` (these stores are small: written before the codebook existed).
+        """
+        allowed = self._check_search(n, allowed)
+        s, i = self.search(q, n, allowed, exhaustive=True)
+        ok = i >= 0
+        return i[ok], s[ok]
 
     def scores_blocked(self, q: np.ndarray, allowed: np.ndarray | None = None,
                        block_tokens: int | None = None) -> np.ndarray:
@@ -514,6 +593,18 @@ class CodedColbertStore(_MaxSimStore):
         self.residuals = _readonly(residuals)
         self.offsets = _readonly(offsets)
         self.codec = codec
+        self._sets = None  # (bitsets, empty docs) for the first stage, made on first use
+        self._sets_lock = threading.Lock()
+
+    def __getstate__(self):
+        # A lock does not pickle (stores are sent to worker processes); the sets are rebuilt there.
+        state = dict(self.__dict__)
+        state["_sets"], state["_sets_lock"] = None, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._sets_lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -624,6 +715,95 @@ class CodedColbertStore(_MaxSimStore):
     def decode_range(self, lo: int, hi: int) -> np.ndarray:
         """Tokens ``[lo, hi)`` decoded to ``(hi - lo, d)`` float32."""
         return self.codec.decode(self.codes[lo:hi], self.residuals[lo:hi])
+
+    def _has_first_stage(self) -> bool:
+        return self.codec.k <= FIRST_STAGE_MAX_K
+
+    def _refines(self) -> bool:
+        return self.codec.transform and not self.codec.renorm
+
+    def _leading_tables(self, dims: int):
+        """The split kernel's residual tables cut to the leading ``dims`` coded dimensions (at a
+        byte boundary of the last section kept; earlier sections whole, so byte offsets hold)."""
+        _, w4, w2, d1, _ = self.codec.kernel_tables()
+        n4, n2 = w4.shape[0], w2.shape[0]
+        dims = max(0, int(dims))
+        if dims <= n4:
+            w4, w2, d1 = w4[:dims - dims % 2], w2[:0], d1[:0]
+        elif dims <= n4 + n2:
+            w2, d1 = w2[:(dims - n4) // 4 * 4], d1[:0]
+        else:
+            d1 = d1[:(dims - n4 - n2) // 8 * 8]
+        return _readonly(w4), _readonly(w2), _readonly(d1)
+
+    def partial_maxsim(self, q: np.ndarray, cand: np.ndarray, dims: int = REFINE_DIMS) -> np.ndarray:
+        """MaxSim of one query ``(m, d)`` against rows ``cand`` ``(c,)`` with every token cut to
+        its base (centroid + bucket 0) plus its leading ``dims`` coded dimensions (the rest at
+        bucket 0): ``(c,)`` float32, an approximation for ranking (exact when ``dims`` covers
+        every coded dimension). A renormalising codec has no split: exact scores."""
+        if not self._refines():
+            return self.maxsim(q, cand)
+        q = _check_vectors(q, self.dim, "q")
+        cand = self._check_cand(cand)
+        out = np.zeros(cand.shape[0], np.float32)
+        if cand.size == 0:
+            return out
+        q4, q_off4, q_len, cs = self._query_args(q, np.array([0, q.shape[0]], np.int64))
+        w4, w2, d1 = self._leading_tables(dims)
+        q4 = _readonly(np.ascontiguousarray(q4[:, :w4.shape[0] + w2.shape[0] + d1.shape[0]]))
+        owner = _readonly(np.zeros(cand.shape[0], np.int64))
+        tail = (cs, self.codes, self.residuals, w4, w2, d1, self.offsets, _readonly(cand))
+        threads = numba.get_num_threads()
+        if threads == 1 or cand.shape[0] < 64:
+            _split_range(q4, q_off4, q_len, owner, *tail, 0, cand.shape[0], out)
+        else:
+            old = numba.set_parallel_chunksize(1)
+            try:
+                _split_parallel(q4, q_off4, q_len, owner, *tail, min(8 * threads, cand.shape[0]), out)
+            finally:
+                numba.set_parallel_chunksize(old)
+        return out
+
+    def centroid_sets(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(bits, empty)``: each document's set of centroid ids, ``(n_docs, ceil(k / 64))``
+        uint64 (:func:`centroid_stage.centroid_bits`), and ``(n_docs,)`` bool documents without
+        tokens. Built on first use from the codes (one pass, about 32 MB per 1M documents at
+        k = 256) and kept; thread-safe."""
+        sets = self._sets
+        if sets is None:
+            with self._sets_lock:
+                sets = self._sets
+                if sets is None:
+                    bits = centroid_stage.centroid_bits(self.codes, self.offsets, self.codec.k)
+                    empty = np.diff(np.asarray(self.offsets)) == 0
+                    sets = self._sets = (_readonly(bits), _readonly(empty))
+        return sets
+
+    def centroid_table(self, q: np.ndarray) -> centroid_stage.Quantised:
+        """The first stage's quantised query x centroid scores of ``q`` ``(m, d)``; equal for
+        every store of one codec (pass it to :meth:`first_stage` of each)."""
+        q = _check_vectors(q, self.dim, "q")
+        return centroid_stage.Quantised(q @ self.codec.centroids.T)
+
+    def first_stage(self, q: np.ndarray, n: int, allowed: np.ndarray | None = None, *,
+                    table: centroid_stage.Quantised | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        if not self._has_first_stage():
+            return super().first_stage(q, n, allowed)
+        allowed = self._check_search(n, allowed)
+        if table is None:
+            table = self.centroid_table(q)
+        elif table.table.shape[0] != self.codec.k:
+            raise ValueError(f"table has {table.table.shape[0]} centroids, the codec {self.codec.k}")
+        bits, empty = self.centroid_sets()
+        threads = numba.get_num_threads()
+        old = numba.set_parallel_chunksize(1)
+        try:
+            rows, ints = centroid_stage.top_candidates(bits, empty, table, n, allowed, threads)
+        finally:
+            numba.set_parallel_chunksize(old)
+        order = np.lexsort((rows, -ints))
+        return rows[order], table.dequantise(ints[order])
 
     def doc_vectors(self, row: int) -> np.ndarray:
         """Decoded ``(n, d)`` float32 tokens of doc ``row``."""
