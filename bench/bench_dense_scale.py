@@ -8,9 +8,9 @@ same process and the same interleaved rounds (:func:`suite.report.interleaved`):
 * ``ours (auto)``: :meth:`DenseIndex.search` with its default effort (fetches 2k rows from the
   graph, rescores them from the stored vectors);
 * ``ours exact (Flat)``: :meth:`DenseStore.search`, the exact scan every segment used before;
-* ``FAISS HNSW``: the very ``dense.faiss`` file ours wrote, read by ``faiss.read_index``
-  (memory-mapped, as ours) and searched bare with ours' efSearch at k = 10 and k, without
-  rescoring (so its build time is ours);
+* ``FAISS HNSW`` / ``FAISS IVF``: the very ``dense.faiss`` file ours wrote, read by
+  ``faiss.read_index`` (memory-mapped, as ours) and searched bare with ours' efSearch / nprobe
+  at k = 10, without rescoring (so its build time is ours);
 * ``FAISS Flat``: ``IndexFlatIP`` (float32) up to 200k rows; above, ``IndexScalarQuantizer`` SQ8
   (exhaustive, 1 GiB at 1M: float32 would be 4 GiB on a machine shared with other jobs).
 
@@ -146,9 +146,10 @@ def run_size(n: int, args, out: list[str]) -> dict:
     ann = factory != "Flat"
     print(f"n={n}: truth {t_truth:.0f}s, store {t_store:.0f}s, build {factory} {t_build:.0f}s, rss {rss_mib():.0f} MiB",
           flush=True)
-    ef = dense_mod.search_effort(10, 1.0)[0]
+    ef, npr = dense_mod.search_effort(10, 1.0)
+    ivf = factory.startswith("IVF")
     # memory-mapped like ours (the same pages): bare FAISS pays nothing ours does not
-    bare_hnsw = faiss.read_index(str(folder / "dense.faiss"), faiss.IO_FLAG_MMAP_IFC) if ann else None
+    bare_ann = dense_mod.read_faiss(folder / "dense.faiss") if ann else None
     t0 = time.perf_counter()
     if n <= 200_000:
         flat_name = "FAISS Flat (IndexFlatIP, float32)"
@@ -161,7 +162,7 @@ def run_size(n: int, args, out: list[str]) -> dict:
         bare_flat.add(x)
     t_flat = time.perf_counter() - t0
     print(f"n={n}: bare flat {t_flat:.0f}s, rss {rss_mib():.0f} MiB", flush=True)
-    hparams = faiss.SearchParametersHNSW(efSearch=ef)
+    hparams = faiss.SearchParametersIVF(nprobe=npr) if ivf else faiss.SearchParametersHNSW(efSearch=ef)
 
     systems = {
         "ours (auto)": lambda qq, k: ours.search(qq, k),
@@ -169,7 +170,8 @@ def run_size(n: int, args, out: list[str]) -> dict:
         flat_name: lambda qq, k: bare_flat.search(qq, k),
     }
     if ann:
-        systems["FAISS HNSW (same file, efSearch %d)" % ef] = lambda qq, k: bare_hnsw.search(qq, k, params=hparams)
+        label = f"FAISS IVF (same file, nprobe {npr})" if ivf else f"FAISS HNSW (same file, efSearch {ef})"
+        systems[label] = lambda qq, k: bare_ann.search(qq, k, params=hparams)
     res = {name: {} for name in systems}
     faiss.omp_set_num_threads(1)
     numba.set_num_threads(1)
@@ -227,7 +229,7 @@ def run_size(n: int, args, out: list[str]) -> dict:
     frows = [[f, o[f"filter {f}"][1], o[f"filter {f}"][0], "yes" if o[f"filter {f}"][2] else "NO"] for f in FILTERS]
     out.append("Filtered (ours, k=10, one thread; recall against the exact top-10 of the allowed rows):\n")
     out.append(table(["allowed rows", "p50 ms", "recall@10", "10 allowed hits, none disallowed"], frows))
-    del ours, bare_hnsw, bare_flat, store
+    del ours, bare_ann, bare_flat, store
     if not args.keep:
         shutil.rmtree(folder, ignore_errors=True)
     return {"n": n, "factory": factory, "build_s": t_build, "results": res}
@@ -250,9 +252,10 @@ def main(argv=None) -> int:
            f"Command: `python bench/bench_dense_scale.py --sizes {' '.join(map(str, args.sizes))} "
            f"--queries {args.queries} --rounds {args.rounds}`. The machine was shared with other jobs "
            "(two cores): compare figures within one table, not across runs.\n",
-           f"`auto`: exact scan below {dense_mod.AUTO_ANN_MIN_ROWS:,} rows, `{dense_mod.AUTO_ANN}` above; search "
-           f"effort at k=10: efSearch {dense_mod.search_effort(10, 1.0)[0]}, at k=100: "
-           f"{dense_mod.search_effort(100, 1.0)[0]}; {dense_mod.RESCORE_FACTOR} x k rows rescored from the store. "
+           f"`auto`: exact scan below {dense_mod.AUTO_ANN_MIN_ROWS:,} rows, `{dense_mod.AUTO_ANN}` below "
+           f"{dense_mod.AUTO_IVF_MIN_ROWS:,}, `IVF{{2 sqrt(n)}},SQ8` above; search effort (efSearch, nprobe) at "
+           f"k=10: {dense_mod.search_effort(10, 1.0)}, at k=100: {dense_mod.search_effort(100, 1.0)}; "
+           f"{dense_mod.RESCORE_FACTOR} x k rows rescored from the store. "
            "p50/p99: single queries, one thread, median over rounds.\n"]
     for n in args.sizes:
         run_size(n, args, out)

@@ -52,6 +52,26 @@ def ann(tmp_path_factory):
     return di, store, store.rows(np.arange(N))
 
 
+@pytest.fixture(scope="module")
+def ivf(tmp_path_factory):
+    """The same store with the inverted file "auto" builds for large segments (its threshold
+    lowered to this size)."""
+    folder = tmp_path_factory.mktemp("auto_ivf")
+    x = _clustered(N, D, 0)
+    write_dense_array(folder, x, "sq8")
+    store = DenseStore.open(folder, N, D, "sq8")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(dense_mod, "AUTO_IVF_MIN_ROWS", 10_000)
+    try:
+        built = DenseIndex.build_from(store, "auto")
+    finally:
+        mp.undo()
+    assert built.factory == f"IVF{dense_mod.auto_nlist(N)},SQ8"
+    built.save(folder)
+    di = DenseIndex.load(folder, store, built.factory, use_gpu=False)
+    return di, store, store.rows(np.arange(N))
+
+
 def _recall(ids, ref, k):
     return np.mean([len(set(ids[r, :k].tolist()) & set(ref[r, :k].tolist())) / k for r in range(len(ids))])
 
@@ -78,9 +98,11 @@ def _check(di, decoded, q, k, mask, exact):
 
 
 def test_auto_factory_by_size_and_effort():
-    t = dense_mod.AUTO_ANN_MIN_ROWS
+    t, t_ivf = dense_mod.AUTO_ANN_MIN_ROWS, dense_mod.AUTO_IVF_MIN_ROWS
     assert auto_factory(0) == auto_factory(t - 1) == "Flat"
-    assert auto_factory(t) == auto_factory(10 ** 7) == dense_mod.AUTO_ANN
+    assert auto_factory(t) == auto_factory(t_ivf - 1) == dense_mod.AUTO_ANN
+    assert auto_factory(10 ** 6) == "IVF2048,SQ8" and auto_factory(t_ivf) == f"IVF{dense_mod.auto_nlist(t_ivf)},SQ8"
+    assert all(39 * dense_mod.auto_nlist(n) <= n for n in (t_ivf, 10 ** 6, 10 ** 8))  # trainable
     check_factory("auto", 1024)  # what create() accepts
     check_factory(dense_mod.AUTO_ANN, 1024)
     with pytest.raises(ValueError):
@@ -119,6 +141,16 @@ def test_masks_keep_the_guarantees(ann, density):
         i, ri = _check(di, decoded, q, k, mask, exact=density < dense_mod.ANN_MIN_ALLOWED)
         if mask.sum() >= 10:
             assert _recall(i, ri, 10) >= 0.9, (density, k)
+
+
+@pytest.mark.parametrize("density", [0.001, 0.05, 0.3, 1.0])
+def test_ivf_segments_keep_the_guarantees(ivf, density):
+    di, _, decoded = ivf
+    mask = None if density == 1.0 else np.random.default_rng(int(density * 1e4)).random(N) < density
+    q = _queries(decoded, 48, 13)
+    for k in (10, 100):
+        i, ri = _check(di, decoded, q, k, mask, exact=density < dense_mod.ANN_MIN_ALLOWED)
+        assert _recall(i, ri, 10) >= 0.9, (density, k)
 
 
 def test_short_walks_fall_back_to_exact(ann, monkeypatch):
@@ -209,13 +241,14 @@ def _encoded(rng, n, spec, x):
 
 
 def test_index_picks_per_segment_and_merges_upgrade(tmp_path, m3_encoder, monkeypatch):
-    """Commits of 400 stay Flat; merges past the (lowered) threshold become ANN segments with
+    """Commits of 400 stay Flat; merges past the (lowered) thresholds become HNSW / IVF segments with
     ``dense.faiss``; an explicit "Flat" index never does; searches with deletions and filters
     keep the guarantees across the mixed segments."""
     monkeypatch.setattr(dense_mod, "AUTO_ANN_MIN_ROWS", 1000)
+    monkeypatch.setattr(dense_mod, "AUTO_IVF_MIN_ROWS", 3000)
     spec = m3_encoder.spec
     rng = np.random.default_rng(8)
-    n_commit, commits = 400, 9
+    n_commit, commits = 400, 13
     x = _clustered(n_commit * commits, spec.dim, 9, topics=40)
     policy = MergePolicy(factor=3, floor=100)
     idx = HybridIndex.create(tmp_path / "auto", m3_encoder, merge_policy=policy, bm25=False)
@@ -229,7 +262,7 @@ def test_index_picks_per_segment_and_merges_upgrade(tmp_path, m3_encoder, monkey
     m = json.loads((idx.path / "manifest.json").read_text())
     assert m["channels"]["dense"]["factory"] == "auto"
     kinds = [(e["count"], e["dense_factory"], "dense.faiss" in e["files"]) for e in m["segments"]]
-    assert any(f == dense_mod.AUTO_ANN for _, f, _ in kinds), kinds
+    assert {f.split(",")[0] for _, f, _ in kinds} == {"Flat", "HNSW32", "IVF64"}, kinds  # one of each
     for count, f, has_file in kinds:
         assert f == auto_factory(count) and has_file == (f != "Flat"), kinds
     mf = json.loads((flat.path / "manifest.json").read_text())

@@ -85,6 +85,15 @@ AUTO_ANN_MIN_ROWS = 20_000
 #: recall depends on how clustered the vectors are (measured: 0.46-0.66 recall@10 at 5k-20k rows
 #: of weakly clustered vectors with 16 probes, where HNSW kept 0.95+).
 AUTO_ANN = "HNSW32,SQ8"
+#: from this many rows on "auto" builds an inverted file over SQ8 codes instead
+#: (``IVF{nlist},SQ8``, :func:`auto_nlist` lists): HNSW's build took 25 min at 1M x 1024 on this
+#: machine (a merge holds the writer lock that long) and its recall@10 at efSearch 128 was 0.62
+#: on clustered vectors (near-ties inside a cluster of ~250 need a walk over most of it);
+#: measured in bench/results/dense_scale.md.
+AUTO_IVF_MIN_ROWS = 200_000
+#: k-means iterations when "auto" trains an IVF (FAISS's default is 25), on 64 rows a list
+AUTO_IVF_ITERS = 10
+AUTO_IVF_TRAIN_PER_LIST = 64
 #: search-time defaults for ANN segments (k = 10, every row allowed); both grow with k and as a
 #: filter removes rows, see :func:`search_effort`. HNSW32 over SQ8 at 1M x 1024: recall@10
 #: against exact in bench/results/dense_scale.md.
@@ -101,10 +110,22 @@ def is_auto(factory) -> bool:
     return factory == "auto"
 
 
+def auto_nlist(n: int) -> int:
+    """Inverted lists for an "auto" IVF over ``n`` rows: the power of two nearest ``2 sqrt(n)``
+    (2,048 at 1M: ~490 rows a list), at least 64 ..."""
+    n = max(int(n), 1)
+    # ... and no more than FAISS's 39 training rows a list can train
+    return 1 << max(6, min(int(round(math.log2(2 * math.sqrt(n)))), int(math.log2(max(n // 39, 1)))))
+
+
 def auto_factory(n: int) -> str:
     """The structure ``dense_factory="auto"`` gives a segment of ``n`` rows: ``"Flat"`` (exact
-    scan of the stored vectors) below :data:`AUTO_ANN_MIN_ROWS`, else :data:`AUTO_ANN`."""
-    return "Flat" if int(n) < AUTO_ANN_MIN_ROWS else AUTO_ANN
+    scan of the stored vectors) below :data:`AUTO_ANN_MIN_ROWS`, :data:`AUTO_ANN` below
+    :data:`AUTO_IVF_MIN_ROWS`, else ``IVF{auto_nlist(n)},SQ8``."""
+    n = int(n)
+    if n < AUTO_ANN_MIN_ROWS:
+        return "Flat"
+    return AUTO_ANN if n < AUTO_IVF_MIN_ROWS else f"IVF{auto_nlist(n)},SQ8"
 
 
 def resolve_factory(factory: str, n: int) -> str:
@@ -128,6 +149,17 @@ def search_effort(k: int, allowed_share: float, ef_search: int | None = None,
     if nlist is not None:
         nprobe = min(nprobe, int(nlist))
     return max(int(ef_search), 1), max(int(nprobe), 1)
+
+
+def _auto_ivf(index) -> int:
+    """For an IVF that "auto" builds: set its k-means to :data:`AUTO_IVF_ITERS` iterations and
+    return its nlist; 0 for other indexes."""
+    faiss = _faiss()
+    base = faiss.downcast_index(index)
+    if not isinstance(base, faiss.IndexIVF):
+        return 0
+    base.cp.niter = AUTO_IVF_ITERS
+    return int(base.nlist)
 
 
 def _min_train(factory: str) -> int:
@@ -219,6 +251,7 @@ def check_factory(factory: str, dim: int) -> None:
     faiss = _faiss()
     if is_auto(factory):
         check_factory(AUTO_ANN, dim)
+        check_factory("IVF64,SQ8", dim)
         return
     try:
         index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
@@ -297,7 +330,12 @@ class DenseIndex:
         except RuntimeError as e:
             raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from e
         if not index.is_trained:
-            index.train(x)
+            if is_auto(factory) and _auto_ivf(index):
+                take = min(len(x), AUTO_IVF_TRAIN_PER_LIST * _auto_ivf(index))
+                x_train = x if take == len(x) else x[np.sort(np.random.default_rng(0).choice(len(x), take, replace=False))]
+                index.train(x_train)
+            else:
+                index.train(x)
         index.add(x)
         return cls(index, len(x), eff, vectors if eff == "Flat" else None)
 
@@ -324,6 +362,8 @@ class DenseIndex:
         except RuntimeError as e:
             raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from e
         if not index.is_trained:
+            if train_size is None and is_auto(factory) and _auto_ivf(index):
+                train_size = AUTO_IVF_TRAIN_PER_LIST * _auto_ivf(index)
             if train_size is None:
                 m = re.search(r"IVF(\d+)", eff)
                 train_size = max(100_000, 256 * int(m.group(1)) if m else 0)
