@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive("--batch-size"), metavar="N", help="texts per forward pass")
     s.add_argument("--dense-factory", metavar="F",
                    help="dense structure of a new index: auto (default: exact scan of segments under 20k "
-                        "rows, HNSW over SQ8 codes above), or a FAISS factory string: Flat (always exact), "
+                        "rows, HNSW over SQ8 codes under 200k, IVF over SQ8 codes above), or a FAISS "
+                        "factory string: Flat (always exact), "
                         "HNSW32, IVF1024,PQ64...")
     s.add_argument("--dense-storage", choices=("fp32", "fp16", "sq8"), default=None,
                    help="dense vectors of a new index: fp32 (default, exact), fp16, or sq8 (1 byte a "

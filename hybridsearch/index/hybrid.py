@@ -193,8 +193,9 @@ class HybridIndex:
           1M x 1024-d in 1 GB).
         * ``dense_factory``: ``"auto"`` (default) picks each segment's structure from its row
           count when it is written or merged: an exact scan of the stored vectors below 20,000
-          rows, an HNSW graph over SQ8 codes (``dense.faiss``) above, whose hits are rescored
-          from the stored vectors (recall@10 against exact: bench/results/dense_scale.md).
+          rows, an HNSW graph over SQ8 codes below 200,000, an IVF over SQ8 codes above
+          (``dense.faiss``); their hits are rescored from the stored vectors (recall@10 against
+          exact: bench/results/dense_scale.md).
           ``"Flat"`` keeps every segment exact; any other FAISS factory string (``"HNSW32"``,
           ``"IVF4096,Flat"``...) is used for every segment. Filters and deletions never return a
           disallowed row, and an ANN segment falls back to the exact scan when few rows are
