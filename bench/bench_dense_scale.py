@@ -211,7 +211,7 @@ def run_size(n: int, args, out: list[str]) -> dict:
     store_bytes = sum(p.stat().st_size for p in files if p.name.startswith("dense_sq8"))
     ann_bytes = (folder / "dense.faiss").stat().st_size if ann else 0
     out.append(f"\n## {n:,} vectors x {DIM}\n")
-    out.append(f"Structure chosen by `auto`: `{factory}`. Build (train SQ8 + graph over the stored codes, "
+    out.append(f"Structure chosen by `auto`: `{factory}`. Build (train + add over the stored codes, "
                f"from the sq8 store as a merge does): **{t_build:.1f} s**; bare FAISS Flat add: {t_flat:.1f} s. "
                f"Bytes: sq8 store {store_bytes / 2**20:,.0f} MiB + `dense.faiss` {ann_bytes / 2**20:,.0f} MiB "
                f"(bare Flat holds {bare_flat.code_size * n / 2**20:,.0f} MiB). "
