@@ -229,7 +229,8 @@ def run_size(n: int, args, out: list[str]) -> dict:
     frows = [[f, o[f"filter {f}"][1], o[f"filter {f}"][0], "yes" if o[f"filter {f}"][2] else "NO"] for f in FILTERS]
     out.append("Filtered (ours, k=10, one thread; recall against the exact top-10 of the allowed rows):\n")
     out.append(table(["allowed rows", "p50 ms", "recall@10", "10 allowed hits, none disallowed"], frows))
-    del ours, bare_ann, bare_flat, store
+    systems.clear()
+    ours = bare_ann = bare_flat = store = None  # release the mappings before the folder goes
     if not args.keep:
         shutil.rmtree(folder, ignore_errors=True)
     return {"n": n, "factory": factory, "build_s": t_build, "results": res}
