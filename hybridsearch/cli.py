@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"own model for an existing one; offline: --model {OFFLINE_MODEL})")
     s.add_argument("--batch-size", type=_positive("--batch-size"), metavar="N", help="texts per forward pass")
     s.add_argument("--dense-factory", metavar="F",
-                   help="FAISS factory string of a new index: Flat (exact, default), HNSW32, IVF1024,PQ64...")
+                   help="dense structure of a new index: auto (default: exact scan of segments under 20k "
+                        "rows, HNSW over SQ8 codes under 200k, IVF over SQ8 codes above), or a FAISS "
+                        "factory string: Flat (always exact), "
+                        "HNSW32, IVF1024,PQ64...")
     s.add_argument("--dense-storage", choices=("fp32", "fp16", "sq8"), default=None,
                    help="dense vectors of a new index: fp32 (default, exact), fp16, or sq8 (1 byte a "
                         "dimension: 1M x 1024-d in 1 GB)")
@@ -377,7 +380,7 @@ def cmd_index(args) -> int:
         # Two runs on a new folder: the one that gets the lock first creates the index, the other
         # opens it and waits for the lock at each commit. Nothing is ever removed on failure: a
         # run that fails leaves the index at its last commit (possibly empty) and a rerun continues.
-        index = HybridIndex.create(folder, encoder, dense_factory=args.dense_factory or "Flat",
+        index = HybridIndex.create(folder, encoder, dense_factory=args.dense_factory or "auto",
                                    dense_storage=args.dense_storage or "fp32",
                                    colbert_codec=args.colbert_codec or "res1",
                                    exist_ok=True, lock_timeout=args.lock_timeout)

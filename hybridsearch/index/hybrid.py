@@ -188,7 +188,7 @@ class HybridIndex:
 
     @classmethod
     def create(cls, path: str | os.PathLike, model: str | BGEM3Encoder = "BAAI/bge-m3", *,
-               dense_factory: str = "Flat", dense_storage: str = "fp32", colbert_codec: str = "res1",
+               dense_factory: str = "auto", dense_storage: str = "fp32", colbert_codec: str = "res1",
                codec_train_tokens: int = CODEC_TRAIN_TOKENS, bm25: bool = True, exist_ok: bool = False,
                lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT,
                merge_policy: MergePolicy | None = MergePolicy()) -> HybridIndex:
@@ -198,8 +198,16 @@ class HybridIndex:
         Storage, chosen per index and recorded in the manifest:
 
         * ``dense_storage``: ``"fp32"`` (exact), ``"fp16"`` or ``"sq8"`` (1 byte a dimension:
-          1M x 1024-d in 1 GB); searched exactly over the stored vectors unless
-          ``dense_factory`` names a FAISS ANN index (``"HNSW32"``, ``"IVF4096,Flat"``...).
+          1M x 1024-d in 1 GB).
+        * ``dense_factory``: ``"auto"`` (default) picks each segment's structure from its row
+          count when it is written or merged: an exact scan of the stored vectors below 20,000
+          rows, an HNSW graph over SQ8 codes below 200,000, an IVF over SQ8 codes above
+          (``dense.faiss``); their hits are rescored from the stored vectors (recall@10 against
+          exact: bench/results/dense_scale.md).
+          ``"Flat"`` keeps every segment exact; any other FAISS factory string (``"HNSW32"``,
+          ``"IVF4096,Flat"``...) is used for every segment. Filters and deletions never return a
+          disallowed row, and an ANN segment falls back to the exact scan when few rows are
+          allowed or its graph walk comes back short.
         * ``colbert_codec``: ``"res1"`` (default: centroid id + 1 bit a dimension on average,
           spent on the residual's principal axes, 130 bytes a token at d=1024), ``"res2"``,
           ``"res1-pool2"`` (token pooling by 2 first: ~65 bytes a token) or ``"fp16"``. The

@@ -6,7 +6,8 @@ A segment folder ``seg-NNNNNN/`` holds (docs/ARCHITECTURE.md lists every file):
   (:mod:`.docstore`), and typed metadata columns for filters (:mod:`.columns`);
 * ``n_tokens.npy`` -- (n,) int64 tokens per document;
 * the dense vectors in the index's storage kind (fp32 / fp16 / sq8, :mod:`..retrievers.dense_store`)
-  (+ ``dense.faiss`` unless the factory is Flat);
+  (+ ``dense.faiss`` unless the segment's factory is Flat; ``"auto"`` picks it from the segment's
+  row count when the segment is written or merged, :func:`..retrievers.dense.auto_factory`);
 * ``sparse_*.npy`` -- the learned-sparse postings (models with a sparse head);
 * ``colbert_*.npy`` -- float16 token vectors or codes of the index's codebook, + offsets;
 * ``bm25_*`` -- BM25 postings of the texts (format-3 indexes, :mod:`..retrievers.bm25_postings`);
@@ -36,7 +37,7 @@ import numpy as np
 from ..errors import IndexFormatError
 from ..representations import Encoded
 from ..retrievers.bm25_postings import Bm25Postings, merge_bm25
-from ..retrievers.dense import DenseIndex, gpu_available
+from ..retrievers.dense import DenseIndex, gpu_available, resolve_factory
 from ..retrievers.dense_store import DenseStore, write_dense, write_dense_array
 from ..retrievers.multivector import CodedColbertStore, ColbertStore, write_colbert
 from ..retrievers.sparse import SparsePostings, merge_postings
@@ -112,9 +113,9 @@ def write_segment(folder: Path, ids: list[str], texts: list[str], metadata: list
     factory = None
     if enc.dense is not None:
         write_dense_array(tmp, enc.dense, dense_storage)
-        factory = dense_factory
-        if dense_factory != "Flat":
-            di = DenseIndex.build(enc.dense, dense_factory)
+        factory = resolve_factory(dense_factory, len(ids))
+        if factory != "Flat":
+            di = DenseIndex.build(enc.dense, factory)
             di.save(tmp)
             factory = di.factory
     if enc.sparse is not None:
@@ -165,10 +166,10 @@ def merge_segments(folder: Path, sources: list, *, first: int, span: int, dense_
     factory = None
     if sources[0][0].dense_store is not None:
         write_dense(tmp, [(s.dense_store, r) for s, r in sources], dense_storage)
-        factory = dense_factory
-        if dense_factory != "Flat":
+        factory = resolve_factory(dense_factory, count)
+        if factory != "Flat":
             store = DenseStore.open(tmp, count, sources[0][0].dense_store.dim, dense_storage)
-            di = DenseIndex.build_from(store, dense_factory)
+            di = DenseIndex.build_from(store, factory)
             di.save(tmp)
             factory = di.factory
             del store
@@ -345,14 +346,16 @@ class Segment:
         factory = self.dense_factory or "Flat"
         if factory != "Flat":
             self._file("dense.faiss")  # a plain file, not a link
-            return DenseIndex.load(self.folder, None, factory, n=self.count, dim=self.dense_store.dim)
+            return DenseIndex.load(self.folder, self.dense_store, factory)
         if gpu_available() and self.dense_storage == "fp32":
             return DenseIndex.load(self.folder, self.dense_store, "Flat")
         return None
 
     def dense_search(self, q: np.ndarray, k: int, allowed_rows: np.ndarray | None):
-        """Top-k rows by inner product: FAISS for ANN factories (and GPU), else exact over the
-        stored vectors (memory-mapped, never copied)."""
+        """Top-k rows by inner product: FAISS for ANN factories (and GPU; small allowed sets and
+        short answers fall back to the exact scan, hits are rescored from the stored vectors,
+        :meth:`DenseIndex.search`), else exact over the stored vectors (memory-mapped, never
+        copied)."""
         di = self.dense_index
         if di is not None:
             return di.search(q, k, allowed_rows)

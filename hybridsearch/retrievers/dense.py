@@ -22,6 +22,7 @@ private memory. Both flags carry FAISS's "skip IVF data" bit, which also keeps a
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import stat
@@ -73,6 +74,93 @@ def _threads_for(nq: int, on_gpu: bool):
 SINGLE_THREAD_BELOW = 4
 # faiss-gpu's largest k for one search (k-selection limit without cuVS).
 GPU_MAX_K = 2048
+
+#: ``dense_factory="auto"``: a segment with fewer rows is searched exactly over its stored
+#: vectors (no FAISS file); from this many rows on it gets :data:`AUTO_ANN`. Measured on this
+#: project's 2-core machine, 1024-d, one thread (bench/results/dense_scale.md): the exact sq8 scan
+#: takes ~0.1 ms per 1,000 rows, HNSW ~0.3-0.8 ms from 20k rows on.
+AUTO_ANN_MIN_ROWS = 20_000
+#: the ANN structure "auto" builds below :data:`AUTO_IVF_MIN_ROWS`: an HNSW graph over SQ8 codes
+#: (1 byte a dimension + the graph); the segment's stored vectors stay and rescore what it finds.
+#: Chosen over IVF,SQ8 at these sizes because IVF's recall depends on how clustered the vectors
+#: are (measured at 5k-20k weakly clustered rows, 16 probes: recall@10 0.46-0.66; HNSW at
+#: efSearch 128 with rescoring: 0.94-0.95 at 25k-30k, 0.985 at 100k).
+AUTO_ANN = "HNSW32,SQ8"
+#: from this many rows on "auto" builds an inverted file over SQ8 codes instead
+#: (``IVF{nlist},SQ8``, :func:`auto_nlist` lists): HNSW's build took 25 min at 1M x 1024 on this
+#: machine (a merge holds the writer lock that long) and its recall@10 at efSearch 128 was 0.62
+#: on clustered vectors (near-ties inside a cluster of ~250 need a walk over most of it);
+#: measured in bench/results/dense_scale.md.
+AUTO_IVF_MIN_ROWS = 200_000
+#: k-means iterations when "auto" trains an IVF (FAISS's default is 25), on 64 rows a list
+AUTO_IVF_ITERS = 10
+AUTO_IVF_TRAIN_PER_LIST = 64
+#: search-time defaults for ANN segments (k = 10, every row allowed); both grow with k and as a
+#: filter removes rows, see :func:`search_effort`. HNSW32 over SQ8 at 1M x 1024: recall@10
+#: against exact in bench/results/dense_scale.md.
+EF_SEARCH = 128
+NPROBE = 16
+#: below this share of allowed rows (filters, deletions) an ANN segment is searched exactly over
+#: the allowed rows instead: a graph walk would discard most of what it visits.
+ANN_MIN_ALLOWED = 0.1
+#: rows fetched from an ANN index per row asked for, rescored exactly from the stored vectors
+RESCORE_FACTOR = 2
+
+
+def is_auto(factory) -> bool:
+    return factory == "auto"
+
+
+def auto_nlist(n: int) -> int:
+    """Inverted lists for an "auto" IVF over ``n`` rows: the power of two nearest ``2 sqrt(n)``
+    (2,048 at 1M: ~490 rows a list), at least 64 ..."""
+    n = max(int(n), 1)
+    # ... and no more than FAISS's 39 training rows a list can train
+    return 1 << max(6, min(int(round(math.log2(2 * math.sqrt(n)))), int(math.log2(max(n // 39, 1)))))
+
+
+def auto_factory(n: int) -> str:
+    """The structure ``dense_factory="auto"`` gives a segment of ``n`` rows: ``"Flat"`` (exact
+    scan of the stored vectors) below :data:`AUTO_ANN_MIN_ROWS`, :data:`AUTO_ANN` below
+    :data:`AUTO_IVF_MIN_ROWS`, else ``IVF{auto_nlist(n)},SQ8``."""
+    n = int(n)
+    if n < AUTO_ANN_MIN_ROWS:
+        return "Flat"
+    return AUTO_ANN if n < AUTO_IVF_MIN_ROWS else f"IVF{auto_nlist(n)},SQ8"
+
+
+def resolve_factory(factory: str, n: int) -> str:
+    """The factory a segment of ``n`` rows is built with: ``"auto"`` resolved by its size,
+    any explicit factory string unchanged."""
+    return auto_factory(n) if is_auto(factory) else factory
+
+
+def search_effort(k: int, allowed_share: float, ef_search: int | None = None,
+                  nprobe: int | None = None, nlist: int | None = None) -> tuple[int, int]:
+    """``(efSearch, nprobe)`` for a top-``k`` search where ``allowed_share`` of the rows may be
+    returned. Given values are kept; missing ones are, for every row allowed, efSearch
+    ``max(EF_SEARCH, 2 k)`` and nprobe ``NPROBE * sqrt(k / 10)`` (at least :data:`NPROBE`),
+    both divided by the allowed share (a selector discards what the search visits), nprobe
+    capped at ``nlist``."""
+    share = max(float(allowed_share), 1e-9)
+    if ef_search is None:
+        ef_search = int(min(max(EF_SEARCH, 2 * int(k)) / share, 1 << 16))
+    if nprobe is None:
+        nprobe = int(math.ceil(NPROBE * max(1.0, (max(int(k), 1) / 10) ** 0.5) / share))
+    if nlist is not None:
+        nprobe = min(nprobe, int(nlist))
+    return max(int(ef_search), 1), max(int(nprobe), 1)
+
+
+def _auto_ivf(index) -> int:
+    """For an IVF that "auto" builds: set its k-means to :data:`AUTO_IVF_ITERS` iterations and
+    return its nlist; 0 for other indexes."""
+    faiss = _faiss()
+    base = faiss.downcast_index(index)
+    if not isinstance(base, faiss.IndexIVF):
+        return 0
+    base.cp.niter = AUTO_IVF_ITERS
+    return int(base.nlist)
 
 
 def _min_train(factory: str) -> int:
@@ -159,8 +247,13 @@ def check_factory(factory: str, dim: int) -> None:
     """ValueError unless ``factory`` is a FAISS factory string whose index
     :func:`_check_faiss` can validate when it is read back (flat codes, HNSW over flat codes,
     IVF over a flat or HNSW quantiser, behind optional pre-transforms): call it when an index
-    is created, so that no index is written that its own reader would refuse."""
+    is created, so that no index is written that its own reader would refuse. ``"auto"``
+    (:func:`auto_factory`) passes."""
     faiss = _faiss()
+    if is_auto(factory):
+        check_factory(AUTO_ANN, dim)
+        check_factory("IVF64,SQ8", dim)
+        return
     try:
         index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -225,10 +318,11 @@ class DenseIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, factory: str = "Flat") -> DenseIndex:
-        """Index ``vectors`` (n, d) float32; train first when the factory needs it."""
+        """Index ``vectors`` (n, d) float32; train first when the factory needs it. ``"auto"``
+        picks the structure from ``n`` (:func:`auto_factory`)."""
         faiss = _faiss()
         x = np.ascontiguousarray(vectors, dtype=np.float32)
-        eff = factory
+        eff = resolve_factory(factory, len(x))
         if _min_train(factory) > len(x):
             log.warning("segment of %d vectors is too small to train %s; using Flat", len(x), factory)
             eff = "Flat"
@@ -237,7 +331,12 @@ class DenseIndex:
         except RuntimeError as e:
             raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from e
         if not index.is_trained:
-            index.train(x)
+            if is_auto(factory) and _auto_ivf(index):
+                take = min(len(x), AUTO_IVF_TRAIN_PER_LIST * _auto_ivf(index))
+                x_train = x if take == len(x) else x[np.sort(np.random.default_rng(0).choice(len(x), take, replace=False))]
+                index.train(x_train)
+            else:
+                index.train(x)
         index.add(x)
         return cls(index, len(x), eff, vectors if eff == "Flat" else None)
 
@@ -249,11 +348,13 @@ class DenseIndex:
         256 per IVF list if more), then add the decoded rows ``chunk_rows`` at a time (~8 MiB).
 
         The FAISS index holds its own copy of what it stores (for Flat: all of it as float32,
-        which is what a GPU index needs; on CPU search the store itself instead).
+        which is what a GPU index needs; on CPU search the store itself instead). ``"auto"``
+        picks the structure from ``n`` (:func:`auto_factory`); the result keeps ``store`` for
+        exact fallbacks and rescoring.
         """
         faiss = _faiss()
         n, dim = store.shape
-        eff = factory
+        eff = resolve_factory(factory, n)
         if _min_train(factory) > n:
             log.warning("segment of %d vectors is too small to train %s; using Flat", n, factory)
             eff = "Flat"
@@ -262,6 +363,8 @@ class DenseIndex:
         except RuntimeError as e:
             raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from e
         if not index.is_trained:
+            if train_size is None and is_auto(factory) and _auto_ivf(index):
+                train_size = AUTO_IVF_TRAIN_PER_LIST * _auto_ivf(index)
             if train_size is None:
                 m = re.search(r"IVF(\d+)", eff)
                 train_size = max(100_000, 256 * int(m.group(1)) if m else 0)
@@ -270,7 +373,7 @@ class DenseIndex:
             index.train(np.ascontiguousarray(store.rows(rows)))
         for _, x in store.iter_rows(np.arange(n, dtype=np.int64), chunk_rows):
             index.add(np.ascontiguousarray(x))
-        return cls(index, n, eff, store if eff == "Flat" else None)
+        return cls(index, n, eff, store)
 
     def save(self, folder: Path) -> None:
         """Write ``dense.faiss`` unless the index is Flat (then dense.npy is enough)."""
@@ -318,7 +421,7 @@ class DenseIndex:
             except Exception as e:
                 raise IndexFormatError(f"index file corrupted: {path} ({type(e).__name__}: {e})"[:500]) from e
             _check_faiss(index, n, dim, path)
-            d = cls(index, n, factory)
+            d = cls(index, n, factory, vectors)
         elif isinstance(vectors, DenseStore):
             d = cls.build_from(vectors, "Flat")
         else:
@@ -329,10 +432,18 @@ class DenseIndex:
         return d
 
     def search(self, q: np.ndarray, k: int, allowed: np.ndarray | None = None,
-               nprobe: int = 16, ef_search: int = 64) -> tuple[np.ndarray, np.ndarray]:
+               nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product. ``q`` (nq, d) float32; ``allowed`` (n,) bool or None.
 
         Returns scores (nq, k) float32 and local ids (nq, k) int64, -1 where there is no hit.
+
+        An ANN index whose stored vectors are known (``self.vectors``, as segments open it)
+        keeps the guarantees of an exact search where it matters: it never returns a row that
+        is not allowed (a FAISS selector), it returns ``min(k, allowed rows)`` hits (a query
+        that came back short is answered by an exact scan of the allowed rows, and so is every
+        query when fewer than :data:`ANN_MIN_ALLOWED` of the rows are allowed), and its scores
+        are the exact scores over the stored values (it fetches ``RESCORE_FACTOR * k`` rows and
+        rescores them). ``nprobe`` / ``ef_search`` default to :func:`search_effort`.
         """
         q = np.ascontiguousarray(q, dtype=np.float32)
         nq = len(q)
@@ -342,11 +453,61 @@ class DenseIndex:
         if n_allowed == 0 or nq == 0:
             return scores, ids
         kk = min(k, self.n)
-        with _threads_for(nq, self.on_gpu):
-            s, i = self._search(q, kk, allowed, n_allowed, nprobe, ef_search)
+        store = self.vectors if isinstance(self.vectors, DenseStore) else None
+        ann = self.factory != "Flat" and store is not None and not self.on_gpu
+        if ann and n_allowed < ANN_MIN_ALLOWED * self.n:
+            s, i = store.search(q, kk, None if n_allowed == self.n else allowed)
+        elif ann:
+            fetch = min(self.n, RESCORE_FACTOR * kk)
+            ef, npr = search_effort(kk, n_allowed / self.n, ef_search, nprobe, self._nlist())
+            ef = max(ef, fetch)
+            with _threads_for(nq, self.on_gpu):
+                s, i = self._search(q, fetch, allowed, n_allowed, npr, ef)
+            s, i = self._rescore(store, q, i, kk)
+            need = min(kk, n_allowed)
+            short = np.flatnonzero((i[:, :need] < 0).any(axis=1)) if need else np.zeros(0, np.int64)
+            if short.size:  # the walk found too few allowed rows: exact for those queries
+                s[short], i[short] = store.search(q[short], kk, None if n_allowed == self.n else allowed)
+        else:
+            ef, npr = search_effort(kk, n_allowed / self.n, ef_search, nprobe, self._nlist())
+            with _threads_for(nq, self.on_gpu):
+                s, i = self._search(q, kk, allowed, n_allowed, npr, ef)
         scores[:, :kk] = np.where(i >= 0, s, 0)
         ids[:, :kk] = i
         return scores, ids
+
+    def _nlist(self) -> int | None:
+        if self.on_gpu or self.factory == "Flat":
+            return None
+        faiss = _faiss()
+        base = faiss.downcast_index(self.index)
+        while isinstance(base, faiss.IndexPreTransform):
+            base = faiss.downcast_index(base.index)
+        return int(base.nlist) if isinstance(base, faiss.IndexIVF) else None
+
+    @staticmethod
+    def _rescore(store: DenseStore, q: np.ndarray, ids: np.ndarray, k: int):
+        """Exact scores over ``store`` of the found ``ids`` ``(nq, f)`` (-1 = none); the best
+        ``k`` per query, best first, ties to the lower row, padded with 0 / -1."""
+        nq = len(q)
+        out_s = np.zeros((nq, k), np.float32)
+        out_i = np.full((nq, k), -1, np.int64)
+        found = ids >= 0
+        if not found.any():
+            return out_s, out_i
+        uniq, inv = np.unique(ids[found], return_inverse=True)
+        vecs = store.rows(uniq)  # (u, d) float32, each row decoded once for the whole batch
+        pos = np.zeros(ids.shape, np.int64)
+        pos[found] = inv
+        for r in range(nq):
+            f = found[r]
+            if not f.any():
+                continue
+            rows, sc = ids[r][f], vecs[pos[r][f]] @ q[r]
+            order = np.lexsort((rows, -sc))[:k]
+            out_s[r, :order.size] = sc[order]
+            out_i[r, :order.size] = rows[order]
+        return out_s, out_i
 
     def _search(self, q, kk, allowed, n_allowed, nprobe, ef_search):
         faiss = _faiss()
