@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu, cuda, ...")
     s.add_argument("--lock-timeout", type=_non_negative, default=60, metavar="S",
                    help="seconds to wait while another process writes (default 60)")
+    s.add_argument("--dense-factory", metavar="F",
+                   help="change the dense structure from here on: auto (the default of new indexes), Flat "
+                        "or a FAISS factory string (default: keep the index's)")
     s.set_defaults(func=cmd_compact)
 
     # serve
@@ -732,7 +735,10 @@ def cmd_compact(args) -> int:
     try:
         index.lock_timeout = args.lock_timeout
         before = index.stats()
-        index.compact()
+        try:
+            index.compact(dense_factory=args.dense_factory)
+        except ValueError as e:  # an unusable factory string, before anything is written
+            raise CLIError(str(e)) from e
         after = index.stats()
     finally:
         index.close()

@@ -293,3 +293,41 @@ def test_index_picks_per_segment_and_merges_upgrade(tmp_path, m3_encoder, monkey
     assert [s.dense_factory for s in again._current().segments] == [f for _, f, _ in kinds]
     again.close()
     flat.close()
+
+
+def test_compact_moves_a_flat_index_to_another_structure(tmp_path, m3_encoder, monkeypatch):
+    """``compact(dense_factory=...)``: an index created "Flat" (as every index before "auto")
+    is rewritten with the new structure and keeps it for later commits; answers stay those of
+    the exact search up to ANN recall, with no deleted row; a bad factory changes nothing."""
+    monkeypatch.setattr(dense_mod, "AUTO_ANN_MIN_ROWS", 1000)
+    spec = m3_encoder.spec
+    rng = np.random.default_rng(21)
+    n = 2400
+    x = _clustered(n, spec.dim, 22, topics=30)
+    idx = HybridIndex.create(tmp_path / "old", m3_encoder, dense_factory="Flat", bm25=False)
+    docs = [{"id": f"d{r}", "text": f"w{r % 9}", "metadata": {}} for r in range(n)]
+    for a in range(0, n, 800):
+        idx.add(docs[a:a + 800], encoded=_encoded(rng, 800, spec, x[a:a + 800]))
+    gone = [f"d{r}" for r in range(0, n, 7)]
+    idx.delete(gone)
+    q = _queries(x, 16, 23)
+    q_enc = _encoded(rng, len(q), spec, q)
+    queries = [f"q{j}" for j in range(len(q))]
+    before = idx.search(queries, k=10, mode="dense", query_encoded=q_enc)
+    with pytest.raises(ValueError):
+        idx.compact(dense_factory="NotAFactory")
+    assert json.loads((idx.path / "manifest.json").read_text())["channels"]["dense"]["factory"] == "Flat"
+    idx.compact(dense_factory="auto")
+    m = json.loads((idx.path / "manifest.json").read_text())
+    assert m["channels"]["dense"]["factory"] == "auto"
+    assert [e["dense_factory"] for e in m["segments"]] == [auto_factory(n - len(gone))]
+    assert "dense.faiss" in m["segments"][0]["files"]
+    after = idx.search(queries, k=10, mode="dense", query_encoded=q_enc)
+    same = sum(len({h.id for h in a} & {h.id for h in b}) for a, b in zip(after, before))
+    assert same / sum(len(b) for b in before) >= 0.9
+    assert not {h.id for hs in after for h in hs} & set(gone)
+    assert all(len(hs) == 10 for hs in after)
+    idx.close()
+    again = HybridIndex.open(tmp_path / "old", m3_encoder)
+    assert again._current().manifest["channels"]["dense"]["factory"] == "auto"
+    again.close()

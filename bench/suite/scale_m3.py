@@ -69,7 +69,7 @@ FILTERS = {  # name -> (filter, fraction of documents it keeps, from the generat
 }
 MODES = ("dense", "sparse", "bm25", "hybrid", "colbert")
 # search() keywords that ask the index for the exhaustive ColBERT MaxSim (the anchor of colbert mode)
-COLBERT_EXHAUSTIVE_KW: dict = {}
+COLBERT_EXHAUSTIVE_KW: dict = {"exhaustive": True}
 
 
 # ---------------------------------------------------------------- the synthetic corpus
@@ -737,11 +737,11 @@ def w_compact(a: dict) -> dict:
     before = idx.stats()["segments"]
     p0, m0 = proc_mib(), maxrss_mib()
     t = time.perf_counter()
-    idx.compact()
+    idx.compact(**({"dense_factory": a["dense_factory"]} if a.get("dense_factory") else {}))
     s = time.perf_counter() - t
     st = idx.stats()
     idx.close()
-    return {"seconds": s, "segments_before": before, "segments_after": st["segments"], "rss_open_mib": p0["rss"],
+    return {"seconds": s, "dense_factory": a.get("dense_factory"), "segments_before": before, "segments_after": st["segments"], "rss_open_mib": p0["rss"],
             "anon_open_mib": p0["anon"],
             "maxrss_before_mib": m0, "maxrss_mib": maxrss_mib(), "stats": st}
 
@@ -1067,6 +1067,7 @@ class Options:
     command: str = ""
     reuse: str | None = None     # a kept run folder (index/, queries/, build.json): no build
     compact_first: bool = False  # compact() before serving (an older index is rewritten in today's format)
+    compact_dense_factory: str | None = None  # compact(dense_factory=...): e.g. "auto" for an index made "Flat"
     versus: bool = True          # the per-channel anchors (w_versus)
     versus_queries: int = 30
     hnsw_max_docs: int = 1_000_000
@@ -1124,7 +1125,8 @@ def run_size(n: int, o: Options, work: Path, log) -> dict:
             return rec
         if o.compact_first:
             log(f"scale_m3: {n:,} docs: compact() first (rewrites the index in this version's format)")
-            rec["compact"] = run_worker("compact", {**base, "out": str(folder / "compact.json")}, log, cap)
+            rec["compact"] = run_worker("compact", {**base, "dense_factory": o.compact_dense_factory,
+                                                    "out": str(folder / "compact.json")}, log, cap)
             if "failed" in rec["compact"]:
                 return rec
         rec["du_bytes"], rec["apparent_bytes"] = disk_bytes(folder / "index")

@@ -600,7 +600,7 @@ class HybridIndex:
                 return
             self._merge_range(*plan)
 
-    def _merge_range(self, i: int, j: int, renumber: bool = False) -> None:
+    def _merge_range(self, i: int, j: int, renumber: bool = False, dense_factory: str | None = None) -> None:
         """Replace segments ``[i, j)`` by one holding their live rows. Docnos are kept (so BM25,
         deletion lists and concurrent readers need nothing), unless ``renumber`` (compaction of
         the whole index): then rows get docnos ``0..n-1``, and an index that kept BM25 in
@@ -619,6 +619,8 @@ class HybridIndex:
         first = 0 if renumber else int(old.bases[i])
         span = n_live if renumber else sum(s.span for s in segs)
         name = f"seg-{gen:06d}"
+        if dense_factory is not None:  # compact(dense_factory=...): the index's structure from here on
+            m["channels"]["dense"]["factory"] = dense_factory
         if renumber and m["channels"]["bm25"] and not st.bm25_postings(m["channels"]):
             m["channels"]["bm25_store"] = "postings"  # the tantivy folder is collected once unused
             m["bm25"] = None
@@ -655,20 +657,27 @@ class HybridIndex:
         st.write_json_durable(self.path / st.MANIFEST, m)
         st.fsync_dir(self.path)
 
-    def compact(self) -> None:
+    def compact(self, dense_factory: str | None = None) -> None:
         """Rewrite all live documents into one segment (BM25 postings included: an index that
         kept BM25 in tantivy moves to postings here); reclaims space (the old generation's files
-        are removed as soon as no search, here or in another process, still reads them)."""
-        with self._writing():
-            self._compact()  # its locals (the old state) are gone before _writing collects
+        are removed as soon as no search, here or in another process, still reads them).
 
-    def _compact(self) -> None:
+        ``dense_factory`` (optional) changes the index's dense structure from here on, as
+        :meth:`create` takes it (``"auto"``, ``"Flat"`` or a FAISS factory string): the compacted
+        segment is built with it and later segments follow it. An index created before ``"auto"``
+        existed says ``"Flat"``; ``compact(dense_factory="auto")`` moves it to the default."""
+        if dense_factory is not None:
+            check_factory(dense_factory, self.encoder.spec.dim)
+        with self._writing():
+            self._compact(dense_factory)  # its locals (the old state) are gone before _writing collects
+
+    def _compact(self, dense_factory: str | None = None) -> None:
         state = self._state
         n = len(state.segments)
-        if n == 0 and state.next_docno == 0:
+        if n == 0 and state.next_docno == 0 and dense_factory is None:
             return
         state = None
-        self._merge_range(0, n, renumber=True)
+        self._merge_range(0, n, renumber=True, dense_factory=dense_factory)
 
     # ---------------------------------------------------------------- reading
 
