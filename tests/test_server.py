@@ -703,7 +703,13 @@ def test_http_ranks_like_the_library_with_default_options(tmp_path, model, dense
             want = idx.search(q)
             assert [h["id"] for h in body["hits"]] == [h.id for h in want]
             assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in want], rel=1e-6, abs=1e-7)
-            assert [h["scores"] for h in body["hits"]] == [h.scores for h in want]
+            # per-channel scores agree to float precision, not bit for bit: the first Numba parallel
+            # kernel of a process sets the shared OpenMP thread count (numba's "omp" layer), which torch
+            # reads too, so the request that runs first may encode the query on another thread count
+            for got, h in zip(body["hits"], want):
+                assert got["scores"].keys() == h.scores.keys()
+                for ch, v in h.scores.items():
+                    assert got["scores"][ch] == (None if v is None else pytest.approx(v, rel=1e-5, abs=1e-6))
         s, body = c.post("/search", {"query": queries, "candidates": None, "weights": None})
         assert s == 200
         want = idx.search(queries)
