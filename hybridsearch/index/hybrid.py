@@ -677,7 +677,7 @@ class HybridIndex:
         if n == 0 and state.next_docno == 0 and dense_factory is None:
             return
         state = None
-        self._merge_range(0, n, renumber=True, dense_factory=dense_factory)
+        self._merge_range(0, n, renumber=True, **({} if dense_factory is None else {"dense_factory": dense_factory}))
 
     # ---------------------------------------------------------------- reading
 
