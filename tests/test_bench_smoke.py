@@ -194,3 +194,13 @@ def test_scale_m3_tiny_end_to_end(tmp_path):
     if m3._have_milvus():
         assert rec["milvus_serve"]["modes"]["dense"]["hit10"] >= 0.9
         assert "| 300 | hybrid p50 ms (Milvus: hybrid (RRF)); source in top 10 |" in text
+    # every channel against its anchor, in one process: exact anchors agree with ours at this size
+    vs = rec["versus"]
+    assert "failed" not in vs, vs
+    assert {"ours dense", "bare FAISS IndexFlatIP (exact)", "ours bm25", "ours sparse", "ours colbert",
+            "colbert, exhaustive MaxSim over every token", "ours hybrid"} <= set(vs["systems"])
+    assert vs["recall"]["ours dense vs exact Flat"] >= 0.9
+    assert vs["recall"]["ours sparse vs exhaustive TAAT"] == 1.0
+    assert vs["recall"]["ours colbert vs exhaustive MaxSim"] >= 0.9
+    assert all(v > 0 for v in vs["batch"].values())
+    assert "### Every channel against its anchor" in text and "| 300 | dense | bare FAISS IndexFlatIP (exact) |" in text
