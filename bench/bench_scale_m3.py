@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compact-dense-factory", default=None,
                     help="with --compact-first: compact(dense_factory=...), e.g. auto for an index made Flat")
     ap.add_argument("--no-versus", action="store_true", help="skip the per-channel anchors (FAISS, bm25s, exhaustive)")
+    ap.add_argument("--no-serve", action="store_true", help="skip the serving process (memory, modes, filters)")
     ap.add_argument("--versus-queries", type=int, default=30, help="queries per system against the anchors (default 30)")
     ap.add_argument("--versus-hnsw-max-docs", type=int, default=1_000_000,
                     help="build the bare FAISS HNSW32 anchor up to this size (default 1000000)")
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
                    colbert_max_docs=args.colbert_max_docs, colbert_queries=args.colbert_queries,
                    milvus_max_docs=0 if args.no_milvus else args.milvus_max_docs, compact=not args.no_compact,
                    rss_cap_mib=args.rss_cap_gib * 1024, work=args.work, keep=args.keep, reuse=args.reuse,
-                   compact_first=args.compact_first, compact_dense_factory=args.compact_dense_factory, versus=not args.no_versus, versus_queries=args.versus_queries,
+                   compact_first=args.compact_first, compact_dense_factory=args.compact_dense_factory,
+                   versus=not args.no_versus, serve=not args.no_serve, versus_queries=args.versus_queries,
                    hnsw_max_docs=args.versus_hnsw_max_docs, colbert_exhaustive_queries=args.colbert_exhaustive_queries,
                    command="python bench/bench_scale_m3.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     t0 = time.perf_counter()

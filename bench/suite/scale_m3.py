@@ -1069,6 +1069,7 @@ class Options:
     compact_first: bool = False  # compact() before serving (an older index is rewritten in today's format)
     compact_dense_factory: str | None = None  # compact(dense_factory=...): e.g. "auto" for an index made "Flat"
     versus: bool = True          # the per-channel anchors (w_versus)
+    serve: bool = True           # the serving process (memory, latency per mode, filters)
     versus_queries: int = 30
     hnsw_max_docs: int = 1_000_000
     colbert_exhaustive_queries: int = 3
@@ -1131,7 +1132,7 @@ def run_size(n: int, o: Options, work: Path, log) -> dict:
                 return rec
         rec["du_bytes"], rec["apparent_bytes"] = disk_bytes(folder / "index")
         log(f"scale_m3: {n:,} docs: built in {rec['build']['add_s']:.0f} s; serving in a fresh process")
-        rec["serve"] = run_worker("serve", {**base, "colbert_max_docs": o.colbert_max_docs,
+        rec["serve"] = {} if not o.serve else run_worker("serve", {**base, "colbert_max_docs": o.colbert_max_docs,
                                             "colbert_queries": o.colbert_queries, "colbert_budget_s": o.colbert_budget_s,
                                             "filter_queries": o.filter_queries, "out": str(folder / "serve.json")},
                                   log, cap)
