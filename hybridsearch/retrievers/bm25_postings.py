@@ -69,6 +69,7 @@ from .sparse import (
     _heap_drain,
     _heap_push,
     _merge_blocks,
+    _offer_touched,
     _readonly,
 )
 
@@ -311,15 +312,7 @@ def _bm25_items(indptr, docs, impact, tfs, cache, table, q_indptr, q_idx, q_w, q
                 size = _offer_block(acc, width, d_lo, allowed, use_allowed, k, size, hs, hi)
                 acc[:width] = 0.0
             else:
-                for j in range(n_touched):
-                    d = touched[j]
-                    s = acc[d]
-                    acc[d] = 0.0
-                    if size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0])):
-                        continue
-                    if use_allowed and not allowed[d_lo + d]:
-                        continue
-                    size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
+                size = _offer_touched(acc, touched, n_touched, d_lo, allowed, use_allowed, k, size, hs, hi)
         _heap_drain(hs, hi, size, out_s[item], out_i[item])
 
 

@@ -113,6 +113,23 @@ def _heap_push(hs, hi, size, k, s, i):
     return size
 
 
+
+@njit(cache=True, inline="always")
+def _offer_touched(acc, touched, n_touched, d_lo, allowed, use_allowed, k, size, hs, hi):
+    """Offer the accumulated score of each touched row (relative to ``d_lo``) to the top-k heap,
+    zeroing ``acc`` behind it; a row that cannot enter (a tie loses to the lower row) or is not
+    allowed is skipped. Returns the heap's size."""
+    for j in range(n_touched):
+        d = touched[j]
+        s = acc[d]
+        acc[d] = 0.0
+        if size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0])):
+            continue
+        if use_allowed and not allowed[d_lo + d]:
+            continue
+        size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
+    return size
+
 @njit(cache=True)
 def _heap_drain(hs, hi, size, out_s, out_i):
     """Write the heap best-first into ``out_s``/``out_i`` (length k), padding with 0 / -1."""
@@ -190,15 +207,7 @@ def _search_items(indptr, docs, weights, q_indptr, q_idx, q_w, allowed, use_allo
                     if old == 0.0 and new > 0.0:
                         touched[n_touched] = d
                         n_touched += 1
-            for j in range(n_touched):
-                d = touched[j]
-                s = acc[d]
-                acc[d] = 0.0
-                if size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0])):
-                    continue
-                if use_allowed and not allowed[d_lo + d]:
-                    continue
-                size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
+            size = _offer_touched(acc, touched, n_touched, d_lo, allowed, use_allowed, k, size, hs, hi)
         _heap_drain(hs, hi, size, out_s[item], out_i[item])
 
 
@@ -805,16 +814,7 @@ def _taat_block(docs, weights, ws, cur, end, allowed, use_allowed, d_lo, width, 
     for e in range(n):
         n_touched = _scatter_touched(docs, weights, ws[e], cur[e], end[e], d_lo, acc, touched,
                                      n_touched)
-    for j in range(n_touched):
-        d = touched[j]
-        s = acc[d]
-        acc[d] = 0.0
-        if size == k and (s < hs[0] or (s == hs[0] and d_lo + d > hi[0])):
-            continue
-        if use_allowed and not allowed[d_lo + d]:
-            continue
-        size = _heap_push(hs, hi, size, k, s, np.int64(d_lo + d))
-    return size
+    return _offer_touched(acc, touched, n_touched, d_lo, allowed, use_allowed, k, size, hs, hi)
 
 
 @njit(cache=True, parallel=True)
