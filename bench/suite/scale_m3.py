@@ -1130,6 +1130,7 @@ def run_size(n: int, o: Options, work: Path, log) -> dict:
                                                     "out": str(folder / "compact.json")}, log, cap)
             if "failed" in rec["compact"]:
                 return rec
+            rec["compact"]["du_bytes"] = disk_bytes(folder / "index")[0]
         rec["du_bytes"], rec["apparent_bytes"] = disk_bytes(folder / "index")
         log(f"scale_m3: {n:,} docs: built in {rec['build']['add_s']:.0f} s; serving in a fresh process")
         rec["serve"] = {} if not o.serve else run_worker("serve", {**base, "colbert_max_docs": o.colbert_max_docs,
