@@ -65,6 +65,7 @@ from .sparse import (
     PARALLEL_MIN_POSTINGS,
     _check_allowed,
     _check_k,
+    _check_rows,
     _gallop,
     _heap_drain,
     _heap_push,
@@ -603,25 +604,6 @@ class Bm25Postings:
 
     def __repr__(self) -> str:
         return f"Bm25Postings(n_docs={self.n_docs}, terms={self.vocab_size}, postings={self.docs.shape[0]})"
-
-
-def _check_rows(path, indptr: np.ndarray, n_docs: int, chunks) -> None:
-    """Rows in ``[0, n_docs)``, strictly ascending within each posting list (one chunked pass)."""
-    starts = indptr[1:-1]  # a posting may not exceed its predecessor only where a list starts
-    pos, prev = 0, None
-    for a in chunks(path, np.int32):
-        if a.min() < 0 or a.max() >= n_docs:
-            raise IndexFormatError(f"index file corrupted: {path}: rows must lie in [0, {n_docs})")
-        bad = pos + 1 + np.flatnonzero(a[1:] <= a[:-1])
-        if prev is not None and a[0] <= prev:
-            bad = np.concatenate([[pos], bad])
-        if bad.size:
-            at = np.searchsorted(starts, bad)
-            if not (at < starts.size).all() or not (starts[np.minimum(at, starts.size - 1)] == bad).all():
-                raise IndexFormatError(f"index file corrupted: {path}: rows must ascend strictly "
-                                       "within each posting list")
-        prev = a[-1]
-        pos += a.size
 
 
 def _impact(tf: np.ndarray, codes: np.ndarray) -> np.ndarray:

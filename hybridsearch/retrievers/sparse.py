@@ -971,27 +971,31 @@ def _check_allowed(allowed, n_docs: int) -> tuple[np.ndarray, bool]:
     return np.ascontiguousarray(allowed), True
 
 
-def _check_postings(paths: dict, indptr: np.ndarray, n_docs: int, chunks) -> None:
-    """One chunked pass over the postings: doc ids in ``[0, n_docs)``, strictly ascending inside
-    each posting list (the blocked search binary-searches them), weights finite and >= 0 (the
-    kernel records a touched doc once because weights never decrease a score)."""
-    # A posting may not exceed its predecessor only where a new list starts. indptr was checked
-    # non-decreasing, so its inner values are the sorted list starts (repeats for empty lists).
+def _check_rows(path, indptr: np.ndarray, n_docs: int, chunks) -> None:
+    """One chunked pass over a postings file of int32 rows: every row in ``[0, n_docs)``, strictly
+    ascending inside each posting list (the blocked searches binary-search them). A row may not
+    exceed its predecessor only where a new list starts; ``indptr`` was checked non-decreasing, so
+    its inner values are the sorted list starts (repeats for empty lists)."""
     starts = indptr[1:-1]
     pos, prev = 0, None
-    for a in chunks(paths["docs"], np.int32):
+    for a in chunks(path, np.int32):
         if a.min() < 0 or a.max() >= n_docs:
-            raise IndexFormatError(f"{paths['docs']}: document ids must lie in [0, {n_docs})")
+            raise IndexFormatError(f"{path}: document ids must lie in [0, {n_docs})")
         bad = pos + 1 + np.flatnonzero(a[1:] <= a[:-1])
         if prev is not None and a[0] <= prev:
             bad = np.concatenate([[pos], bad])
         if bad.size:
             at = np.searchsorted(starts, bad)
             if not (at < starts.size).all() or not (starts[np.minimum(at, starts.size - 1)] == bad).all():
-                raise IndexFormatError(f"{paths['docs']}: document ids must ascend strictly within "
-                                       "each posting list")
+                raise IndexFormatError(f"{path}: document ids must ascend strictly within each posting list")
         prev = a[-1]
         pos += a.size
+
+
+def _check_postings(paths: dict, indptr: np.ndarray, n_docs: int, chunks) -> None:
+    """One chunked pass over the postings: doc ids checked by :func:`_check_rows`, weights finite
+    and >= 0 (the kernel records a touched doc once because weights never decrease a score)."""
+    _check_rows(paths["docs"], indptr, n_docs, chunks)
     for w in chunks(paths["weights"], np.float32):
         if not (w.min() >= 0 and w.max() < np.inf):  # min() is NaN if any is
             raise IndexFormatError(f"{paths['weights']}: weights must be finite and >= 0")
