@@ -303,6 +303,7 @@ def _saved(tmp_path):
     ("bm25_lengths.npy", "negative"),
     ("bm25_tf.npy", "wrong_dtype"),
     ("bm25_term_bound.npy", "wrong_shape"),
+    ("bm25_term_bound.npy", "understated"),
     ("bm25_terms.bin", "missing"),
 ])
 def test_hostile_files_raise_index_format_error(tmp_path, name, value):
@@ -344,6 +345,11 @@ def test_hostile_files_raise_index_format_error(tmp_path, name, value):
         np.save(path, np.array(p.tf).astype(np.int64))
     elif value == "wrong_shape":
         np.save(path, np.array(p.term_bound)[:-1])
+    elif value == "understated":  # a smaller largest tf: pruning would skip true hits
+        a = np.array(p.term_bound)
+        j = int(np.argmax(a[:, 0] > 1))
+        a[j, 0] -= 1
+        np.save(path, a)
     with pytest.raises(IndexFormatError, match=name.replace(".", r"\.")):
         bp.Bm25Postings.load(tmp_path)
 

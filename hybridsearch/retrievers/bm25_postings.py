@@ -525,6 +525,10 @@ class Bm25Postings:
         tf = load_npy(p["bm25_tf.npy"], mmap=mmap, dtype=np.int32)
         impact = load_npy(p["bm25_impact.npy"], mmap=mmap, dtype=np.uint16)
         bound = load_npy(p["bm25_term_bound.npy"], mmap=False, dtype=np.int32)
+        # The bounds decide what pruning skips: one understated would drop true hits silently.
+        if check_postings and not np.array_equal(bound, _term_bound(indptr, docs, tf, lengths)):
+            raise IndexFormatError(f"index file corrupted: {p['bm25_term_bound.npy']} disagrees "
+                                   "with the postings")
         return cls(hashes, blob, offsets, indptr, docs, tf, impact, lengths, bound)
 
     # ------------------------------------------------------------------ reading
