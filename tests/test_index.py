@@ -391,3 +391,73 @@ def test_compact_keeps_every_channel_mapped_to_its_documents(tmp_path, m3_encode
         assert [h[0].id for h in again.search(texts, k=1, mode=mode, query_encoded=q)] == live
     assert [h[0].id for h in again.search(uniq, k=1, mode="bm25")] == live
     again.close()
+
+
+def test_first_stages_side_by_side_equal_one_after_the_other(index, monkeypatch):
+    """Hybrid first stages on a pool thread give what they give one after the other: batches,
+    filters, several threads asking at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hybridsearch.index import hybrid
+
+    queries = [" ".join(WORDS[i:i + 3]) for i in range(0, 18, 2)]
+    flt = {"lang": "en"}
+
+    def run():
+        return ([[(h.id, h.score) for h in hs] for hs in index.search(queries, k=7)],
+                [[(h.id, h.score) for h in hs] for hs in index.search(queries, k=7, filter=flt)])
+
+    monkeypatch.setattr(hybrid, "FIRST_STAGE_THREADS", 1)
+    ref = run()
+    monkeypatch.setattr(hybrid, "FIRST_STAGE_THREADS", 2)
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda _: run(), range(8)))
+    for g in got:
+        for a, b in zip(g, ref):
+            for ra, rb in zip(a, b):
+                assert [i for i, _ in ra] == [i for i, _ in rb]
+                np.testing.assert_allclose([s for _, s in ra], [s for _, s in rb], rtol=1e-5, atol=1e-6)
+    assert all(h.metadata["lang"] == "en" for hs in index.search(queries, k=7, filter=flt) for h in hs)
+
+
+def test_side_by_side_raises_after_every_stage_finished():
+    import threading
+    import time
+
+    from hybridsearch.index.hybrid import _side_by_side
+
+    done = threading.Event()
+
+    def slow_pool_stage():
+        time.sleep(0.2)
+        done.set()
+        return 1
+
+    def bad():
+        raise ValueError("stage failed")
+
+    with pytest.raises(ValueError, match="stage failed"):
+        _side_by_side([slow_pool_stage, bad])
+    assert done.is_set()  # the pool stage had finished before the error reached us
+
+    def bad_pool_stage():
+        raise KeyError("pool stage")
+
+    with pytest.raises(KeyError, match="pool stage"):
+        _side_by_side([bad_pool_stage, lambda: 2])
+    assert _side_by_side([lambda: 1, lambda: 2, lambda: 3]) == [1, 2, 3]
+
+
+def test_side_by_side_in_a_forked_child():
+    """A child forked after the pool started makes its own (the parent's threads are not there)."""
+    import multiprocessing as mp
+    import os
+
+    from hybridsearch.index.hybrid import _side_by_side
+
+    assert _side_by_side([os.getpid, os.getpid]) == [os.getpid()] * 2  # the parent's pool exists
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply_async(_side_by_side, ([os.getpid, os.getpid],))
+        pids = child.get(timeout=60)
+    assert pids[0] == pids[1] != os.getpid()

@@ -69,6 +69,9 @@ DENSE_BM25_NORMALIZE = CHANNELS
 # with ColBERT every candidate costs a MaxSim, and BGE-M3's channels already agree closely.
 DENSE_BM25_CANDIDATES = 1000
 M3_CANDIDATES = 100
+# A hybrid query's first stages run side by side: dense (FAISS, one thread for a single query)
+# on a pool thread while sparse and BM25 run on the caller's thread. 0 or 1: one after the other.
+FIRST_STAGE_THREADS = 2
 # A ColBERT codebook is trained once this many vectors are stored (float16 until then).
 CODEC_TRAIN_TOKENS = 1 << 16
 
@@ -835,12 +838,13 @@ class HybridIndex:
 
     def _hybrid(self, state, queries, q, k, cfg, allowed, C) -> list[list[Hit]]:
         spec = self.encoder.spec
-        firsts = [self._dense_topk(state, q.dense, C, allowed)]
+        stages = [lambda: self._dense_topk(state, q.dense, C, allowed)]
         if spec.has_sparse:
-            firsts.append(self._sparse_topk(state, q.sparse, C, allowed))
-        bm = self._bm25_topk(state, queries, C, allowed) if state.has_bm25 else None
-        if bm is not None:
-            firsts.append(bm)
+            stages.append(lambda: self._sparse_topk(state, q.sparse, C, allowed))
+        if state.has_bm25:
+            stages.append(lambda: self._bm25_topk(state, queries, C, allowed))
+        firsts = _side_by_side(stages)
+        bm = firsts[-1] if state.has_bm25 else None
         out = []
         for j in range(len(queries)):
             union = np.unique(np.concatenate([ids[j][ids[j] >= 0] for _, ids in firsts]))
@@ -1146,6 +1150,39 @@ def _pooled_sample(enc: Encoded, stores, n: int, pool: int, seed: int) -> np.nda
         offs.append(total)
     pooled, _ = pool_tokens(np.concatenate(vecs), np.array(offs, np.int64), pool)
     return pooled[:n]
+
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, Any] | None = None  # (pid that made it, ThreadPoolExecutor)
+
+
+def _first_stage_pool():
+    """The process's pool for first stages; a forked child makes its own (the parent's threads
+    do not exist there)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = (os.getpid(), ThreadPoolExecutor(max(FIRST_STAGE_THREADS - 1, 1),
+                                                     thread_name_prefix="hybridsearch-first-stage"))
+        return _pool[1]
+
+
+def _side_by_side(stages: list) -> list:
+    """``[f() for f in stages]``, the first on a pool thread while the others run here (FAISS,
+    Numba and tantivy release the GIL). An exception of any stage is raised here once every
+    stage has finished."""
+    if FIRST_STAGE_THREADS <= 1 or len(stages) < 2:
+        return [f() for f in stages]
+    from concurrent.futures import wait
+
+    first = _first_stage_pool().submit(stages[0])
+    try:
+        rest = [f() for f in stages[1:]]
+    finally:
+        wait([first])  # even when a stage here failed: nothing runs on after we return
+    return [first.result(), *rest]
 
 
 def _rerank(reranker, query: str, hits: list[Hit], k: int, weight: float = 1.0) -> list[Hit]:
