@@ -35,7 +35,7 @@ from .settings import Settings
 def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
     """A listening TCP socket on (host, port) with the given backlog."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host.strip("[]"), port))
