@@ -30,6 +30,9 @@ from .app import create_app
 from .metrics import MULTIPROC_ENV
 from .protocol import Protocol
 from .settings import Settings
+from .worker import make_app
+
+WORKER_HEALTHCHECK_S = 60
 
 
 def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -57,11 +60,6 @@ def _config(app, settings: Settings, **kw) -> uvicorn.Config:
                           log_level="warning", server_header=False, backlog=settings.backlog,
                           timeout_keep_alive=settings.keep_alive_s,
                           timeout_graceful_shutdown=settings.graceful_timeout_s, **kw)
-
-
-def _worker_app(index_dir: str, model: str | None, settings: Settings):
-    """App factory a spawned worker calls (module level, so that it pickles)."""
-    return create_app(index_dir, settings, model=model)
 
 
 def serve(index_dir: str, settings: Settings | None = None, *, model: str | None = None) -> None:
@@ -124,8 +122,10 @@ def _serve_many(index_dir: str, model: str | None, settings: Settings, sock: soc
     old = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = metrics_dir  # the spawned workers inherit it
     try:
-        factory = functools.partial(_worker_app, index_dir, model, settings)
-        config = _config(factory, settings, factory=True, workers=settings.workers)
+        factory = functools.partial(make_app, index_dir, model, settings)  # pickles light: see worker.py
+        # a worker loading its model on a busy machine may take a while to answer the supervisor
+        config = _config(factory, settings, factory=True, workers=settings.workers,
+                         timeout_worker_healthcheck=WORKER_HEALTHCHECK_S)
         _banner(url, f"{index_dir} with {settings.workers} worker processes", settings)
         Multiprocess(config, sockets=[sock]).run()
     finally:
