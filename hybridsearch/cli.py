@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow browser calls from ORIGIN (repeatable; default: CORS off)")
     s.add_argument("--max-body-bytes", type=_positive("--max-body-bytes"), default=8 * 1024 * 1024, metavar="N",
                    help="largest request body (default 8 MiB; 413 beyond)")
+    s.add_argument("--max-search-body-bytes", type=_positive("--max-search-body-bytes"), default=1024 * 1024,
+                   metavar="N", help="largest /search body (default 1 MiB; 413 beyond)")
     s.add_argument("--max-query-chars", type=_positive("--max-query-chars"), default=8192, metavar="N",
                    help="longest query in characters (default 8192)")
     s.add_argument("--max-query-tokens", type=_positive("--max-query-tokens"), default=1024, metavar="N",
@@ -780,7 +782,8 @@ def cmd_serve(args) -> int:
     api_key, read_key = keys_from(args.api_key_file, args.read_key_file)
     settings = Settings(host=args.host, port=args.port, workers=args.workers, api_key=api_key,
                         read_key=read_key, insecure=args.insecure, cors_origins=tuple(args.cors_origin),
-                        max_body_bytes=args.max_body_bytes, max_query_chars=args.max_query_chars,
+                        max_body_bytes=args.max_body_bytes, max_search_body_bytes=args.max_search_body_bytes,
+                        max_query_chars=args.max_query_chars,
                         max_query_tokens=args.max_query_tokens, request_timeout_s=float(args.request_timeout),
                         search_threads=args.search_threads, backlog=args.backlog,
                         access_log=not args.no_access_log, log_queries=args.log_queries)

@@ -167,9 +167,11 @@ def test_query_length_caps_in_characters_and_tokens(index):
     srv = serving(index, max_query_tokens=8)
     try:
         p = srv.port
-        huge = "fox " * (7 * 1024 * 1024 // 4)  # 7 MiB: under the 8 MiB body limit
+        huge = "fox " * (7 * 1024 * 1024 // 4)  # 7 MiB: under the 8 MiB body limit, not read
         s, out, _ = call(p, "POST", "/search", {"query": huge})
-        assert s == 400 and "characters long; the limit is 8192" in out["error"]
+        assert s == 413 and "search request body of 7340045 bytes" in out["error"]
+        s, out, _ = call(p, "POST", "/search", {"query": huge[:900_000]})  # under 1 MiB: read, refused
+        assert s == 400 and "is 900000 characters long; the limit is 8192" in out["error"]
         s, out, _ = call(p, "POST", "/search", {"query": ["fox", huge[:9000]]})
         assert s == 400 and "query 1 is 9000 characters" in out["error"]
         s, out, _ = call(p, "POST", "/search", {"query": "fox river water cloud light dog token vector search"})

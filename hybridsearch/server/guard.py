@@ -3,8 +3,9 @@ the access log, the metrics of every request and the ``X-Worker`` header.
 
 * 503 while the server shuts down (``/health`` still answers);
 * 411 for a chunked body (no Content-Length), 400 for an unusable Content-Length;
-* 413 when Content-Length is over the limit: the body is never read (uvicorn drops what the
-  client still sends, within the request deadline);
+* 413 when Content-Length is over the limit (a smaller one for /search, whose queries are
+  short): the body is never read (uvicorn drops what the client still sends, within the
+  request deadline), so a 7 MB query costs the server nothing;
 * 415 for a body that is not ``application/json``: HTML forms and ``text/plain`` are what a
   browser may send cross-site without asking first, so refusing them keeps other web pages
   from writing to a server on localhost.
@@ -47,9 +48,14 @@ class Guard:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        info = {"status": 0, "bytes": 0}
+        info = {"status": 0, "bytes": 0, "done": False}
         state = scope.setdefault("state", {})
         pid = self.pid
+
+        def finish() -> None:
+            if not info["done"]:
+                info["done"] = True
+                self.rt.finished(scope, state, info["status"] or 500, info["bytes"], time.perf_counter() - t0)
 
         async def send_(message) -> None:
             if message["type"] == "http.response.start":
@@ -57,6 +63,8 @@ class Guard:
                 message = {**message, "headers": [*message.get("headers", ()), (b"x-worker", pid)]}
             elif message["type"] == "http.response.body":
                 info["bytes"] += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    finish()  # logged before the client can have the whole answer
             await send(message)
 
         try:
@@ -67,7 +75,7 @@ class Guard:
             else:
                 await self.app(scope, receive, send_)
         finally:
-            self.rt.finished(scope, state, info["status"] or 500, info["bytes"], time.perf_counter() - t0)
+            finish()
 
     def _refusal(self, scope) -> tuple[int, str, tuple] | None:
         path = scope["path"]
@@ -91,6 +99,10 @@ class Guard:
         limit = self.rt.settings.max_body_bytes
         if n > limit:
             return 413, f"request body of {n} bytes is over the limit of {limit} bytes", ()
+        search_limit = self.rt.settings.max_search_body_bytes
+        if path == "/search" and n > search_limit:  # no valid search is that large: refuse unread
+            return 413, (f"search request body of {n} bytes is over the limit of {search_limit} bytes "
+                         f"(a query may have {self.rt.settings.max_query_chars} characters)"), ()
         if n > 0 and scope["method"] == "POST" and (ctype is None or not _is_json(ctype)):
             got = "no Content-Type" if ctype is None else f"Content-Type {ctype.decode('latin-1')!r}"
             return 415, f"request bodies are JSON: send 'Content-Type: application/json' ({got} given)", ()

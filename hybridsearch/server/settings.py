@@ -30,6 +30,7 @@ class Settings:
         insecure: allow binding a non-loopback address without a key.
         cors_origins: origins allowed to call the API from a browser (empty: CORS off).
         max_body_bytes: larger bodies get 413, decided from Content-Length before reading.
+        max_search_body_bytes: larger /search bodies get 413, unread (queries are short).
         max_query_chars: longest query, in characters (400 beyond).
         max_query_tokens: longest query, in tokens of the index's tokenizer (400 beyond).
         max_queries: queries in one batched search.
@@ -54,6 +55,7 @@ class Settings:
     insecure: bool = False
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_search_body_bytes: int = 1024 * 1024
     max_query_chars: int = 8192
     max_query_tokens: int = 1024
     max_queries: int = 64
@@ -73,7 +75,7 @@ class Settings:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 65535:
                 raise ValueError(f"{name} must be an integer from 0 to 65535, got {v!r}")
-        for name in ("workers", "max_body_bytes", "max_query_chars", "max_query_tokens", "max_queries",
+        for name in ("workers", "max_body_bytes", "max_search_body_bytes", "max_query_chars", "max_query_tokens", "max_queries",
                      "max_k", "max_batch_hits", "max_candidates", "backlog", "search_threads"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
