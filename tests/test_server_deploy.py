@@ -66,6 +66,10 @@ def test_keys_read_and_write(index):
                 assert s == 401 and r.getheader("WWW-Authenticate", "").startswith("Bearer"), (headers, path)
                 assert set(out) == {"error"}
         assert len(index) == 12 and "x" not in index
+        # a stranger's body is not even read: malformed JSON, or a body over the search limit, is 401
+        assert call(p, "POST", "/add", raw=b"{malformed")[0] == 401
+        assert call(p, "POST", "/search", raw=b" " * (2 * 1024 * 1024))[0] == 401
+        assert call(p, "POST", "/search", raw=b"{malformed", headers=bearer["r"])[0] == 400
         # the read key searches, reads stats and metrics, and cannot write
         assert call(p, "POST", "/search", {"query": "fox", "k": 2}, bearer["r"])[0] == 200
         assert call(p, "GET", "/stats", None, bearer["r"])[0] == 200

@@ -2,6 +2,8 @@
 the access log, the metrics of every request and the ``X-Worker`` header.
 
 * 503 while the server shuts down (``/health`` still answers);
+* 401 / 403 for a missing, wrong or read-only key (:mod:`.auth`), so a stranger's body is never
+  read or parsed;
 * 411 for a chunked body (no Content-Length), 400 for an unusable Content-Length;
 * 413 when Content-Length is over the limit (a smaller one for /search, whose queries are
   short): the body is never read (uvicorn drops what the client still sends, within the
@@ -18,7 +20,9 @@ import math
 import os
 import time
 
-_PID = str(os.getpid()).encode()  # re-read per process below (workers are spawned)
+from . import auth
+from .errors import ApiError
+
 _JSON_TYPES = (b"application/json",)
 
 
@@ -81,7 +85,7 @@ class Guard:
         path = scope["path"]
         if self.rt.stopping and path != "/health":
             return 503, "the server is shutting down", ((b"connection", b"close"),)
-        lengths, chunked, ctype = [], False, None
+        lengths, chunked, ctype, authorization = [], False, None, None
         for k, v in scope["headers"]:
             if k == b"content-length":
                 lengths.append(v)
@@ -89,6 +93,15 @@ class Guard:
                 chunked = True
             elif k == b"content-type":
                 ctype = v
+            elif k == b"authorization":
+                authorization = v
+        write = auth.PROTECTED.get((scope["method"], path))
+        if write is not None:  # the key before anything else: no body is read for a stranger
+            try:
+                auth.check(self.rt.settings, None if authorization is None else authorization.decode("latin-1"),
+                           write)
+            except ApiError as e:
+                return e.status, e.message, tuple((k.lower().encode(), v.encode()) for k, v in e.headers.items())
         if chunked:
             return 411, "chunked request bodies are not supported; send a Content-Length header", ()
         if not lengths:
