@@ -1,7 +1,8 @@
 """HTTP server for one index: FastAPI + pydantic + uvicorn (``pip install 'hybridsearch[server]'``).
 
 Modules: ``settings`` (every setting, one dataclass), ``schemas`` (request/response models: the
-only source of validation and of /openapi.json), ``app`` (routes), ``auth`` (API keys),
+only source of validation and of /openapi.json), ``app`` (routes), ``parsing`` (strict JSON,
+400 messages), ``runtime`` (index, log, limiters), ``auth`` (API keys),
 ``metrics`` (Prometheus), ``guard`` (header checks, access log), ``protocol`` (request deadline,
 JSON 400s), ``run`` (uvicorn, workers, signals), ``errors`` (status of an exception; stdlib only).
 

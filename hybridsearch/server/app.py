@@ -27,14 +27,11 @@ other processes. A write that answered 200 is committed to disk.
 
 from __future__ import annotations
 
-import json
-import queue
 import re
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -42,7 +39,6 @@ try:
     import anyio
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.routing import APIRoute
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.responses import JSONResponse as _StarletteJSON
     from starlette.responses import PlainTextResponse, Response
@@ -50,12 +46,14 @@ except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("the HTTP server needs its extra: pip install 'hybridsearch[server]'") from e
 
 from .._version import __version__
-from ..index.hybrid import HybridIndex, _check_query_inputs, _check_unicode
+from ..index.hybrid import HybridIndex, _check_query_inputs
 from . import auth, schemas
 from .errors import ApiError, error_answer
 from .guard import Guard, finite, json_bytes
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE
+from .parsing import StrictRoute, validation_message
 from .protocol import APP_STATE_KEY
+from .runtime import Runtime
 from .settings import Settings
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -63,7 +61,6 @@ _STDERR = object()  # "sys.stderr at the time of the call" (pytest and others sw
 _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                   ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
                   ".json": "application/json", ".ico": "image/x-icon", ".txt": "text/plain; charset=utf-8"}
-LOG_QUEUE = 10_000  # log lines waiting for stderr before new ones are dropped
 _ASSET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -72,202 +69,6 @@ class JSONResponse(_StarletteJSON):
 
     def render(self, content: Any) -> bytes:
         return json_bytes(content)
-
-
-# --------------------------------------------------------------------------- runtime state
-
-
-class Runtime:
-    """What the app holds while it runs: settings, the index, limiters, log and metrics."""
-
-    def __init__(self, settings: Settings, index: HybridIndex | None, log: TextIO | None, *,
-                 index_dir: str | None = None, model: str | None = None) -> None:
-        self.settings = settings
-        self.index = index
-        self.owns_index = index is None
-        self.index_dir, self.model = index_dir, model
-        self.open_error: str | None = None
-        self.stopping = False
-        self.log_stream = log
-        self._log_lock = threading.Lock()
-        self._log_lines: queue.Queue[str] = queue.Queue(maxsize=LOG_QUEUE)
-        self._log_dropped = 0
-        self._log_writer: threading.Thread | None = None
-        self.metrics = Metrics(self)
-        self.search_limiter: anyio.CapacityLimiter | None = None  # made on the event loop
-        self.write_limiter: anyio.CapacityLimiter | None = None
-
-    def log(self, line: str) -> None:
-        """Queue one log line. A thread writes them, so a slow or stuck stderr (a full pipe nobody
-        reads) never stalls the event loop; past ``LOG_QUEUE`` waiting lines, lines are dropped
-        and counted."""
-        if self.log_stream is None:
-            return
-        with self._log_lock:
-            if self._log_writer is None:
-                self._log_writer = threading.Thread(target=self._write_log, name="hybridsearch-log", daemon=True)
-                self._log_writer.start()
-        try:
-            self._log_lines.put_nowait(line if line.endswith("\n") else line + "\n")
-        except queue.Full:
-            self._log_dropped += 1
-
-    def _write_log(self) -> None:
-        while True:
-            line = self._log_lines.get()
-            try:
-                if self._log_dropped:
-                    n, self._log_dropped = self._log_dropped, 0
-                    self.log_stream.write(json_bytes({"event": "log_lines_dropped", "lines": n}).decode() + "\n")
-                self.log_stream.write(line)
-                self.log_stream.flush()
-            except (OSError, ValueError):  # a closed stream: logging never fails a request
-                pass
-            finally:
-                self._log_lines.task_done()
-
-    def flush_log(self, timeout: float = 5.0) -> bool:
-        """Wait (up to ``timeout`` s) until every queued log line is written; True when done."""
-        deadline = time.monotonic() + timeout
-        while self._log_lines.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
-
-    def need_index(self) -> HybridIndex:
-        if self.index is None:
-            why = f"the index could not be opened: {self.open_error}" if self.open_error else \
-                "the index is still opening"
-            raise ApiError(503, why, headers={"Retry-After": "1"})
-        return self.index
-
-    def finished(self, scope, state: dict, status: int, nbytes: int, seconds: float) -> None:
-        """Called once per request when its response is out: metrics and the access log."""
-        route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "other"
-        mode = state.get("hs_mode", "")
-        self.metrics.observe(endpoint, scope["method"], mode, status, seconds)
-        if not self.settings.access_log:
-            return
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
-                 "client": (scope.get("client") or ("-",))[0], "method": scope["method"],
-                 "path": scope["path"], "status": status, "ms": round(seconds * 1000, 2), "bytes": nbytes}
-        if mode:
-            entry["mode"] = mode
-        if "hs_queries" in state:
-            entry["queries"] = state["hs_queries"]
-        if self.settings.log_queries and "hs_query" in state:
-            entry["query"] = state["hs_query"]
-        self.log(json_bytes(entry).decode("utf-8", "replace"))
-
-    def note_slow_client(self, client) -> None:
-        self.log(json_bytes({"event": "request_timeout", "client": (client or ("-",))[0],
-                             "seconds": self.settings.request_timeout_s}).decode())
-
-    def open_index(self) -> None:
-        """Open ``index_dir`` (in a thread at startup); /ready is 503 until it is done."""
-        try:
-            self.index = HybridIndex.open(self.index_dir, self.model)
-        except Exception as e:  # noqa: BLE001 - reported by /ready and every request
-            self.open_error = " ".join(str(e).split()) or type(e).__name__
-            self.log(f"cannot open the index {self.index_dir}:\n{traceback.format_exc()}")
-
-
-# --------------------------------------------------------------------------- request parsing
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-class _JSONRequest(Request):
-    """A request whose ``json()`` is strict: UTF-8 only, no NaN/Infinity, bounded nesting."""
-
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            body = await self.body()
-            try:
-                self._json = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-            except json.JSONDecodeError:
-                raise
-            except UnicodeDecodeError as e:
-                raise json.JSONDecodeError(f"not UTF-8 ({e.reason} at byte {e.start})", "", 0) from e
-            except RecursionError as e:
-                raise json.JSONDecodeError("nested too deeply", "", 0) from e
-            except ValueError as e:
-                raise json.JSONDecodeError(str(e), "", 0) from e
-        return self._json
-
-
-class _Route(APIRoute):
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-
-        async def strict(request: Request) -> Response:
-            return await handler(_JSONRequest(request.scope, request.receive))
-
-        return strict
-
-
-_TYPE_LOC = re.compile(r"^(str|int|float|bool|list|dict|none|nullable|json-or-python|union|literal|"
-                       r"function-[a-z]+|constrained-[a-z]+|tagged-union)(\[.*\])?$")
-
-
-def _where(loc) -> str:
-    parts = [p for p in loc[1:] if not (isinstance(p, str) and (_TYPE_LOC.match(p) or "[" in p))]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return f"'{out}'" if out else "the body"
-
-
-def _short(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 80 else r[:77] + "..."
-
-
-def validation_message(errors) -> str:
-    """One clear line for pydantic's errors (the first three)."""
-    msgs = []
-    for e in errors:
-        loc, kind, ctx = tuple(e.get("loc", ())), e.get("type", ""), e.get("ctx") or {}
-        if kind == "json_invalid":
-            return f"request body is not valid JSON: {ctx.get('error', 'malformed')}"
-        if kind == "missing" and loc == ("body",):
-            return "request body is empty; send a JSON object"
-        where = _where(loc)
-        if kind == "extra_forbidden":
-            msgs.append(f"{where}: unknown field")
-        elif kind == "missing":
-            msgs.append(f"{where}: missing required field")
-        elif kind == "string_unicode":  # a lone surrogate: say where, as the library does
-            try:
-                _check_unicode(str(e.get("input", "")), where)
-                msgs.append(f"{where}: not valid Unicode")
-            except ValueError as bad:
-                msgs.append(str(bad))
-        elif kind == "value_error":
-            msgs.append(str(ctx.get("error", e.get("msg"))) if not isinstance(ctx.get("error"), str)
-                        else ctx["error"])
-        elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
-            op = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}[kind]
-            bound = next(iter(ctx.values()), "?")
-            msgs.append(f"{where} must be {op} {bound}, got {_short(e.get('input'))}")
-        else:
-            msg = e.get("msg", "invalid")
-            if where == "the body" and kind in ("model_type", "dict_type", "model_attributes_type"):
-                msgs.append(f"the request body must be a JSON object, got {_short(e.get('input'))}")
-            else:
-                msgs.append(f"{where}: {msg[:1].lower() + msg[1:]}, got {_short(e.get('input'))}")
-        if len(msgs) == 3:
-            break
-    seen = []
-    for m in msgs:
-        m = m.removeprefix("Value error, ")
-        if m not in seen:
-            seen.append(m)
-    return "; ".join(seen) or "invalid request"
 
 
 # --------------------------------------------------------------------------- app
@@ -356,7 +157,7 @@ def create_app(index: HybridIndex | str | Path, settings: Settings | None = None
                   description="JSON over HTTP. Every error is `{\"error\": message}`. Request bodies are "
                               "JSON with a Content-Length, limited in size (413 before they are read).",
                   docs_url=None, redoc_url=None, lifespan=lifespan, default_response_class=JSONResponse)
-    api.router.route_class = _Route
+    api.router.route_class = StrictRoute
     api.router.redirect_slashes = False
     read = auth.dependencies(settings, write=False)
     write = auth.dependencies(settings, write=True)
