@@ -326,14 +326,28 @@ def create_app(index: HybridIndex | str | Path, settings: Settings | None = None
     _finish_openapi(api)
     app = api
     if settings.cors_origins:
-        from starlette.middleware.cors import CORSMiddleware
-
-        app = CORSMiddleware(app, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                             allow_headers=["Authorization", "Content-Type"], max_age=600)
+        app = _cors(app, settings)
     guarded = Guard(app, rt)
     guarded.runtime = rt
     guarded.api = api
     return guarded
+
+
+def _cors(app, settings: Settings):
+    """Starlette's CORS middleware, with its refusals in our error shape."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    class CORS(CORSMiddleware):
+        def preflight_response(self, request_headers) -> Response:
+            r = super().preflight_response(request_headers)
+            if r.status_code == 200:
+                return r
+            keep = {k: v for k, v in r.headers.items() if k.lower() not in ("content-length", "content-type")}
+            return JSONResponse({"error": f"CORS preflight refused: {r.body.decode('utf-8', 'replace')}"},
+                                status_code=r.status_code, headers=keep)
+
+    return CORS(app, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"], max_age=600)
 
 
 def _file_response(path: Path) -> Response:
