@@ -172,3 +172,22 @@ def _metrics_of_every_worker_then_sigterm(proc, port, tmp, lines):
     assert not [p.name for p in tmp.iterdir() if p.name.startswith("hybridsearch-metrics-")]
     time.sleep(0.5)
     assert any("server stopped" in line for line in lines)
+
+
+def test_what_a_worker_unpickles_is_light():
+    """uvicorn's supervisor pings a spawned worker while it unpickles its config; if that pulled in
+    torch or numpy the worker could miss the pings on a busy machine and be restarted for ever."""
+    code = ("import functools, pickle, sys, uvicorn\n"
+            "from hybridsearch.server.protocol import Protocol\n"
+            "from hybridsearch.server.settings import Settings\n"
+            "from hybridsearch.server.worker import make_app\n"
+            "cfg = uvicorn.Config(functools.partial(make_app, 'DIR', None, Settings()), http=Protocol, factory=True)\n"
+            "sys.stdout.buffer.write(pickle.dumps(cfg))\n")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    blob = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=120, check=True).stdout
+    check = ("import pickle, sys\n"
+             "pickle.loads(sys.stdin.buffer.read())\n"
+             "print(sorted(m for m in ('torch', 'numpy', 'faiss', 'numba', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", check], input=blob, capture_output=True, env=env, timeout=120,
+                         check=True).stdout
+    assert out.strip() == b"[]"
