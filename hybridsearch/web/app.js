@@ -119,6 +119,7 @@
     const box = $("stats");
     try {
       const { body } = await call("stats");
+      const had = channels.join();
       channels = Array.isArray(body.channels) ? body.channels.filter((c) => CHANNELS.includes(c)) : CHANNELS.slice();
       box.replaceChildren(
         stat("documents", body.documents),
@@ -128,7 +129,8 @@
         body.model ? stat("model", String(body.model).split("/").pop()) : null,
       );
       box.dataset.loaded = "1";
-      applyChannels();
+      if (channels.join() !== had || !box.dataset.channels) applyChannels(); // keep the user's sliders
+      box.dataset.channels = channels.join();
     } catch (e) {
       box.replaceChildren(el("span", { className: "muted", text: "stats unavailable: " + e.message }));
       box.dataset.loaded = "error";
