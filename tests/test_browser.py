@@ -379,8 +379,14 @@ def test_query_terms_are_highlighted(page, served):
     assert got["canids"]["marks"] == ["Foxes"]  # the same word, inflected
     for h in got.values():
         assert all(m.lower() in {"fox", "foxes", "river", "rivers"} for m in h["marks"]), h["marks"]
-    if "renard" in got:
-        assert got["renard"]["marks"] == []  # rivière is another word
+    assert got["renard"]["marks"] == []  # rivière is another word
+    # common words are not marked while the query has others; alone, they are
+    submit(page, "the fox and the river")
+    got = {h["id"]: h for h in shown(page)}
+    assert got["fox-dog"]["marks"] == ["fox", "river"]
+    submit(page, "the")
+    got = {h["id"]: h for h in shown(page)}
+    assert got["fox-dog"]["marks"] == ["The", "the", "the"]
 
 
 def test_filter_shows_only_matching_documents_and_errors_are_shown(page, served):

@@ -312,8 +312,19 @@
     return frag;
   }
 
+  // Not marked (unless the query has nothing else): marking every "the" hides the words that matter.
+  const STOP = new Set(("a an and are as at be but by do does for from has have how i if in into is it its " +
+    "not of on or so than that the their then there these they this to was were what when where which " +
+    "who why will with you your").split(" "));
+
+  function queryTerms(query) {
+    const all = words(query);
+    const content = all.filter((w) => !STOP.has(w));
+    return new Set((content.length ? content : all).map(stem));
+  }
+
   function render(req, hits) {
-    const terms = new Set(words(req.query).map(stem));
+    const terms = queryTerms(req.query);
     // one scale for every hit's bars, so that bars compare across hits; 0 always on the axis
     let lo = 0, hi = 0;
     for (const h of hits) {
