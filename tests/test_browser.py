@@ -295,6 +295,11 @@ def test_hits_shown_are_the_index_hits_with_stats_latency_and_screenshot(page, s
     # every mode is enabled on this index; the legend names the four channels
     assert page.eval_on_selector_all("#mode option", "os => os.filter(o => o.disabled).length") == 0
     assert page.inner_text("#legend").split() == ["dense", "sparse", "ColBERT", "BM25"]
+    # every control has a label (screen readers), the results summary is announced
+    unlabelled = page.evaluate("[...document.querySelectorAll('input, select')].filter(e => !e.labels.length)"
+                               ".map(e => e.id)")
+    assert unlabelled == []
+    assert page.get_attribute("#summary", "aria-live") == "polite" and page.get_attribute("#error", "role") == "alert"
     shot = tmp_path / "search-page.png"
     page.screenshot(path=str(shot), full_page=True)
     data = shot.read_bytes()
