@@ -170,7 +170,8 @@ class Served:
 
     def api(self, path: str, body: dict | None = None) -> tuple[int, dict]:
         req = urllib.request.Request(self.url + path, data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+                                     headers={"Content-Type": "application/json"},
+                                     method="GET" if body is None else "POST")
         if self.key:
             req.add_header("Authorization", f"Bearer {self.key}")
         try:
@@ -260,7 +261,8 @@ def shown(pg) -> list[dict]:
 
 
 def error_text(pg) -> str | None:
-    return pg.evaluate("(() => { const e = document.getElementById('error'); return e.hidden ? null : e.textContent; })()")
+    return pg.evaluate("(() => { const e = document.getElementById('error');"
+                       " return e.hidden ? null : e.textContent; })()")
 
 
 def expect_same(hits_shown, hits):
@@ -481,7 +483,8 @@ def test_modes_of_missing_channels_are_disabled(browser, tmp_path, dense_only_en
         pg.wait_for_selector("#stats[data-loaded='1']")
         disabled = pg.eval_on_selector_all("#mode option", "os => os.filter(o => o.disabled).map(o => o.value)")
         assert disabled == ["sparse", "colbert"]
-        assert [e.get_attribute("data-channel") for e in pg.query_selector_all("#weight-sliders input")] == ["dense", "bm25"]
+        sliders = pg.query_selector_all("#weight-sliders input")
+        assert [e.get_attribute("data-channel") for e in sliders] == ["dense", "bm25"]
         submit(pg)
         got = shown(pg)
         expect_same(got, idx.search(QUERY, k=10))

@@ -36,7 +36,7 @@
       if (v === null || v === undefined || v === false) continue;
       if (k === "text") node.textContent = String(v);
       else if (k === "className") node.className = v;
-      else if (k.startsWith("data-") || k.startsWith("aria-") || k === "title" || k === "role" || k === "id" || k === "for")
+      else if (k.startsWith("data-") || k.startsWith("aria-") || ["title", "role", "id", "for"].includes(k))
         node.setAttribute(k, String(v));
       else node[k] = v;
     }
@@ -211,7 +211,9 @@
     const query = queryBox.value;
     if (!query.trim()) throw new Error("Type a query first.");
     const k = Number(kBox.value);
-    if (!Number.isInteger(k) || k < 1 || k > MAX_K) throw new Error(`Hits (k) must be a whole number from 1 to ${MAX_K}.`);
+    if (!Number.isInteger(k) || k < 1 || k > MAX_K) {
+      throw new Error(`Hits (k) must be a whole number from 1 to ${MAX_K}.`);
+    }
     const req = { query, k, mode: modeBox.value };
     const ftext = filterBox.value.trim();
     filterBox.removeAttribute("aria-invalid");
@@ -225,7 +227,8 @@
       }
       if (f === null || typeof f !== "object" || Array.isArray(f)) {
         filterBox.setAttribute("aria-invalid", "true");
-        throw new Error('Filter must be a JSON object of field -> value, e.g. {"lang": "en"} or {"year": {"gte": 2020}}.');
+        throw new Error('Filter must be a JSON object of field -> value, ' +
+                        'e.g. {"lang": "en"} or {"year": {"gte": 2020}}.');
       }
       req.filter = f;
     }
@@ -352,7 +355,8 @@
     if (md.length) {
       const dl = el("dl", { className: "metadata" });
       for (const [key, v] of md) {
-        dl.append(el("div", {}, el("dt", { text: key }), el("dd", { text: typeof v === "string" ? v : JSON.stringify(v) })));
+        const shown = typeof v === "string" ? v : JSON.stringify(v);
+        dl.append(el("div", {}, el("dt", { text: key }), el("dd", { text: shown })));
       }
       li.append(dl);
     }
@@ -366,7 +370,8 @@
   }
 
   function bars(h, zero, span) {
-    const box = el("div", { className: "bars", role: "list", "aria-label": "Contribution of each channel to the fused score" });
+    const box = el("div", { className: "bars", role: "list",
+                            "aria-label": "Contribution of each channel to the fused score" });
     for (const c of CHANNELS) {
       if (!(c in h.contributions)) continue;
       const v = Number(h.contributions[c]);
