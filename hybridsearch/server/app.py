@@ -28,6 +28,7 @@ other processes. A write that answered 200 is committed to disk.
 from __future__ import annotations
 
 import json
+import queue
 import re
 import sys
 import threading
@@ -43,12 +44,13 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.routing import APIRoute
     from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.responses import Response
+    from starlette.responses import JSONResponse as _StarletteJSON
+    from starlette.responses import PlainTextResponse, Response
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("the HTTP server needs its extra: pip install 'hybridsearch[server]'") from e
 
 from .._version import __version__
-from ..index.hybrid import HybridIndex, _check_query_inputs
+from ..index.hybrid import HybridIndex, _check_query_inputs, _check_unicode
 from . import auth, schemas
 from .errors import ApiError, error_answer
 from .guard import Guard, finite, json_bytes
@@ -61,11 +63,12 @@ _STDERR = object()  # "sys.stderr at the time of the call" (pytest and others sw
 _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                   ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
                   ".json": "application/json", ".ico": "image/x-icon", ".txt": "text/plain; charset=utf-8"}
+LOG_QUEUE = 10_000  # log lines waiting for stderr before new ones are dropped
 _ASSET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-class JSONResponse(Response):
-    media_type = "application/json"
+class JSONResponse(_StarletteJSON):
+    """Compact UTF-8 JSON; non-finite numbers are refused, lone surrogates escaped."""
 
     def render(self, content: Any) -> bytes:
         return json_bytes(content)
@@ -87,19 +90,50 @@ class Runtime:
         self.stopping = False
         self.log_stream = log
         self._log_lock = threading.Lock()
+        self._log_lines: queue.Queue[str] = queue.Queue(maxsize=LOG_QUEUE)
+        self._log_dropped = 0
+        self._log_writer: threading.Thread | None = None
         self.metrics = Metrics(self)
         self.search_limiter: anyio.CapacityLimiter | None = None  # made on the event loop
         self.write_limiter: anyio.CapacityLimiter | None = None
 
     def log(self, line: str) -> None:
+        """Queue one log line. A thread writes them, so a slow or stuck stderr (a full pipe nobody
+        reads) never stalls the event loop; past ``LOG_QUEUE`` waiting lines, lines are dropped
+        and counted."""
         if self.log_stream is None:
             return
         with self._log_lock:
+            if self._log_writer is None:
+                self._log_writer = threading.Thread(target=self._write_log, name="hybridsearch-log", daemon=True)
+                self._log_writer.start()
+        try:
+            self._log_lines.put_nowait(line if line.endswith("\n") else line + "\n")
+        except queue.Full:
+            self._log_dropped += 1
+
+    def _write_log(self) -> None:
+        while True:
+            line = self._log_lines.get()
             try:
-                self.log_stream.write(line if line.endswith("\n") else line + "\n")
+                if self._log_dropped:
+                    n, self._log_dropped = self._log_dropped, 0
+                    self.log_stream.write(json_bytes({"event": "log_lines_dropped", "lines": n}).decode() + "\n")
+                self.log_stream.write(line)
                 self.log_stream.flush()
             except (OSError, ValueError):  # a closed stream: logging never fails a request
                 pass
+            finally:
+                self._log_lines.task_done()
+
+    def flush_log(self, timeout: float = 5.0) -> bool:
+        """Wait (up to ``timeout`` s) until every queued log line is written; True when done."""
+        deadline = time.monotonic() + timeout
+        while self._log_lines.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def need_index(self) -> HybridIndex:
         if self.index is None:
@@ -207,6 +241,12 @@ def validation_message(errors) -> str:
             msgs.append(f"{where}: unknown field")
         elif kind == "missing":
             msgs.append(f"{where}: missing required field")
+        elif kind == "string_unicode":  # a lone surrogate: say where, as the library does
+            try:
+                _check_unicode(str(e.get("input", "")), where)
+                msgs.append(f"{where}: not valid Unicode")
+            except ValueError as bad:
+                msgs.append(str(bad))
         elif kind == "value_error":
             msgs.append(str(ctx.get("error", e.get("msg"))) if not isinstance(ctx.get("error"), str)
                         else ctx["error"])
@@ -304,6 +344,7 @@ def create_app(index: HybridIndex | str | Path, settings: Settings | None = None
             yield {APP_STATE_KEY: rt}
         finally:
             rt.stopping = True
+            rt.flush_log(2.0)
             if rt.owns_index:
                 if opener is not None:
                     opener.join()
@@ -403,7 +444,7 @@ def create_app(index: HybridIndex | str | Path, settings: Settings | None = None
             return fail(e, request)
 
     @api.get("/metrics", responses=read_errors, dependencies=read, operation_id="metrics",
-             response_class=Response,
+             response_class=PlainTextResponse,
              summary="Prometheus metrics (text format): requests, latency, errors, encode vs search time, "
                      "documents, segments, generation.")
     async def metrics(request: Request):

@@ -6,6 +6,7 @@
   client trickling one byte every few seconds would hold a connection for ever.)
 * **JSON errors.** A request h11 cannot parse (bad request line, malformed header or
   Content-Length) gets ``400 {"error": ...}`` like every other error, not uvicorn's plain text.
+* **TCP_NODELAY** on every connection (keep-alive requests are not held back by Nagle).
 * **Shutdown.** When uvicorn starts a graceful shutdown it tells every connection; the first
   one tells the app (``/ready`` turns 503, new requests get 503).
 """
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -25,6 +27,15 @@ class Protocol(H11Protocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # uvicorn writes headers and body in separate sends; with Nagle on, a keep-alive client
+        # waits for its delayed ACK (~40 ms). asyncio only sets TCP_NODELAY on sockets whose
+        # proto is IPPROTO_TCP, which an accepted socket's is not when the listener was made with 0.
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
 
     def data_received(self, data: bytes) -> None:
         if self._deadline is None and self.conn.their_state is h11.IDLE:

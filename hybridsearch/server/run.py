@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -33,7 +35,7 @@ from .settings import Settings
 def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
     """A listening TCP socket on (host, port) with the given backlog."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host.strip("[]"), port))
@@ -94,9 +96,25 @@ def _serve_one(index_dir: str, model: str | None, settings: Settings, sock: sock
     try:
         app = create_app(index, settings)
         _banner(url, f"{index_dir} ({len(index)} documents, model {index.encoder.spec.name})", settings)
-        uvicorn.Server(_config(app, settings)).run(sockets=[sock])
+        with _signals_end_quietly():
+            uvicorn.Server(_config(app, settings)).run(sockets=[sock])
     finally:
         index.close()
+
+
+@contextlib.contextmanager
+def _signals_end_quietly():
+    """uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown, for the handler it found;
+    with these no-op handlers, that ends here and ``serve`` returns (the index is closed, exit 0)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _serve_many(index_dir: str, model: str | None, settings: Settings, sock: socket.socket, url: str) -> None:

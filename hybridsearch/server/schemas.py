@@ -34,6 +34,34 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Number = StrictInt | StrictFloat
+
+
+class FilterOps(_Request):
+    """Conditions on one field (all must hold). A document without the field fails every condition
+    on it except ``ne``; ranges only match numbers."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
+
+    eq: Any = None
+    ne: Any = None
+    in_: list[Any] = Field(None, alias="in")
+    gt: Number = None
+    gte: Number = None
+    lt: Number = None
+    lte: Number = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _some(cls, v):
+        if isinstance(v, dict) and not v:
+            raise ValueError("a filter condition needs at least one operator (eq, ne, in, gt, gte, lt, lte)")
+        return v
+
+
+Equality = StrictStr | StrictInt | StrictFloat | StrictBool | list[Any] | None
+
+
 class SearchRequest(_Request):
     """One query (answered with ``hits``) or a batch (answered with ``results``, one list per query).
 
@@ -58,7 +86,7 @@ class SearchRequest(_Request):
                                              "lacks is a 400")
     weights: dict[Channel, Weight] | None = Field(
         None, description="hybrid only; merged over the model's default weights")
-    filter: dict[str, Any] | None = Field(
+    filter: dict[str, FilterOps | Equality] | None = Field(
         None, description="every condition must hold: `{\"field\": value}`, `{\"field\": {\"gte\": 1, "
                           "\"lt\": 5}}`, `{\"field\": {\"in\": [...]}}`, `{\"field\": {\"ne\": x}}`; ops "
                           "eq, ne, in, gt, gte, lt, lte")
@@ -79,14 +107,18 @@ class SearchRequest(_Request):
     @field_validator("filter")
     @classmethod
     def _filter(cls, v):
+        if v is None:
+            return None
+        plain = {f: c.model_dump(by_alias=True, exclude_unset=True) if isinstance(c, FilterOps) else c
+                 for f, c in v.items()}
         try:
-            return check_filter(v) if v is not None else None
+            return check_filter(plain)  # numbers: finite, 64-bit
         except TypeError as e:  # pydantic reports ValueError; the message is what matters
             raise ValueError(str(e)) from e
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments of ``index.search``: only what the request gave (None = default)."""
-        return {k: v for k, v in self.model_dump(exclude_unset=True, exclude={"query"}).items() if v is not None}
+        return {k: getattr(self, k) for k in sorted(self.model_fields_set - {"query"}) if getattr(self, k) is not None}
 
     def queries(self) -> list[str]:
         return [self.query] if isinstance(self.query, str) else list(self.query)
