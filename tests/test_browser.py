@@ -130,18 +130,29 @@ class Served:
             key_file.write_text(key + "\n")
             key_file.chmod(0o600)
             keyed = ["--api-key-file", str(key_file)]
-        for attempt in range(3):  # the free port may be taken between probe and bind
-            self.port = _free_port()
-            self.log = open(folder.parent / f"serve-{folder.name}-{self.port}.log", "w+")
-            # `timeout` forwards our SIGTERM to the server and stops it by itself if we die
-            self.proc = subprocess.Popen(
-                ["timeout", str(timeout), sys.executable, "-m", "hybridsearch.cli", "serve", str(folder),
-                 "--host", "127.0.0.1", "--port", str(self.port), *keyed],
-                stdout=self.log, stderr=subprocess.STDOUT, env=env)
-            if self._wait_ready(120):
-                return
+        self.log = None
+        self._cmd = lambda port: ["timeout", str(timeout), sys.executable, "-m", "hybridsearch.cli", "serve",
+                                  str(folder), "--host", "127.0.0.1", "--port", str(port), *keyed]
+        self._folder, self._env = folder, env
+        self._launch()
+
+    def _launch(self):
+        self.port = _free_port()
+        self.log = open(self._folder.parent / f"serve-{self._folder.name}-{self.port}.log", "w+")
+        # `timeout` forwards our SIGTERM to the server and stops it by itself if we die
+        self.proc = subprocess.Popen(self._cmd(self.port), stdout=self.log, stderr=subprocess.STDOUT, env=self._env)
+
+    def wait(self, seconds: float = 180) -> Served:
+        """Until /ready answers; relaunched on another port if this one was taken meanwhile."""
+        for _ in range(3):
+            if self._wait_ready(seconds):
+                return self
+            out = self.output()
             self.stop()
-        raise AssertionError("hybridsearch serve did not start:\n" + self.output())
+            if "address already in use" not in out.lower():
+                break
+            self._launch()
+        raise AssertionError("hybridsearch serve did not start:\n" + out)
 
     @property
     def url(self) -> str:
@@ -158,7 +169,7 @@ class Served:
             if self.proc.poll() is not None:
                 return False
             try:
-                with urllib.request.urlopen(self.url + "health", timeout=2) as r:
+                with urllib.request.urlopen(self.url + "ready", timeout=2) as r:
                     if r.status == 200:
                         return True
             except (OSError, urllib.error.URLError):
@@ -190,17 +201,39 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(browser, tmp_path_factory, m3_encoder):
-    """(index opened in this process, server) over the readable corpus, with an API key."""
-    folder = tmp_path_factory.mktemp("page") / "idx"
-    idx = HybridIndex.create(folder, m3_encoder)
+def servers(browser, tmp_path_factory, m3_encoder, tiny_dense):
+    """Two servers, started together (each start loads torch and the model: ~5 s idle, much more on
+    a busy machine): "main" over the readable corpus in all four channels (two segments) with an
+    API key, "dense_bm25" over the same corpus with a dense-only model plus BM25 and no key.
+    Values: (index opened in this process, server)."""
+    from hybridsearch import BGEM3Encoder
+
+    made = {}
+    root = tmp_path_factory.mktemp("page")
+    idx = HybridIndex.create(root / "main" / "idx", m3_encoder)
     docs = corpus()
     idx.add(docs[:9])
-    idx.add(docs[9:])  # two segments
-    srv = Served(folder, API_KEY)
-    yield idx, srv
-    srv.stop()
-    idx.close()
+    idx.add(docs[9:])
+    made["main"] = (idx, Served(root / "main" / "idx", API_KEY))
+    idx2 = HybridIndex.create(root / "dense_bm25" / "idx", BGEM3Encoder(tiny_dense, device="cpu"))
+    idx2.add(docs)
+    made["dense_bm25"] = (idx2, Served(root / "dense_bm25" / "idx", None))
+    try:
+        for _, srv in made.values():
+            srv.wait()
+        yield made
+    finally:
+        for _, srv in made.values():  # both shut down at once
+            if srv.proc.poll() is None:
+                srv.proc.send_signal(signal.SIGTERM)
+        for i, srv in made.values():
+            srv.stop()
+            i.close()
+
+
+@pytest.fixture(scope="module")
+def served(servers):
+    return servers["main"]
 
 
 @pytest.fixture
@@ -469,11 +502,8 @@ def test_without_the_key_the_page_says_so(browser, served):
         ctx.close()
 
 
-def test_modes_of_missing_channels_are_disabled(browser, tmp_path, dense_only_encoder):
-    folder = tmp_path / "dense-bm25"
-    idx = HybridIndex.create(folder, dense_only_encoder)
-    idx.add(corpus())
-    srv = Served(folder, None)
+def test_modes_of_missing_channels_are_disabled(browser, servers):
+    idx, srv = servers["dense_bm25"]
     ctx = browser.new_context()
     try:
         pg = ctx.new_page()
@@ -490,12 +520,3 @@ def test_modes_of_missing_channels_are_disabled(browser, tmp_path, dense_only_en
         assert all(math.fsum(b["value"] for b in h["bars"]) == pytest.approx(h["score"], abs=1e-9) for h in got)
     finally:
         ctx.close()
-        srv.stop()
-        idx.close()
-
-
-@pytest.fixture(scope="module")
-def dense_only_encoder(tiny_dense):
-    from hybridsearch import BGEM3Encoder
-
-    return BGEM3Encoder(tiny_dense, device="cpu")
