@@ -66,7 +66,9 @@ def corpus():
 
 
 def _chromium() -> str | None:
-    for p in (os.environ.get("HYBRIDSEARCH_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):
+    """$HYBRIDSEARCH_CHROMIUM if set (only it), else chromium on PATH or /usr/bin/chromium."""
+    given = os.environ.get("HYBRIDSEARCH_CHROMIUM")
+    for p in [given] if given else [shutil.which("chromium"), "/usr/bin/chromium"]:
         if p and os.access(p, os.X_OK):
             return p
     return None
