@@ -461,3 +461,38 @@ def test_side_by_side_in_a_forked_child():
         child = pool.apply_async(_side_by_side, ([os.getpid, os.getpid],))
         pids = child.get(timeout=60)
     assert pids[0] == pids[1] != os.getpid()
+
+
+def test_hybrid_hits_carry_each_channels_contribution(index):
+    """Hit.contributions: one entry per channel, adding up to the fused score (weighted sum and
+    RRF, default and per-query weights, with a filter); None in single-channel modes."""
+    q = "fox dense ranking"
+    for h in index.search(q, k=8):
+        assert set(h.contributions) == set(index.channels) == {"dense", "sparse", "colbert", "bm25"}
+        assert sum(h.contributions.values()) == pytest.approx(h.score, abs=1e-9)
+        # BGE-M3 defaults: raw dense 0.4, sparse 0.2, ColBERT 0.4, BM25 weight 0
+        for c, w in (("dense", 0.4), ("sparse", 0.2), ("colbert", 0.4)):
+            assert h.contributions[c] == pytest.approx(w * (h.scores[c] or 0.0), abs=1e-6)
+        assert h.contributions["bm25"] == 0.0
+    w = {"dense": 0.1, "sparse": 0.0, "colbert": 0.3, "bm25": 1.0}
+    hits = index.search(q, k=8, weights=w, filter={"lang": "en"})
+    assert hits and all(index.get(h.id)["metadata"]["lang"] == "en" for h in hits)
+    for h in hits:
+        assert sum(h.contributions.values()) == pytest.approx(h.score, abs=1e-9)
+        assert h.contributions["sparse"] == 0.0
+    # BM25 enters z-scored and gated (a positive factor): its term rises with its score, and a
+    # document BM25 did not see gets the channel's lowest term
+    lo = min(h.scores["bm25"] for h in hits if h.scores["bm25"] is not None)
+    order = sorted(hits, key=lambda h: lo - 1 if h.scores["bm25"] is None else h.scores["bm25"])
+    terms = [h.contributions["bm25"] for h in order]
+    assert terms == sorted(terms) and terms[-1] > terms[0]
+    rr = index.search(q, k=50, fusion="rrf")
+    for h in rr:
+        assert sum(h.contributions.values()) == pytest.approx(h.score, rel=1e-6)
+        assert all(v >= 0 for v in h.contributions.values())
+        assert h.contributions["bm25"] == 0.0  # weight 0
+    # each RRF term is w / (60 + the channel's rank among the union's scores)
+    by_dense = sorted((h for h in rr if h.scores["dense"] is not None), key=lambda h: -h.scores["dense"])
+    assert by_dense[0].contributions["dense"] == pytest.approx(0.4 / 61)
+    for mode in ("dense", "sparse", "colbert", "bm25"):
+        assert all(h.contributions is None for h in index.search(q, k=3, mode=mode))

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..encode import BGEM3Encoder
 from ..errors import DiskFullError, IndexFormatError, ModelMismatchError
-from ..fusion import CHANNELS, FusionConfig, fuse, minmax
+from ..fusion import CHANNELS, FusionConfig, fuse_terms, minmax
 from ..representations import Encoded
 from ..retrievers import bm25_postings
 from ..retrievers.bm25 import BM25Index
@@ -78,7 +78,12 @@ CODEC_TRAIN_TOKENS = 1 << 16
 
 @dataclass
 class Hit:
-    """One search result. ``scores`` holds each channel's score, None where it did not see the doc."""
+    """One search result. ``scores`` holds each channel's score, None where it did not see the doc.
+
+    ``contributions`` (hybrid mode): each channel's term in the fused ``score`` (weight x gate x
+    normalised score for the weighted sum, ``w / (k + rank)`` for RRF); they add up to ``score``.
+    None in single-channel modes.
+    """
 
     id: str
     score: float
@@ -86,6 +91,7 @@ class Hit:
     metadata: dict
     scores: dict[str, float | None] = field(default_factory=dict)
     rerank_score: float | None = None
+    contributions: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -857,12 +863,13 @@ class HybridIndex:
                 ok = bm[1][j] >= 0
                 b[np.searchsorted(union, bm[1][j][ok])] = bm[0][j][ok]
                 scores["bm25"] = b
-            fused = fuse(scores, cfg)
+            fused, terms = fuse_terms(scores, cfg)
             top = np.argsort(-fused, kind="stable")[:k]
             hits = []
             for t, doc in zip(top, self._docs(state, union[top])):
                 ch = {c: (None if np.isnan(s[t]) else float(s[t])) for c, s in scores.items()}
-                hits.append(Hit(doc["id"], float(fused[t]), doc["text"], doc["metadata"], ch))
+                hits.append(Hit(doc["id"], float(fused[t]), doc["text"], doc["metadata"], ch,
+                                contributions={c: float(v[t]) for c, v in terms.items()}))
             out.append(hits)
         return out
 
