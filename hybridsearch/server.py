@@ -220,7 +220,7 @@ def _search(index: HybridIndex, body: Any) -> tuple[int, dict]:
     query, kw = _parse_search(body)
     # blank queries, lone surrogates, weights of channels this index lacks: 400 before encoding
     _check_query_inputs(query, kw.get("weights"), index.channels)
-    res = index.search(query, **kw)
+    res = index.search(query, **kw) if isinstance(query, str) else index.search_batch(query, **kw)
     if isinstance(query, str):
         return 200, {"hits": [_hit_json(h) for h in res]}
     return 200, {"results": [[_hit_json(h) for h in hits] for hits in res]}

@@ -197,7 +197,7 @@ def run(cfg, tmp_root: Path, log) -> Section:
                 # ---- batched BM25 throughput: all queries in one call, interleaved rounds
                 if retr is not None:
                     batch = {"hybridsearch bm25, one call for all queries":
-                             lambda: idx.search(qtexts, k=10, mode="bm25")}
+                             lambda: idx.search_batch(qtexts, k=10, mode="bm25")}
                     for lbl, r_ in (("bm25s, one retrieve() for all queries", retr),
                                     ("bm25s (numba backend), one retrieve() for all queries", retr_nb)):
                         if r_ is not None:
