@@ -365,6 +365,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tree(pid: int) -> list[int]:
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        if p in out:
+            continue
+        out.append(p)
+        try:
+            for t in Path(f"/proc/{p}/task").iterdir():
+                stack.extend(int(k) for k in (t / "children").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / tick
+
+
+async def settle(s: "Server", max_s: float = 45.0) -> float:
+    """Wait until the server is idle (under 5% of a core for half a second), so that work left
+    over from one case (queued connections, searches of clients that gave up) does not run
+    during the next server's case. Returns the seconds waited."""
+    if s.proc is None:
+        await asyncio.sleep(1.0)
+        return 1.0
+    t0 = time.perf_counter()
+    last = tree_cpu_s(s.proc.pid)
+    while time.perf_counter() - t0 < max_s:
+        await asyncio.sleep(0.5)
+        now = tree_cpu_s(s.proc.pid)
+        if now - last < 0.025:
+            break
+        last = now
+    return time.perf_counter() - t0
+
+
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of a process and all its descendants, MB."""
     total, stack, seen = 0, [pid], set()
@@ -741,7 +787,9 @@ async def drive(servers: list[Server], cases: list[Case], queries, writer_docs, 
                 s.per_round_qps.setdefault(c.name, []).append(res.searches_in_window / args.seconds)
                 print(f"round {r + 1} {c.name:26s} {s.label:32s} {res.searches_in_window / args.seconds:7.1f} "
                       f"searches/s  errors {res.errors or 0}  overflows {res.overflows}", file=sys.stderr)
-                await asyncio.sleep(1.0)  # let the server settle (closing sockets, a write finishing)
+                waited = await settle(s)
+                if waited > 5:
+                    print(f"  ({s.label} busy for {waited:.0f} s after the case)", file=sys.stderr)
     for s in servers:
         s.writes = loads[s.label].writes
         s.health = await loads[s.label].health_pair(args.health_requests)
