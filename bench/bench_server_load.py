@@ -438,7 +438,7 @@ class Server:
     index_dir: Path | None = None
     proc: subprocess.Popen | None = None
     log: Path | None = None
-    header: str = "?"
+    header: str = "(none sent)"
     writes: Writes = field(default_factory=Writes)
     results: dict[str, CaseResult] = field(default_factory=dict)
     per_round_qps: dict[str, list[float]] = field(default_factory=dict)
@@ -580,6 +580,13 @@ def tiny_data(model: str, work: Path, n_docs: int) -> tuple[Path, list[str], lis
 # --------------------------------------------------------------------------- report
 
 
+def _sysctl(name: str) -> str:
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:
+        return "?"
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1000, q)) if xs else float("nan")
 
@@ -600,7 +607,12 @@ def report(servers: list[Server], args, cases: list[Case], wall: float) -> tuple
            "with q drawn from the query set (mode hybrid: dense + BM25 for a dense-only model like MiniLM). Clients: one asyncio loop in the benchmark process, "
            "on the same 2 cores as the servers. The machine was shared with other jobs during the run: "
            "read ratios between servers (measured side by side, cases interleaved, "
-           f"{args.rounds} round(s) of {args.seconds:g} s per case and server), not absolute figures.", ""]
+           f"{args.rounds} round(s) of {args.seconds:g} s per case and server), not absolute figures. "
+           f"A request counts as a timeout after {args.timeout:g} s. Kernel: somaxconn "
+           f"{_sysctl('net/core/somaxconn')}, tcp_max_syn_backlog {_sysctl('net/ipv4/tcp_max_syn_backlog')}, "
+           f"tcp_abort_on_overflow {_sysctl('net/ipv4/tcp_abort_on_overflow')} (with 0, a full accept "
+           "queue drops the handshake and the client retries its SYN after 1, 3, 7 s...: a slow "
+           "request rather than a reset).", ""]
     out += ["Servers:", ""]
     for s in servers:
         out.append(f"- **{s.label}** (`Server: {s.header}`), ready {s.startup_s:.1f} s after start, "
