@@ -6,7 +6,7 @@
     hybridsearch query DIR "text" [-k 10] [--mode hybrid] [--filter JSON] [--rerank M] [--json]
     hybridsearch eval BEIR_DIR --index DIR [--split test] [--modes bm25 dense hybrid] [--json] [--plot F]
     hybridsearch stats DIR
-    hybridsearch serve DIR [--host 127.0.0.1] [--port 8080]
+    hybridsearch serve DIR [--host 127.0.0.1] [--port 8080] [--workers N] [--api-key-file F] ...
 
 Every expected failure prints one line, ``hybridsearch: error: ...``, on stderr and exits non-zero
 (1; 2 for a bad command line; 130 when interrupted). A full disk reads ``hybridsearch: error: disk
@@ -215,11 +215,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     # serve
     s = sub.add_parser("serve", help="serve an index over HTTP",
-                       description="Serve DIR over HTTP (hybridsearch.server).")
+                       description="Serve DIR over HTTP: JSON API, /metrics, search page at / "
+                                   "(hybridsearch.server; needs pip install 'hybridsearch[server]'). "
+                                   "Keys: --api-key-file or $HYBRIDSEARCH_API_KEY (write), "
+                                   "--read-key-file or $HYBRIDSEARCH_READ_KEY (search only).")
     s.add_argument("index", metavar="DIR", help="index folder")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     s.add_argument("--model", metavar="M", help="encoder to open the index with (default: the one that built it)")
+    s.add_argument("--workers", type=_positive("--workers"), default=1, metavar="N",
+                   help="processes serving the folder (default 1)")
+    s.add_argument("--api-key-file", metavar="FILE", help="file holding the write key (may do everything)")
+    s.add_argument("--read-key-file", metavar="FILE", help="file holding a key that may only search/read")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without a key (something in front authenticates)")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser calls from ORIGIN (repeatable; default: CORS off)")
+    s.add_argument("--max-body-bytes", type=_positive("--max-body-bytes"), default=8 * 1024 * 1024, metavar="N",
+                   help="largest request body (default 8 MiB; 413 beyond)")
+    s.add_argument("--max-query-chars", type=_positive("--max-query-chars"), default=8192, metavar="N",
+                   help="longest query in characters (default 8192)")
+    s.add_argument("--max-query-tokens", type=_positive("--max-query-tokens"), default=1024, metavar="N",
+                   help="longest query in tokens (default 1024)")
+    s.add_argument("--request-timeout", type=_positive("--request-timeout"), default=30, metavar="S",
+                   help="seconds a request's headers and body may take to arrive (default 30)")
+    s.add_argument("--search-threads", type=_positive("--search-threads"), default=8, metavar="N",
+                   help="searches running at once per worker (default 8)")
+    s.add_argument("--backlog", type=_positive("--backlog"), default=2048, metavar="N",
+                   help="listen queue length (default 2048)")
+    s.add_argument("--no-access-log", action="store_true", help="no JSON access log on stderr")
+    s.add_argument("--log-queries", action="store_true", help="put query text in the access log")
     s.set_defaults(func=cmd_serve)
 
     # train, mine (hybridsearch/train/cli.py owns their arguments)
@@ -785,10 +810,19 @@ def cmd_compact(args) -> int:
 
 def cmd_serve(args) -> int:
     _require_index(Path(args.index))
-    from .server import serve
+    from .server import Settings, serve
+    from .server.settings import keys_from
 
+    api_key, read_key = keys_from(args.api_key_file, args.read_key_file)
+    settings = Settings(host=args.host, port=args.port, workers=args.workers, api_key=api_key,
+                        read_key=read_key, insecure=args.insecure, cors_origins=tuple(args.cors_origin),
+                        max_body_bytes=args.max_body_bytes, max_query_chars=args.max_query_chars,
+                        max_query_tokens=args.max_query_tokens, request_timeout_s=float(args.request_timeout),
+                        search_threads=args.search_threads, backlog=args.backlog,
+                        access_log=not args.no_access_log, log_queries=args.log_queries)
+    settings.check_bind()  # before the model is loaded
     _quiet_libraries()
-    serve(str(args.index), args.host, args.port, args.model)
+    serve(str(args.index), settings, model=args.model)
     return 0
 
 
