@@ -473,6 +473,43 @@ def server_command(spec: str, index_dir: Path, port: int) -> tuple[str, list[str
     raise SystemExit(f"unknown server {spec!r}: use legacy, serve or serve:N")
 
 
+def _get(port: int, path: str) -> tuple[int, dict]:
+    """One GET on a fresh connection: (status, lower-cased headers); (0, {}) when it fails."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+            c.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            c.settimeout(10)
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+    except OSError:
+        return 0, {}
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    try:
+        status = int(head[0].split()[1])
+    except (IndexError, ValueError):
+        return 0, {}
+    return status, {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+
+
+def _wait_workers(port: int, n: int, deadline: float) -> set[str]:
+    """Poll ``GET /ready`` on fresh connections until ``n`` distinct workers (``X-Worker``) have
+    answered 200: a worker still opening the index answers 503, and measuring then would count
+    its start-up. Servers without /ready (the legacy one: 404) are ready once they answer."""
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        status, headers = _get(port, "/ready")
+        if status == 404:
+            return seen
+        if status == 200:
+            seen.add(headers.get("x-worker", "?"))
+            if len(seen) >= n:
+                return seen
+        else:
+            time.sleep(0.2)
+    return seen
+
+
 def start_server(spec: str, base: Path, work: Path, ready_timeout: float) -> Server:
     folder = work / f"index-{spec.replace(':', '-')}"
     if folder.exists():
@@ -489,24 +526,19 @@ def start_server(spec: str, base: Path, work: Path, ready_timeout: float) -> Ser
                                 start_new_session=True)
     s = Server(label, f"http://127.0.0.1:{port}", folder, proc, log)
     deadline = time.monotonic() + ready_timeout
+    workers = int(spec.split(":", 1)[1]) if spec.startswith("serve:") else 1
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{label} exited with {proc.returncode}; log {log}:\n{log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
-                c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                c.settimeout(10)
-                data = b""
-                while chunk := c.recv(65536):
-                    data += chunk
-            if data.startswith(b"HTTP/1.1 200") or data.startswith(b"HTTP/1.0 200"):
-                for line in data.split(b"\r\n"):
-                    if line.lower().startswith(b"server:"):
-                        s.header = line.split(b":", 1)[1].strip().decode()
-                s.startup_s = time.perf_counter() - t0
-                return s
-        except OSError:
-            pass
+        status, headers = _get(port, "/health")
+        if status == 200:
+            s.header = headers.get("server", s.header)
+            seen = _wait_workers(port, workers, deadline)
+            if len(seen) < workers and seen:
+                print(f"warning: only {len(seen)} of {workers} workers of {label} answered /ready",
+                      file=sys.stderr)
+            s.startup_s = time.perf_counter() - t0
+            return s
         time.sleep(0.5)
     stop_server(s)
     raise SystemExit(f"{label} not ready after {ready_timeout} s; log {log}")
