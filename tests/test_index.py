@@ -109,10 +109,18 @@ def test_dense_sparse_colbert_topk_equal_brute_force(index, m3_encoder):
 
 def test_batch_equals_single(index):
     qs = ["fox", "water cloud", "hybrid search faiss"]
-    batch = index.search(qs, k=4)
+    batch = index.search_batch(qs, k=4)
     assert len(batch) == 3
     for q, hits in zip(qs, batch):
         assert len(hits) == 4 and ids_of(hits) == ids_of(index.search(q, k=4))
+
+
+def test_search_batch_of_one_and_tuple_input(index):
+    one = index.search("water cloud", k=5, mode="bm25")
+    assert isinstance(one, list) and all(hasattr(h, "id") for h in one)
+    for qs in (["water cloud"], ("water cloud",)):
+        (hits,) = index.search_batch(qs, k=5, mode="bm25")
+        assert ids_of(hits) == ids_of(one)
 
 
 def test_persistence_roundtrip(index, m3_encoder):
@@ -374,7 +382,7 @@ def test_compact_keeps_every_channel_mapped_to_its_documents(tmp_path, m3_encode
                 np.array([len(c) + 1 for c in cbs]))
     texts = [docs[i]["text"] for i in live]
     for mode in ("dense", "sparse", "colbert", "hybrid"):
-        res = idx.search(texts, k=3, mode=mode, query_encoded=q)
+        res = idx.search_batch(texts, k=3, mode=mode, query_encoded=q)
         for doc_id, hits in zip(live, res):
             assert hits and hits[0].id == doc_id, (mode, doc_id, ids_of(hits))
             assert hits[0].text == docs[doc_id]["text"] and hits[0].metadata == docs[doc_id]["metadata"]
@@ -382,14 +390,14 @@ def test_compact_keeps_every_channel_mapped_to_its_documents(tmp_path, m3_encode
                 assert hits[0].score == pytest.approx(1.0, abs=1e-5)
     # BM25: each document's unique word finds it and nothing else
     uniq = [docs[i]["text"].split()[-1] for i in live]
-    for doc_id, hits in zip(live, idx.search(uniq, k=3, mode="bm25")):
+    for doc_id, hits in zip(live, idx.search_batch(uniq, k=3, mode="bm25")):
         assert ids_of(hits) == [doc_id]
     # reopened from disk, the same
     idx.close()
     again = HybridIndex.open(idx.path, m3_encoder)
     for mode in ("dense", "sparse", "colbert"):
-        assert [h[0].id for h in again.search(texts, k=1, mode=mode, query_encoded=q)] == live
-    assert [h[0].id for h in again.search(uniq, k=1, mode="bm25")] == live
+        assert [h[0].id for h in again.search_batch(texts, k=1, mode=mode, query_encoded=q)] == live
+    assert [h[0].id for h in again.search_batch(uniq, k=1, mode="bm25")] == live
     again.close()
 
 
@@ -404,8 +412,8 @@ def test_first_stages_side_by_side_equal_one_after_the_other(index, monkeypatch)
     flt = {"lang": "en"}
 
     def run():
-        return ([[(h.id, h.score) for h in hs] for hs in index.search(queries, k=7)],
-                [[(h.id, h.score) for h in hs] for hs in index.search(queries, k=7, filter=flt)])
+        return ([[(h.id, h.score) for h in hs] for hs in index.search_batch(queries, k=7)],
+                [[(h.id, h.score) for h in hs] for hs in index.search_batch(queries, k=7, filter=flt)])
 
     monkeypatch.setattr(hybrid, "FIRST_STAGE_THREADS", 1)
     ref = run()
@@ -417,7 +425,7 @@ def test_first_stages_side_by_side_equal_one_after_the_other(index, monkeypatch)
             for ra, rb in zip(a, b):
                 assert [i for i, _ in ra] == [i for i, _ in rb]
                 np.testing.assert_allclose([s for _, s in ra], [s for _, s in rb], rtol=1e-5, atol=1e-6)
-    assert all(h.metadata["lang"] == "en" for hs in index.search(queries, k=7, filter=flt) for h in hs)
+    assert all(h.metadata["lang"] == "en" for hs in index.search_batch(queries, k=7, filter=flt) for h in hs)
 
 
 def test_side_by_side_raises_after_every_stage_finished():

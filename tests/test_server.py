@@ -733,7 +733,7 @@ def test_http_ranks_like_the_library_with_default_options(tmp_path, model, dense
                     assert got["scores"][ch] == (None if v is None else pytest.approx(v, rel=1e-5, abs=1e-6))
         s, body = c.post("/search", {"query": queries, "candidates": None, "weights": None})
         assert s == 200
-        want = idx.search(queries)
+        want = idx.search_batch(queries)
         assert [[h["id"] for h in hits] for hits in body["results"]] == [[h.id for h in w] for w in want]
         assert [[h["score"] for h in hits] for hits in body["results"]] == \
             [pytest.approx([h.score for h in w], rel=1e-6, abs=1e-7) for w in want]

@@ -22,11 +22,10 @@ from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..encode import BGEM3Encoder
 from ..errors import DiskFullError, IndexFormatError, ModelMismatchError
 from ..fusion import CHANNELS, FusionConfig, fuse_terms, minmax
 from ..representations import Encoded
@@ -47,6 +46,9 @@ from . import storage as st
 from .filters import check_filter
 from .merge import MergePolicy, plan_merges
 from .segment import Segment, merge_segments, write_segment
+
+if TYPE_CHECKING:  # imported where a model is loaded: torch stays out of stats() and the CLI's
+    from ..encode import BGEM3Encoder
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,8 @@ class HybridIndex:
             if foreign:
                 raise FileExistsError(f"{path} exists and is not empty (e.g. {foreign[0]!r}); "
                                       "refusing to write an index there")
+        from ..encode import BGEM3Encoder
+
         encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(model)
         check_factory(dense_factory, encoder.spec.dim)  # ValueError unless reopening would accept it
         spec = encoder.spec
@@ -293,6 +297,8 @@ class HybridIndex:
         mcls = m["model"].get("mcls")
         if mcls is not None and (isinstance(mcls, bool) or not isinstance(mcls, int) or not 1 <= mcls <= 1 << 20):
             raise IndexFormatError(f"{path / st.MANIFEST}: model.mcls must be null or a positive integer"[:300])
+        from ..encode import BGEM3Encoder
+
         encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(
             model or m["model"]["name"], mcls=mcls is not None, mcls_interval=mcls or 256)
         fp = st.model_fingerprint(encoder.spec.path)
@@ -310,6 +316,17 @@ class HybridIndex:
                                      f"encoder has mcls={spec.mcls}; pass BGEM3Encoder(..., mcls="
                                      f"{mcls is not None}{f', mcls_interval={mcls}' if mcls else ''})")
         return cls(path, encoder, lock_timeout=lock_timeout, merge_policy=merge_policy)
+
+    @classmethod
+    def open_without_model(cls, path: str | os.PathLike) -> HybridIndex:
+        """Open an existing index for :meth:`stats`, ``len``, :meth:`ids`, :meth:`get` and
+        :meth:`verify` only: no model is loaded (nor torch imported), so this is fast and works
+        where the model is not available. Searching or writing through it raises RuntimeError;
+        use :meth:`open` for those. Opening validates the folder as :meth:`open` does.
+        """
+        path = Path(path)
+        m = st.read_manifest(path)
+        return cls(path, _NoModel(str(m["model"]["name"])), merge_policy=None)
 
     def _load_state(self, m: dict, prev: _State | None) -> _State:
         """Open generation ``m``, reusing ``prev``'s immutable segments, codecs and BM25 handle.
@@ -748,12 +765,15 @@ class HybridIndex:
         c = self._current().manifest["channels"]
         return tuple(x for x in CHANNELS if (c[x] if x != "dense" else True))
 
-    def search(self, query: str | Sequence[str], k: int = 10, mode: str = "hybrid", *,
+    def search(self, query: str, k: int = 10, mode: str = "hybrid", *,
                weights: Mapping[str, float] | None = None, filter: Mapping | None = None,
                candidates: int | None = None, fusion: str = "weighted", normalize: Sequence[str] | None = None,
                query_encoded: Encoded | None = None, reranker=None, rerank_top: int = 50,
-               rerank_weight: float = 1.0, exhaustive: bool = False):
-        """Search one query (returns ``list[Hit]``) or a batch (returns ``list[list[Hit]]``).
+               rerank_weight: float = 1.0, exhaustive: bool = False) -> list[Hit]:
+        """Search one query string; returns its hits, best first (``list[Hit]``, at most ``k``).
+
+        A list of queries goes to :meth:`search_batch` (same keywords); given one here, this
+        raises ``TypeError``, so what ``search`` returns never depends on its input's type.
 
         Args:
             mode: ``dense``, ``sparse``, ``colbert``, ``bm25`` or ``hybrid``.
@@ -779,10 +799,44 @@ class HybridIndex:
             exhaustive: ``colbert`` mode only: exact MaxSim over every allowed document instead
                 of the centroid first stage (segments without a codebook always are).
         """
-        single = isinstance(query, str)
-        queries = [query] if single else list(query)
+        if not isinstance(query, str):
+            if isinstance(query, Sequence) and not isinstance(query, (bytes, bytearray)):
+                raise TypeError("search() takes one query string; use search_batch() for a list of queries")
+            raise TypeError(f"query must be a string, got {type(query).__name__}")
+        return self._search_queries(
+            [query], k, mode, weights=weights, filter=filter, candidates=candidates, fusion=fusion,
+            normalize=normalize, query_encoded=query_encoded, reranker=reranker, rerank_top=rerank_top,
+            rerank_weight=rerank_weight, exhaustive=exhaustive)[0]
+
+    def search_batch(self, queries: Sequence[str], k: int = 10, mode: str = "hybrid", *,
+                     weights: Mapping[str, float] | None = None, filter: Mapping | None = None,
+                     candidates: int | None = None, fusion: str = "weighted",
+                     normalize: Sequence[str] | None = None, query_encoded: Encoded | None = None,
+                     reranker=None, rerank_top: int = 50, rerank_weight: float = 1.0,
+                     exhaustive: bool = False) -> list[list[Hit]]:
+        """Search a batch of query strings at once; returns one ``list[Hit]`` per query, in order.
+
+        The keywords are :meth:`search`'s and apply to every query; ``query_encoded``, when
+        given, holds one row per query. Encoding and the channels' kernels run over the whole
+        batch, so this is faster than a loop of :meth:`search`. A single string is refused
+        (``TypeError``): it is a sequence of characters, not of queries.
+        """
+        if isinstance(queries, str):
+            raise TypeError("search_batch() takes a list of query strings; use search() for one query")
+        if isinstance(queries, Mapping) or not isinstance(queries, Sequence):
+            raise TypeError(f"queries must be a list of strings, got {type(queries).__name__}")
+        queries = list(queries)
         if not queries or not all(isinstance(q, str) for q in queries):
-            raise TypeError("query must be a string or a non-empty list of strings")
+            raise TypeError("queries must be a non-empty list of strings")
+        return self._search_queries(
+            queries, k, mode, weights=weights, filter=filter, candidates=candidates, fusion=fusion,
+            normalize=normalize, query_encoded=query_encoded, reranker=reranker, rerank_top=rerank_top,
+            rerank_weight=rerank_weight, exhaustive=exhaustive)
+
+    def _search_queries(self, queries: list[str], k, mode, *, weights, filter, candidates, fusion,
+                        normalize, query_encoded, reranker, rerank_top, rerank_weight,
+                        exhaustive) -> list[list[Hit]]:
+        """The checks and the search behind :meth:`search` and :meth:`search_batch`."""
         _check_query_inputs(queries, weights, self.channels)  # before anything is encoded
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
@@ -821,7 +875,7 @@ class HybridIndex:
                                exhaustive=bool(exhaustive))
         if reranker is not None:
             results = [_rerank(reranker, q, hits, k, float(rerank_weight)) for q, hits in zip(queries, results)]
-        return results[0] if single else results
+        return results
 
     def _search(self, state, queries, k, mode, cfg, allowed, C, q=None, exhaustive=False) -> list[list[Hit]]:
         spec = self.encoder.spec
@@ -1047,7 +1101,7 @@ class HybridIndex:
         for ch, pref in prefixes.items():
             b = sum(s.bytes_of(p) for s in state.segments for p in pref)
             per[ch] = {"bytes": b, "bytes_per_doc": b / n}
-        if self.encoder.spec.has_colbert:
+        if m["channels"]["colbert"]:
             # per token of the text (BGE-M3 keeps a vector for every token but the first), and per
             # stored vector (fewer with pooling)
             vectors = sum(int(s.colbert.offsets[-1]) for s in state.segments)
@@ -1102,6 +1156,24 @@ class HybridIndex:
 
 
 _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|No space left on device|Disk quota exceeded")
+
+
+class _NoModel:
+    """The encoder of an index opened by :meth:`HybridIndex.open_without_model`: any use of it
+    (searching, writing) raises a RuntimeError that says how to open the index with its model."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):  # copy, pickle and hasattr probes see an ordinary object
+            raise AttributeError(attr)
+        raise RuntimeError(f"this index was opened without its model ({self.name!r}; "
+                           "HybridIndex.open_without_model): it can report stats, ids and documents; "
+                           "open it with HybridIndex.open to search or write")
+
+    def __repr__(self) -> str:
+        return f"<model {self.name!r} not loaded>"
 
 
 def _disk_full(e: BaseException, folder: Path) -> DiskFullError | None:
