@@ -190,6 +190,7 @@ class CaseResult:
     client_cpu_s: float = 0.0
     rss_mb: float = 0.0
     load: list[float] = field(default_factory=list)  # the machine's 1-minute load average at each start
+    workers: dict[str, int] = field(default_factory=dict)  # X-Worker -> searches it answered
 
     def merge(self, o: CaseResult) -> None:
         self.seconds += o.seconds
@@ -203,6 +204,8 @@ class CaseResult:
         self.client_cpu_s += o.client_cpu_s
         self.rss_mb = max(self.rss_mb, o.rss_mb)
         self.load += o.load
+        for k, v in o.workers.items():
+            self.workers[k] = self.workers.get(k, 0) + v
 
 
 def listen_counters() -> tuple[int, int]:
@@ -233,7 +236,7 @@ class Load:
                    fresh: bool, timeout: float):
         t0 = time.perf_counter()
         try:
-            status, _, data = await asyncio.wait_for(conn.request(method, path, body, close=fresh), timeout)
+            status, headers, data = await asyncio.wait_for(conn.request(method, path, body, close=fresh), timeout)
         except Exception as e:  # noqa: BLE001 - every failure is counted by kind
             conn.close()
             k = f"{op}: {_error_kind(e)}"
@@ -245,6 +248,9 @@ class Load:
             res.errors[k] = res.errors.get(k, 0) + 1
             return status, data
         res.lat.setdefault(op, []).append(dt)
+        w = headers.get("x-worker")
+        if w is not None and op == "search":  # which worker process answered (FastAPI server)
+            res.workers[w] = res.workers.get(w, 0) + 1
         return status, data
 
     async def _searcher(self, res: CaseResult, fresh: bool, deadline: float, start: asyncio.Event):
@@ -660,8 +666,8 @@ def report(servers: list[Server], args, cases: list[Case], wall: float) -> tuple
     # main table
     out += ["## Throughput and latency", "",
             "| case | clients | server | searches/s | search p50 ms | search p99 ms | add p50 ms | delete p50 ms | errors | "
-            "listen overflows (machine) | client CPU s | server RSS MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "listen overflows (machine) | client CPU s | server RSS MB | searches per worker |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     raw = {"servers": {}}
     for c in cases:
         for s in servers:
@@ -675,7 +681,8 @@ def report(servers: list[Server], args, cases: list[Case], wall: float) -> tuple
                        f"{fmt_ms(pct(lat.get('search', []), 99))} | "
                        f"{fmt_ms(pct(lat.get('add', []), 50)) if c.writer else ''} | "
                        f"{fmt_ms(pct(lat.get('delete', []), 50)) if c.writer else ''} | {errs} | "
-                       f"{r.overflows} | {r.client_cpu_s:.1f} | {r.rss_mb:,.0f} |")
+                       f"{r.overflows} | {r.client_cpu_s:.1f} | {r.rss_mb:,.0f} | "
+                       f"{' / '.join(str(n) for n in sorted(r.workers.values(), reverse=True))} |")
     out.append("")
     rounds = [f"{s.label}: " + ", ".join(f"{q:.1f}" for q in s.per_round_qps.get(CASES[0].name, []))
               for s in servers if s.per_round_qps.get(CASES[0].name)]
@@ -726,7 +733,7 @@ def report(servers: list[Server], args, cases: list[Case], wall: float) -> tuple
                              "p99_ms": {op: pct(v, 99) for op, v in r.lat.items()},
                              "count": {op: len(v) for op, v in r.lat.items()},
                              "errors": r.errors, "listen_overflows": r.overflows, "client_cpu_s": r.client_cpu_s,
-                             "rss_mb": r.rss_mb}
+                             "rss_mb": r.rss_mb, "load_avg": r.load, "searches_per_worker": r.workers}
                       for name, r in s.results.items()},
             "per_round_qps": s.per_round_qps,
             "health": {k: (pct(v, 50) if isinstance(v, list) else v) for k, v in s.health.items()},
