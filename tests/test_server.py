@@ -336,8 +336,13 @@ def test_access_log_one_line_per_request(server, client, log):
     client.post("/search", {"query": "secret fox words", "k": 1, "mode": "bm25"})
     client.get("/missing")
     client.post("/search", raw=b"{")
-    assert server.runtime.flush_log()
-    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    deadline = time.monotonic() + 30  # a request's line is queued as its answer goes out: wait for 4
+    while True:
+        assert server.runtime.flush_log()
+        lines = [json.loads(line) for line in log.getvalue().splitlines()]
+        if len(lines) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert [(e["method"], e["path"], e["status"]) for e in lines] == [
         ("GET", "/health", 200), ("POST", "/search", 200), ("GET", "/missing", 404), ("POST", "/search", 400)]
     assert all(e["client"] == "127.0.0.1" and e["ms"] >= 0 and e["bytes"] > 0 for e in lines)
