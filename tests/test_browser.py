@@ -301,7 +301,9 @@ def error_text(pg) -> str | None:
 def expect_same(hits_shown, hits):
     assert [h["id"] for h in hits_shown] == [h.id for h in hits]
     for s, h in zip(hits_shown, hits):
-        assert s["score"] == pytest.approx(h.score, rel=1e-6, abs=1e-9)
+        # the server encodes the query in its own process (its own thread count): float sums may
+        # differ from this process's in the last bits
+        assert s["score"] == pytest.approx(h.score, rel=1e-4, abs=1e-6)
         assert s["text"] == h.text  # exactly the document's text, nothing dropped or added
 
 
