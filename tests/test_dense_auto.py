@@ -331,3 +331,53 @@ def test_compact_moves_a_flat_index_to_another_structure(tmp_path, m3_encoder, m
     again = HybridIndex.open(tmp_path / "old", m3_encoder)
     assert again._current().manifest["channels"]["dense"]["factory"] == "auto"
     again.close()
+
+
+def test_self_recall_tells_structure_from_noise(tmp_path):
+    """``self_recall``: an IVF over clustered vectors finds the rows' own neighbours, one over
+    uniformly random 256-d vectors does not (the case "auto" must not answer approximately)."""
+    from hybridsearch.retrievers.dense import AUTO_MIN_RECALL, self_recall
+
+    n, d = 6000, 256
+    clustered = _clustered(n, d, 3, topics=40)
+    noise = _unit(np.random.default_rng(4).standard_normal((n, d)))
+    got = {}
+    for name, x in (("clustered", clustered), ("noise", noise)):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_dense_array(folder, x, "fp32")
+        store = DenseStore.open(folder, n, d, "fp32")
+        di = DenseIndex.build_from(store, "IVF64,SQ8")
+        got[name] = self_recall(di.index, store)
+    assert got["clustered"] >= AUTO_MIN_RECALL > got["noise"], got
+
+
+def test_auto_segment_stays_flat_where_the_structure_misses(tmp_path, m3_encoder, monkeypatch, caplog):
+    """A segment whose built structure finds under AUTO_MIN_RECALL of its rows' neighbours is
+    written Flat (no dense.faiss) and answers exactly; an explicit factory is never second-guessed."""
+    monkeypatch.setattr(dense_mod, "AUTO_ANN_MIN_ROWS", 1000)  # 2,000 rows: HNSW32,SQ8
+    from hybridsearch.index import segment as seg_mod
+
+    monkeypatch.setattr(seg_mod, "AUTO_MIN_RECALL", 1.01)  # no structure can reach it
+    spec = m3_encoder.spec
+    rng = np.random.default_rng(8)
+    x = _clustered(2000, spec.dim, 9, topics=40)
+    docs = [{"id": f"d{r}", "text": f"w{r % 50}"} for r in range(len(x))]
+    enc = _encoded(rng, len(x), spec, x)
+    auto = HybridIndex.create(tmp_path / "auto", m3_encoder, bm25=False)
+    with caplog.at_level("WARNING"):
+        auto.add(docs, encoded=enc)
+    e = json.loads((auto.path / "manifest.json").read_text())["segments"]
+    assert [(s["dense_factory"], "dense.faiss" in s["files"]) for s in e] == [("Flat", False)]
+    assert "searched exactly instead" in caplog.text
+    explicit = HybridIndex.create(tmp_path / "ivf", m3_encoder, dense_factory="IVF16,SQ8", bm25=False)
+    explicit.add(docs, encoded=enc)
+    e = json.loads((explicit.path / "manifest.json").read_text())["segments"]
+    assert [(s["dense_factory"], "dense.faiss" in s["files"]) for s in e] == [("IVF16,SQ8", True)]
+    q = _queries(x, 8, 10)
+    got = auto.search_batch([f"q{j}" for j in range(8)], k=10, mode="dense", query_encoded=_encoded(rng, 8, spec, q))
+    scores = x @ q.T
+    for j, g in enumerate(got):  # the exact top 10 (scores: ids may swap between near-equal ones)
+        np.testing.assert_allclose([h.score for h in g], np.sort(scores[:, j])[::-1][:10], rtol=1e-5, atol=1e-6)
+    auto.close()
+    explicit.close()

@@ -26,6 +26,7 @@ of adjacent segments into one (bounded memory: chunks of rows, memory-mapped out
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import numpy as np
 from ..errors import IndexFormatError
 from ..representations import Encoded
 from ..retrievers.bm25_postings import Bm25Postings, merge_bm25
-from ..retrievers.dense import DenseIndex, gpu_available, resolve_factory
+from ..retrievers.dense import AUTO_MIN_RECALL, DenseIndex, gpu_available, is_auto, resolve_factory, self_recall
 from ..retrievers.dense_store import DenseStore, write_dense, write_dense_array
 from ..retrievers.multivector import CodedColbertStore, ColbertStore, write_colbert
 from ..retrievers.sparse import SparsePostings, merge_postings
@@ -53,6 +54,8 @@ from .storage import (
     save_npy,
     sha256_file,
 )
+
+log = logging.getLogger(__name__)
 
 # Segments whose data passed the O(file size) checks, by (folder, files' identity): segments are
 # immutable, so a reopen (every commit reloads the state) repeats only the header checks.
@@ -116,8 +119,10 @@ def write_segment(folder: Path, ids: list[str], texts: list[str], metadata: list
         factory = resolve_factory(dense_factory, len(ids))
         if factory != "Flat":
             di = DenseIndex.build(enc.dense, factory)
-            di.save(tmp)
-            factory = di.factory
+            factory = _keep_ann(di, dense_factory, lambda: DenseStore.open(
+                tmp, len(ids), enc.dense.shape[1], dense_storage))
+            if factory != "Flat":
+                di.save(tmp)
     if enc.sparse is not None:
         SparsePostings.from_csr(enc.sparse).save(tmp, "sparse")
     colbert = None
@@ -132,6 +137,20 @@ def write_segment(folder: Path, ids: list[str], texts: list[str], metadata: list
         Bm25Postings.from_texts(texts).save(tmp)
     entry = _entry(folder, len(ids), first, len(ids), factory, dense_storage, colbert, codec_name, False)
     return _finish(tmp, folder, entry)
+
+
+def _keep_ann(di: DenseIndex, dense_factory: str, store) -> str:
+    """The factory a new segment keeps: ``di``'s, unless ``dense_factory`` is "auto" and the
+    built structure finds under AUTO_MIN_RECALL of the rows' own nearest neighbours (then
+    "Flat": the stored vectors are searched exactly). ``store()`` gives the segment's DenseStore."""
+    if di.factory == "Flat" or not is_auto(dense_factory):
+        return di.factory
+    r = self_recall(di.index, store())
+    if r < AUTO_MIN_RECALL:
+        log.warning("dense_factory='auto': %s finds recall@10 %.2f of the segment's own neighbours "
+                    "(under %.2f); the segment is searched exactly instead", di.factory, r, AUTO_MIN_RECALL)
+        return "Flat"
+    return di.factory
 
 
 def merge_segments(folder: Path, sources: list, *, first: int, span: int, dense_factory: str,
@@ -170,8 +189,9 @@ def merge_segments(folder: Path, sources: list, *, first: int, span: int, dense_
         if factory != "Flat":
             store = DenseStore.open(tmp, count, sources[0][0].dense_store.dim, dense_storage)
             di = DenseIndex.build_from(store, factory)
-            di.save(tmp)
-            factory = di.factory
+            factory = _keep_ann(di, dense_factory, lambda: store)
+            if factory != "Flat":
+                di.save(tmp)
             del store
     if sources[0][0].sparse is not None:
         merge_postings(tmp, "sparse", [(s.sparse, r) for s, r in sources])

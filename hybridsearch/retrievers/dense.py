@@ -92,6 +92,14 @@ AUTO_ANN = "HNSW32,SQ8"
 #: on clustered vectors (near-ties inside a cluster of ~250 need a walk over most of it);
 #: measured in bench/results/dense_scale.md.
 AUTO_IVF_MIN_ROWS = 200_000
+#: "auto" keeps an ANN structure only where it finds the data's neighbours. Once built, it is
+#: probed with AUTO_RECALL_PROBES of the segment's own rows, each asking for its 10 nearest other
+#: rows through the structure (rescored, as searches are) and by an exact scan; below
+#: AUTO_MIN_RECALL (recall@10, mean over the probes) the segment stays Flat (exact). Vectors with
+#: no neighbourhood structure (uniformly random ones: recall@10 0.06 at 1M x 384 with IVF, 0.25
+#: at 100k with HNSW, bench/RESULTS.md) would otherwise get fast, wrong answers.
+AUTO_RECALL_PROBES = 64
+AUTO_MIN_RECALL = 0.9
 #: k-means iterations when "auto" trains an IVF (FAISS's default is 25), on 64 rows a list
 AUTO_IVF_ITERS = 10
 AUTO_IVF_TRAIN_PER_LIST = 64
@@ -133,6 +141,26 @@ def resolve_factory(factory: str, n: int) -> str:
     """The factory a segment of ``n`` rows is built with: ``"auto"`` resolved by its size,
     any explicit factory string unchanged."""
     return auto_factory(n) if is_auto(factory) else factory
+
+
+def self_recall(index, store: DenseStore, probes: int = AUTO_RECALL_PROBES, k: int = 10,
+                seed: int = 0) -> float:
+    """Recall@k of the built FAISS ``index`` over ``store`` against an exact scan, with ``probes``
+    of the stored rows as queries (each row's ``k`` nearest *other* rows; mean over the probes)."""
+    n = store.n
+    if n < 2:
+        return 1.0
+    k = min(k, n - 1)
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(probes, n), replace=False))
+    q = np.ascontiguousarray(store.rows(rows), dtype=np.float32)
+    _, exact = store.search(q, k + 1, None)
+    _, found = DenseIndex(index, n, "probe", store).search(q, k + 1)
+    rec = []
+    for r, e, f in zip(rows, exact, found):
+        truth = [x for x in e if x >= 0 and x != r][:k]
+        if truth:
+            rec.append(len(set(truth) & {x for x in f if x >= 0 and x != r}) / len(truth))
+    return float(np.mean(rec)) if rec else 1.0
 
 
 def search_effort(k: int, allowed_share: float, ef_search: int | None = None,
