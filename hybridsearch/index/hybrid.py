@@ -998,7 +998,8 @@ class HybridIndex:
         parts, staged = [], []
         for s in state.segments:
             mask = s.rows_mask(allowed)
-            if not exhaustive and s.colbert_kind == "codes" and s.colbert._has_first_stage() and s.count > C:
+            staged_depth = refine_depth(C, s.count) if s.colbert_kind == "codes" and s.colbert._refines() else C
+            if not exhaustive and s.colbert_kind == "codes" and s.colbert._has_first_stage() and staged_depth < s.count:
                 staged.append((s, mask))
                 continue
             sc, ids = s.colbert.search(qc, k, mask, exhaustive=True)
