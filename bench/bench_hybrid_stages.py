@@ -1,0 +1,99 @@
+"""Where one hybrid query's time goes on a kept ``bench_scale_m3.py`` index: each first stage at the
+hybrid's depth (dense, learned sparse, BM25), the union's exact rescoring per channel (dense,
+sparse, ColBERT MaxSim), and the whole ``search(mode="hybrid")``, interleaved query by query.
+
+Usage::
+
+    python bench/bench_hybrid_stages.py RUN_FOLDER [--queries 30] [--rounds 3] [--json OUT.json]
+
+``RUN_FOLDER`` is what ``bench_scale_m3.py --keep`` leaves (``index/``, ``queries/``, ``build.json``).
+Stages call the index's private first-stage methods (the same ones ``search`` runs); medians in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--queries", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from suite.scale_m3 import Queries, Shape, load_encoder
+
+    from hybridsearch import HybridIndex
+    from hybridsearch.retrievers.multivector import maxsim_many
+
+    build = json.loads((args.run / "build.json").read_text())
+    model = HERE / ".cache" / "m3-shape-d1024-c1024-v250002-l1"
+    idx = HybridIndex.open(args.run / "index", load_encoder(model))
+    Q = Queries.load(args.run / "queries", Shape(), int(build["docs"]))
+    state = idx._current()
+    C = idx.default_candidates()
+    nq = min(args.queries, len(Q))
+    names = ["dense first stage", "sparse first stage", "bm25 first stage", "union",
+             "rescore dense", "rescore sparse", "rescore colbert", "search(mode='hybrid')"]
+    T = {n: [] for n in names}
+    unions = []
+    for rnd in range(args.rounds + 1):  # round 0 warms caches and compiles
+        for i in range(nq):
+            q = Q.row(i)
+            t = [time.perf_counter()]
+            d = idx._dense_topk(state, q.dense, C, None)
+            t.append(time.perf_counter())
+            s = idx._sparse_topk(state, q.sparse, C, None)
+            t.append(time.perf_counter())
+            b = idx._bm25_topk(state, [Q.texts[i]], C, None)
+            t.append(time.perf_counter())
+            union = np.unique(np.concatenate([ids[0][ids[0] >= 0] for _, ids in (d, s, b)]))
+            t.append(time.perf_counter())
+            seg_of = state.locate(union)
+            parts = []
+            for si in np.unique(seg_of):
+                sg = state.segments[si]
+                parts.append((sg, sg.rows_of(union[seg_of == si])))
+            for sg, rows in parts:
+                sg.dense_rows(rows) @ q.dense[0]
+            t.append(time.perf_counter())
+            for sg, rows in parts:
+                sg.sparse.score(q.sparse.indices, q.sparse.data, rows)
+            t.append(time.perf_counter())
+            maxsim_many(q.colbert_of(0), [(sg.colbert, rows) for sg, rows in parts])
+            t.append(time.perf_counter())
+            idx.search(Q.texts[i], k=10, mode="hybrid", query_encoded=q)
+            t.append(time.perf_counter())
+            if rnd:
+                for n, a, z in zip(names, t, t[1:]):
+                    T[n].append(1000 * (z - a))
+                unions.append(len(union))
+    med = {n: float(np.median(v)) for n, v in T.items()}
+    stages = {"dense": med["dense first stage"], "sparse": med["sparse first stage"],
+              "bm25": med["bm25 first stage"], "colbert rescoring": med["rescore colbert"],
+              "rest": max(0.0, med["search(mode='hybrid')"] - max(med["dense first stage"],
+                          med["sparse first stage"] + med["bm25 first stage"]) - med["rescore colbert"])}
+    out = {"docs": build["docs"], "queries": nq, "rounds": args.rounds, "candidates": C,
+           "union_median": float(np.median(unions)), "median_ms": med, "stages": stages}
+    for n in names:
+        print(f"{n:24s} {med[n]:8.2f} ms")
+    print(f"union median {out['union_median']:.0f} documents")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    idx.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
