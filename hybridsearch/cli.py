@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "every N tokens (BGE-M3 paper's MCLS for long documents; 256 there). Off by default")
     s.add_argument("--lock-timeout", type=_non_negative, default=60, metavar="S",
                    help="seconds to wait at each commit while another process writes (default 60)")
+    s.add_argument("--ray", metavar="ADDRESS",
+                   help="encode on a Ray cluster: 'auto' (this machine's cluster, or a local Ray) or its "
+                        "address (needs the ray extra)")
+    s.add_argument("--ray-actors", type=_positive("--ray-actors"), default=None, metavar="N",
+                   help="encoder actors with --ray (default: one per GPU of the cluster, else per CPU)")
+    s.add_argument("--ray-window", type=_positive("--ray-window"), default=None, metavar="N",
+                   help="commit blocks per Ray Data job with --ray (default 4 x actors)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_index)
 
@@ -387,7 +394,15 @@ def cmd_index(args) -> int:
                                    dense_storage=args.dense_storage or "fp32",
                                    colbert_codec=args.colbert_codec or "res1",
                                    exist_ok=True, lock_timeout=args.lock_timeout)
-    writer = _Writer(index, args)
+    if args.ray:
+        try:
+            from .distributed.encode import ray_writer
+        except ImportError as e:
+            index.close()
+            raise CLIError(f"--ray needs Ray: pip install \"hybridsearch[ray]\" ({e})") from None
+        writer = ray_writer(index, args)
+    else:
+        writer = _Writer(index, args)
     try:
         writer.run(corpus, n_docs)
     finally:
