@@ -213,7 +213,7 @@ def test_killed_shard_restarts_partial_or_wait(cluster, tiny_m3, tmp_path):
     the last commit, and no acknowledged write is lost."""
     from hybridsearch.distributed import ShardedIndex, ShardUnavailableError
 
-    idx = ShardedIndex.create(tmp_path / "s", tiny_m3, shards=3, timeout=60)
+    idx = ShardedIndex.create(tmp_path / "s", tiny_m3, shards=3, timeout=300)
     try:
         docs = _docs(90, seed=3)
         idx.add(docs)
@@ -228,22 +228,24 @@ def test_killed_shard_restarts_partial_or_wait(cluster, tiny_m3, tmp_path):
         lost = set(part.missing)
         assert all(shard_of([h.id], 3)[0] not in lost for h in part)
         assert [h.id for h in part] == [h.id for h in full if shard_of([h.id], 3)[0] not in lost][:len(part)]
-        waited = idx.search("quick brown fox", k=10, timeout=60)  # waits for the restart
+        waited = idx.search("quick brown fox", k=10)  # waits (up to the index's 300 s) for the restart
         assert not waited.partial
         _assert_same(waited, full, "after restart")
         assert idx.shard_pids()[1][0] != pids[1][0]
         # kill again and ask without partial and a short timeout: a clear error naming the shard
         _kill(idx.shard_pids()[0][0])
-        with pytest.raises(ShardUnavailableError, match=r"\[0\]"):
+        with pytest.raises(ShardUnavailableError, match=r"shard\(s\) \[0") as err:
             idx.search("quick brown fox", k=10, timeout=0.2)
+        assert 0 in err.value.missing
         # writes while shards die: every acknowledged write is there afterwards
         acked = []
         stop = threading.Event()
 
-        def killer():
+        def killer():  # two SIGKILLs at random moments of the writes (a restart takes seconds)
             rng = random.Random(5)
-            while not stop.is_set():
-                time.sleep(rng.uniform(0.3, 1.0))
+            for _ in range(2):
+                if stop.wait(rng.uniform(0.2, 1.5)):
+                    return
                 try:
                     _kill(rng.choice([p[0] for p in idx.shard_pids()]))
                 except ProcessLookupError:
@@ -252,7 +254,7 @@ def test_killed_shard_restarts_partial_or_wait(cluster, tiny_m3, tmp_path):
         t = threading.Thread(target=killer, daemon=True)
         t.start()
         try:
-            for b in range(6):
+            for b in range(4):
                 batch = _docs(15, seed=100 + b, prefix=f"w{b}-")
                 idx.upsert(batch)
                 acked += [d["id"] for d in batch]
@@ -268,7 +270,7 @@ def test_killed_shard_restarts_partial_or_wait(cluster, tiny_m3, tmp_path):
 def test_replicas_serve_reads_while_one_is_down(cluster, tiny_m3, tmp_path):
     from hybridsearch.distributed import ShardedIndex
 
-    idx = ShardedIndex.create(tmp_path / "r", tiny_m3, shards=2, replicas=2, timeout=60)
+    idx = ShardedIndex.create(tmp_path / "r", tiny_m3, shards=2, replicas=2, timeout=300)
     try:
         idx.add(_docs(60, seed=7))
         assert sorted(os.listdir(idx.path)) == ["shard-00", "shard-00-r1", "shard-01", "shard-01-r1", "sharding.json"]

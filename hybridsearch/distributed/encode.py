@@ -161,7 +161,7 @@ def ray_writer(index, args):
             found, gpus = cluster_actors()
             self.actors = args.ray_actors or found
             self.gpus = gpus
-            self.window_blocks = args.ray_window or 4 * self.actors
+            self.window_blocks = args.ray_window or 16 * self.actors
             self.window: list[list[dict]] = []
             self.model = actor_model(index.encoder)
 
