@@ -85,6 +85,12 @@ def bench_encode(args, out):
 
 
 def bench_fanout(args, out):
+    out["fanout"] = {}
+    for codec in args.codecs:
+        out["fanout"][codec] = _fanout_one(args, codec)
+
+
+def _fanout_one(args, codec):
     from hybridsearch import BGEM3Encoder, HybridIndex
     from hybridsearch.distributed import ShardedIndex
     from hybridsearch.testing import make_tiny_m3
@@ -93,8 +99,8 @@ def bench_fanout(args, out):
     model = make_tiny_m3(work / "model", seed=0, hidden=64, colbert_dim=64, layers=2)
     enc = BGEM3Encoder(model, device="cpu")
     texts = corpus(args.docs, seed=2, lo=10, hi=60)
-    one = HybridIndex.create(work / "one", enc)
-    many = ShardedIndex.create(work / "sharded", enc, shards=3, timeout=600,
+    one = HybridIndex.create(work / "one", enc, colbert_codec=codec)
+    many = ShardedIndex.create(work / "sharded", enc, shards=3, timeout=600, colbert_codec=codec,
                                actor_options={"num_cpus": 1})
     t0 = time.perf_counter()
     for lo in range(0, len(texts), 5000):
@@ -110,6 +116,7 @@ def bench_fanout(args, out):
     modes = ("hybrid", "dense", "bm25")
     res = {(m, s): [] for m in modes for s in ("one index", "3 shards")}
     same = {m: 0 for m in modes}
+    overlap = {m: [] for m in modes}
     for m in modes:  # warm-up: Numba kernels compile once per process
         one.search(qs[0], k=10, mode=m, query_encoded=take(qe, [0]))
         many.search(qs[0], k=10, mode=m, query_encoded=take(qe, [0]))
@@ -126,13 +133,14 @@ def bench_fanout(args, out):
                     if r == 0 and s == "3 shards":
                         want = one.search(q, k=10, mode=m, query_encoded=qj)
                         same[m] += [h.id for h in hits] == [h.id for h in want]
+                        overlap[m].append(len({h.id for h in hits} & {h.id for h in want}) / max(len(want), 1))
                 res[(m, s)].append(float(np.median(lat)))
     rows = []
     for m in modes:
         a = statistics.median(res[(m, "one index")])
         b = statistics.median(res[(m, "3 shards")])
         ratios = [y / x for x, y in zip(res[(m, "one index")], res[(m, "3 shards")])]
-        rows.append((m, a, b, b - a, statistics.median(ratios), same[m]))
+        rows.append((m, a, b, b - a, statistics.median(ratios), same[m], float(np.mean(overlap[m]))))
     # The coordinator's own work: the global merge + fusion of one hybrid query, timed alone.
     got, _ = many._fanout("candidates", lambda s: (qs[:1], take(qe, [0]), "hybrid", 10, 100, None, None, False),
                           [0, 1, 2], timeout=60, partial=False)
@@ -141,10 +149,10 @@ def bench_fanout(args, out):
     for _ in range(200):
         many._merge_one(got, 0, "hybrid", 10, 100, cfg)
     merge_ms = (time.perf_counter() - t) / 200 * 1e3
-    out["fanout"] = {"docs": len(texts), "queries": len(qs), "rounds": args.rounds, "rows": rows,
-                     "merge_ms": merge_ms, "build_s": build, "raw": {f"{m}|{s}": v for (m, s), v in res.items()}}
     many.close()
     one.close()
+    return {"docs": len(texts), "queries": len(qs), "rounds": args.rounds, "rows": rows, "codec": codec,
+            "merge_ms": merge_ms, "build_s": build, "raw": {f"{m}|{s}": v for (m, s), v in res.items()}}
 
 
 def paper_model(out):
@@ -165,7 +173,7 @@ def paper_model(out):
     shards_per_node = int((node_ram * 0.8) // per_shard_mem)
     nodes = -(-shards // shards_per_node)
     # query: fan-out + the slowest shard; per-shard hybrid at 1M: p50 32.6 ms, p99 40.1 ms
-    fan = out.get("fanout", {})
+    fan = next(iter(out.get("fanout", {}).values()), {})
     over = {r[0]: r[3] for r in fan.get("rows", [])}.get("hybrid")
     merge_ms = fan.get("merge_ms")
     # XLM-R large (BGE-M3): ~304M non-embedding parameters -> ~2 x 304M = 0.61 GFLOP a token,
@@ -196,6 +204,8 @@ def write(out, path: Path):
     if e:
         L.append(f"## Encoding throughput ({e['model']}, {e['passages']} passages of 40-120 words, "
                  f"blocks of {e['block']}, medians of {e['rounds']} interleaved rounds)\n")
+        if out.get("encode_reused_from"):
+            L.append(f"(From the run of {out['encode_reused_from']}: `{out.get('encode_command', '')}`.)\n")
         L.append("Each Ray row is a whole Ray Data job: actor start, model load, encoding, results back "
                  "(what one `--ray-window` costs). 'one process' is `encode_arrays` on the same blocks "
                  "in the driver, one thread.\n")
@@ -204,15 +214,14 @@ def write(out, path: Path):
         for c, m, pps, x in e["rows"]:
             L.append(f"| {c} | {m:.1f} | {pps:.0f} | {x:.2f}x |")
         L.append("")
-    f = out.get("fanout")
-    if f:
-        L.append(f"## Fan-out and merge overhead ({f['docs']:,} docs, tiny M3-layout model with all four "
-                 f"channels, {f['queries']} queries precomputed, k=10, medians of per-round p50s, "
-                 f"{f['rounds']} rounds)\n")
-        L.append("| mode | one index p50 ms | 3 shards p50 ms | added ms | ratio | same top-10 ids |")
-        L.append("|---|---|---|---|---|---|")
-        for m, a, b, d, r, same in f["rows"]:
-            L.append(f"| {m} | {a:.2f} | {b:.2f} | {d:+.2f} | {r:.2f}x | {same}/{f['queries']} |")
+    for codec, f in (out.get("fanout") or {}).items():
+        L.append(f"## Fan-out and merge overhead, ColBERT codec {codec} ({f['docs']:,} docs, tiny M3-layout "
+                 f"model with all four channels, {f['queries']} queries precomputed, k=10, medians of per-round "
+                 f"p50s, {f['rounds']} rounds)\n")
+        L.append("| mode | one index p50 ms | 3 shards p50 ms | added ms | ratio | same top-10 list | top-10 overlap |")
+        L.append("|---|---|---|---|---|---|---|")
+        for m, a, b, d, r, same, ov in f["rows"]:
+            L.append(f"| {m} | {a:.2f} | {b:.2f} | {d:+.2f} | {r:.2f}x | {same}/{f['queries']} | {ov:.3f} |")
         L.append(f"\nThe coordinator's global merge + fusion of one hybrid query (3 shards x 3 channels x "
                  f"C=100 candidates), timed alone: {f['merge_ms']:.2f} ms. The rest of the added time is "
                  "Ray round trips (BM25 statistics, candidates, documents: three fan-outs).\n")
@@ -266,6 +275,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-encode", action="store_true")
     ap.add_argument("--skip-fanout", action="store_true")
+    ap.add_argument("--codecs", nargs="+", default=["res1", "fp16"], help="ColBERT codecs of the fan-out runs")
+    ap.add_argument("--reuse-encode", action="store_true",
+                    help="with --skip-encode: keep the encoding figures of the last run (bench/results/ray.json)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ray.md"))
     args = ap.parse_args()
     from hybridsearch.distributed.cluster import local_cluster
@@ -276,7 +288,15 @@ def main():
             bench_encode(args, out)
         if not args.skip_fanout:
             bench_fanout(args, out)
+    js = Path(args.out).with_suffix(".json")
+    if args.skip_encode and args.reuse_encode and js.exists():
+        out["encode"] = json.loads(js.read_text()).get("encode")
+        out["encode_reused_from"] = json.loads(js.read_text()).get("date")
+        out["encode_command"] = json.loads(js.read_text()).get("command")
+    out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out["command"] = " ".join(["python bench/bench_ray.py", *sys.argv[1:]])
     paper_model(out)
+    js.write_text(json.dumps(out, indent=1, default=str))
     write(out, Path(args.out))
     print(Path(args.out).read_text())
 

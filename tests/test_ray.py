@@ -201,6 +201,21 @@ def test_search_surface_and_errors(pair):
     with pytest.raises(ValueError, match="already in the index"):
         many.add([{"id": "d1", "text": "x"}])
     assert many.channels == one.channels
+    st = many.stats()
+    assert st["generation"] == sum(st["generations"]) and len(st["generations"]) == 3
+
+
+def test_rerank_on_the_global_top(pair, tmp_path):
+    from hybridsearch import Reranker
+    from hybridsearch.testing import make_tiny_reranker
+
+    one, many, _ = pair
+    rr = Reranker(make_tiny_reranker(tmp_path / "rr"), device="cpu")
+    for w in (1.0, 0.5):
+        got = many.search("quick brown fox", k=5, reranker=rr, rerank_top=20, rerank_weight=w, candidates=20)
+        want = one.search("quick brown fox", k=5, reranker=rr, rerank_top=20, rerank_weight=w, candidates=20)
+        assert [h.id for h in got] == [h.id for h in want]
+        np.testing.assert_allclose([h.rerank_score for h in got], [h.rerank_score for h in want], rtol=1e-5)
 
 
 def _kill(pid):

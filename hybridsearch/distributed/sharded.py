@@ -65,6 +65,7 @@ from ..index.hybrid import (
     _check_docs,
     _check_encoded,
     _check_query_inputs,
+    _rerank,
 )
 from ..representations import Encoded
 
@@ -326,7 +327,7 @@ class ShardedIndex:
             if left <= 0:
                 break
             if not refs:
-                time.sleep(min(left, min(retry_at.values()) - time.monotonic(), 0.05) if retry_at else 0)
+                time.sleep(max(0.0, min(left, min(retry_at.values()) - time.monotonic(), 0.05)))
                 continue
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=min(left, 0.05 if retry_at else left))
             for ref in ready:
@@ -403,7 +404,8 @@ class ShardedIndex:
                      weights: Mapping[str, float] | None = None, filter: Mapping | None = None,
                      candidates: int | None = None, fusion: str = "weighted",
                      normalize: Sequence[str] | None = None, query_encoded: Encoded | None = None,
-                     exhaustive: bool = False, timeout: float | None = None,
+                     exhaustive: bool = False, reranker=None, rerank_top: int = 50,
+                     rerank_weight: float = 1.0, timeout: float | None = None,
                      partial: bool = False) -> list[SearchResult]:
         """Search every shard and fuse globally: the hits one index over all the documents gives
         (same ids and scores; see the module docstring). Keywords as ``HybridIndex.search``,
@@ -427,6 +429,14 @@ class ShardedIndex:
         if fusion not in ("weighted", "rrf"):
             raise ValueError(f"unknown fusion {fusion!r}; use 'weighted' or 'rrf'")
         flt = check_filter(filter)
+        if reranker is not None and (isinstance(rerank_top, bool) or not isinstance(rerank_top, int) or rerank_top < 1):
+            raise ValueError(f"rerank_top must be a positive integer, got {rerank_top!r}")
+        if isinstance(rerank_weight, bool) or not isinstance(rerank_weight, (int, float)) \
+                or not 0.0 <= rerank_weight <= 1.0:
+            raise ValueError(f"rerank_weight must be a number in [0, 1], got {rerank_weight!r}")
+        final_k = k
+        if reranker is not None:
+            k = max(k, rerank_top)
         cfg = None
         if mode == "hybrid":
             base = self.default_fusion()
@@ -482,6 +492,8 @@ class ShardedIndex:
                 if d is None:
                     continue
                 hits.append(Hit(d["id"], score, d["text"], d["metadata"], chans))
+            if reranker is not None:  # the cross-encoder reorders the global top, as one index does
+                hits = _rerank(reranker, queries[j], hits, final_k, float(rerank_weight))
             out.append(SearchResult(hits, missing))
         return out
 
@@ -579,6 +591,9 @@ class ShardedIndex:
         for v in chb.values():
             v["bytes_per_doc"] = v["bytes"] / max(n, 1)
         return {"path": str(self.path), "sharded": True, "shards": self.n_shards, "replicas": self.n_replicas,
+                # every write moves at least one shard's generation: the sum only grows
+                "generation": sum(st["generation"] for st in per), "generations": [st["generation"] for st in per],
+                "format_version": per[0]["format_version"],
                 "model": per[0]["model"], "outputs": per[0]["outputs"], "channels": per[0]["channels"],
                 "documents": n, "deleted_pending_compaction": sum(st["deleted_pending_compaction"] for st in per),
                 "segments": sum(st["segments"] for st in per), "tokens": sum(st["tokens"] for st in per),
