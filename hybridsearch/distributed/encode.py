@@ -108,8 +108,11 @@ def encode_blocks(blocks: list[tuple[list[str], list[str]]], model: str, *, acto
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # one bar (the caller's) and no per-job lines
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the caller's bar covers the whole job
+    ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
     items = [{"block": b, "ids": list(ids), "texts": list(texts)} for b, (ids, texts) in enumerate(blocks)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
