@@ -509,7 +509,7 @@ def index_path(args, enc_dir: Path, work: Path, results: dict, save) -> None:
         row["stats"] = stats
         for mode in ("colbert", "hybrid"):
             t = time.perf_counter()
-            hits = idx.search([queries[x] for x in qids], k=K10, mode=mode, query_encoded=q)
+            hits = idx.search_batch([queries[x] for x in qids], k=K10, mode=mode, query_encoded=q)
             row[f"{mode}_seconds"] = round(time.perf_counter() - t, 1)
             ranked = [[h.id for h in hs] for hs in hits]
             row[f"{mode}_ndcg10"] = float(np.mean([ndcg_at_k(r, qrels[x], K10) for r, x in zip(ranked, qids)]))

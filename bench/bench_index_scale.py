@@ -161,7 +161,7 @@ def bench_size(n, args, model_m3, model_dense, rows_build, rows_q, rows_mem, row
             b = 64 if mode != "colbert" else 4
             t = time.perf_counter()
             for s in range(0, nq - b + 1, b):
-                idx.search(qtexts[s:s + b], k=10, mode=mode, query_encoded=_rows(qenc, s, s + b))
+                idx.search_batch(qtexts[s:s + b], k=10, mode=mode, query_encoded=_rows(qenc, s, s + b))
             nb = max(1, (nq // b))
             per_q = 1000 * (time.perf_counter() - t) / (nb * b)
             rows_q.append([f"{n:,}", mode + (" (exhaustive)" if mode == "colbert" else ""), p50, p99, per_q])

@@ -106,7 +106,7 @@ def main():
         idx.add([{"id": d, "text": t} for d, t in zip(doc_ids, texts)], encoded=encoded(dvecs))
         timings["index build"] = time.perf_counter() - t0
 
-        hits = idx.search(qtexts, k=100, query_encoded=encoded(qvecs))
+        hits = idx.search_batch(qtexts, k=100, query_encoded=encoded(qvecs))
         base = {q: [h.id for h in hs] for q, hs in zip(qids, hits)}
         results = {"hybrid (library defaults), top 100": evaluate(base, qrels_test)}
 
@@ -132,7 +132,7 @@ def main():
 
         # --- score the hybrid top `rerank_top` once
         rr = Reranker(str(work), device="cpu", max_length=args.max_length, batch_size=32)
-        base_hits = idx.search(qtexts, k=max(100, args.rerank_top), query_encoded=encoded(qvecs))
+        base_hits = idx.search_batch(qtexts, k=max(100, args.rerank_top), query_encoded=encoded(qvecs))
         idx.close()
     pairs = [(qt, h.text) for qt, hs in zip(qtexts, base_hits) for h in hs[: args.rerank_top]]
     t0 = time.perf_counter()

@@ -49,7 +49,7 @@ def cached_dense(enc: BGEM3Encoder, texts: list[str], kind: str, tag: str) -> np
 def run(idx, qids, qtexts, qvecs, k=100, **kw):
     enc = Encoded(dense=qvecs, sparse=None, colbert=None, colbert_offsets=None,
                   n_tokens=np.zeros(len(qids), np.int64))
-    hits = idx.search(qtexts, k=k, query_encoded=enc, **kw)
+    hits = idx.search_batch(qtexts, k=k, query_encoded=enc, **kw)
     return {q: [h.id for h in hs] for q, hs in zip(qids, hits)}
 
 

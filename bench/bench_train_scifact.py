@@ -50,7 +50,7 @@ def evaluate_index(idx: HybridIndex, queries, qrels) -> dict[str, dict[str, floa
     texts = [queries[q] for q in qids]
     out = {}
     for mode in MODES:
-        hits = idx.search(texts, k=100, mode=mode)
+        hits = idx.search_batch(texts, k=100, mode=mode)
         run = {q: [h.id for h in hs] for q, hs in zip(qids, hits)}
         out[mode] = evaluate(run, {q: qrels[q] for q in qids}, ks=(10, 100))
     return out

@@ -54,7 +54,7 @@ def main():
              index.search("representations", k=5, filter={"topic": {"in": ["dense", "sparse"]},
                                                           "year": {"ne": 2024}}))
 
-        batch = index.search(["lexical ranking", "vector search"], k=1)
+        batch = index.search_batch(["lexical ranking", "vector search"], k=1)
         print("\nbatch of two queries -> " + ", ".join(hits[0].id for hits in batch))
 
         index.upsert([{"id": "bm25", "text": "Okapi BM25: a probabilistic lexical ranking function.",

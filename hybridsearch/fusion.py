@@ -24,6 +24,9 @@ did not see the document.
     ``normalize=()`` and weights dense 0.4, sparse 0.2, ColBERT 0.4 this is BGE-M3's own
     ``compute_score`` (:meth:`FusionConfig.m3_raw`).
 * :func:`rrf` -- reciprocal rank fusion, ``sum_c w_c / (k + rank_c)`` with ranks from 1.
+
+:func:`fuse_terms` also returns each channel's term of the sum (what a hit's
+``contributions`` show), from the same code path as :func:`fuse`.
 """
 
 from __future__ import annotations
@@ -179,6 +182,30 @@ def _scaled(s, scale: str, gate: tuple[float, float] | None = None,
     return v, g
 
 
+def weighted_terms(scores: dict[str, np.ndarray], weights: dict[str, float],
+                   normalize: tuple[str, ...] = CHANNELS, scale: str = "zscore",
+                   gate: tuple[float, float] | None = DEFAULT_GATE) -> dict[str, np.ndarray]:
+    """Each channel's ``(n,)`` float64 term of :func:`weighted_sum`: ``w_c * g_c * f(s_c)``.
+
+    One entry per channel of ``scores`` (all zeros for a channel of weight 0); added up in
+    ``scores``' order they give :func:`weighted_sum` exactly.
+    """
+    n = len(next(iter(scores.values()))) if scores else 0
+    terms = {}
+    for c, s in scores.items():
+        w = weights.get(c, 0.0)
+        if w == 0.0:
+            terms[c] = np.zeros(n, np.float64)
+            continue
+        if c in normalize:
+            v, g = _scaled(s, scale, gate)
+            w *= max(g, GATE_FLOOR)
+        else:
+            v = np.nan_to_num(np.asarray(s, dtype=np.float64), nan=0.0)
+        terms[c] = w * v
+    return terms
+
+
 def weighted_sum(scores: dict[str, np.ndarray], weights: dict[str, float],
                  normalize: tuple[str, ...] = CHANNELS, scale: str = "zscore",
                  gate: tuple[float, float] | None = DEFAULT_GATE) -> np.ndarray:
@@ -187,18 +214,14 @@ def weighted_sum(scores: dict[str, np.ndarray], weights: dict[str, float],
     Channels in ``normalize`` are floored, scaled by ``scale`` and weighted by ``w_c`` times their
     noise gate (at least :data:`GATE_FLOOR`); the others enter raw with missing entries as 0.
     """
+    return _total(weighted_terms(scores, weights, normalize, scale, gate), scores)
+
+
+def _total(terms: dict[str, np.ndarray], scores: dict[str, np.ndarray]) -> np.ndarray:
     n = len(next(iter(scores.values()))) if scores else 0
     fused = np.zeros(n, np.float64)
-    for c, s in scores.items():
-        w = weights.get(c, 0.0)
-        if w == 0.0:
-            continue
-        if c in normalize:
-            v, g = _scaled(s, scale, gate)
-            w *= max(g, GATE_FLOOR)
-        else:
-            v = np.nan_to_num(np.asarray(s, dtype=np.float64), nan=0.0)
-        fused += w * v
+    for t in terms.values():
+        fused += t
     return fused
 
 
@@ -211,19 +234,29 @@ def ranks(s: np.ndarray) -> np.ndarray:
     return r
 
 
+def rrf_terms(scores: dict[str, np.ndarray], weights: dict[str, float], k: int = 60) -> dict[str, np.ndarray]:
+    """Each channel's ``(n,)`` float64 term of :func:`rrf`, ``w_c / (k + rank_c)`` (0 where the
+    channel did not see the document or its weight is 0), one entry per channel of ``scores``."""
+    n = len(next(iter(scores.values()))) if scores else 0
+    return {c: (weights.get(c, 0.0) / (k + ranks(s)) if weights.get(c, 0.0) else np.zeros(n, np.float64))
+            for c, s in scores.items()}
+
+
 def rrf(scores: dict[str, np.ndarray], weights: dict[str, float], k: int = 60) -> np.ndarray:
     """Reciprocal rank fusion over the channels with a positive weight."""
-    n = len(next(iter(scores.values()))) if scores else 0
-    fused = np.zeros(n, np.float64)
-    for c, s in scores.items():
-        w = weights.get(c, 0.0)
-        if w:
-            fused += w / (k + ranks(s))
-    return fused.astype(np.float32)
+    return _total(rrf_terms(scores, weights, k), scores).astype(np.float32)
 
 
 def fuse(scores: dict[str, np.ndarray], cfg: FusionConfig) -> np.ndarray:
     """Apply ``cfg`` to one query's channel scores."""
+    return fuse_terms(scores, cfg)[0]
+
+
+def fuse_terms(scores: dict[str, np.ndarray], cfg: FusionConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(fused (n,), {channel: its (n,) float64 term})``: :func:`fuse` and what each channel
+    added to it (the terms sum to the fused score; for RRF up to its float32 rounding)."""
     if cfg.method == "rrf":
-        return rrf(scores, cfg.weights, cfg.rrf_k)
-    return weighted_sum(scores, cfg.weights, cfg.normalize, cfg.scale, cfg.gate)
+        terms = rrf_terms(scores, cfg.weights, cfg.rrf_k)
+        return _total(terms, scores).astype(np.float32), terms
+    terms = weighted_terms(scores, cfg.weights, cfg.normalize, cfg.scale, cfg.gate)
+    return _total(terms, scores), terms

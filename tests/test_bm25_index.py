@@ -81,7 +81,7 @@ def test_new_index_uses_postings(tmp_path, m3_encoder):
         for flt in (None, {"tag": "a"}):
             _same(idx.search(q, k=20, mode="bm25", filter=flt), _expected(idx, q, 20, flt))
     # Batches and hybrid runs see the same BM25 scores.
-    batch = idx.search(QUERIES, k=5, mode="bm25")
+    batch = idx.search_batch(QUERIES, k=5, mode="bm25")
     for q, hits in zip(QUERIES, batch):
         assert [h.id for h in hits] == [h.id for h in idx.search(q, k=5, mode="bm25")]
     hyb = idx.search("fox river", k=50, mode="hybrid", candidates=50)

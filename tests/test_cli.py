@@ -267,13 +267,36 @@ def test_rerank(built, tmp_path, capsys):
     assert rc == 0 and "rerank " in out and "score " in out
 
 
-def test_serve_is_wired_to_the_server_module(built, capsys, monkeypatch):
+def test_serve_is_wired_to_the_server_module(built, capsys, monkeypatch, tmp_path):
     import hybridsearch.server as server
     seen = []
-    monkeypatch.setattr(server, "serve", lambda *a: seen.append(a))
-    rc, _, err = call(capsys, "serve", built["index"], "--port", "0", "--host", "localhost")
+    monkeypatch.setattr(server, "serve", lambda path, settings, model=None: seen.append((path, settings, model)))
+    monkeypatch.delenv("HYBRIDSEARCH_API_KEY", raising=False)
+    monkeypatch.delenv("HYBRIDSEARCH_READ_KEY", raising=False)
+    rc, _, err = call(capsys, "serve", built["index"], "--port", "0", "--host", "localhost", "--workers", "2",
+                      "--cors-origin", "http://a.example", "--cors-origin", "http://b.example")
     assert rc == 0, err
-    assert seen == [(str(built["index"]), "localhost", 0, None)]
+    (path, settings, model), = seen
+    assert (path, model) == (str(built["index"]), None)
+    assert (settings.host, settings.port, settings.workers) == ("localhost", 0, 2)
+    assert settings.cors_origins == ("http://a.example", "http://b.example") and settings.api_key is None
+    # a non-loopback address without a key is refused before anything is loaded
+    rc, _, err = call(capsys, "serve", built["index"], "--host", "0.0.0.0")
+    assert rc == 1 and "without an API key" in err and "--insecure" in err and len(seen) == 1
+    rc, _, err = call(capsys, "serve", built["index"], "--host", "0.0.0.0", "--insecure")
+    assert rc == 0 and seen[-1][1].insecure
+    # keys come from files (or the environment), never from the command line
+    key = tmp_path / "key"
+    key.write_text("k" * 24 + "\n")
+    rc, _, err = call(capsys, "serve", built["index"], "--host", "0.0.0.0", "--api-key-file", key)
+    assert rc == 0 and seen[-1][1].api_key == "k" * 24
+    monkeypatch.setenv("HYBRIDSEARCH_API_KEY", "e" * 20)
+    monkeypatch.setenv("HYBRIDSEARCH_READ_KEY", "r" * 20)
+    rc, _, err = call(capsys, "serve", built["index"])
+    assert rc == 0 and (seen[-1][1].api_key, seen[-1][1].read_key) == ("e" * 20, "r" * 20)
+    key.write_text("short")
+    rc, _, err = call(capsys, "serve", built["index"], "--api-key-file", key)
+    assert rc == 1 and "too short" in err
 
 
 # ------------------------------------------------------------------------------ eval

@@ -300,9 +300,9 @@ def test_index_colbert_mode_first_stage_vs_exhaustive(grown, m3_encoder):
     deleted = {f"c{c}-{j}" for c in range(4) for j in range(0, 150, 11)}
     for flt in (None, {"g": 1}):
         kw = dict(k=10, mode="colbert", filter=flt, query_encoded=q)
-        ex = idx.search(queries, exhaustive=True, **kw)
-        same = idx.search(queries, candidates=10_000, **kw)  # every document rescored: exhaustive
-        fs = idx.search(queries, candidates=40, **kw)
+        ex = idx.search_batch(queries, exhaustive=True, **kw)
+        same = idx.search_batch(queries, candidates=10_000, **kw)  # every document rescored: exhaustive
+        fs = idx.search_batch(queries, candidates=40, **kw)
         recalls = []
         for e, s, f in zip(ex, same, fs):
             assert [h.id for h in s] == [h.id for h in e]
@@ -396,8 +396,8 @@ def test_index_with_a_format_1_codebook(tmp_path, m3_encoder, monkeypatch):
     assert all(not s.colbert._refines() and s.colbert._has_first_stage() for s in idx._current().segments)
     q = _index_batch(rng, 6, spec, pool, own)
     queries = [f"q{j}" for j in range(6)]
-    ex = idx.search(queries, k=10, mode="colbert", query_encoded=q, exhaustive=True)
-    fs = idx.search(queries, k=10, mode="colbert", query_encoded=q, candidates=60)
+    ex = idx.search_batch(queries, k=10, mode="colbert", query_encoded=q, exhaustive=True)
+    fs = idx.search_batch(queries, k=10, mode="colbert", query_encoded=q, candidates=60)
     rec = []
     for e, f in zip(ex, fs):
         exact = {h.id: h.score for h in e}

@@ -81,7 +81,7 @@ def test_searches_answer_from_one_snapshot_while_writing(tmp_path, m3_encoder, m
     def searcher(mode):
         try:
             while not stop.is_set():
-                hits = idx.search(QUERIES, k=5, mode=mode)
+                hits = idx.search_batch(QUERIES, k=5, mode=mode)
                 seen.append((used.gen, mode, [[(h.id, round(h.score, 4)) for h in r] for r in hits]))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)

@@ -341,7 +341,7 @@ def assert_state(idx, expected: dict, full: bool = True):
         return
     idx.verify()
     for mode in ("dense", "sparse", "colbert", "bm25", "hybrid"):
-        results = idx.search([expected[i] for i in ids], k=n + 20, mode=mode)
+        results = idx.search_batch([expected[i] for i in ids], k=n + 20, mode=mode)
         for i, hits in zip(ids, results):
             got = [h.id for h in hits]
             assert len(got) == len(set(got)), (mode, got)

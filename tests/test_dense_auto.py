@@ -278,8 +278,8 @@ def test_index_picks_per_segment_and_merges_upgrade(tmp_path, m3_encoder, monkey
     queries = [f"q{j}" for j in range(len(q))]
     for flt, allowed in ((None, ~dead), ({"g": 2}, ~dead & (np.arange(len(x)) % 5 == 2))):
         for k in (10, 60):
-            got = idx.search(queries, k=k, mode="dense", filter=flt, query_encoded=q_enc)
-            ref = flat.search(queries, k=k, mode="dense", filter=flt, query_encoded=q_enc)
+            got = idx.search_batch(queries, k=k, mode="dense", filter=flt, query_encoded=q_enc)
+            ref = flat.search_batch(queries, k=k, mode="dense", filter=flt, query_encoded=q_enc)
             hits_total = 0
             for j, (g, r) in enumerate(zip(got, ref)):
                 rows = [int(h.id[1:]) for h in g]
@@ -313,7 +313,7 @@ def test_compact_moves_a_flat_index_to_another_structure(tmp_path, m3_encoder, m
     q = _queries(x, 16, 23)
     q_enc = _encoded(rng, len(q), spec, q)
     queries = [f"q{j}" for j in range(len(q))]
-    before = idx.search(queries, k=10, mode="dense", query_encoded=q_enc)
+    before = idx.search_batch(queries, k=10, mode="dense", query_encoded=q_enc)
     with pytest.raises(ValueError):
         idx.compact(dense_factory="NotAFactory")
     assert json.loads((idx.path / "manifest.json").read_text())["channels"]["dense"]["factory"] == "Flat"
@@ -322,7 +322,7 @@ def test_compact_moves_a_flat_index_to_another_structure(tmp_path, m3_encoder, m
     assert m["channels"]["dense"]["factory"] == "auto"
     assert [e["dense_factory"] for e in m["segments"]] == [auto_factory(n - len(gone))]
     assert "dense.faiss" in m["segments"][0]["files"]
-    after = idx.search(queries, k=10, mode="dense", query_encoded=q_enc)
+    after = idx.search_batch(queries, k=10, mode="dense", query_encoded=q_enc)
     same = sum(len({h.id for h in a} & {h.id for h in b}) for a, b in zip(after, before))
     assert same / sum(len(b) for b in before) >= 0.9
     assert not {h.id for hs in after for h in hs} & set(gone)

@@ -16,12 +16,15 @@ from hybridsearch.fusion import (
     expected_max_normal,
     floor_missing,
     fuse,
+    fuse_terms,
     minmax,
     noise_gate,
     normalized,
     ranks,
     rrf,
+    rrf_terms,
     weighted_sum,
+    weighted_terms,
     zscore,
 )
 
@@ -313,3 +316,76 @@ def test_default_search_config_is_invariant_to_rescaling_the_dense_model():
     wide = fuse({"dense": dense, "bm25": bm25}, cfg)
     narrow = fuse({"dense": 0.82 + 0.01 * dense, "bm25": bm25}, cfg)  # E5-like: 0.78 .. 0.90
     np.testing.assert_allclose(narrow, wide, rtol=1e-7, atol=1e-9)
+
+
+def _random_channels(rng, n):
+    """One query's channel scores over a union of n: random scales and offsets, about a third NaN
+    (unseen), and now and then a channel that saw nothing or scored everything alike."""
+    out = {}
+    for c in CHANNELS:
+        kind = rng.integers(0, 8)
+        s = rng.normal(rng.uniform(-5, 5), rng.uniform(0.01, 10), n)
+        if kind == 0:
+            s[:] = nan
+        elif kind == 1:
+            s[:] = 0.5
+        if kind != 0:
+            s[rng.random(n) < 0.33] = nan
+        if kind == 2 and n >= 60:
+            s[0] = s[np.isfinite(s)].max() + 40  # one clear outlier: the gate opens
+        out[c] = s.astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_terms_add_up_to_the_fused_score(seed):
+    """fuse_terms' terms sum to fuse's scores for every method, scale, normalize choice and gate,
+    and each term is exactly the channel's piece (weight x gate x normalised score / w/(k+rank))."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([1, 2, 7, 49, 50, 200]))
+    scores = _random_channels(rng, n)
+    weights = {c: float(rng.choice([0.0, rng.uniform(0, 2)])) for c in CHANNELS if rng.random() < 0.9}
+    normalize = tuple(c for c in CHANNELS if rng.random() < 0.5)
+    for method in ("weighted", "rrf"):
+        for scale in SCALES_ALL:
+            for gate in (None, DEFAULT_GATE, (0.0, 0.5)):
+                cfg = FusionConfig(weights, method=method, normalize=normalize, scale=scale, gate=gate,
+                                   rrf_k=int(rng.integers(0, 80)))
+                fused, terms = fuse_terms(scores, cfg)
+                np.testing.assert_array_equal(fused, fuse(scores, cfg))
+                assert list(terms) == list(scores)
+                assert all(t.dtype == np.float64 and t.shape == (n,) and np.isfinite(t).all() for t in terms.values())
+                total = np.sum(list(terms.values()), axis=0)
+                if method == "weighted":
+                    np.testing.assert_allclose(total, fused, rtol=1e-12, atol=1e-12)
+                    for c, t in terms.items():
+                        w = weights.get(c, 0.0)
+                        if w == 0.0:
+                            assert not t.any()
+                        elif c in normalize:
+                            g = 1.0 if gate is None else noise_gate(scores[c], *gate)
+                            want = w * max(g, GATE_FLOOR) * normalized(scores[c], scale)
+                            np.testing.assert_allclose(t, want, rtol=1e-12, atol=1e-15)
+                        else:
+                            np.testing.assert_allclose(t, w * np.nan_to_num(scores[c].astype(np.float64)), rtol=1e-12)
+                else:
+                    np.testing.assert_allclose(total, fused, rtol=1e-6, atol=1e-9)  # fused is float32
+                    for c, t in terms.items():
+                        w = weights.get(c, 0.0)
+                        want = w / (cfg.rrf_k + ranks(scores[c])) if w else np.zeros(n)
+                        np.testing.assert_allclose(t, want, rtol=1e-15)
+                        assert (t[~np.isfinite(scores[c])] == 0).all()  # unseen: nothing added
+
+
+SCALES_ALL = ("zscore", "minmax")
+
+
+def test_terms_functions_match_their_sums():
+    s = {"dense": np.array([0.2, 0.4, 0.3]), "bm25": np.array([1.0, 3.0, nan])}
+    w = {"dense": 0.5, "bm25": 2.0}
+    t = weighted_terms(s, w)
+    np.testing.assert_array_equal(t["dense"] + t["bm25"], weighted_sum(s, w))
+    r = rrf_terms(s, w, k=1)
+    np.testing.assert_allclose(r["dense"], [0.5 / 4, 0.5 / 2, 0.5 / 3])
+    np.testing.assert_allclose(r["bm25"], [2.0 / 3, 2.0 / 2, 0.0])
+    np.testing.assert_allclose(r["dense"] + r["bm25"], rrf(s, w, k=1), rtol=1e-6)

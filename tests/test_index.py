@@ -109,10 +109,18 @@ def test_dense_sparse_colbert_topk_equal_brute_force(index, m3_encoder):
 
 def test_batch_equals_single(index):
     qs = ["fox", "water cloud", "hybrid search faiss"]
-    batch = index.search(qs, k=4)
+    batch = index.search_batch(qs, k=4)
     assert len(batch) == 3
     for q, hits in zip(qs, batch):
         assert len(hits) == 4 and ids_of(hits) == ids_of(index.search(q, k=4))
+
+
+def test_search_batch_of_one_and_tuple_input(index):
+    one = index.search("water cloud", k=5, mode="bm25")
+    assert isinstance(one, list) and all(hasattr(h, "id") for h in one)
+    for qs in (["water cloud"], ("water cloud",)):
+        (hits,) = index.search_batch(qs, k=5, mode="bm25")
+        assert ids_of(hits) == ids_of(one)
 
 
 def test_persistence_roundtrip(index, m3_encoder):
@@ -374,7 +382,7 @@ def test_compact_keeps_every_channel_mapped_to_its_documents(tmp_path, m3_encode
                 np.array([len(c) + 1 for c in cbs]))
     texts = [docs[i]["text"] for i in live]
     for mode in ("dense", "sparse", "colbert", "hybrid"):
-        res = idx.search(texts, k=3, mode=mode, query_encoded=q)
+        res = idx.search_batch(texts, k=3, mode=mode, query_encoded=q)
         for doc_id, hits in zip(live, res):
             assert hits and hits[0].id == doc_id, (mode, doc_id, ids_of(hits))
             assert hits[0].text == docs[doc_id]["text"] and hits[0].metadata == docs[doc_id]["metadata"]
@@ -382,12 +390,117 @@ def test_compact_keeps_every_channel_mapped_to_its_documents(tmp_path, m3_encode
                 assert hits[0].score == pytest.approx(1.0, abs=1e-5)
     # BM25: each document's unique word finds it and nothing else
     uniq = [docs[i]["text"].split()[-1] for i in live]
-    for doc_id, hits in zip(live, idx.search(uniq, k=3, mode="bm25")):
+    for doc_id, hits in zip(live, idx.search_batch(uniq, k=3, mode="bm25")):
         assert ids_of(hits) == [doc_id]
     # reopened from disk, the same
     idx.close()
     again = HybridIndex.open(idx.path, m3_encoder)
     for mode in ("dense", "sparse", "colbert"):
-        assert [h[0].id for h in again.search(texts, k=1, mode=mode, query_encoded=q)] == live
-    assert [h[0].id for h in again.search(uniq, k=1, mode="bm25")] == live
+        assert [h[0].id for h in again.search_batch(texts, k=1, mode=mode, query_encoded=q)] == live
+    assert [h[0].id for h in again.search_batch(uniq, k=1, mode="bm25")] == live
     again.close()
+
+
+def test_first_stages_side_by_side_equal_one_after_the_other(index, monkeypatch):
+    """Hybrid first stages on a pool thread give what they give one after the other: batches,
+    filters, several threads asking at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hybridsearch.index import hybrid
+
+    queries = [" ".join(WORDS[i:i + 3]) for i in range(0, 18, 2)]
+    flt = {"lang": "en"}
+
+    def run():
+        return ([[(h.id, h.score) for h in hs] for hs in index.search_batch(queries, k=7)],
+                [[(h.id, h.score) for h in hs] for hs in index.search_batch(queries, k=7, filter=flt)])
+
+    monkeypatch.setattr(hybrid, "FIRST_STAGE_THREADS", 1)
+    ref = run()
+    monkeypatch.setattr(hybrid, "FIRST_STAGE_THREADS", 2)
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda _: run(), range(8)))
+    for g in got:
+        for a, b in zip(g, ref):
+            for ra, rb in zip(a, b):
+                assert [i for i, _ in ra] == [i for i, _ in rb]
+                np.testing.assert_allclose([s for _, s in ra], [s for _, s in rb], rtol=1e-5, atol=1e-6)
+    assert all(h.metadata["lang"] == "en" for hs in index.search_batch(queries, k=7, filter=flt) for h in hs)
+
+
+def test_side_by_side_raises_after_every_stage_finished():
+    import threading
+    import time
+
+    from hybridsearch.index.hybrid import _side_by_side
+
+    done = threading.Event()
+
+    def slow_pool_stage():
+        time.sleep(0.2)
+        done.set()
+        return 1
+
+    def bad():
+        raise ValueError("stage failed")
+
+    with pytest.raises(ValueError, match="stage failed"):
+        _side_by_side([slow_pool_stage, bad])
+    assert done.is_set()  # the pool stage had finished before the error reached us
+
+    def bad_pool_stage():
+        raise KeyError("pool stage")
+
+    with pytest.raises(KeyError, match="pool stage"):
+        _side_by_side([bad_pool_stage, lambda: 2])
+    assert _side_by_side([lambda: 1, lambda: 2, lambda: 3]) == [1, 2, 3]
+
+
+def test_side_by_side_in_a_forked_child():
+    """A child forked after the pool started makes its own (the parent's threads are not there)."""
+    import multiprocessing as mp
+    import os
+
+    from hybridsearch.index.hybrid import _side_by_side
+
+    assert _side_by_side([os.getpid, os.getpid]) == [os.getpid()] * 2  # the parent's pool exists
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply_async(_side_by_side, ([os.getpid, os.getpid],))
+        pids = child.get(timeout=60)
+    assert pids[0] == pids[1] != os.getpid()
+
+
+def test_hybrid_hits_carry_each_channels_contribution(index):
+    """Hit.contributions: one entry per channel, adding up to the fused score (weighted sum and
+    RRF, default and per-query weights, with a filter); None in single-channel modes."""
+    q = "fox dense ranking"
+    for h in index.search(q, k=8):
+        assert set(h.contributions) == set(index.channels) == {"dense", "sparse", "colbert", "bm25"}
+        assert sum(h.contributions.values()) == pytest.approx(h.score, abs=1e-9)
+        # BGE-M3 defaults: raw dense 0.4, sparse 0.2, ColBERT 0.4, BM25 weight 0
+        for c, w in (("dense", 0.4), ("sparse", 0.2), ("colbert", 0.4)):
+            assert h.contributions[c] == pytest.approx(w * (h.scores[c] or 0.0), abs=1e-6)
+        assert h.contributions["bm25"] == 0.0
+    w = {"dense": 0.1, "sparse": 0.0, "colbert": 0.3, "bm25": 1.0}
+    hits = index.search(q, k=8, weights=w, filter={"lang": "en"})
+    assert hits and all(index.get(h.id)["metadata"]["lang"] == "en" for h in hits)
+    for h in hits:
+        assert sum(h.contributions.values()) == pytest.approx(h.score, abs=1e-9)
+        assert h.contributions["sparse"] == 0.0
+    # BM25 enters z-scored and gated (a positive factor): its term rises with its score, and a
+    # document BM25 did not see gets the channel's lowest term
+    lo = min(h.scores["bm25"] for h in hits if h.scores["bm25"] is not None)
+    order = sorted(hits, key=lambda h: lo - 1 if h.scores["bm25"] is None else h.scores["bm25"])
+    terms = [h.contributions["bm25"] for h in order]
+    assert terms == sorted(terms) and terms[-1] > terms[0]
+    rr = index.search(q, k=50, fusion="rrf")
+    for h in rr:
+        assert sum(h.contributions.values()) == pytest.approx(h.score, rel=1e-6)
+        assert all(v >= 0 for v in h.contributions.values())
+        assert h.contributions["bm25"] == 0.0  # weight 0
+    # each RRF term is w / (60 + the channel's rank among the union's scores)
+    by_dense = sorted((h for h in rr if h.scores["dense"] is not None), key=lambda h: -h.scores["dense"])
+    assert by_dense[0].contributions["dense"] == pytest.approx(0.4 / 61)
+    for mode in ("dense", "sparse", "colbert", "bm25"):
+        assert all(h.contributions is None for h in index.search(q, k=3, mode=mode))

@@ -111,3 +111,21 @@ def test_search_refuses_bad_queries_and_weights_before_encoding(index, no_encodi
     for query, weights in [("  ", None), ("fox \ud800", None), ("fox", {"splade": 1}), ("fox", {"dense": -1})]:
         with pytest.raises(ValueError):
             index.search(query, weights=weights)
+
+
+def test_search_takes_one_string_and_search_batch_a_list(index, no_encoding):
+    # the return type never depends on the input's: a list to search() and a string to
+    # search_batch() are refused before anything is encoded, each naming the other method
+    for batch in (["fox"], ("fox", "dog"), []):
+        with pytest.raises(TypeError, match="search_batch"):
+            index.search(batch, k=3)
+    for bad in (None, 3, b"fox", {"q": "fox"}):
+        with pytest.raises(TypeError):
+            index.search(bad, k=3)
+    with pytest.raises(TypeError, match=r"use search\(\)"):
+        index.search_batch("fox", k=3)
+    for bad in ([], ["fox", 3], None, {"fox": 1}, b"fox"):
+        with pytest.raises(TypeError):
+            index.search_batch(bad, k=3)
+    with pytest.raises(ValueError):  # the same checks as search(): a blank query in the batch
+        index.search_batch(["fox", "  "], k=3)

@@ -171,7 +171,7 @@ def test_merged_answers_like_fresh(history, fresh, m3_encoder, mode, flt):
     kw = dict(k=15, mode=mode, filter=flt, query_encoded=q)
     if mode == "hybrid":
         kw["candidates"] = 1000  # the union is every matching document in both indexes
-    got, want = idx.search(queries, **kw), fresh.search(queries, **kw)
+    got, want = idx.search_batch(queries, **kw), fresh.search_batch(queries, **kw)
     for g, w in zip(got, want):
         assert [h.id for h in g] == [h.id for h in w] or \
             np.allclose([h.score for h in g], [h.score for h in w], atol=1e-5)  # ties may swap
@@ -209,8 +209,8 @@ def test_compact_renumbers_and_keeps_answers(tmp_path, m3_encoder, history, fres
     q = _query(np.random.default_rng(3), m3_encoder.spec)
     queries = [f"w{i}" for i in range(len(q))]
     for mode in ("dense", "sparse", "colbert"):
-        got = c.search(queries, k=10, mode=mode, query_encoded=q)
-        want = fresh.search(queries, k=10, mode=mode, query_encoded=q)
+        got = c.search_batch(queries, k=10, mode=mode, query_encoded=q)
+        want = fresh.search_batch(queries, k=10, mode=mode, query_encoded=q)
         for g, w in zip(got, want):
             np.testing.assert_allclose([h.score for h in g], [h.score for h in w], atol=1e-5)
     assert {h.id for h in c.search("w5", k=500, mode="bm25")} == \
@@ -254,7 +254,7 @@ def test_codebook_trained_once_enough_vectors_and_merges_code_fp16(tmp_path, m3_
     per_token = st["channel_bytes"]["colbert"]["bytes_per_token"]
     assert per_token < 2 * spec.colbert_dim / 2  # far below float16's 2 bytes a dimension
     # the last commit's documents still find themselves first by their own vectors (lossy, not broken)
-    hits = idx.search([f"q{j}" for j in range(10)], k=1, mode="colbert", query_encoded=enc)
+    hits = idx.search_batch([f"q{j}" for j in range(10)], k=1, mode="colbert", query_encoded=enc)
     assert sum(h[0].id == f"c11-{j}" for j, h in enumerate(hits)) >= 9
 
 

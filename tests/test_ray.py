@@ -63,6 +63,11 @@ def _assert_same(a, b, what, deeper=None):
 
 def _assert_same_channels(x, y, what):
     assert x.scores.keys() == y.scores.keys(), what
+    assert (x.contributions is None) == (y.contributions is None), what
+    if x.contributions is not None:  # each channel's term of the fused score
+        assert x.contributions.keys() == y.contributions.keys(), what
+        for c, v in x.contributions.items():
+            assert abs(v - y.contributions[c]) <= 1e-5 + 1e-4 * abs(v), (what, c)
     for c in x.scores:
         assert (x.scores[c] is None) == (y.scores[c] is None), (what, c)
         if x.scores[c] is not None:
@@ -140,7 +145,7 @@ def test_three_shards_answer_as_one_index(pair, mode):
     one, many, _ = pair
     for flt in (None, {"year": {"gte": 2003}}, {"odd": True}):
         got = many.search_batch(QUERIES, k=10, mode=mode, filter=flt, candidates=20)
-        want = one.search(QUERIES, k=10, mode=mode, filter=flt, candidates=20)
+        want = one.search_batch(QUERIES, k=10, mode=mode, filter=flt, candidates=20)
         for q, g, w in zip(QUERIES, got, want):
             assert not g.partial
             assert len(w) == 10 or flt
@@ -156,12 +161,12 @@ def test_three_shards_answer_as_one_index(pair, mode):
         assert len(clean) >= 3, clean
         for kw in ({"weights": {"bm25": 0.3}}, {"normalize": ["dense", "sparse", "colbert", "bm25"]}):
             for q, g, w in zip(clean, many.search_batch(clean, k=10, candidates=15, **kw),
-                               one.search(clean, k=10, candidates=15, **kw)):
+                               one.search_batch(clean, k=10, candidates=15, **kw)):
                 _assert_same(g, w, f"{kw} {q!r}")
         # RRF ranks tied channel scores (a sparse score of 0 is common) by their position in the
         # union, which differs across shards: the same channel scores, near-identical lists.
         for q, g, w in zip(clean, many.search_batch(clean, k=10, candidates=15, fusion="rrf"),
-                           one.search(clean, k=10, candidates=15, fusion="rrf")):
+                           one.search_batch(clean, k=10, candidates=15, fusion="rrf")):
             by_id = {h.id: h for h in w}
             assert len(set(by_id) & {h.id for h in g}) >= 8, q
             for h in g:

@@ -122,7 +122,7 @@ class _Results:
             # "colbert" here is the exhaustive scan (checked exact below); "colbert_staged" is the
             # default ColBERT search (centroid first stage: exact scores, approximate set)
             kw = {"exhaustive": True} if mode == "colbert" else {}
-            self._cache[mode, fname] = self.idx.search(
+            self._cache[mode, fname] = self.idx.search_batch(
                 self.data["queries"], k=K, mode=mode.replace("_staged", ""), filter=FILTERS[fname],
                 query_encoded=self.data["q_enc"], **kw)
         return self._cache[mode, fname]
@@ -314,7 +314,7 @@ def approx(request, tmp_path_factory, m3_encoder, data):
 def test_approximate_factories_never_return_disallowed(approx, data, fname):
     factory, n, idx = approx
     allowed = data["allowed"][fname][:n]
-    got = idx.search(data["queries"], k=K, mode="dense", filter=FILTERS[fname],
+    got = idx.search_batch(data["queries"], k=K, mode="dense", filter=FILTERS[fname],
                      query_encoded=data["q_enc"])
     _check_allowed_sorted_unique(got, allowed, f"{factory}/{n}/{fname}")
     if fname == "wide":
@@ -346,7 +346,7 @@ def test_concurrent_filtered_searches_equal_single_threaded(flat, data):
     def run(task):
         mode, lo, hi, flt = task
         qs, qe = sub(lo, hi)
-        hits = idx.search(qs, k=K, mode=mode, filter=flt, query_encoded=qe)
+        hits = idx.search_batch(qs, k=K, mode=mode, filter=flt, query_encoded=qe)
         return [[(h.id, h.score) for h in row] for row in hits]
 
     want = [run(t) for t in tasks]

@@ -219,12 +219,57 @@ def test_parallel_path(data, monkeypatch):
 def test_auto_picks_by_size_and_k(data, monkeypatch):
     docs, queries, ix = data
     monkeypatch.setattr(sparse, "PRUNED_DOCS_PER_K", 1000)  # k <= 100 on 100k docs
+    monkeypatch.setattr(sparse, "PRUNED_MAX_READ", float("inf"))  # the read share never decides
     for threshold in (1, 10**9):
         monkeypatch.setattr(sparse, "PRUNED_MIN_DOCS", threshold)
         for k in (10, 100, 101):
             ix.prune_stats[:] = 0
             assert_identical(ix.search(queries, k), ix.search(queries, k, kernel="taat"))
             assert (ix.prune_stats[0, 0] > 0) == (threshold == 1 and k <= 100)
+
+
+def test_auto_follows_the_share_of_postings_read(data, monkeypatch):
+    """kernel="auto" scans term at a time while the segment's pruned searches read more than
+    PRUNED_MAX_READ of their postings (flat queries), prunes while they read less (learned-
+    sparse-like ones), probes again every PRUNED_REPROBE-th search, and always returns what
+    both kernels return."""
+    docs, queries, _ = data
+    monkeypatch.setattr(sparse, "PRUNED_MIN_DOCS", 1)
+    monkeypatch.setattr(sparse, "PRUNED_DOCS_PER_K", 1000)
+    doc_q, flat_q = queries[:14], queries[14:18]
+
+    def share(ix, q):  # what one pruned search of q reads, as auto measures it
+        before = ix.prune_stats[0, 2]
+        ix.search(q, 10, kernel="pruned")
+        post = int((ix.indptr[q.indices + 1] - ix.indptr[q.indices]).sum())
+        return (ix.prune_stats[0, 2] - before) / post
+
+    probe = SparsePostings.from_csr(docs)
+    flat_share = float(np.median([share(probe, flat_q[i]) for i in range(4)]))
+    doc_share = float(np.median([share(probe, doc_q[i]) for i in range(14)]))
+    assert doc_share < flat_share
+    monkeypatch.setattr(sparse, "PRUNED_MAX_READ", (doc_share + flat_share) / 2)
+
+    ix = SparsePostings.from_csr(docs)
+    ref_flat = ix.search(flat_q, 10, kernel="taat")
+    ref_doc = ix.search(doc_q, 10, kernel="taat")
+    # flat queries one by one: the first is pruned, then mostly scanned, with a probe every 16th
+    n = 2 * sparse.PRUNED_REPROBE + 1
+    for j in range(n):
+        i = j % 4
+        assert_identical(ix.search(flat_q[i], 10), (ref_flat[0][i:i + 1], ref_flat[1][i:i + 1]))
+    assert ix.auto_counts["pruned"] == 3 and ix.auto_counts["taat"] == n - 3
+    # learned-sparse-like queries pull the running share down again: pruned from then on
+    for j in range(40):
+        i = j % 14
+        assert_identical(ix.search(doc_q[i], 10), (ref_doc[0][i:i + 1], ref_doc[1][i:i + 1]))
+    counts = dict(ix.auto_counts)
+    assert_identical(ix.search(doc_q, 10), ref_doc)
+    assert ix.auto_counts["pruned"] == counts["pruned"] + 1
+    assert ix._read_share < sparse.PRUNED_MAX_READ
+    # k beyond the size rule: the scan, whatever the share
+    ix.search(doc_q[0], 200)
+    assert ix.auto_counts["taat"] == counts["taat"] + 1
 
 
 def test_query_csr_order_duplicates_and_odd_weights(data):

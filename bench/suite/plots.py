@@ -37,11 +37,16 @@ def latency_curves(data: dict, out: Path) -> Path | None:
     if not lat:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    groups = [("dense", ("hybridsearch dense", "bare FAISS dense (1 thread)", "Milvus Lite dense")),
+    groups = [("dense", ("hybridsearch dense", "bare FAISS dense (1 thread)", "bare FAISS HNSW32 (1 thread)",
+                         "Milvus Lite dense")),
               ("BM25", ("hybridsearch bm25", "bm25s BM25", "bm25s BM25 (numba backend)", "Milvus Lite BM25")),
-              ("learned sparse", ("hybridsearch sparse", "Milvus Lite sparse")),
+              ("learned sparse", ("hybridsearch sparse", "sparse, exhaustive term-at-a-time kernel",
+                                  "Milvus Lite sparse")),
+              ("ColBERT", ("hybridsearch colbert", "ColBERT, exhaustive MaxSim over every token")),
               ("hybrid", ("hybridsearch hybrid", "Milvus Lite hybrid (weighted)", "Milvus Lite hybrid (RRF)"))]
+    groups = [g for g in groups if any(name in lat for name in g[1])]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4.2), squeeze=False)
+    axes = axes[0]
     for ax, (title, names) in zip(axes, groups):
         for name in names:
             if name in lat:

@@ -55,7 +55,7 @@ def run(cfg, tmp_root: Path, log) -> Section:
                           ("hybridsearch hybrid (defaults: weighted, dense 1.0 + normalised BM25 0.7)", {}),
                           ("hybridsearch hybrid, RRF k=60", {"fusion": "rrf"})]:
             t = time.perf_counter()
-            hits = idx.search(qtexts, k=100, query_encoded=qenc, **kw)
+            hits = idx.search_batch(qtexts, k=100, query_encoded=qenc, **kw)
             times[label] = time.perf_counter() - t
             runs[label] = {q: [h.id for h in hs] for q, hs in zip(qids, hits)}
         idx.close()

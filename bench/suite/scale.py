@@ -1,6 +1,9 @@
 """Scale curves on synthetic data: build rate, query latency per channel and hybrid, bytes per
-document and memory, for hybridsearch and, on the same vectors and texts in the same run, bare
-FAISS (dense), bm25s (BM25) and Milvus Lite (dense + learned sparse + BM25, ``hybrid_search``).
+document and memory, for hybridsearch and, on the same vectors and texts in the same run, every
+channel's anchor: bare FAISS Flat and HNSW32 (dense), bm25s with its numpy and numba backends
+(BM25), our exhaustive term-at-a-time kernel (learned sparse), the exhaustive MaxSim over every
+token (ColBERT) and Milvus Lite (dense + learned sparse + BM25, ``hybrid_search``): p50/p99 of
+single queries, batched throughput, and recall@10 of ours against the exact anchors.
 
 The synthetic corpus is ``bench_index_scale.synth``: dense d=384 unit vectors, learned-sparse
 weights over a 250k vocabulary (~40 terms a document), ColBERT d=128 (~48 vectors a document)
@@ -54,12 +57,38 @@ def _data(n: int, colbert: bool):
     return enc, texts
 
 
+def _many(idx, texts, **kw):
+    """One call for a batch of queries (``search_batch`` where the index has it)."""
+    fn = getattr(idx, "search_batch", None)
+    return fn(list(texts), **kw) if fn is not None else idx.search(list(texts), **kw)
+
+
+def _recall(found: list[list], truth: list[list]) -> float:
+    """Mean over queries of |found & truth| / |truth| (queries with an empty truth skipped)."""
+    r = [len(set(f) & set(t)) / len(t) for f, t in zip(found, truth) if t]
+    return float(np.mean(r)) if r else float("nan")
+
+
+def _taat_topk(idx, q, k):
+    """Our exhaustive term-at-a-time sparse kernel over every segment (a private path: the
+    public search picks its kernel itself), merged into docnos."""
+    from hybridsearch.index.hybrid import _docnos
+
+    state = idx._current()
+    parts = [(sc, _docnos(sg, ix)) for sg in state.segments
+             for sc, ix in [sg.sparse.search(q, k, sg.rows_mask(None), kernel="taat")]]
+    return idx._merge(parts, q.shape[0], k)
+
+
 def run(cfg, tmp_root: Path, log) -> Section:
     import faiss
 
     sizes, nq, rounds = cfg.sizes, cfg.queries, cfg.rounds
     build_rows, lat_rows, cmp_rows, mem_rows, batch_rows, notes, losses = [], [], [], [], [], [], []
-    data = {"sizes": [], "latency": {}, "build": {}, "bytes": {}}
+    recall_rows, qps_rows, structures = [], [], []
+    data = {"sizes": [], "latency": {}, "build": {}, "bytes": {}, "recall": {}, "qps": {}}
+    hnsw_max = getattr(cfg, "hnsw_max", 100_000)
+    exhaustive_q = getattr(cfg, "exhaustive_queries", 10)
     have_bm25s = version("bm25s") is not None
     have_milvus = mv.available()
     with tempfile.TemporaryDirectory(dir=tmp_root) as mtmp:
@@ -98,6 +127,20 @@ def run(cfg, tmp_root: Path, log) -> Section:
                 t_faiss = time.perf_counter() - t
                 build_rows.append([key, "bare FAISS IndexFlatIP (dense only)", t_faiss, n / t_faiss])
                 mem_faiss = rss_mib() - r0
+                hnsw = None
+                if n <= hnsw_max:
+                    hnsw = faiss.IndexHNSWFlat(D, 32, faiss.METRIC_INNER_PRODUCT)
+                    t = time.perf_counter()
+                    hnsw.add(enc.dense)
+                    t_h = time.perf_counter() - t
+                    hnsw.hnsw.efSearch = 128  # ours searches its HNSW segments with efSearch 128 too
+                    build_rows.append([key, "bare FAISS IndexHNSWFlat M=32 (dense only)", t_h, n / t_h])
+                    data["build"].setdefault("bare FAISS HNSW32", []).append(n / t_h)
+                else:
+                    notes.append(f"Bare FAISS HNSW32 was not built at {key} documents (its build there would "
+                                 f"take most of this run's time; --hnsw-max {hnsw_max:,}).")
+                structures.append([key, ", ".join(f"{s_.dense_factory} ({s_.count:,} rows)"
+                                                  for s_ in idx._current().segments)])
 
                 retr = retr_nb = None
                 if have_bm25s:
@@ -138,11 +181,20 @@ def run(cfg, tmp_root: Path, log) -> Section:
                 def ours(mode):
                     return lambda i: idx.search(qtexts[i], k=10, mode=mode, query_encoded=_row(qenc, i))
 
-                modes = ["dense", "bm25", "hybrid"] + (["sparse"] if colbert else [])
+                modes = ["dense", "bm25", "hybrid"] + (["sparse", "colbert"] if colbert else [])
                 for m in modes:
                     systems[f"hybridsearch {m}"] = (ours(m), nq)
                 threads = faiss.omp_get_max_threads()
                 systems["bare FAISS dense (1 thread)"] = (lambda i: flat.search(qenc.dense[i:i + 1], 10), nq)
+                if hnsw is not None:
+                    systems["bare FAISS HNSW32 (1 thread)"] = (lambda i: hnsw.search(qenc.dense[i:i + 1], 10), nq)
+                if colbert:
+                    systems["sparse, exhaustive term-at-a-time kernel"] = (
+                        lambda i: _taat_topk(idx, qenc.sparse[i:i + 1], 10), nq)
+                    nx = min(nq, exhaustive_q)
+                    systems["ColBERT, exhaustive MaxSim over every token"] = (
+                        lambda i: idx.search(qtexts[i], k=10, mode="colbert", query_encoded=_row(qenc, i),
+                                             exhaustive=True), nx)
                 if retr is not None:
                     systems["bm25s BM25"] = (lambda i: retr.retrieve(
                         bm25s.tokenize(qtexts[i:i + 1], stopwords=None, show_progress=False), k=10,
@@ -186,6 +238,9 @@ def run(cfg, tmp_root: Path, log) -> Section:
                                       + (", within noise)" if r < 1.1 else ")"))
 
                 cmp("dense top-10", "hybridsearch dense", "bare FAISS dense (1 thread)")
+                cmp("dense top-10", "hybridsearch dense", "bare FAISS HNSW32 (1 thread)")
+                cmp("learned sparse top-10", "hybridsearch sparse", "sparse, exhaustive term-at-a-time kernel")
+                cmp("ColBERT top-10", "hybridsearch colbert", "ColBERT, exhaustive MaxSim over every token")
                 cmp("dense top-10", "hybridsearch dense", "Milvus Lite dense")
                 cmp("BM25 top-10", "hybridsearch bm25", "bm25s BM25")
                 cmp("BM25 top-10", "hybridsearch bm25", "bm25s BM25 (numba backend)")
@@ -194,10 +249,66 @@ def run(cfg, tmp_root: Path, log) -> Section:
                 cmp("hybrid top-10", "hybridsearch hybrid", "Milvus Lite hybrid (weighted)")
                 cmp("hybrid top-10", "hybridsearch hybrid", "Milvus Lite hybrid (RRF)")
 
+                # ---- recall@10 of ours against the exact anchors
+                def ids_of(mode, i, **kw):
+                    return [h.id for h in idx.search(qtexts[i], k=10, mode=mode, query_encoded=_row(qenc, i),
+                                                     **kw)]
+
+                _, exact = flat.search(qenc.dense, 10)
+                truth = {"dense": [[f"d{x}" for x in row if x >= 0] for row in exact.tolist()]}
+                rec = {"hybridsearch dense vs exact Flat": _recall([ids_of("dense", i) for i in range(nq)],
+                                                                   truth["dense"])}
+                if hnsw is not None:
+                    _, hi = hnsw.search(qenc.dense, 10)
+                    rec["bare FAISS HNSW32 vs exact Flat"] = _recall(
+                        [[f"d{x}" for x in row if x >= 0] for row in hi.tolist()], truth["dense"])
+                if colbert:
+                    _, ex = _taat_topk(idx, qenc.sparse[:nq], 10)
+                    rec["hybridsearch sparse vs exhaustive term at a time"] = _recall(
+                        [ids_of("sparse", i) for i in range(nq)],
+                        [[f"d{int(x)}" for x in row if x >= 0] for row in ex.tolist()])
+                    nx = min(nq, exhaustive_q)
+                    rec[f"hybridsearch colbert vs exhaustive MaxSim ({nx} queries)"] = _recall(
+                        [ids_of("colbert", i) for i in range(nx)],
+                        [ids_of("colbert", i, exhaustive=True) for i in range(nx)])
+                for what, r_ in rec.items():
+                    recall_rows.append([key, what, r_])
+                    data["recall"].setdefault(what, {})[n] = r_
+                    if what.startswith("hybridsearch") and r_ < 0.95:
+                        losses.append(f"{key} docs, recall@10: {what} {r_:.3f} (below 0.95)")
+
+                # ---- batched throughput per channel: all queries in one call, interleaved rounds
+                batch_all = {f"hybridsearch {m}, one call": (lambda m=m: _many(idx, qtexts, k=10, mode=m,
+                                                                                query_encoded=qenc))
+                             for m in ("dense", "hybrid") + (("sparse",) if colbert else ())}
+                batch_all["bare FAISS Flat, one search()"] = lambda: flat.search(qenc.dense, 10)
+                if hnsw is not None:
+                    batch_all["bare FAISS HNSW32, one search()"] = lambda: hnsw.search(qenc.dense, 10)
+                if colbert:
+                    batch_all["sparse exhaustive term-at-a-time kernel, one call"] = (
+                        lambda: _taat_topk(idx, qenc.sparse, 10))
+                bq = {lbl: [] for lbl in batch_all}
+                for fn in batch_all.values():
+                    fn()
+                for _ in range(rounds):
+                    for lbl, fn in batch_all.items():
+                        t = time.perf_counter()
+                        fn()
+                        bq[lbl].append(nq / (time.perf_counter() - t))
+                for lbl, v in bq.items():
+                    qps_rows.append([key, lbl, float(np.median(v))])
+                    data["qps"].setdefault(lbl, {})[n] = float(np.median(v))
+                for mine, theirs in (("hybridsearch dense, one call", "bare FAISS Flat, one search()"),
+                                     ("hybridsearch sparse, one call",
+                                      "sparse exhaustive term-at-a-time kernel, one call")):
+                    if mine in bq and theirs in bq and np.median(bq[theirs]) > np.median(bq[mine]):
+                        losses.append(f"{key} docs, batched throughput: {theirs} {np.median(bq[theirs]):,.0f} "
+                                      f"queries/s vs {mine} {np.median(bq[mine]):,.0f}")
+
                 # ---- batched BM25 throughput: all queries in one call, interleaved rounds
                 if retr is not None:
                     batch = {"hybridsearch bm25, one call for all queries":
-                             lambda: idx.search(qtexts, k=10, mode="bm25")}
+                             lambda: _many(idx, qtexts, k=10, mode="bm25")}
                     for lbl, r_ in (("bm25s, one retrieve() for all queries", retr),
                                     ("bm25s (numba backend), one retrieve() for all queries", retr_nb)):
                         if r_ is not None:
@@ -257,13 +368,14 @@ def run(cfg, tmp_root: Path, log) -> Section:
                         if data["build"][peer][-1] > ours_bps:
                             losses.append(f"{key} docs, build: Milvus Lite inserts {data['build'][peer][-1]:,.0f} "
                                           f"docs/s vs ours {ours_bps:,.0f}")
-                flat = retr = retr_nb = mil = idx = None
+                flat = hnsw = retr = retr_nb = mil = idx = None
             del enc, texts
             gc.collect()
             log(f"scale: {n:,} docs done in {time.perf_counter() - t_size:.0f} s")
 
     body = "\n\n".join([
-        "Synthetic corpus: dense d=384 (FAISS Flat in every engine), learned sparse over a 250k "
+        "Synthetic corpus: dense d=384 (bare FAISS: Flat and HNSW32 with efSearch 128; ours: the "
+        "index's default `dense_factory=\"auto\"`, structures below; Milvus Lite: FLAT), learned sparse over a 250k "
         "vocabulary (~40 terms a document), ColBERT d=128 (~48 vectors a document, float16 on disk) up "
         f"to {cfg.colbert_max:,} documents, ~60-word texts for BM25. Query representations are "
         "precomputed (encoding is excluded everywhere). Latency: single queries, top 10; p50 and p99 are "
@@ -275,6 +387,12 @@ def run(cfg, tmp_root: Path, log) -> Section:
         "### Query latency (ms)", table(["docs", "system", "p50", "p99", "queries/round"], lat_rows),
         "### Ours against each peer (ratio = median over rounds of our p50 / theirs; < 1 means we are faster)",
         table(["docs", "task", "ours", "peer", "ours p50 ms", "peer p50 ms", "ratio"], cmp_rows),
+        "### Recall@10 against the exact anchors (same queries)",
+        table(["docs", "what", "recall@10"], recall_rows),
+        f"### Batched throughput per channel (queries/s, {nq} queries in one call, median of {rounds} rounds)",
+        table(["docs", "system", "queries/s"], qps_rows),
+        "### Our dense structures (`dense_factory=\"auto\"`, per segment after the build)",
+        table(["docs", "segments"], structures),
         f"### Batched BM25 throughput (queries/s, {nq} queries in one call, median of {rounds} rounds)",
         table(["docs", "system", "queries/s"], batch_rows),
         "### Bytes per document and memory", table(["docs", "what", "value"], mem_rows),

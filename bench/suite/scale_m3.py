@@ -950,7 +950,7 @@ def w_versus(a: dict) -> dict:
     # batched: every query in one call
     Qall = Queries(Q.dense[:nq], Q.sparse[:nq], Q.colbert[:Q.colbert_offsets[nq]], Q.colbert_offsets[:nq + 1],
                    Q.texts[:nq], Q.sources[:nq])
-    batch = {f"ours {m}": (lambda m=m: idx.search(list(qtexts), k=10, mode=m, query_encoded=Qall.encoded()))
+    batch = {f"ours {m}": (lambda m=m: idx.search_batch(list(qtexts), k=10, mode=m, query_encoded=Qall.encoded()))
              for m in ("dense", "sparse", "bm25", "hybrid") if m == "hybrid" or m in idx.channels}
     batch["bare FAISS IndexFlatIP (exact)"] = lambda: flat.search(qd, 10)
     if hnsw is not None:

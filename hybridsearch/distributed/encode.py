@@ -104,11 +104,11 @@ def encode_blocks(blocks: list[tuple[list[str], list[str]]], model: str, *, acto
     """Encode ``blocks`` (``(ids, texts)`` each) on a Ray Data actor pool; yields
     ``(block number, Encoded)`` in block order, each block exactly once with its own ids
     (checked)."""
+    import logging
+
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
-
-    import logging
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # one bar (the caller's) and no per-job lines
     ctx = ray.data.DataContext.get_current()

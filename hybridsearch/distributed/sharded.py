@@ -50,7 +50,7 @@ from ray.exceptions import (
 )
 
 from ..errors import HybridSearchError, IndexFormatError
-from ..fusion import FusionConfig, fuse
+from ..fusion import FusionConfig, fuse_terms
 from ..index.docstore import hash_ids
 from ..index.filters import check_filter
 from ..index.hybrid import (
@@ -487,11 +487,11 @@ class ShardedIndex:
         out = []
         for j, pick in enumerate(picks):
             hits = []
-            for (s, docno, score, chans) in pick:
+            for (s, docno, score, chans, contrib) in pick:
                 d = docs.get((s, docno))
                 if d is None:
                     continue
-                hits.append(Hit(d["id"], score, d["text"], d["metadata"], chans))
+                hits.append(Hit(d["id"], score, d["text"], d["metadata"], chans, contributions=contrib))
             if reranker is not None:  # the cross-encoder reorders the global top, as one index does
                 hits = _rerank(reranker, queries[j], hits, final_k, float(rerank_weight))
             out.append(SearchResult(hits, missing))
@@ -511,7 +511,7 @@ class ShardedIndex:
                 return []
             sc, sh, dn = np.concatenate(sc), np.concatenate(sh), np.concatenate(dn)
             top = np.lexsort((dn, sh, -sc))[:k]
-            return [(int(sh[t]), int(dn[t]), float(sc[t]), {mode: float(sc[t])}) for t in top]
+            return [(int(sh[t]), int(dn[t]), float(sc[t]), {mode: float(sc[t])}, None) for t in top]
         shards = sorted(got)
         per = {s: got[s][1][1][j] for s in shards}
         channels = sorted({c for r in per.values() for c in r["first"]})
@@ -544,17 +544,18 @@ class ShardedIndex:
         # same channel order as HybridIndex._rescore + bm25
         order = [c for c in ("dense", "sparse", "colbert", "bm25") if c in scores]
         scores = {c: scores[c] for c in order}
-        fused = fuse(scores, cfg)
+        fused, terms = fuse_terms(scores, cfg)
         top = np.argsort(-fused, kind="stable")[:k]
         return [(union[t][0], union[t][1], float(fused[t]),
-                 {c: (None if np.isnan(v[t]) else float(v[t])) for c, v in scores.items()}) for t in top]
+                 {c: (None if np.isnan(v[t]) else float(v[t])) for c, v in scores.items()},
+                 {c: float(v[t]) for c, v in terms.items()}) for t in top]
 
     def _fetch(self, got, picks, deadline, partial):
         """Text and metadata of the picked docnos, from the replica (and snapshot) that found
         them. None when a shard lost its snapshot (restarted): the caller asks again."""
         want: dict[int, list[int]] = {}
         for pick in picks:
-            for s, d, _, _ in pick:
+            for s, d, *_ in pick:
                 want.setdefault(s, []).append(d)
         if not want:
             return {}, set()

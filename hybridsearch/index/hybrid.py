@@ -22,13 +22,12 @@ from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..encode import BGEM3Encoder
 from ..errors import DiskFullError, IndexFormatError, ModelMismatchError
-from ..fusion import CHANNELS, FusionConfig, fuse, minmax
+from ..fusion import CHANNELS, FusionConfig, fuse_terms, minmax
 from ..representations import Encoded
 from ..retrievers import bm25_postings
 from ..retrievers.bm25 import BM25Index
@@ -47,6 +46,9 @@ from . import storage as st
 from .filters import check_filter
 from .merge import MergePolicy, plan_merges
 from .segment import Segment, merge_segments, write_segment
+
+if TYPE_CHECKING:  # imported where a model is loaded: torch stays out of stats() and the CLI's
+    from ..encode import BGEM3Encoder
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +71,21 @@ DENSE_BM25_NORMALIZE = CHANNELS
 # with ColBERT every candidate costs a MaxSim, and BGE-M3's channels already agree closely.
 DENSE_BM25_CANDIDATES = 1000
 M3_CANDIDATES = 100
+# A hybrid query's first stages run side by side: dense (FAISS, one thread for a single query)
+# on a pool thread while sparse and BM25 run on the caller's thread. 0 or 1: one after the other.
+FIRST_STAGE_THREADS = 2
 # A ColBERT codebook is trained once this many vectors are stored (float16 until then).
 CODEC_TRAIN_TOKENS = 1 << 16
 
 
 @dataclass
 class Hit:
-    """One search result. ``scores`` holds each channel's score, None where it did not see the doc."""
+    """One search result. ``scores`` holds each channel's score, None where it did not see the doc.
+
+    ``contributions`` (hybrid mode): each channel's term in the fused ``score`` (weight x gate x
+    normalised score for the weighted sum, ``w / (k + rank)`` for RRF); they add up to ``score``.
+    None in single-channel modes.
+    """
 
     id: str
     score: float
@@ -83,6 +93,7 @@ class Hit:
     metadata: dict
     scores: dict[str, float | None] = field(default_factory=dict)
     rerank_score: float | None = None
+    contributions: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +240,8 @@ class HybridIndex:
             if foreign:
                 raise FileExistsError(f"{path} exists and is not empty (e.g. {foreign[0]!r}); "
                                       "refusing to write an index there")
+        from ..encode import BGEM3Encoder
+
         encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(model)
         check_factory(dense_factory, encoder.spec.dim)  # ValueError unless reopening would accept it
         spec = encoder.spec
@@ -284,6 +297,8 @@ class HybridIndex:
         mcls = m["model"].get("mcls")
         if mcls is not None and (isinstance(mcls, bool) or not isinstance(mcls, int) or not 1 <= mcls <= 1 << 20):
             raise IndexFormatError(f"{path / st.MANIFEST}: model.mcls must be null or a positive integer"[:300])
+        from ..encode import BGEM3Encoder
+
         encoder = model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(
             model or m["model"]["name"], mcls=mcls is not None, mcls_interval=mcls or 256)
         fp = st.model_fingerprint(encoder.spec.path)
@@ -301,6 +316,17 @@ class HybridIndex:
                                      f"encoder has mcls={spec.mcls}; pass BGEM3Encoder(..., mcls="
                                      f"{mcls is not None}{f', mcls_interval={mcls}' if mcls else ''})")
         return cls(path, encoder, lock_timeout=lock_timeout, merge_policy=merge_policy)
+
+    @classmethod
+    def open_without_model(cls, path: str | os.PathLike) -> HybridIndex:
+        """Open an existing index for :meth:`stats`, ``len``, :meth:`ids`, :meth:`get` and
+        :meth:`verify` only: no model is loaded (nor torch imported), so this is fast and works
+        where the model is not available. Searching or writing through it raises RuntimeError;
+        use :meth:`open` for those. Opening validates the folder as :meth:`open` does.
+        """
+        path = Path(path)
+        m = st.read_manifest(path)
+        return cls(path, _NoModel(str(m["model"]["name"])), merge_policy=None)
 
     def _load_state(self, m: dict, prev: _State | None) -> _State:
         """Open generation ``m``, reusing ``prev``'s immutable segments, codecs and BM25 handle.
@@ -739,12 +765,15 @@ class HybridIndex:
         c = self._current().manifest["channels"]
         return tuple(x for x in CHANNELS if (c[x] if x != "dense" else True))
 
-    def search(self, query: str | Sequence[str], k: int = 10, mode: str = "hybrid", *,
+    def search(self, query: str, k: int = 10, mode: str = "hybrid", *,
                weights: Mapping[str, float] | None = None, filter: Mapping | None = None,
                candidates: int | None = None, fusion: str = "weighted", normalize: Sequence[str] | None = None,
                query_encoded: Encoded | None = None, reranker=None, rerank_top: int = 50,
-               rerank_weight: float = 1.0, exhaustive: bool = False):
-        """Search one query (returns ``list[Hit]``) or a batch (returns ``list[list[Hit]]``).
+               rerank_weight: float = 1.0, exhaustive: bool = False) -> list[Hit]:
+        """Search one query string; returns its hits, best first (``list[Hit]``, at most ``k``).
+
+        A list of queries goes to :meth:`search_batch` (same keywords); given one here, this
+        raises ``TypeError``, so what ``search`` returns never depends on its input's type.
 
         Args:
             mode: ``dense``, ``sparse``, ``colbert``, ``bm25`` or ``hybrid``.
@@ -770,10 +799,44 @@ class HybridIndex:
             exhaustive: ``colbert`` mode only: exact MaxSim over every allowed document instead
                 of the centroid first stage (segments without a codebook always are).
         """
-        single = isinstance(query, str)
-        queries = [query] if single else list(query)
+        if not isinstance(query, str):
+            if isinstance(query, Sequence) and not isinstance(query, (bytes, bytearray)):
+                raise TypeError("search() takes one query string; use search_batch() for a list of queries")
+            raise TypeError(f"query must be a string, got {type(query).__name__}")
+        return self._search_queries(
+            [query], k, mode, weights=weights, filter=filter, candidates=candidates, fusion=fusion,
+            normalize=normalize, query_encoded=query_encoded, reranker=reranker, rerank_top=rerank_top,
+            rerank_weight=rerank_weight, exhaustive=exhaustive)[0]
+
+    def search_batch(self, queries: Sequence[str], k: int = 10, mode: str = "hybrid", *,
+                     weights: Mapping[str, float] | None = None, filter: Mapping | None = None,
+                     candidates: int | None = None, fusion: str = "weighted",
+                     normalize: Sequence[str] | None = None, query_encoded: Encoded | None = None,
+                     reranker=None, rerank_top: int = 50, rerank_weight: float = 1.0,
+                     exhaustive: bool = False) -> list[list[Hit]]:
+        """Search a batch of query strings at once; returns one ``list[Hit]`` per query, in order.
+
+        The keywords are :meth:`search`'s and apply to every query; ``query_encoded``, when
+        given, holds one row per query. Encoding and the channels' kernels run over the whole
+        batch, so this is faster than a loop of :meth:`search`. A single string is refused
+        (``TypeError``): it is a sequence of characters, not of queries.
+        """
+        if isinstance(queries, str):
+            raise TypeError("search_batch() takes a list of query strings; use search() for one query")
+        if isinstance(queries, Mapping) or not isinstance(queries, Sequence):
+            raise TypeError(f"queries must be a list of strings, got {type(queries).__name__}")
+        queries = list(queries)
         if not queries or not all(isinstance(q, str) for q in queries):
-            raise TypeError("query must be a string or a non-empty list of strings")
+            raise TypeError("queries must be a non-empty list of strings")
+        return self._search_queries(
+            queries, k, mode, weights=weights, filter=filter, candidates=candidates, fusion=fusion,
+            normalize=normalize, query_encoded=query_encoded, reranker=reranker, rerank_top=rerank_top,
+            rerank_weight=rerank_weight, exhaustive=exhaustive)
+
+    def _search_queries(self, queries: list[str], k, mode, *, weights, filter, candidates, fusion,
+                        normalize, query_encoded, reranker, rerank_top, rerank_weight,
+                        exhaustive) -> list[list[Hit]]:
+        """The checks and the search behind :meth:`search` and :meth:`search_batch`."""
         _check_query_inputs(queries, weights, self.channels)  # before anything is encoded
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
@@ -812,7 +875,7 @@ class HybridIndex:
                                exhaustive=bool(exhaustive))
         if reranker is not None:
             results = [_rerank(reranker, q, hits, k, float(rerank_weight)) for q, hits in zip(queries, results)]
-        return results[0] if single else results
+        return results
 
     def _search(self, state, queries, k, mode, cfg, allowed, C, q=None, exhaustive=False) -> list[list[Hit]]:
         spec = self.encoder.spec
@@ -835,12 +898,13 @@ class HybridIndex:
 
     def _hybrid(self, state, queries, q, k, cfg, allowed, C) -> list[list[Hit]]:
         spec = self.encoder.spec
-        firsts = [self._dense_topk(state, q.dense, C, allowed)]
+        stages = [lambda: self._dense_topk(state, q.dense, C, allowed)]
         if spec.has_sparse:
-            firsts.append(self._sparse_topk(state, q.sparse, C, allowed))
-        bm = self._bm25_topk(state, queries, C, allowed) if state.has_bm25 else None
-        if bm is not None:
-            firsts.append(bm)
+            stages.append(lambda: self._sparse_topk(state, q.sparse, C, allowed))
+        if state.has_bm25:
+            stages.append(lambda: self._bm25_topk(state, queries, C, allowed))
+        firsts = _side_by_side(stages)
+        bm = firsts[-1] if state.has_bm25 else None
         out = []
         for j in range(len(queries)):
             union = np.unique(np.concatenate([ids[j][ids[j] >= 0] for _, ids in firsts]))
@@ -853,12 +917,13 @@ class HybridIndex:
                 ok = bm[1][j] >= 0
                 b[np.searchsorted(union, bm[1][j][ok])] = bm[0][j][ok]
                 scores["bm25"] = b
-            fused = fuse(scores, cfg)
+            fused, terms = fuse_terms(scores, cfg)
             top = np.argsort(-fused, kind="stable")[:k]
             hits = []
             for t, doc in zip(top, self._docs(state, union[top])):
                 ch = {c: (None if np.isnan(s[t]) else float(s[t])) for c, s in scores.items()}
-                hits.append(Hit(doc["id"], float(fused[t]), doc["text"], doc["metadata"], ch))
+                hits.append(Hit(doc["id"], float(fused[t]), doc["text"], doc["metadata"], ch,
+                                contributions={c: float(v[t]) for c, v in terms.items()}))
             out.append(hits)
         return out
 
@@ -1099,7 +1164,7 @@ class HybridIndex:
         for ch, pref in prefixes.items():
             b = sum(s.bytes_of(p) for s in state.segments for p in pref)
             per[ch] = {"bytes": b, "bytes_per_doc": b / n}
-        if self.encoder.spec.has_colbert:
+        if m["channels"]["colbert"]:
             # per token of the text (BGE-M3 keeps a vector for every token but the first), and per
             # stored vector (fewer with pooling)
             vectors = sum(int(s.colbert.offsets[-1]) for s in state.segments)
@@ -1156,6 +1221,24 @@ class HybridIndex:
 _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|No space left on device|Disk quota exceeded")
 
 
+class _NoModel:
+    """The encoder of an index opened by :meth:`HybridIndex.open_without_model`: any use of it
+    (searching, writing) raises a RuntimeError that says how to open the index with its model."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):  # copy, pickle and hasattr probes see an ordinary object
+            raise AttributeError(attr)
+        raise RuntimeError(f"this index was opened without its model ({self.name!r}; "
+                           "HybridIndex.open_without_model): it can report stats, ids and documents; "
+                           "open it with HybridIndex.open to search or write")
+
+    def __repr__(self) -> str:
+        return f"<model {self.name!r} not loaded>"
+
+
 def _disk_full(e: BaseException, folder: Path) -> DiskFullError | None:
     """A DiskFullError naming ENOSPC and the path when ``e`` (or its cause) is a full disk:
     errno ENOSPC/EDQUOT, numpy's short-write message, or tantivy's/FAISS's text of it."""
@@ -1209,6 +1292,39 @@ def _pooled_sample(enc: Encoded, stores, n: int, pool: int, seed: int) -> np.nda
         offs.append(total)
     pooled, _ = pool_tokens(np.concatenate(vecs), np.array(offs, np.int64), pool)
     return pooled[:n]
+
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, Any] | None = None  # (pid that made it, ThreadPoolExecutor)
+
+
+def _first_stage_pool():
+    """The process's pool for first stages; a forked child makes its own (the parent's threads
+    do not exist there)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = (os.getpid(), ThreadPoolExecutor(max(FIRST_STAGE_THREADS - 1, 1),
+                                                     thread_name_prefix="hybridsearch-first-stage"))
+        return _pool[1]
+
+
+def _side_by_side(stages: list) -> list:
+    """``[f() for f in stages]``, the first on a pool thread while the others run here (FAISS,
+    Numba and tantivy release the GIL). An exception of any stage is raised here once every
+    stage has finished."""
+    if FIRST_STAGE_THREADS <= 1 or len(stages) < 2:
+        return [f() for f in stages]
+    from concurrent.futures import wait
+
+    first = _first_stage_pool().submit(stages[0])
+    try:
+        rest = [f() for f in stages[1:]]
+    finally:
+        wait([first])  # even when a stage here failed: nothing runs on after we return
+    return [first.result(), *rest]
 
 
 def _rerank(reranker, query: str, hits: list[Hit], k: int, weight: float = 1.0) -> list[Hit]:

@@ -164,10 +164,11 @@ class Lease:
             raise
         return cls(fd)
 
-    def release(self) -> None:
+    def release(self, _close=os.close) -> None:
+        # os.close bound at definition: __del__ may run at interpreter exit, after os is gone
         fd, self._fd = self._fd, None
         if fd is not None:
-            os.close(fd)  # closing drops the flock
+            _close(fd)  # closing drops the flock
 
     def __del__(self):
         self.release()

@@ -168,6 +168,10 @@ def _residual_codes(z, cut, nlev, byte, shift, out):
             out[i, byte[j]] |= np.uint8(bucket << shift[j])
 
 
+# Byte -> its 8 bits (least significant first) as float32 0/1, for the 1-bit sections.
+_BITS = ((np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1).astype(np.float32)
+
+
 @njit(cache=True, nogil=True)
 def _decode_relative(res, start, n, w4, w2, d1, stride, out):
     """The coded dimensions of tokens ``[start, start + n)`` relative to their base: token ``t``
@@ -192,11 +196,12 @@ def _decode_relative(res, start, n, w4, w2, d1, stride, out):
             j = 4 * b
             for s in range(4):
                 out[o + n4 + j + s] = w2[j + s, (byte >> (2 * s)) & 3]
+        base = o + n4 + n2
         for b in range(n1 // 8):
-            byte = row[b1 + b]
+            bits = _BITS[row[b1 + b]]  # the byte's 8 bits as 0.0 / 1.0: one vector multiply
             j = 8 * b
             for s in range(8):
-                out[o + n4 + n2 + j + s] = np.float32((byte >> s) & 1) * d1[j + s]
+                out[base + j + s] = bits[s] * d1[j + s]
 
 
 @njit(cache=True, nogil=True)

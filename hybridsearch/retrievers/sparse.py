@@ -11,7 +11,8 @@ posting of the query's terms, and a pruned one (MaxScore over posting lists spli
 see "pruned search" below) that reads a fraction of them and returns the same top-k, float32
 scores included, because every score it reports is summed in that same order. ``search``
 picks the pruned kernel from :data:`PRUNED_MIN_DOCS` documents on, for ``k`` up to one
-:data:`PRUNED_DOCS_PER_K`-th of them; elsewhere the scan wins.
+:data:`PRUNED_DOCS_PER_K`-th of them, and while the segment's recent pruned queries read at most
+:data:`PRUNED_MAX_READ` of their postings; elsewhere the scan wins.
 
 Conventions shared by every function here: a document is a hit only if its score is positive
 (it shares a token with the query) and it is allowed; ties are broken by the lower row; result
@@ -61,6 +62,17 @@ PRUNE_OFFSETS_MIN = 4096
 # and k = 10 / 100 / 250 / 500: 4.6x / 2.2x / 1.5x faster, then 0.85x).
 PRUNED_MIN_DOCS = 1 << 17
 PRUNED_DOCS_PER_K = 4000
+# The data decide the rest: pruning pays where the query's lists carry very different bounds
+# (learned weights that shrink for frequent terms: 6-12% of the postings read, 1.4-4.8x faster)
+# and loses where they do not (uniform weights: 32% read at 100k, 0.72x; 41% on the 1M run's
+# queries, 0.52-0.74x). So "auto" keeps, per segment, a running mean of the share of postings
+# its pruned searches read (weight PRUNED_READ_EMA per search) and scans term at a time while
+# that share is above PRUNED_MAX_READ, trying the pruned kernel again on one search in
+# PRUNED_REPROBE to follow a change of queries. Both kernels return identical results: the
+# choice moves only the time.
+PRUNED_MAX_READ = 0.3
+PRUNED_READ_EMA = 0.25
+PRUNED_REPROBE = 16
 PRUNE_NE_FRAC = 0.5
 # A first k-th score from the docs best on the PRUNE_SEED_TERMS heaviest query terms with at
 # most PRUNE_SEED_MAX_POSTINGS postings, scored exactly (at most PRUNE_SEED_LOOKUPS look-ups).
@@ -1026,6 +1038,11 @@ class SparsePostings:
         # Counters of the pruned kernel summed over calls, for the benchmark (not thread safe):
         # see _pruned_items.
         self.prune_stats = np.zeros((1, 7), np.int64)
+        # kernel="auto": running share of postings its pruned searches read (None: none yet),
+        # searches it sent to the scan since the last pruned one, and how many went each way
+        self._read_share = None
+        self._scanned = 0
+        self.auto_counts = {"taat": 0, "pruned": 0}
 
     @property
     def vocab_size(self) -> int:
@@ -1129,7 +1146,10 @@ class SparsePostings:
             kernel: ``"taat"`` (term-at-a-time over every posting), ``"pruned"`` (exact
                 block-max pruning, see the module docstring) or ``"auto"``: pruned from
                 :data:`PRUNED_MIN_DOCS` documents on while ``k`` is at most one
-                :data:`PRUNED_DOCS_PER_K`-th of them. All three return identical results.
+                :data:`PRUNED_DOCS_PER_K`-th of them, unless this segment's pruned searches
+                have been reading more than :data:`PRUNED_MAX_READ` of their postings (then
+                the scan, with a pruned search again every :data:`PRUNED_REPROBE`-th). All
+                three return identical results.
 
         Returns:
             ``scores`` ``(nq, k)`` float32 and ``ids`` ``(nq, k)`` int64 local rows, best first.
@@ -1144,17 +1164,20 @@ class SparsePostings:
         out_i = np.full((nq, k), -1, np.int64)
         if nq == 0 or self.n_docs == 0:
             return out_s, out_i
-        if kernel == "auto":
-            kernel = ("pruned" if self.n_docs >= PRUNED_MIN_DOCS
-                      and k * PRUNED_DOCS_PER_K <= self.n_docs else "taat")
+        auto = kernel == "auto"
+        if auto:
+            kernel = self._auto_kernel(k)
         q_indptr = _readonly(q.indptr.astype(np.int64))
         q_idx = _readonly(q.indices.astype(np.int32))
         q_w = _readonly(q.data)
         postings = int((self.indptr[q.indices + 1] - self.indptr[q.indices]).sum())
         threads = numba.get_num_threads()
         if kernel == "pruned" and self._prunable(q):
-            return self._search_pruned(q_indptr, q_idx, q_w, k, allowed, use_allowed,
+            read = self._search_pruned(q_indptr, q_idx, q_w, k, allowed, use_allowed,
                                        postings, threads, out_s, out_i)
+            if auto and postings:
+                self._observe_read(read / postings)
+            return out_s, out_i
         block = min(self.n_docs, BLOCK_DOCS)
         n_blocks = -(-self.n_docs // block)
         args = (self.indptr, self.docs, self.weights, q_indptr, q_idx, q_w, _readonly(allowed),
@@ -1169,6 +1192,25 @@ class SparsePostings:
         if n_blocks > 1:
             _merge_blocks(part_s, part_i, n_blocks, out_s, out_i)
         return out_s, out_i
+
+    def _auto_kernel(self, k: int) -> str:
+        if self.n_docs < PRUNED_MIN_DOCS or k * PRUNED_DOCS_PER_K > self.n_docs:
+            self.auto_counts["taat"] += 1
+            return "taat"
+        with self._lock:
+            share = self._read_share
+            if share is not None and share > PRUNED_MAX_READ and self._scanned + 1 < PRUNED_REPROBE:
+                self._scanned += 1
+                self.auto_counts["taat"] += 1
+                return "taat"
+            self._scanned = 0
+            self.auto_counts["pruned"] += 1
+            return "pruned"
+
+    def _observe_read(self, share: float) -> None:
+        with self._lock:
+            prev = self._read_share
+            self._read_share = share if prev is None else prev + PRUNED_READ_EMA * (share - prev)
 
     def _split(self):
         """The pruned kernel's split lists and block offsets, computed on first use (a few
@@ -1220,17 +1262,17 @@ class SparsePostings:
                 PRUNE_SEED_LOOKUPS, n_parts)
         n_chunks = 1 if not parallel or n_items == 1 else min(threads, n_items)
         scratch = _scratch(n_chunks, 1 << PRUNE_BLOCK_SHIFT)
+        stats = np.zeros((n_chunks, self.prune_stats.shape[1]), np.int64)
         if n_chunks == 1:
-            _pruned_items(*args, 0, n_items, part_s, part_i, *(a[0] for a in scratch),
-                          self.prune_stats[0])
+            _pruned_items(*args, 0, n_items, part_s, part_i, *(a[0] for a in scratch), stats[0])
         else:
-            stats = np.zeros((n_chunks, self.prune_stats.shape[1]), np.int64)
             _pruned_parallel(*args, n_chunks, part_s, part_i, *scratch, stats)
-            self.prune_stats[0] += stats.sum(axis=0)
+        stats = stats.sum(axis=0)
+        self.prune_stats[0] += stats
         _local.clean = True
         if n_parts > 1:
             _merge_blocks(part_s, part_i, n_parts, out_s, out_i)
-        return out_s, out_i
+        return int(stats[2])
 
     def score(self, q_indices: np.ndarray, q_weights: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """Exact scores of one query against chosen rows, equal to what :meth:`search` computes.

@@ -46,7 +46,7 @@ def mine_hard_negatives(index, records: Sequence[Record], mode: str = "hybrid",
     for s in range(0, len(recs), batch_size):
         chunk = recs[s : s + batch_size]
         kw = {"candidates": max(candidates or 0, hi)} if mode == "hybrid" else {}
-        hits = index.search([r["query"] for r in chunk], k=hi, mode=mode, **kw)
+        hits = index.search_batch([r["query"] for r in chunk], k=hi, mode=mode, **kw)
         for r, hs in zip(chunk, hits):
             pos_text = {p.strip() for p in r["pos"]}
             pos_ids = set(r.get("pos_ids", []))

@@ -1,3 +1,8 @@
+# The standard-library HTTP server as it was before the switch to FastAPI (issue 14), kept so that
+# bench/bench_server_load.py can measure it side by side with the new one in one run. A copy of
+# hybridsearch/server.py at commit 90df51f with absolute imports, its one search call moved to
+# search / search_batch, and a __main__ (python bench/legacy_stdlib_server.py DIR --port P).
+# Not part of the package; not maintained beyond running.
 """HTTP JSON API over one :class:`~hybridsearch.index.hybrid.HybridIndex` (standard library only).
 
 Endpoints (the full contract is :data:`OPENAPI`, served at ``GET /openapi.json``)::
@@ -47,10 +52,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from ._version import __version__
-from .errors import DiskFullError, HybridSearchError, IndexLockedError
-from .index.filters import check_filter
-from .index.hybrid import MODES, HybridIndex, _check_query_inputs
+from hybridsearch._version import __version__
+from hybridsearch.errors import DiskFullError, HybridSearchError, IndexLockedError
+from hybridsearch.index.filters import check_filter
+from hybridsearch.index.hybrid import MODES, HybridIndex, _check_query_inputs
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "OPENAPI", "ROUTES", "HybridSearchServer", "make_server", "serve"]
 
@@ -220,7 +225,7 @@ def _search(index: HybridIndex, body: Any) -> tuple[int, dict]:
     query, kw = _parse_search(body)
     # blank queries, lone surrogates, weights of channels this index lacks: 400 before encoding
     _check_query_inputs(query, kw.get("weights"), index.channels)
-    res = index.search(query, **kw)
+    res = index.search(query, **kw) if isinstance(query, str) else index.search_batch(query, **kw)
     if isinstance(query, str):
         return 200, {"hits": [_hit_json(h) for h in res]}
     return 200, {"results": [[_hit_json(h) for h in hits] for hits in res]}
@@ -914,3 +919,15 @@ OPENAPI: dict = {
         },
     },
 }
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="the pre-FastAPI stdlib server (benchmark baseline)")
+    ap.add_argument("index")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--model", default=None)
+    a = ap.parse_args()
+    serve(a.index, a.host, a.port, a.model)
