@@ -692,6 +692,10 @@ class ShardedIndex:
                     pass
                 ray.kill(a, no_restart=True)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def __enter__(self):
         return self
 
