@@ -414,3 +414,42 @@ def test_encode_blocks_roundtrip(cluster, m3_encoder):
         again = unpack(pack(enc))
         np.testing.assert_array_equal(again.colbert, enc.colbert)
         np.testing.assert_array_equal(again.sparse.toarray(), enc.sparse.toarray())
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+def test_http_api_in_front_of_a_sharded_index(cluster, tiny_m3, tmp_path):
+    """hybridsearch.server's app over a ShardedIndex (what `serve DIR --ray` runs): the same
+    hits as the library, writes routed to the shards, stats summed; 127.0.0.1 only."""
+    httpx = pytest.importorskip("httpx")
+    from hybridsearch.distributed import ShardedIndex
+    from hybridsearch.server import Settings
+    from hybridsearch.server.app import create_app
+    from hybridsearch.server.run import start
+
+    idx = ShardedIndex.create(tmp_path / "h", tiny_m3, shards=2, timeout=300)
+    server = None
+    try:
+        idx.add(_docs(50, seed=21))
+        server = start(create_app(idx, Settings(port=0), log=None))
+        assert server.url.startswith("http://127.0.0.1:")
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            r = c.post("/search", json={"query": "quick brown fox", "k": 5})
+            assert r.status_code == 200, r.text
+            want = idx.search("quick brown fox", k=5)
+            got = r.json()["hits"]
+            assert [h["id"] for h in got] == [h.id for h in want]
+            assert got[0]["contributions"] is not None
+            r = c.post("/add", json={"documents": [{"id": "new-1", "text": "quick fox new"}]})
+            assert r.status_code == 200, r.text
+            assert r.json()["documents"] == 51 and "new-1" in idx
+            r = c.post("/delete", json={"ids": ["new-1", "d0"]})
+            assert r.status_code == 200 and r.json()["documents"] == 49, r.text
+            st = c.get("/stats").json()
+            assert st["documents"] == 49 and st["shards"] == 2
+            assert c.post("/search", json={"query": "fox", "mode": "nope"}).status_code == 400
+    finally:
+        if server is not None:
+            server.stop()
+        idx.close()
