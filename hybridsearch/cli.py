@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prune", action="store_true",
                    help="after indexing, delete the documents (passages) whose id is not in CORPUS; "
                         "nothing is deleted unless the whole corpus was read and indexed")
+    s.add_argument("--ray", metavar="ADDRESS",
+                   help="encode on a Ray cluster: 'auto' (this machine's cluster, or a local Ray) or its "
+                        "address (needs the ray extra)")
+    s.add_argument("--ray-actors", type=_positive("--ray-actors"), default=None, metavar="N",
+                   help="encoder actors with --ray (default: one per GPU of the cluster, else per CPU)")
+    s.add_argument("--ray-window", type=_positive("--ray-window"), default=None, metavar="N",
+                   help="commit blocks per Ray Data job with --ray (default 16 x actors)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_index)
 
@@ -223,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     s.add_argument("--model", metavar="M", help="encoder to open the index with (default: the one that built it)")
+    s.add_argument("--ray", metavar="ADDRESS",
+                   help="DIR is a sharded index (hybridsearch.distributed): serve it from the Ray cluster at "
+                        "ADDRESS ('auto': this machine's, or a local Ray); needs the ray extra")
     s.add_argument("--workers", type=_positive("--workers"), default=1, metavar="N",
                    help="processes serving the folder (default 1)")
     s.add_argument("--api-key-file", metavar="FILE", help="file holding the write key (may do everything)")
@@ -422,7 +432,15 @@ def cmd_index(args) -> int:
                                    dense_storage=args.dense_storage or "fp32",
                                    colbert_codec=args.colbert_codec or "res1",
                                    exist_ok=True, lock_timeout=args.lock_timeout)
-    writer = _Writer(index, args)
+    if args.ray:
+        try:
+            from .distributed.encode import ray_writer
+        except ImportError as e:
+            index.close()
+            raise CLIError(f"--ray needs Ray: pip install \"hybridsearch[ray]\" ({e})") from None
+        writer = ray_writer(index, args)
+    else:
+        writer = _Writer(index, args)
     try:
         writer.run(corpus, n_docs)
         if args.prune:  # only after every document was read and committed
@@ -811,7 +829,13 @@ def cmd_compact(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    _require_index(Path(args.index))
+    if getattr(args, "ray", None):
+        if args.workers != 1:
+            raise CLIError("--ray serves from one process (the coordinator); drop --workers")
+        if not (Path(args.index) / "sharding.json").is_file():
+            raise CLIError(f"{args.index} is not a sharded index (no sharding.json)")
+    else:
+        _require_index(Path(args.index))
     from .server import Settings, serve
     from .server.settings import keys_from
 
@@ -825,6 +849,13 @@ def cmd_serve(args) -> int:
                         access_log=not args.no_access_log, log_queries=args.log_queries)
     settings.check_bind()  # before the model is loaded
     _quiet_libraries()
+    if getattr(args, "ray", None):
+        try:
+            from .distributed.serve import serve_sharded
+        except ImportError as e:
+            raise CLIError(f"--ray needs Ray: pip install \"hybridsearch[ray]\" ({e})") from None
+        serve_sharded(str(args.index), settings, model=args.model, address=args.ray)
+        return 0
     serve(str(args.index), settings, model=args.model)
     return 0
 

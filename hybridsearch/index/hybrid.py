@@ -1091,6 +1091,69 @@ class HybridIndex:
                         for s, doc in zip(srow, docs)])
         return out
 
+    # ---------------------------------------------------------------- shards (hybridsearch.distributed)
+
+    def _bm25_collection_stats(self, queries: list[str]):
+        """``(N, total length, df per term of bm25_postings.query_terms(queries))`` of this
+        index, for a sharded index to sum over its shards. None without BM25 postings."""
+        state = self._current()
+        if not state.has_bm25 or state.bm25 is not None:
+            return None
+        return bm25_postings.collection_stats([s.bm25 for s in state.segments],
+                                              bm25_postings.query_terms(queries))
+
+    def _shard_candidates(self, queries: list[str], q: Encoded | None, mode: str, k: int, C: int, *,
+                          filter=None, bm25_stats=None, exhaustive: bool = False):
+        """What one shard of a sharded index answers: ``(state, per query dict)``. Single-channel
+        modes: ``{"docnos", "scores"}``, this shard's exact top ``k`` (BM25 scored with the given
+        global ``bm25_stats``). Hybrid: ``{"first": {channel: (scores, docnos)}}`` the first-stage
+        top ``C`` of each channel, ``"union"`` their sorted docnos, and ``"rescored"`` every model
+        channel's exact score over the union. The coordinator fuses; ``state`` serves
+        :meth:`_docs` for the docnos it picks. Reuses the first-stage and rescoring methods."""
+        state = self._current()
+        flt = check_filter(filter)
+        allowed = None if state.all_alive else state.alive
+        if flt:
+            allowed = state.filter_mask(flt)
+        spec = self.encoder.spec
+        nq = len(queries)
+
+        def bm25(depth):
+            if not state.has_bm25:
+                return None
+            if state.bm25 is not None:
+                raise ValueError(f"{self.path} keeps BM25 in tantivy (made before format 3): "
+                                 "compact() it before sharding")
+            segs = state.segments
+            masks = None if allowed is None else [s.rows_mask(allowed) for s in segs]
+            parts = bm25_postings.search([s.bm25 for s in segs], queries, depth, masks, stats=bm25_stats)
+            return self._merge([(sc, _docnos(s, ids)) for s, (sc, ids) in zip(segs, parts)], nq, depth)
+
+        if mode != "hybrid":
+            if mode == "dense":
+                sc, ids = self._dense_topk(state, q.dense, k, allowed)
+            elif mode == "sparse":
+                sc, ids = self._sparse_topk(state, q.sparse, k, allowed)
+            elif mode == "colbert":
+                rows = [self._colbert_topk(state, q.colbert_of(i), k, allowed, C, exhaustive) for i in range(nq)]
+                sc, ids = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+            else:
+                sc, ids = bm25(k)
+            return state, [{"scores": sc[j][ids[j] >= 0], "docnos": ids[j][ids[j] >= 0]} for j in range(nq)]
+        firsts = {"dense": self._dense_topk(state, q.dense, C, allowed)}
+        if spec.has_sparse:
+            firsts["sparse"] = self._sparse_topk(state, q.sparse, C, allowed)
+        bm = bm25(C)
+        if bm is not None:
+            firsts["bm25"] = bm
+        out = []
+        for j in range(nq):
+            first = {c: (sc[j][ids[j] >= 0], ids[j][ids[j] >= 0]) for c, (sc, ids) in firsts.items()}
+            union = np.unique(np.concatenate([ids for _, ids in first.values()]))
+            rescored = self._rescore(state, q, j, union) if len(union) else {}
+            out.append({"first": first, "union": union, "rescored": rescored})
+        return state, out
+
     # ---------------------------------------------------------------- stats
 
     def stats(self) -> dict:

@@ -630,16 +630,37 @@ def _term_bound(indptr, docs, tf, lengths) -> np.ndarray:
 # ----------------------------------------------------------------------------- many segments
 
 
-def _statistics(segments, terms: list[str]):
+def collection_stats(segments, terms: list[str]) -> tuple[int, int, np.ndarray]:
+    """``(N, total length, df)`` of ``terms`` summed over ``segments``: what BM25 needs from a
+    collection. Several collections (the shards of a sharded index) add theirs up and pass the
+    sums to :func:`search` as ``stats``, so every shard scores as one index would."""
+    df = np.zeros(len(terms), np.int64)
+    for s in segments:
+        df += s.doc_freq(s.lookup(terms))
+    return (sum(s.n_docs for s in segments), sum(s.total_length for s in segments), df)
+
+
+def query_terms(queries) -> list[str]:
+    """The distinct analysed terms of a batch of queries, in the order :func:`search` uses."""
+    return _analyze(queries)[0]
+
+
+def _statistics(segments, terms: list[str], stats=None):
     """``(ids, weight, avg)``: per segment the term ids of ``terms`` ((m,) int64, -1 where
     absent); ``idf * (1 + k1)`` of each term ((m,) float32, 0 for terms in no segment); the
-    average length (float32), from statistics summed over ``segments``."""
+    average length (float32), from statistics summed over ``segments``, or from ``stats``
+    (``(N, total length, df)`` as :func:`collection_stats` gives them) when given."""
     ids = [s.lookup(terms) for s in segments]
-    df = np.zeros(len(terms), np.int64)
-    for s, t in zip(segments, ids):
-        df += s.doc_freq(t)
-    n = sum(s.n_docs for s in segments)
-    total = sum(s.total_length for s in segments)
+    if stats is None:
+        df = np.zeros(len(terms), np.int64)
+        for s, t in zip(segments, ids):
+            df += s.doc_freq(t)
+        n = sum(s.n_docs for s in segments)
+        total = sum(s.total_length for s in segments)
+    else:
+        n, total, df = int(stats[0]), int(stats[1]), np.asarray(stats[2], np.int64)
+        if n < 0 or total < 0 or df.shape != (len(terms),) or (df < 0).any() or (df > n).any():
+            raise ValueError("stats must be (N >= 0, total length >= 0, df per query term in [0, N])")
     # float32 throughout, as tantivy computes them.
     f32 = np.float32
     dff = df.astype(f32)
@@ -663,8 +684,8 @@ def _analyze(queries) -> tuple[list[str], list[list[tuple[int, int]]]]:
 
 
 def search(segments: Sequence[Bm25Postings], queries: list[str], k: int,
-           allowed: Sequence[np.ndarray | None] | None = None, *, prune: bool = True
-           ) -> list[tuple[np.ndarray, np.ndarray]]:
+           allowed: Sequence[np.ndarray | None] | None = None, *, prune: bool = True,
+           stats: tuple[int, int, np.ndarray] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Top-``k`` BM25 hits of each query in each segment, scored with statistics summed over
     all ``segments`` (the module docstring).
 
@@ -675,6 +696,8 @@ def search(segments: Sequence[Bm25Postings], queries: list[str], k: int,
         allowed: None, or per segment None or an ``(n_docs,)`` bool mask of its rows.
         prune: skip postings that cannot change the top-k (MaxScore, :func:`_bm25_items`);
             False reads them all. Both give the same hits and scores.
+        stats: ``(N, total length, df per term of query_terms(queries))`` to score with
+            instead of the sums over ``segments`` (a shard scoring with global statistics).
 
     Returns:
         Per segment ``(scores, rows)``: ``(nq, k)`` float32 and int64 local rows, best first,
@@ -686,7 +709,7 @@ def search(segments: Sequence[Bm25Postings], queries: list[str], k: int,
         allowed = [None] * len(segments)
     if len(allowed) != len(segments):
         raise ValueError(f"{len(segments)} segments but {len(allowed)} masks")
-    ids, weight, avg = _statistics(segments, terms)
+    ids, weight, avg = _statistics(segments, terms, stats)
     # The batch's entries, flat: query, term index, occurrences.
     e_q = np.fromiter((j for j, es in enumerate(per_query) for _ in es), np.int64)
     e_t = np.fromiter((ti for es in per_query for ti, _ in es), np.int64, e_q.shape[0])

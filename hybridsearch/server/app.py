@@ -112,6 +112,14 @@ def _errors_doc(*codes: int) -> dict:
     return {c: {"model": schemas.Error, "description": what[c]} for c in codes}
 
 
+def _index_like(obj) -> bool:
+    """An open index of another kind with the surface the app uses (hybridsearch.distributed's
+    ShardedIndex): search, search_batch, add, upsert, delete, compact, stats, channels, encoder."""
+    return not isinstance(obj, (str, Path)) and all(
+        hasattr(obj, a) for a in ("search", "search_batch", "add", "upsert", "delete", "compact", "stats",
+                                  "channels", "encoder", "close"))
+
+
 def create_app(index: HybridIndex | str | Path, settings: Settings | None = None, *,
                model: str | None = None, log: TextIO | None | object = _STDERR):
     """The ASGI application serving ``index`` (an open HybridIndex, or a folder opened at startup).
@@ -124,7 +132,7 @@ def create_app(index: HybridIndex | str | Path, settings: Settings | None = None
     """
     settings = settings or Settings()
     stream = sys.stderr if log is _STDERR else log
-    if isinstance(index, HybridIndex):
+    if isinstance(index, HybridIndex) or _index_like(index):  # e.g. distributed.ShardedIndex
         rt = Runtime(settings, index, stream)
     elif isinstance(index, (str, Path)):
         rt = Runtime(settings, None, stream, index_dir=str(index), model=model)
