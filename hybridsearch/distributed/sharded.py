@@ -54,18 +54,14 @@ from ..fusion import FusionConfig, fuse_terms
 from ..index.docstore import hash_ids
 from ..index.filters import check_filter
 from ..index.hybrid import (
-    DENSE_BM25_CANDIDATES,
-    DENSE_BM25_NORMALIZE,
-    DENSE_BM25_WEIGHTS,
-    M3_CANDIDATES,
-    M3_NORMALIZE,
-    M3_WEIGHTS,
     MODES,
     Hit,
     _check_docs,
     _check_encoded,
     _check_query_inputs,
     _rerank,
+    default_candidates_for,
+    default_fusion_for,
 )
 from ..representations import Encoded
 
@@ -381,14 +377,10 @@ class ShardedIndex:
     # ------------------------------------------------------------------ reading
 
     def default_fusion(self) -> FusionConfig:
-        spec = self.encoder.spec
-        if spec.has_sparse or spec.has_colbert:
-            return FusionConfig(weights=dict(M3_WEIGHTS), normalize=M3_NORMALIZE)
-        return FusionConfig(weights=dict(DENSE_BM25_WEIGHTS), normalize=DENSE_BM25_NORMALIZE)
+        return default_fusion_for(self.encoder.spec)
 
     def default_candidates(self) -> int:
-        spec = self.encoder.spec
-        return M3_CANDIDATES if (spec.has_sparse or spec.has_colbert) else DENSE_BM25_CANDIDATES
+        return default_candidates_for(self.encoder.spec)
 
     @property
     def channels(self) -> tuple[str, ...]:

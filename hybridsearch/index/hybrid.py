@@ -752,15 +752,11 @@ class HybridIndex:
 
     def default_fusion(self) -> FusionConfig:
         """Defaults by model: BGE-M3's own raw formula, or dense + BM25 z-scored and noise-gated."""
-        spec = self.encoder.spec
-        if spec.has_sparse or spec.has_colbert:
-            return FusionConfig(weights=dict(M3_WEIGHTS), normalize=M3_NORMALIZE)
-        return FusionConfig(weights=dict(DENSE_BM25_WEIGHTS), normalize=DENSE_BM25_NORMALIZE)
+        return default_fusion_for(self.encoder.spec)
 
     def default_candidates(self) -> int:
         """Hybrid first-stage depth when ``search(candidates=None)``."""
-        spec = self.encoder.spec
-        return M3_CANDIDATES if (spec.has_sparse or spec.has_colbert) else DENSE_BM25_CANDIDATES
+        return default_candidates_for(self.encoder.spec)
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -1295,6 +1291,18 @@ def _pooled_sample(enc: Encoded, stores, n: int, pool: int, seed: int) -> np.nda
         offs.append(total)
     pooled, _ = pool_tokens(np.concatenate(vecs), np.array(offs, np.int64), pool)
     return pooled[:n]
+
+
+def default_fusion_for(spec) -> FusionConfig:
+    """The fusion a model's index uses by default (``spec``: the encoder's spec)."""
+    if spec.has_sparse or spec.has_colbert:
+        return FusionConfig(weights=dict(M3_WEIGHTS), normalize=M3_NORMALIZE)
+    return FusionConfig(weights=dict(DENSE_BM25_WEIGHTS), normalize=DENSE_BM25_NORMALIZE)
+
+
+def default_candidates_for(spec) -> int:
+    """The hybrid first-stage depth a model's index uses by default."""
+    return M3_CANDIDATES if (spec.has_sparse or spec.has_colbert) else DENSE_BM25_CANDIDATES
 
 
 _pool_lock = threading.Lock()
