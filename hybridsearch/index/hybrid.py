@@ -71,11 +71,6 @@ DENSE_BM25_NORMALIZE = CHANNELS
 # with ColBERT every candidate costs a MaxSim, and BGE-M3's channels already agree closely.
 DENSE_BM25_CANDIDATES = 1000
 M3_CANDIDATES = 100
-# 2: a hybrid query's dense first stage (FAISS, one thread for a single query) runs on a pool
-# thread while sparse and BM25 run on the caller's. Off (1) by default: on our 2-core machine at
-# 1M documents it changed nothing (44.4 vs 44.4 ms p50, idle), since the sparse scan already
-# takes both cores; under load it gained 6%. Worth trying on machines with more cores.
-FIRST_STAGE_THREADS = 1
 # A ColBERT codebook is trained once this many vectors are stored (float16 until then).
 CODEC_TRAIN_TOKENS = 1 << 16
 
@@ -896,13 +891,12 @@ class HybridIndex:
 
     def _hybrid(self, state, queries, q, k, cfg, allowed, C) -> list[list[Hit]]:
         spec = self.encoder.spec
-        stages = [lambda: self._dense_topk(state, q.dense, C, allowed)]
+        firsts = [self._dense_topk(state, q.dense, C, allowed)]
         if spec.has_sparse:
-            stages.append(lambda: self._sparse_topk(state, q.sparse, C, allowed))
-        if state.has_bm25:
-            stages.append(lambda: self._bm25_topk(state, queries, C, allowed))
-        firsts = _side_by_side(stages)
-        bm = firsts[-1] if state.has_bm25 else None
+            firsts.append(self._sparse_topk(state, q.sparse, C, allowed))
+        bm = self._bm25_topk(state, queries, C, allowed) if state.has_bm25 else None
+        if bm is not None:
+            firsts.append(bm)
         out = []
         for j in range(len(queries)):
             union = np.unique(np.concatenate([ids[j][ids[j] >= 0] for _, ids in firsts]))
@@ -1303,39 +1297,6 @@ def default_fusion_for(spec) -> FusionConfig:
 def default_candidates_for(spec) -> int:
     """The hybrid first-stage depth a model's index uses by default."""
     return M3_CANDIDATES if (spec.has_sparse or spec.has_colbert) else DENSE_BM25_CANDIDATES
-
-
-_pool_lock = threading.Lock()
-_pool: tuple[int, Any] | None = None  # (pid that made it, ThreadPoolExecutor)
-
-
-def _first_stage_pool():
-    """The process's pool for first stages; a forked child makes its own (the parent's threads
-    do not exist there)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            from concurrent.futures import ThreadPoolExecutor
-
-            _pool = (os.getpid(), ThreadPoolExecutor(max(FIRST_STAGE_THREADS - 1, 1),
-                                                     thread_name_prefix="hybridsearch-first-stage"))
-        return _pool[1]
-
-
-def _side_by_side(stages: list) -> list:
-    """``[f() for f in stages]``, the first on a pool thread while the others run here (FAISS,
-    Numba and tantivy release the GIL). An exception of any stage is raised here once every
-    stage has finished."""
-    if FIRST_STAGE_THREADS <= 1 or len(stages) < 2:
-        return [f() for f in stages]
-    from concurrent.futures import wait
-
-    first = _first_stage_pool().submit(stages[0])
-    try:
-        rest = [f() for f in stages[1:]]
-    finally:
-        wait([first])  # even when a stage here failed: nothing runs on after we return
-    return [first.result(), *rest]
 
 
 def _rerank(reranker, query: str, hits: list[Hit], k: int, weight: float = 1.0) -> list[Hit]:

@@ -38,7 +38,14 @@ import numpy as np
 from ..errors import IndexFormatError
 from ..representations import Encoded
 from ..retrievers.bm25_postings import Bm25Postings, merge_bm25
-from ..retrievers.dense import AUTO_MIN_RECALL, DenseIndex, gpu_available, is_auto, resolve_factory, self_recall
+from ..retrievers.dense import (
+    AUTO_MIN_RECALL,
+    DenseIndex,
+    gpu_available,
+    is_auto,
+    resolve_factory,
+    self_recall,
+)
 from ..retrievers.dense_store import DenseStore, write_dense, write_dense_array
 from ..retrievers.multivector import CodedColbertStore, ColbertStore, write_colbert
 from ..retrievers.sparse import SparsePostings, merge_postings
