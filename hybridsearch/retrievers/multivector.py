@@ -50,8 +50,8 @@ from hybridsearch.retrievers import centroid_stage
 from hybridsearch.retrievers._tiles import tile_4x2
 from hybridsearch.retrievers.colbert_codec import (
     ColbertCodec,
-    _decode_relative,
     _decode_tokens,
+    _decode_words,
     _float32,
     _half_to_float,
     _widen,
@@ -205,12 +205,14 @@ def _tile_maxsim_split(q, m, buf, n, d, best, cs, ids, start):
 
 
 @njit(cache=True, fastmath=_FASTMATH, nogil=True)
-def _split_range(q4, q_off4, q_len, owner, cs, ids, res, w4, w2, d1, offsets, cand, lo, hi, out):
+def _split_range(q4, q_off4, q_len, owner, cs, ids, res, t4, t2, n1b, offsets, cand, lo, hi, out):
     """:func:`_coded_range` for a codec without renormalisation: only the coded dimensions are
-    decoded and multiplied (``q4`` holds the rotated queries' first ``n_coded`` columns), the
-    rest of every score comes from ``cs`` ``(rows of q4, k)`` = rotated queries x bases."""
-    nc = w4.shape[0] + w2.shape[0] + d1.shape[0]
-    buf, best = _buffers(q_off4, owner, offsets, cand, lo, hi, max(nc, 1))
+    decoded (:func:`_decode_words`) and multiplied (``q4`` holds the rotated queries' first
+    ``n_coded`` columns, the 1-bit ones already multiplied by their weights: :func:`_split_query`);
+    the rest of every score comes from ``cs`` ``(rows of q4, k)`` = rotated queries x bases."""
+    nc = 2 * t4.shape[0] + 4 * t2.shape[0] + 8 * n1b
+    buf, best = _buffers(q_off4, owner, offsets, cand, lo, hi, max(nc, 2))
+    words = buf.view(np.uint64)
     for t in range(lo, hi):
         b = owner[t]
         m = q_len[b]
@@ -219,18 +221,27 @@ def _split_range(q4, q_off4, q_len, owner, cs, ids, res, w4, w2, d1, offsets, ca
         if m == 0 or n == 0:
             out[t] = 0.0
             continue
-        _decode_relative(res, start, n, w4, w2, d1, nc, buf)
+        _decode_words(res, start, n, t4, t2, n1b, nc // 2, words)
         out[t] = _tile_maxsim_split(q4[q_off4[b]:q_off4[b + 1]], m, buf, n, nc, best,
                                     cs[q_off4[b]:q_off4[b + 1]], ids, start)
 
 
 @njit(cache=True, parallel=True)
-def _split_parallel(q4, q_off4, q_len, owner, cs, ids, res, w4, w2, d1, offsets, cand, n_chunks,
+def _split_parallel(q4, q_off4, q_len, owner, cs, ids, res, t4, t2, n1b, offsets, cand, n_chunks,
                     out):
     c = cand.shape[0]
     for k in prange(n_chunks):
-        _split_range(q4, q_off4, q_len, owner, cs, ids, res, w4, w2, d1, offsets, cand,
+        _split_range(q4, q_off4, q_len, owner, cs, ids, res, t4, t2, n1b, offsets, cand,
                      k * c // n_chunks, (k + 1) * c // n_chunks, out)
+
+
+def _split_query(q4: np.ndarray, t4: np.ndarray, t2: np.ndarray, d1: np.ndarray) -> np.ndarray:
+    """The split kernel's query rows: the rotated queries' coded columns (4-bit, 2-bit, then
+    1-bit as the tables say), the 1-bit ones times their weights ``d1``."""
+    before = 2 * t4.shape[0] + 4 * t2.shape[0]
+    q = np.array(q4[:, :before + d1.shape[0]], dtype=np.float32, order="C")
+    q[:, before:] *= d1
+    return _readonly(q)
 
 
 @njit(cache=True, parallel=True)
@@ -694,14 +705,13 @@ class CodedColbertStore(_MaxSimStore):
             return _readonly(q4), _readonly(q_off4), _readonly(q_len), None
         base = self.codec.kernel_tables()[0]
         cs = np.ascontiguousarray(q4 @ base.T, dtype=np.float32)
-        q4c = np.ascontiguousarray(q4[:, :self.codec.n_coded])
-        return _readonly(q4c), _readonly(q_off4), _readonly(q_len), _readonly(cs)
+        return _split_query(q4, *self.codec.split_tables()), _readonly(q_off4), _readonly(q_len), _readonly(cs)
 
     def _kernel(self, args, cand, out, n_chunks):
         q4, q_off4, q_len, owner, cs = args
         if cs is not None:
-            _, w4, w2, d1, _ = self.codec.kernel_tables()
-            tail = (cs, self.codes, self.residuals, w4, w2, d1, self.offsets, cand)
+            t4, t2, d1 = self.codec.split_tables()
+            tail = (cs, self.codes, self.residuals, t4, t2, d1.shape[0] // 8, self.offsets, cand)
             if n_chunks:
                 _split_parallel(q4, q_off4, q_len, owner, *tail, n_chunks, out)
             else:
@@ -725,18 +735,19 @@ class CodedColbertStore(_MaxSimStore):
         return self.codec.transform and not self.codec.renorm
 
     def _leading_tables(self, dims: int):
-        """The split kernel's residual tables cut to the leading ``dims`` coded dimensions (at a
-        byte boundary of the last section kept; earlier sections whole, so byte offsets hold)."""
-        _, w4, w2, d1, _ = self.codec.kernel_tables()
-        n4, n2 = w4.shape[0], w2.shape[0]
+        """The split kernel's tables (:meth:`ColbertCodec.split_tables`) cut to the leading
+        ``dims`` coded dimensions (at a byte boundary of the last section kept; earlier sections
+        whole, so byte offsets hold)."""
+        t4, t2, d1 = self.codec.split_tables()
+        n4, n2 = 2 * t4.shape[0], 4 * t2.shape[0]
         dims = max(0, int(dims))
         if dims <= n4:
-            w4, w2, d1 = w4[:dims - dims % 2], w2[:0], d1[:0]
+            t4, t2, d1 = t4[:dims // 2], t2[:0], d1[:0]
         elif dims <= n4 + n2:
-            w2, d1 = w2[:(dims - n4) // 4 * 4], d1[:0]
+            t2, d1 = t2[:(dims - n4) // 4], d1[:0]
         else:
             d1 = d1[:(dims - n4 - n2) // 8 * 8]
-        return _readonly(w4), _readonly(w2), _readonly(d1)
+        return _readonly(t4), _readonly(t2), _readonly(d1)
 
     def partial_maxsim(self, q: np.ndarray, cand: np.ndarray, dims: int = REFINE_DIMS) -> np.ndarray:
         """MaxSim of one query ``(m, d)`` against rows ``cand`` ``(c,)`` with every token cut to
@@ -750,18 +761,20 @@ class CodedColbertStore(_MaxSimStore):
         out = np.zeros(cand.shape[0], np.float32)
         if cand.size == 0:
             return out
-        q4, q_off4, q_len, cs = self._query_args(q, np.array([0, q.shape[0]], np.int64))
-        w4, w2, d1 = self._leading_tables(dims)
-        q4 = _readonly(np.ascontiguousarray(q4[:, :w4.shape[0] + w2.shape[0] + d1.shape[0]]))
+        q4, q_off4, q_len = _pad_queries(self._prepare(q), np.array([0, q.shape[0]], np.int64))
+        cs = _readonly(np.ascontiguousarray(q4 @ self.codec.kernel_tables()[0].T, dtype=np.float32))
+        t4, t2, d1 = self._leading_tables(dims)
+        q4 = _split_query(q4, t4, t2, d1)
         owner = _readonly(np.zeros(cand.shape[0], np.int64))
-        tail = (cs, self.codes, self.residuals, w4, w2, d1, self.offsets, _readonly(cand))
+        tail = (cs, self.codes, self.residuals, t4, t2, d1.shape[0] // 8, self.offsets, _readonly(cand))
         threads = numba.get_num_threads()
         if threads == 1 or cand.shape[0] < 64:
-            _split_range(q4, q_off4, q_len, owner, *tail, 0, cand.shape[0], out)
+            _split_range(q4, _readonly(q_off4), _readonly(q_len), owner, *tail, 0, cand.shape[0], out)
         else:
             old = numba.set_parallel_chunksize(1)
             try:
-                _split_parallel(q4, q_off4, q_len, owner, *tail, min(8 * threads, cand.shape[0]), out)
+                _split_parallel(q4, _readonly(q_off4), _readonly(q_len), owner, *tail,
+                                min(8 * threads, cand.shape[0]), out)
             finally:
                 numba.set_parallel_chunksize(old)
         return out
