@@ -4,10 +4,14 @@ sparse, ColBERT MaxSim), and the whole ``search(mode="hybrid")``, interleaved qu
 
 Usage::
 
-    python bench/bench_hybrid_stages.py RUN_FOLDER [--queries 30] [--rounds 3] [--json OUT.json]
+    python bench/bench_hybrid_stages.py RUN_FOLDER [--queries 30] [--rounds 3] [--query-tokens N]
+                                        [--json OUT.json]
 
 ``RUN_FOLDER`` is what ``bench_scale_m3.py --keep`` leaves (``index/``, ``queries/``, ``build.json``).
 Stages call the index's private first-stage methods (the same ones ``search`` runs); medians in ms.
+``--query-tokens N`` keeps each query's first ``N`` ColBERT vectors (the generated queries have 32;
+BGE-M3 gives one a token after CLS: the XLM-R tokenizer's median is 22 for SciFact's test queries and
+16-17 for XQuAD-R's, p90 36 and 25).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path)
     ap.add_argument("--queries", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--query-tokens", type=int, default=0,
+                    help="keep each query's first N ColBERT vectors (0: all, as generated)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -51,6 +57,8 @@ def main(argv=None) -> int:
     for rnd in range(args.rounds + 1):  # round 0 warms caches and compiles
         for i in range(nq):
             q = Q.row(i)
+            if args.query_tokens:
+                q = _first_tokens(q, args.query_tokens)
             t = [time.perf_counter()]
             d = idx._dense_topk(state, q.dense, C, None)
             t.append(time.perf_counter())
@@ -85,6 +93,7 @@ def main(argv=None) -> int:
               "rest": max(0.0, med["search(mode='hybrid')"] - max(med["dense first stage"],
                           med["sparse first stage"] + med["bm25 first stage"]) - med["rescore colbert"])}
     out = {"docs": build["docs"], "queries": nq, "rounds": args.rounds, "candidates": C,
+           "query_tokens": args.query_tokens or "all",
            "union_median": float(np.median(unions)), "median_ms": med, "stages": stages}
     for n in names:
         print(f"{n:24s} {med[n]:8.2f} ms")
@@ -93,6 +102,15 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(out, indent=1))
     idx.close()
     return 0
+
+
+def _first_tokens(q, n: int):
+    """``q`` (one query's Encoded) with its first ``n`` ColBERT vectors only."""
+    from hybridsearch.representations import Encoded
+
+    m = min(n, len(q.colbert))
+    return Encoded(dense=q.dense, sparse=q.sparse, colbert=q.colbert[:m],
+                   colbert_offsets=np.array([0, m], np.int64), n_tokens=np.array([m + 1], np.int64))
 
 
 if __name__ == "__main__":
