@@ -180,6 +180,7 @@ class HybridIndex:
                  lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT,
                  merge_policy: MergePolicy | None = MergePolicy()):
         self.path = path
+        self._manifest_file = os.fspath(path / st.MANIFEST)  # stat'ed by every search
         self.encoder = encoder
         #: seconds a write waits for another process's writer lock before IndexLockedError
         self.lock_timeout = lock_timeout
@@ -375,7 +376,7 @@ class HybridIndex:
 
     def _manifest_stat(self):
         try:
-            r = os.stat(self.path / st.MANIFEST)
+            r = os.stat(self._manifest_file)
         except OSError:
             return None
         return (r.st_ino, r.st_mtime_ns, r.st_size)
@@ -755,8 +756,7 @@ class HybridIndex:
 
     @property
     def channels(self) -> tuple[str, ...]:
-        c = self._current().manifest["channels"]
-        return tuple(x for x in CHANNELS if (c[x] if x != "dense" else True))
+        return _channels_of(self._current())
 
     def search(self, query: str, k: int = 10, mode: str = "hybrid", *,
                weights: Mapping[str, float] | None = None, filter: Mapping | None = None,
@@ -830,13 +830,15 @@ class HybridIndex:
                         normalize, query_encoded, reranker, rerank_top, rerank_weight,
                         exhaustive) -> list[list[Hit]]:
         """The checks and the search behind :meth:`search` and :meth:`search_batch`."""
-        _check_query_inputs(queries, weights, self.channels)  # before anything is encoded
+        state = self._current()  # one generation (and one stat of the manifest) per search
+        channels = _channels_of(state)
+        _check_query_inputs(queries, weights, channels)  # before anything is encoded
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        if mode != "hybrid" and mode not in self.channels:
-            raise ValueError(f"this index has no {mode} channel (it has: {', '.join(self.channels)})")
+        if mode != "hybrid" and mode not in channels:
+            raise ValueError(f"this index has no {mode} channel (it has: {', '.join(channels)})")
         if fusion not in ("weighted", "rrf"):
             raise ValueError(f"unknown fusion {fusion!r}; use 'weighted' or 'rrf'")
         cfg = None
@@ -846,7 +848,6 @@ class HybridIndex:
             w.update(weights or {})
             cfg = FusionConfig(weights=w, method="rrf" if fusion == "rrf" else fusion,
                                normalize=tuple(normalize) if normalize is not None else base.normalize)
-        state = self._current()
         flt = check_filter(filter)
         # None means "everything": channels then skip mask handling entirely.
         allowed = None if state.all_alive else state.alive
@@ -1426,6 +1427,11 @@ def _check_metadata(md, what: str) -> None:
                 stack.append((x, f"{where}[{key!r}]"))
         elif isinstance(v, (list, tuple)):
             stack.extend((x, f"{where}[{j}]") for j, x in enumerate(v))
+
+
+def _channels_of(state: _State) -> tuple[str, ...]:
+    c = state.manifest["channels"]
+    return tuple(x for x in CHANNELS if (c[x] if x != "dense" else True))
 
 
 def _check_query_inputs(queries, weights, channels) -> None:
