@@ -650,6 +650,7 @@ class ColbertCodec:
         by = np.arange(256)
         w4, w2 = self._w4.reshape(n4 // 2, 2, self._w4.shape[1]), self._w2.reshape(n2 // 4, 4, 4)
         self._t4 = _byte_words(np.stack([w4[:, 0, by & 15], w4[:, 1, by >> 4]], axis=-1)).reshape(n4 // 2, 256)
+        self._query_maps = None  # split_query's matrices, made on first use
         self._t2 = _byte_words(np.stack([w2[:, s, (by >> (2 * s)) & 3] for s in range(4)], axis=-1))
         for a in (centroids, cutoffs, weights, rotation, fill, self._nlev, self._byte,
                   self._shift, self._cut, self._base, self._w4, self._w2, self._d1):
@@ -868,6 +869,30 @@ class ColbertCodec:
         """``(base, w4, w2, d1, renorm)``: what the decode kernel takes after
         ``(ids, residuals, start, n)``."""
         return self._base, self._w4, self._w2, self._d1, self.renorm
+
+    def split_query(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What the split kernel scores query rows ``q`` ``(m, dim)`` (unrotated) with:
+        ``(coded (m, n_coded), cs (m, k))``, the rotated rows' coded dimensions with the 1-bit
+        ones times their weights ``d1`` (the kernel decodes those bits as 0.0 / 1.0), and the
+        rotated rows against every base. Both come from one product each with a matrix made
+        once per codec (the rotation's coded columns, folded; rotation x bases), not from
+        rotating all ``dim`` columns first."""
+        maps = self._query_maps
+        if maps is None:
+            nc = self.n_coded
+            fold = np.ones(nc, np.float64)
+            fold[nc - self._d1.shape[0]:] = self._d1
+            base = self._base.astype(np.float64)
+            if self.rotation is None:
+                maps = (None, fold.astype(np.float32), np.ascontiguousarray(base.T, dtype=np.float32))
+            else:
+                r = self.rotation.astype(np.float64)
+                maps = (np.ascontiguousarray(r[:, :nc] * fold, dtype=np.float32), None,
+                        np.ascontiguousarray(r @ base.T, dtype=np.float32))
+            self._query_maps = maps
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        coded = q[:, :self.n_coded] * maps[1] if maps[0] is None else q @ maps[0]
+        return np.ascontiguousarray(coded, dtype=np.float32), np.ascontiguousarray(q @ maps[2])
 
     def rotate(self, q: np.ndarray) -> np.ndarray:
         """Query vectors ``(m, dim)`` into the coding space (float32; unchanged for a uniform

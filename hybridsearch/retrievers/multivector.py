@@ -208,7 +208,8 @@ def _tile_maxsim_split(q, m, buf, n, d, best, cs, ids, start):
 def _split_range(q4, q_off4, q_len, owner, cs, ids, res, t4, t2, n1b, offsets, cand, lo, hi, out):
     """:func:`_coded_range` for a codec without renormalisation: only the coded dimensions are
     decoded (:func:`_decode_words`) and multiplied (``q4`` holds the rotated queries' first
-    ``n_coded`` columns, the 1-bit ones already multiplied by their weights: :func:`_split_query`);
+    ``n_coded`` columns, the 1-bit ones already multiplied by their weights:
+    :meth:`ColbertCodec.split_query`);
     the rest of every score comes from ``cs`` ``(rows of q4, k)`` = rotated queries x bases."""
     nc = 2 * t4.shape[0] + 4 * t2.shape[0] + 8 * n1b
     buf, best = _buffers(q_off4, owner, offsets, cand, lo, hi, max(nc, 2))
@@ -233,15 +234,6 @@ def _split_parallel(q4, q_off4, q_len, owner, cs, ids, res, t4, t2, n1b, offsets
     for k in prange(n_chunks):
         _split_range(q4, q_off4, q_len, owner, cs, ids, res, t4, t2, n1b, offsets, cand,
                      k * c // n_chunks, (k + 1) * c // n_chunks, out)
-
-
-def _split_query(q4: np.ndarray, t4: np.ndarray, t2: np.ndarray, d1: np.ndarray) -> np.ndarray:
-    """The split kernel's query rows: the rotated queries' coded columns (4-bit, 2-bit, then
-    1-bit as the tables say), the 1-bit ones times their weights ``d1``."""
-    before = 2 * t4.shape[0] + 4 * t2.shape[0]
-    q = np.array(q4[:, :before + d1.shape[0]], dtype=np.float32, order="C")
-    q[:, before:] *= d1
-    return _readonly(q)
 
 
 @njit(cache=True, parallel=True)
@@ -700,12 +692,12 @@ class CodedColbertStore(_MaxSimStore):
     def _query_args(self, Q: np.ndarray, q_offsets: np.ndarray) -> tuple:
         """Without renormalisation, a score splits into the query row against the token's base
         (``cs``, one product per centroid) plus the coded dimensions (the kernel's only work)."""
-        q4, q_off4, q_len = _pad_queries(self._prepare(Q), q_offsets)
         if self.codec.renorm:
+            q4, q_off4, q_len = _pad_queries(self._prepare(Q), q_offsets)
             return _readonly(q4), _readonly(q_off4), _readonly(q_len), None
-        base = self.codec.kernel_tables()[0]
-        cs = np.ascontiguousarray(q4 @ base.T, dtype=np.float32)
-        return _split_query(q4, *self.codec.split_tables()), _readonly(q_off4), _readonly(q_len), _readonly(cs)
+        q4, q_off4, q_len = _pad_queries(np.ascontiguousarray(Q, dtype=np.float32), q_offsets)
+        coded, cs = self.codec.split_query(q4)
+        return _readonly(coded), _readonly(q_off4), _readonly(q_len), _readonly(cs)
 
     def _kernel(self, args, cand, out, n_chunks):
         q4, q_off4, q_len, owner, cs = args
@@ -761,10 +753,9 @@ class CodedColbertStore(_MaxSimStore):
         out = np.zeros(cand.shape[0], np.float32)
         if cand.size == 0:
             return out
-        q4, q_off4, q_len = _pad_queries(self._prepare(q), np.array([0, q.shape[0]], np.int64))
-        cs = _readonly(np.ascontiguousarray(q4 @ self.codec.kernel_tables()[0].T, dtype=np.float32))
+        q4, q_off4, q_len, cs = self._query_args(q, np.array([0, q.shape[0]], np.int64))
         t4, t2, d1 = self._leading_tables(dims)
-        q4 = _split_query(q4, t4, t2, d1)
+        q4 = _readonly(np.ascontiguousarray(q4[:, :2 * t4.shape[0] + 4 * t2.shape[0] + d1.shape[0]]))
         owner = _readonly(np.zeros(cand.shape[0], np.int64))
         tail = (cs, self.codes, self.residuals, t4, t2, d1.shape[0] // 8, self.offsets, _readonly(cand))
         threads = numba.get_num_threads()
