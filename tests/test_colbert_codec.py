@@ -643,3 +643,35 @@ def test_renormalised_store_uses_the_full_decode(small, monkeypatch):
         np.testing.assert_allclose(store.maxsim(queries[1], cand),
                                    coded_maxsim_reference(queries[1], store, cand), rtol=1e-5, atol=1e-5)
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("nbits", [1, 2])
+@pytest.mark.parametrize("transform", [False, True])
+def test_word_decode_matches_relative_decode(data128, nbits, transform):
+    """The split kernel's decode (one table look-up a residual byte, 1-bit dimensions as 0/1)
+    against the plain per-dimension decode: equal values once the 1-bit ones get their weights."""
+    codec = ColbertCodec.train(data128[:3000], nbits=nbits, k=32, seed=1, transform=transform)
+    n4, n2, n1 = codec.sections
+    if transform:
+        assert n4 + n2 > 0 and n1 > 0  # the test covers mixed sections
+    ids, res = codec.encode(data128[3000:3400])
+    nc = codec.n_coded
+    _, w4, w2, d1, _ = codec.kernel_tables()
+    t4, t2, d1w = codec.split_tables()
+    assert np.array_equal(d1, d1w)
+    want = np.zeros(400 * nc, np.float32)
+    colbert_codec._decode_relative(res, 0, 400, w4, w2, d1, nc, want)
+    got = np.zeros(400 * nc, np.float32)
+    colbert_codec._decode_words(res, 0, 400, t4, t2, d1.shape[0] // 8, nc // 2, got.view(np.uint64))
+    got = got.reshape(400, nc)
+    bits = got[:, n4 + n2:]
+    assert set(np.unique(bits).tolist()) <= {0.0, 1.0}
+    got[:, n4 + n2:] *= d1
+    np.testing.assert_array_equal(got, want.reshape(400, nc))
+    # split_query: the coded columns of the rotated rows, the 1-bit ones times d1; rows x bases.
+    q = data128[5000:5010]
+    coded, cs = codec.split_query(q)
+    rq = codec.rotate(q)
+    np.testing.assert_allclose(coded[:, :n4 + n2], rq[:, :n4 + n2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(coded[:, n4 + n2:], rq[:, n4 + n2:nc] * d1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cs, rq @ codec.kernel_tables()[0].T, rtol=1e-5, atol=1e-5)
