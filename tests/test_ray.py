@@ -90,22 +90,29 @@ def test_nothing_listens_beyond_loopback(cluster):
     assert sum(1 for n in ray.nodes() if n["Alive"]) == 3
 
 
-@pytest.fixture(scope="module")
-def pair(cluster, tiny_m3, tmp_path_factory):
-    """The same documents, writes and deletions in one HybridIndex and a 3-shard ShardedIndex."""
-    from hybridsearch import BGEM3Encoder, HybridIndex
+def _make_pair(enc, root, codec):
+    """The same documents, writes and deletions in one HybridIndex and a 3-shard ShardedIndex.
+    With a residual codec, the sharded index trains its codebook in the second commit (the
+    tokens of the first are below codec_train_tokens, the first two above); the single index is
+    given that codebook at the same point, so the same documents are float16 or coded in both."""
+    from hybridsearch import HybridIndex
     from hybridsearch.distributed import ShardedIndex
 
-    enc = BGEM3Encoder(tiny_m3, device="cpu")
-    root = tmp_path_factory.mktemp("pair")
-    one = HybridIndex.create(root / "one", enc, merge_policy=None)
-    many = ShardedIndex.create(root / "sharded", enc, shards=3, merge_policy=None, timeout=300)
     docs = _docs(400)
-    for lo in range(0, 400, 150):  # three commits; encoded once, the same arrays to both
-        batch = docs[lo:lo + 150]
-        e = enc.encode_arrays([d["text"] for d in batch], kind="passage", sparse=True, colbert=True)
-        one.add(batch, encoded=e)
+    batches = [docs[lo:lo + 150] for lo in range(0, 400, 150)]
+    encs = [enc.encode_arrays([d["text"] for d in b], kind="passage", sparse=True, colbert=True) for b in batches]
+    threshold = int(encs[0].n_tokens.sum()) + 50
+    one = HybridIndex.create(root / "one", enc, merge_policy=None, colbert_codec=codec, train_codebook=False)
+    many = ShardedIndex.create(root / "sharded", enc, shards=3, merge_policy=None, timeout=300,
+                               colbert_codec=codec, codec_train_tokens=threshold)
+    for i, (batch, e) in enumerate(zip(batches, encs)):  # three commits; encoded once, the same arrays to both
         many.add(batch, encoded=e)
+        if i == 1 and codec != "fp16":
+            assert many.codebook is not None
+            one.install_codebook(many.codebook)
+        elif i == 0:
+            assert many.codebook is None
+        one.add(batch, encoded=e)
     changed = [{"id": f"d{i}", "text": "quick quick brown fox " + docs[i]["text"], "metadata": {"year": 1999}}
                for i in range(0, 60, 6)]
     e = enc.encode_arrays([d["text"] for d in changed], kind="passage", sparse=True, colbert=True)
@@ -114,6 +121,28 @@ def pair(cluster, tiny_m3, tmp_path_factory):
     gone = [f"d{i}" for i in range(3, 400, 11)]
     one.delete(gone)
     many.delete(gone)
+    return one, many, gone
+
+
+@pytest.fixture(scope="module")
+def pair(cluster, tiny_m3, tmp_path_factory):
+    """The default codec (res1): one codebook shared by the shards."""
+    from hybridsearch import BGEM3Encoder
+
+    one, many, gone = _make_pair(BGEM3Encoder(tiny_m3, device="cpu"), tmp_path_factory.mktemp("pair"), "res1")
+    kinds = sorted({s.colbert_kind for s in one._current().segments})
+    assert kinds == ["codes", "fp16"], kinds  # both kinds of segment are compared
+    yield one, many, gone
+    many.close()
+    one.close()
+
+
+@pytest.fixture(scope="module")
+def pair16(cluster, tiny_m3, tmp_path_factory):
+    """ColBERT stored as float16 (no codebook)."""
+    from hybridsearch import BGEM3Encoder
+
+    one, many, gone = _make_pair(BGEM3Encoder(tiny_m3, device="cpu"), tmp_path_factory.mktemp("pair16"), "fp16")
     yield one, many, gone
     many.close()
     one.close()
@@ -126,7 +155,11 @@ def test_layout_and_routing(pair):
     assert st["shards"] == 3 and st["documents"] == len(one)
     counts = [s["documents"] for s in st["per_shard"]]
     assert min(counts) > 60, counts  # the hash spreads the ids
-    assert sorted(os.listdir(many.path)) == ["shard-00", "shard-01", "shard-02", "sharding.json"]
+    assert sorted(os.listdir(many.path)) == ["LOCK", "codebook-000001", "shard-00", "shard-01", "shard-02",
+                                             "sharding.json"]
+    ident = many.codebook.identity
+    assert json.loads((many.path / "sharding.json").read_text())["colbert_codec"]["identity"] == ident
+    assert {i for i, _ in many._each_replica("codec_info").values()} == {ident}  # every shard codes with it
     from hybridsearch import HybridIndex
     from hybridsearch.distributed.sharded import shard_of
 
@@ -138,11 +171,13 @@ def test_layout_and_routing(pair):
     assert many.contains(["d0", "d3", "nope"]) == [True, False, False]
 
 
+@pytest.mark.parametrize("codec", ["res1", "fp16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_three_shards_answer_as_one_index(pair, mode):
+def test_three_shards_answer_as_one_index(request, mode, codec):
     """Same top-10 ids and scores as one index over the same documents, in every mode, with
-    and without filters, after upserts and deletions; BM25 scored with global statistics."""
-    one, many, _ = pair
+    and without filters, after upserts and deletions; BM25 scored with global statistics; with
+    the default codec (res1: one codebook for every shard) and with float16 ColBERT."""
+    one, many, _ = request.getfixturevalue("pair" if codec == "res1" else "pair16")
     for flt in (None, {"year": {"gte": 2003}}, {"odd": True}):
         got = many.search_batch(QUERIES, k=10, mode=mode, filter=flt, candidates=20)
         want = one.search_batch(QUERIES, k=10, mode=mode, filter=flt, candidates=20)

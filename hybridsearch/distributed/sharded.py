@@ -19,6 +19,16 @@ A query is encoded once by the coordinator (this object, in the driver) and fans
 3. Documents: the shards that own the final top ``k`` return their text and metadata, from the
    same snapshot that answered step 2.
 
+ColBERT codebook (``res1``, ``res2``, ``res1-pool2``): one for all shards, so every shard codes
+and scores ColBERT as one index coded with it. Shards are made with ``train_codebook=False``
+(recorded in their manifests: they never train one). The coordinator trains it once, in the
+write that brings the stored float16 vectors plus the write in hand to ``codec_train_tokens``
+(as one index does), on a sample of the write and of the shards' float16 vectors; it saves it as
+``DIR/codebook-NNNNNN/`` (fsync, rename), names it in ``sharding.json`` (with its identity),
+installs it on every replica (``HybridIndex.install_codebook``: one commit), then writes.
+``open`` installs the named codebook on every replica that lacks it (a coordinator that died
+between these steps) and refuses a replica coded with another one.
+
 Faults: shard actors run with ``max_restarts=-1``; a restarted actor reopens its folder at the
 last commit. A call that fails because the actor died is retried (another replica first) until
 ``timeout``; then the query raises :class:`ShardUnavailableError`, or with ``partial=True``
@@ -32,6 +42,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -51,12 +62,16 @@ from ray.exceptions import (
 
 from ..errors import HybridSearchError, IndexFormatError
 from ..fusion import FusionConfig, fuse_terms
+from ..index import locking
+from ..index import storage as st
 from ..index.docstore import hash_ids
 from ..index.filters import check_filter
 from ..index.hybrid import (
+    CODEC_TRAIN_TOKENS,
     MODES,
     Hit,
     _check_docs,
+    _codec_sample,
     _check_encoded,
     _check_query_inputs,
     _rerank,
@@ -64,10 +79,15 @@ from ..index.hybrid import (
     default_fusion_for,
 )
 from ..representations import Encoded
+from ..retrievers.colbert_codec import INDEX_TRAINING, MAX_TRAIN_SAMPLE, ColbertCodec, default_k, parse_codec
 
 LAYOUT_FILE = "sharding.json"
 LAYOUT_FORMAT = "hybridsearch-sharded"
-LAYOUT_VERSION = 1
+# 2: the shards share one ColBERT codebook (``colbert_codec`` in the layout). 1 (read): each
+# shard trained its own (ColBERT scores then differ from one index's).
+LAYOUT_VERSION = 2
+LAYOUT_VERSIONS = (1, 2)
+CODEBOOK_RE = re.compile(r"codebook-[0-9]{6}")
 DEFAULT_TIMEOUT = 120.0
 _DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
 
@@ -166,6 +186,29 @@ class _Shard:
             return None  # the coordinator asks again from the start
         return HybridIndex._docs(state, docnos)
 
+    def codec_info(self):
+        """``(identity of the installed codebook or None, ColBERT vectors stored as float16)``."""
+        state = self.index._current()
+        codec = self.index.codebook()
+        fp16 = sum(int(s.colbert.offsets[-1]) for s in state.segments if s.colbert_kind == "fp16")
+        return (None if codec is None else codec.identity), fp16
+
+    def codec_sample(self, n: int, pool: int, seed: int):
+        """At most ``n`` of this shard's float16 ColBERT vectors (pooled by ``pool``, as the
+        codebook will code them), drawn evenly; float16, bounded by ``n``."""
+        from types import SimpleNamespace
+
+        state = self.index._current()
+        stores = [s.colbert for s in state.segments if s.colbert_kind == "fp16"]
+        dim = self.index.encoder.spec.colbert_dim
+        if n <= 0 or not stores:
+            return np.zeros((0, dim), np.float16)
+        empty = SimpleNamespace(colbert=np.zeros((0, dim), np.float16), colbert_offsets=np.zeros(1, np.int64))
+        return _codec_sample(empty, stores, n, pool, seed).astype(np.float16)
+
+    def install_codebook(self, codec):
+        return self.index.install_codebook(codec)
+
     def upsert(self, docs, encoded):
         return self.index.upsert(docs, encoded=encoded)
 
@@ -210,6 +253,7 @@ class ShardedIndex:
         self.timeout = float(timeout)
         self._rr = itertools.count()
         self._closed = False
+        self._codebook: ColbertCodec | None = None
 
     # ------------------------------------------------------------------ making one
 
@@ -226,11 +270,21 @@ class ShardedIndex:
         the nodes; ``max_restarts=-1`` is always set)."""
         if not isinstance(shards, int) or shards < 1 or not isinstance(replicas, int) or replicas < 1:
             raise ValueError(f"shards and replicas must be positive integers, got {shards!r}, {replicas!r}")
+        if "train_codebook" in index_kwargs:
+            raise ValueError("train_codebook is the coordinator's: the shards of a sharded index share one codebook")
         path = Path(path)
         encoder = _encoder(model, device)
         layout = {"format": LAYOUT_FORMAT, "version": LAYOUT_VERSION, "shards": shards, "replicas": replicas,
                   "model": str(encoder.spec.path), "model_name": encoder.spec.name,
                   "routing": "docstore.hash_ids(id) % shards"}
+        if encoder.spec.has_colbert:
+            spec = index_kwargs.get("colbert_codec", "res1")
+            parse_codec(spec)  # ValueError naming the valid codecs
+            tokens = index_kwargs.get("codec_train_tokens", CODEC_TRAIN_TOKENS)
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+                raise ValueError(f"codec_train_tokens must be a positive integer, got {tokens!r}")
+            layout["colbert_codec"] = {"spec": spec, "train_tokens": tokens, "codebook": None, "identity": None}
+            index_kwargs = {**index_kwargs, "train_codebook": False}
         f = path / LAYOUT_FILE
         if f.exists():
             have = _read_layout(path)
@@ -242,17 +296,7 @@ class ShardedIndex:
             layout = have
         else:
             path.mkdir(parents=True, exist_ok=True)
-            tmp = path / (LAYOUT_FILE + ".tmp")
-            with open(tmp, "w") as fh:
-                json.dump(layout, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, f)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_layout(path, layout)
         return cls._start(path, encoder, layout, index_kwargs, address, timeout, actor_options)
 
     @classmethod
@@ -279,7 +323,86 @@ class ShardedIndex:
         # Wait for every copy to open (a bad folder fails here, with its own error).
         self._each_replica("generation", timeout=max(timeout, 120.0))
         self._channels = tuple(self._shard_stats(timeout)[0]["channels"])
+        self._sync_codebook(layout)
         return self
+
+    # ------------------------------------------------------------------ the shared codebook
+
+    @property
+    def codebook(self) -> ColbertCodec | None:
+        """The ColBERT codebook every shard codes with (None: not trained yet, float16, or a
+        version-1 layout whose shards trained their own)."""
+        return self._codebook
+
+    def _load_codebook(self, layout: dict) -> ColbertCodec | None:
+        cc = layout.get("colbert_codec")
+        if cc is None or cc["codebook"] is None:
+            return None
+        folder = self.path / cc["codebook"]
+        if folder.is_symlink() or not folder.is_dir():
+            raise IndexFormatError(f"{self.path / LAYOUT_FILE}: codebook {cc['codebook']} is not a folder here")
+        codec = ColbertCodec.load(folder, dim=self.encoder.spec.colbert_dim)
+        if codec.identity != cc["identity"] or codec.name != cc["spec"]:
+            raise IndexFormatError(f"{folder}: not the codebook {LAYOUT_FILE} names (identity or kind differ)")
+        return codec
+
+    def _sync_codebook(self, layout: dict) -> None:
+        """Check every replica against the layout's codebook and install it where it is missing
+        (a coordinator died after naming it); a replica coded with another one is an error."""
+        cc = layout.get("colbert_codec")
+        if cc is None:
+            return
+        codec = self._load_codebook(layout)
+        infos = self._each_replica("codec_info")
+        want = None if codec is None else codec.identity
+        wrong = sorted(sr for sr, (ident, _) in infos.items() if ident is not None and ident != want)
+        if wrong:
+            raise IndexFormatError(f"{self.path}: shard copies {wrong} code ColBERT with another codebook than "
+                                   f"the one {LAYOUT_FILE} names ({cc['codebook']})")
+        lacking = {s for (s, _), (ident, _) in infos.items() if ident is None}
+        if codec is not None and lacking:
+            ref = ray.put(codec)
+            self._each_replica("install_codebook", shard_args={s: (ref,) for s in sorted(lacking)})
+        self.layout, self._codebook = layout, codec
+
+    def _ensure_codebook(self, encoded: Encoded) -> None:
+        """Before a write: train the shared codebook if the float16 vectors stored so far plus
+        this write's reach ``codec_train_tokens`` (as one index does), then save, name and
+        install it. Under the sharded folder's writer lock, so two coordinators train one."""
+        cc = self.layout.get("colbert_codec")
+        if cc is None or cc["spec"] == "fp16" or self._codebook is not None or encoded.colbert is None:
+            return
+        with locking.WriterLock(self.path, 60.0):
+            layout = _read_layout(self.path)
+            if layout["colbert_codec"]["codebook"] is not None:  # another coordinator trained it
+                self._sync_codebook(layout)
+                return
+            got, _ = self._fanout("codec_info", lambda s: (), list(range(self.n_shards)), timeout=self.timeout,
+                                  partial=False)
+            stored = {s: int(r[1]) for s, (_, r) in got.items()}
+            have = len(encoded.colbert) + sum(stored.values())
+            if have < cc["train_tokens"]:
+                return
+            opts = parse_codec(cc["spec"])
+            how = INDEX_TRAINING[cc["spec"]]
+            n = min(MAX_TRAIN_SAMPLE, have)
+            quota = {s: int(round(n * t / have)) for s, t in stored.items() if t}
+            parts = []
+            if quota:
+                got, _ = self._fanout("codec_sample", lambda s: (quota[s], opts["pool"], s), sorted(quota),
+                                      timeout=self.timeout, partial=False)
+                parts = [np.asarray(r, np.float32) for _, (_, r) in sorted(got.items())]
+            own = n - sum(quota.values())
+            if own > 0:
+                parts.append(_codec_sample(encoded, [], own, opts["pool"]))
+            sample = np.concatenate(parts)[:MAX_TRAIN_SAMPLE]
+            k = min(default_k(have // opts["pool"]), how["k_max"], 1 << int(np.log2(max(len(sample) // 2, 1))))
+            codec = ColbertCodec.train(sample, nbits=opts["nbits"], pool=opts["pool"], k=max(k, 1),
+                                       renorm=how["renorm"], transform=how["transform"])
+            name = _save_codebook(self.path, codec)
+            layout["colbert_codec"] = {**layout["colbert_codec"], "codebook": name, "identity": codec.identity}
+            _write_layout(self.path, layout)  # from here on, open() completes the install
+            self._sync_codebook(layout)
 
     # ------------------------------------------------------------------ calls
 
@@ -637,6 +760,7 @@ class ShardedIndex:
             encoded = self.encoder.encode_arrays(texts, kind="passage", batch_size=batch_size,
                                                  sparse=spec.has_sparse, colbert=spec.has_colbert)
         _check_encoded(encoded, len(texts), spec)
+        self._ensure_codebook(encoded)
         route = shard_of(ids, self.n_shards)
         args = {}
         for s in np.unique(route).tolist():
@@ -704,6 +828,39 @@ def _encoder(model, device):
     return model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(model, device=device)
 
 
+def _write_layout(path: Path, layout: dict) -> None:
+    """``sharding.json``, atomically: a temporary file, fsync, rename, fsync of the folder."""
+    tmp = path / (LAYOUT_FILE + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(layout, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path / LAYOUT_FILE)
+    st.fsync_dir(path)
+
+
+def _save_codebook(path: Path, codec: ColbertCodec) -> str:
+    """Write ``codec`` as ``path/codebook-000001`` through a temporary
+    folder, every file and both folders fsynced; codebooks no layout names (left by a
+    coordinator that died before naming one) are removed first. Writer lock held."""
+    import shutil
+
+    for p in path.iterdir():
+        if (CODEBOOK_RE.fullmatch(p.name) or (p.name.startswith("codebook-") and p.name.endswith(".tmp"))) \
+                and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+    name = "codebook-000001"
+    tmp = path / (name + ".tmp")
+    codec.save(tmp)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    st.fsync_dir(tmp)
+    os.replace(tmp, path / name)
+    st.fsync_dir(path)
+    return name
+
+
 def _read_layout(path: Path) -> dict:
     f = path / LAYOUT_FILE
     try:
@@ -721,6 +878,18 @@ def _read_layout(path: Path) -> dict:
         raise IndexFormatError(f"{f}: {e}") from None
     if not ok:
         raise IndexFormatError(f"{f}: not a {LAYOUT_FORMAT} layout (format, shards 1-4096, replicas 1-64, model)")
-    if layout.get("version") != LAYOUT_VERSION:
-        raise IndexFormatError(f"{f}: layout version {layout.get('version')!r}; this library reads {LAYOUT_VERSION}")
+    if layout.get("version") not in LAYOUT_VERSIONS:
+        raise IndexFormatError(f"{f}: layout version {layout.get('version')!r}; this library reads {LAYOUT_VERSIONS}")
+    cc = layout.get("colbert_codec")
+    if cc is not None or layout["version"] >= 2:
+        ok = cc is None or (
+            isinstance(cc, dict) and isinstance(cc.get("spec"), str) and cc["spec"] in INDEX_TRAINING.keys() | {"fp16"}
+            and isinstance(cc.get("train_tokens"), int) and not isinstance(cc["train_tokens"], bool)
+            and 1 <= cc["train_tokens"] <= 1 << 40
+            and ((cc.get("codebook") is None and cc.get("identity") is None)
+                 or (isinstance(cc.get("codebook"), str) and CODEBOOK_RE.fullmatch(cc["codebook"]) is not None
+                     and isinstance(cc.get("identity"), str) and re.fullmatch(r"[0-9a-f]{64}", cc["identity"]))))
+        if not ok or (layout["version"] < 2 and cc is not None):
+            raise IndexFormatError(f"{f}: colbert_codec must be null or {{spec, train_tokens 1-2^40, codebook "
+                                   "(null or codebook-NNNNNN), identity (null or 64 hex digits)}} (layout version 2)")
     return layout
