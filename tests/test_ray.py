@@ -268,10 +268,11 @@ def test_killed_shard_restarts_partial_or_wait(cluster, tiny_m3, tmp_path):
     the last commit, and no acknowledged write is lost."""
     from hybridsearch.distributed import ShardedIndex, ShardUnavailableError
 
-    idx = ShardedIndex.create(tmp_path / "s", tiny_m3, shards=3, timeout=300)
+    idx = ShardedIndex.create(tmp_path / "s", tiny_m3, shards=3, timeout=300, codec_train_tokens=200)
     try:
         docs = _docs(90, seed=3)
         idx.add(docs)
+        ident = idx.codebook.identity  # trained in the first write
         full = idx.search("quick brown fox", k=10)
         pids = idx.shard_pids()
         _kill(pids[1][0])
@@ -287,6 +288,7 @@ def test_killed_shard_restarts_partial_or_wait(cluster, tiny_m3, tmp_path):
         assert not waited.partial
         _assert_same(waited, full, "after restart")
         assert idx.shard_pids()[1][0] != pids[1][0]
+        assert {i for i, _ in idx._each_replica("codec_info").values()} == {ident}  # the restarted one too
         # kill again and ask without partial and a short timeout: a clear error naming the shard
         _kill(idx.shard_pids()[0][0])
         with pytest.raises(ShardUnavailableError, match=r"shard\(s\) \[0") as err:
@@ -318,6 +320,7 @@ def test_killed_shard_restarts_partial_or_wait(cluster, tiny_m3, tmp_path):
             t.join()
         assert all(idx.contains(docs_ids := [d["id"] for d in docs] + acked))
         assert len(idx) == len(docs_ids)
+        assert {i for i, _ in idx._each_replica("codec_info").values()} == {ident}
     finally:
         idx.close()
 
@@ -350,13 +353,14 @@ def test_replicas_serve_reads_while_one_is_down(cluster, tiny_m3, tmp_path):
 def test_reopen_at_last_commit(cluster, tiny_m3, tmp_path):
     from hybridsearch.distributed import ShardedIndex
 
-    idx = ShardedIndex.create(tmp_path / "o", tiny_m3, shards=2)
+    idx = ShardedIndex.create(tmp_path / "o", tiny_m3, shards=2, codec_train_tokens=150)
     idx.add(_docs(40, seed=9))
+    ident = idx.codebook.identity
     want = idx.search("lazy dog", k=5)
     idx.close()
     again = ShardedIndex.open(tmp_path / "o")
     try:
-        assert len(again) == 40
+        assert len(again) == 40 and again.codebook.identity == ident
         _assert_same(again.search("lazy dog", k=5), want, "reopen")
     finally:
         again.close()
@@ -366,6 +370,70 @@ def test_reopen_at_last_commit(cluster, tiny_m3, tmp_path):
 
     with pytest.raises(IndexFormatError):
         ShardedIndex.open(tmp_path / "bad")
+
+
+def test_codebook_install_completed_on_open_and_hostile_layouts(cluster, tiny_m3, tmp_path):
+    """A coordinator that died after naming the codebook in sharding.json but before installing
+    it on every replica: open() installs it. A layout naming a codebook that is not there, not
+    the one named (identity) or outside the folder, or shards coded with another: clear errors."""
+    import shutil
+
+    from hybridsearch import HybridIndex
+    from hybridsearch.distributed import ShardedIndex
+    from hybridsearch.errors import IndexFormatError
+    from hybridsearch.retrievers.colbert_codec import ColbertCodec
+
+    root = tmp_path / "c"
+    idx = ShardedIndex.create(root, tiny_m3, shards=2, codec_train_tokens=10 ** 9)
+    idx.add(_docs(40, seed=12))
+    want = idx.search("lazy dog", k=5)
+    dim = idx.encoder.spec.colbert_dim
+    idx.close()
+    assert idx.codebook is None and not any(p.name.startswith("codebook-") for p in root.iterdir())
+    # what the coordinator does up to its death: the codebook saved and named, installed on one shard only
+    codec = ColbertCodec.train(np.random.default_rng(1).standard_normal((800, dim)).astype(np.float32), nbits=1, k=8)
+    codec.save(root / "codebook-000001")
+    layout = json.loads((root / "sharding.json").read_text())
+    layout["colbert_codec"].update(codebook="codebook-000001", identity=codec.identity)
+    (root / "sharding.json").write_text(json.dumps(layout))
+    with HybridIndex.open(root / "shard-01", tiny_m3) as one_copy:
+        one_copy.install_codebook(codec)
+    again = ShardedIndex.open(root)
+    try:
+        assert again.codebook.identity == codec.identity
+        assert {i for i, _ in again._each_replica("codec_info").values()} == {codec.identity}
+        _assert_same(again.search("lazy dog", k=5), want, "float16 segments stay float16")
+        again.add(_docs(10, seed=13, prefix="n"))  # coded with it
+        with HybridIndex.open(root / "shard-00", tiny_m3) as copy:
+            assert "codes" in {s.colbert_kind for s in copy._current().segments}
+    finally:
+        again.close()
+    good = (root / "sharding.json").read_text()
+
+    def bad_layout(change, match):
+        layout = json.loads(good)
+        change(layout)
+        (root / "sharding.json").write_text(json.dumps(layout))
+        with pytest.raises(IndexFormatError, match=match):
+            ShardedIndex.open(root, timeout=60)
+
+    bad_layout(lambda m: m["colbert_codec"].update(codebook="../shard-00"), "colbert_codec")
+    bad_layout(lambda m: m["colbert_codec"].update(identity="0" * 64), "not the codebook")
+    bad_layout(lambda m: m["colbert_codec"].update(identity=None), "colbert_codec")
+    bad_layout(lambda m: m["colbert_codec"].update(train_tokens=True), "colbert_codec")
+    bad_layout(lambda m: m.update(colbert_codec="res1"), "colbert_codec")
+    bad_layout(lambda m: m["colbert_codec"].update(codebook="codebook-000002"), "not a folder")
+    (root / "sharding.json").write_text(good)
+    shutil.rmtree(root / "codebook-000001")
+    (root / "codebook-000001").mkdir()  # an empty (or tampered) codebook folder
+    with pytest.raises(IndexFormatError, match="codec"):
+        ShardedIndex.open(root, timeout=60)
+    # a layout that names no codebook while the shards code with one
+    layout = json.loads(good)
+    layout["colbert_codec"].update(codebook=None, identity=None)
+    (root / "sharding.json").write_text(json.dumps(layout))
+    with pytest.raises(IndexFormatError, match="another codebook"):
+        ShardedIndex.open(root, timeout=60)
 
 
 # ---------------------------------------------------------------------------- encoding

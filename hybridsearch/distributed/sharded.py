@@ -320,10 +320,18 @@ class ShardedIndex:
         actors = [[Actor.remote(str(shard_folder(path, s, r)), model, create, 60.0)
                    for r in range(int(layout["replicas"]))] for s in range(int(layout["shards"]))]
         self = cls(path, encoder, layout, actors, timeout=timeout)
-        # Wait for every copy to open (a bad folder fails here, with its own error).
-        self._each_replica("generation", timeout=max(timeout, 120.0))
-        self._channels = tuple(self._shard_stats(timeout)[0]["channels"])
-        self._sync_codebook(layout)
+        try:
+            codec = self._load_codebook(layout)  # a bad codebook folder fails before the wait
+            # Wait for every copy to open (a bad folder fails here, with its own error).
+            self._each_replica("generation", timeout=max(timeout, 120.0))
+            self._channels = tuple(self._shard_stats(timeout)[0]["channels"])
+            self._sync_codebook(layout, codec)
+        except BaseException:
+            self._closed = True  # no actor outlives a failed open (nothing was written: no close needed)
+            for row in actors:
+                for a in row:
+                    ray.kill(a, no_restart=True)
+            raise
         return self
 
     # ------------------------------------------------------------------ the shared codebook
@@ -346,13 +354,15 @@ class ShardedIndex:
             raise IndexFormatError(f"{folder}: not the codebook {LAYOUT_FILE} names (identity or kind differ)")
         return codec
 
-    def _sync_codebook(self, layout: dict) -> None:
-        """Check every replica against the layout's codebook and install it where it is missing
-        (a coordinator died after naming it); a replica coded with another one is an error."""
+    def _sync_codebook(self, layout: dict, codec: ColbertCodec | None = None) -> None:
+        """Check every replica against the layout's codebook (``codec``: already loaded) and
+        install it where it is missing (a coordinator died after naming it); a replica coded
+        with another one is an error."""
         cc = layout.get("colbert_codec")
         if cc is None:
             return
-        codec = self._load_codebook(layout)
+        if codec is None:
+            codec = self._load_codebook(layout)
         infos = self._each_replica("codec_info")
         want = None if codec is None else codec.identity
         wrong = sorted(sr for sr, (ident, _) in infos.items() if ident is not None and ident != want)
