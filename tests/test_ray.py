@@ -283,7 +283,8 @@ def test_killed_shard_restarts_partial_or_wait(cluster, tiny_m3, tmp_path):
 
         lost = set(part.missing)
         assert all(shard_of([h.id], 3)[0] not in lost for h in part)
-        assert [h.id for h in part] == [h.id for h in full if shard_of([h.id], 3)[0] not in lost][:len(part)]
+        kept = [h.id for h in full if shard_of([h.id], 3)[0] not in lost]
+        assert [h.id for h in part][:len(kept)] == kept  # then the live shards' next documents
         waited = idx.search("quick brown fox", k=10)  # waits (up to the index's 300 s) for the restart
         assert not waited.partial
         _assert_same(waited, full, "after restart")
@@ -331,7 +332,8 @@ def test_replicas_serve_reads_while_one_is_down(cluster, tiny_m3, tmp_path):
     idx = ShardedIndex.create(tmp_path / "r", tiny_m3, shards=2, replicas=2, timeout=300)
     try:
         idx.add(_docs(60, seed=7))
-        assert sorted(os.listdir(idx.path)) == ["shard-00", "shard-00-r1", "shard-01", "shard-01-r1", "sharding.json"]
+        assert sorted(os.listdir(idx.path)) == ["LOCK", "shard-00", "shard-00-r1", "shard-01", "shard-01-r1",
+                                                "sharding.json"]
         full = idx.search("brown dog", k=8)
         for s in range(2):  # writes reached every copy
             st = idx._each_replica("count")
@@ -357,6 +359,7 @@ def test_reopen_at_last_commit(cluster, tiny_m3, tmp_path):
     idx.add(_docs(40, seed=9))
     ident = idx.codebook.identity
     want = idx.search("lazy dog", k=5)
+    _check_round_trips(idx, tiny_m3)
     idx.close()
     again = ShardedIndex.open(tmp_path / "o")
     try:
@@ -370,6 +373,59 @@ def test_reopen_at_last_commit(cluster, tiny_m3, tmp_path):
 
     with pytest.raises(IndexFormatError):
         ShardedIndex.open(tmp_path / "bad")
+
+
+def _check_round_trips(idx, model):
+    """The fan-outs a query makes: BM25 statistics only for a term not seen at the shards'
+    current generations; documents only when the candidates replies lacked one. A write (here
+    or by another process) makes the cached statistics stale: detected, and asked again."""
+    from hybridsearch import HybridIndex
+    from hybridsearch.distributed.sharded import shard_of
+
+    calls = []
+    real = idx._fanout
+
+    def spy(method, *a, **kw):
+        calls.append(method)
+        return real(method, *a, **kw)
+
+    idx._fanout = spy
+
+    def rounds(*a, **kw):
+        calls.clear()
+        hits = idx.search(*a, **kw)
+        return list(calls), hits
+
+    def fresh(*a, **kw):  # the same query without the cache
+        idx._stats_cache.clear()
+        return idx.search(*a, **kw)
+
+    try:
+        idx._stats_cache.clear()
+        assert rounds("lazy dog zorro", k=5, mode="bm25")[0] == ["bm25_stats", "candidates"]
+        assert rounds("lazy dog zorro", k=5, mode="bm25")[0] == ["candidates"]
+        assert rounds("zorro dog", k=5)[0] == ["candidates"]  # hybrid, terms known: one round
+        assert rounds("fox", k=5)[0] == ["bm25_stats", "candidates"]
+        assert rounds("fox", k=5, mode="dense")[0] == ["candidates"]
+        order, _ = rounds("fox", k=5, normalize=["dense", "sparse", "colbert", "bm25"])  # global min-max:
+        assert order[0] == "candidates" and set(order) <= {"candidates", "docs"}  # documents may be missing
+        # a write through this coordinator, then one by another process into a shard's folder
+        idx.upsert([{"id": "x-lazy", "text": "lazy lazy dog zorro"}])
+        order, got = rounds("lazy dog zorro", k=5, mode="bm25")
+        assert order == ["candidates", "bm25_stats", "candidates"] and got[0].id == "x-lazy"
+        _assert_same(got, fresh("lazy dog zorro", k=5, mode="bm25"), "after a write")
+        other = next(f"y{i}" for i in range(100) if shard_of([f"y{i}"], idx.n_shards)[0] == 0)
+        with HybridIndex.open(idx.path / "shard-00", model) as shard:
+            shard.add([{"id": other, "text": "zorro zorro zorro dog lazy"}])
+        order, got = rounds("lazy dog zorro", k=5, mode="bm25")
+        assert order == ["candidates", "bm25_stats", "candidates"] and got[0].id == other
+        _assert_same(got, fresh("lazy dog zorro", k=5, mode="bm25"), "after another process wrote")
+        for mode in ("hybrid", "bm25"):
+            got = idx.search("lazy dog", k=5, mode=mode)
+            _assert_same(got, fresh("lazy dog", k=5, mode=mode), mode)
+        idx.delete(["x-lazy", other])
+    finally:
+        idx._fanout = real
 
 
 def test_codebook_install_completed_on_open_and_hostile_layouts(cluster, tiny_m3, tmp_path):

@@ -79,6 +79,7 @@ from ..index.hybrid import (
     default_fusion_for,
 )
 from ..representations import Encoded
+from ..retrievers import bm25_postings
 from ..retrievers.colbert_codec import INDEX_TRAINING, MAX_TRAIN_SAMPLE, ColbertCodec, default_k, parse_codec
 
 LAYOUT_FILE = "sharding.json"
@@ -166,9 +167,24 @@ class _Shard:
         return int(self.index._current().generation)
 
     def bm25_stats(self, queries):
-        return self.index._bm25_collection_stats(queries)
+        """``(generation, (N, total length, df of query_terms(queries)))`` of one committed
+        state (None instead of the statistics without BM25 postings)."""
+        from ..retrievers import bm25_postings
 
-    def candidates(self, queries, q, mode, k, C, flt, stats, exhaustive):
+        state = self.index._current()
+        if not state.has_bm25 or state.bm25 is not None:
+            return state.generation, None
+        return state.generation, bm25_postings.collection_stats([s.bm25 for s in state.segments],
+                                                                bm25_postings.query_terms(queries))
+
+    def candidates(self, queries, q, mode, k, C, flt, stats, exhaustive, cfg=None):
+        """``(generation, per query candidates, {docno: document})``. The documents are those
+        of this shard's own top ``k`` (hybrid: fused over its union with ``cfg``), sent along
+        so the coordinator seldom needs the documents round: exact in single-channel modes (the
+        global top ``k`` is among the shards' top ``k``), a guess in hybrid mode (the global
+        normalisation may rank otherwise; the coordinator asks :meth:`docs` for what it lacks)."""
+        from ..index.hybrid import HybridIndex
+
         state, out = self.index._shard_candidates(queries, q, mode, k, C, filter=flt, bm25_stats=stats,
                                                   exhaustive=exhaustive)
         with self._lock:  # keep the snapshot for docs(): a few recent generations
@@ -176,7 +192,14 @@ class _Shard:
             self._states.move_to_end(state.generation)
             while len(self._states) > 4:
                 self._states.popitem(last=False)
-        return state.generation, out
+        want = set()
+        for r in out:
+            if mode != "hybrid":
+                want.update(np.asarray(r["docnos"][:k]).tolist())
+            elif len(r["union"]) and cfg is not None:
+                want.update(np.asarray(r["union"])[_local_top(r, k, cfg)].tolist())
+        want = sorted(want)
+        return state.generation, out, dict(zip(want, HybridIndex._docs(state, want)))
 
     def docs(self, generation, docnos):
         from ..index.hybrid import HybridIndex
@@ -232,6 +255,20 @@ class _Shard:
         self.index.close()
 
 
+def _local_top(r: dict, k: int, cfg: FusionConfig) -> np.ndarray:
+    """Positions in ``r["union"]`` of a shard's own fused top ``k`` (its union only: a guess
+    at which of its documents the global fusion picks)."""
+    scores = dict(r["rescored"])
+    if "bm25" in r["first"]:
+        sc, dn = r["first"]["bm25"]
+        b = np.full(len(r["union"]), np.nan, np.float32)
+        b[np.searchsorted(r["union"], dn)] = sc
+        scores["bm25"] = b
+    scores = {c: scores[c] for c in ("dense", "sparse", "colbert", "bm25") if c in scores}
+    fused, _ = fuse_terms(scores, cfg)
+    return np.argsort(-fused, kind="stable")[:k]
+
+
 def _actor_class():
     return ray.remote(_Shard)
 
@@ -254,6 +291,12 @@ class ShardedIndex:
         self._rr = itertools.count()
         self._closed = False
         self._codebook: ColbertCodec | None = None
+        # BM25 statistics per shard copy, valid while its generation is the one recorded:
+        # {(shard, replica): (generation, N, total length, {term: df})}. A query whose terms are
+        # all here skips the statistics round; a candidates reply of another generation (a
+        # write landed) is discarded and the query asks again.
+        self._stats_cache: dict = {}
+        self._stats_lock = threading.Lock()
 
     # ------------------------------------------------------------------ making one
 
@@ -428,11 +471,12 @@ class ShardedIndex:
         raise e
 
     def _fanout(self, method: str, args_of, shards: Sequence[int], *, timeout: float, partial: bool,
-                replica_of: Mapping[int, int] | None = None):
+                replica_of: Mapping[int, int] | None = None, failover: bool = False):
         """Call ``method(*args_of(shard))`` on one replica of each of ``shards``. Returns
         ``({shard: (replica, result)}, missing)``. A dead or restarting replica is retried, the
         next replica first, until ``timeout``; then ``missing`` names the shards without an
-        answer (``partial``) or ShardUnavailableError is raised. ``replica_of`` pins replicas."""
+        answer (``partial``) or ShardUnavailableError is raised. ``replica_of`` pins replicas
+        (retried on the same one unless ``failover``: then it is only where to start)."""
         deadline = time.monotonic() + timeout
         start = next(self._rr)
         tries = {s: (replica_of[s] if replica_of else start + s) for s in shards}
@@ -464,9 +508,10 @@ class ShardedIndex:
                 try:
                     done[s] = (tries[s] % self.n_replicas, ray.get(ref))
                 except _DEAD:
-                    if replica_of is None:
+                    moves = replica_of is None or failover
+                    if moves:
                         tries[s] += 1  # the next replica; round and round while they restart
-                    retry_at[s] = time.monotonic() + (0.0 if self.n_replicas > 1 and replica_of is None else 0.1)
+                    retry_at[s] = time.monotonic() + (0.0 if self.n_replicas > 1 and moves else 0.1)
                 except RayTaskError as e:
                     for r in refs:
                         ray.cancel(r)
@@ -588,19 +633,26 @@ class ShardedIndex:
         timeout = self.timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + timeout
         shards = list(range(self.n_shards))
-        for _ in range(3):  # a shard restarting between the phases: ask again (rare)
+        need_bm25 = mode in ("bm25", "hybrid") and "bm25" in channels
+        terms = bm25_postings.query_terms(queries) if need_bm25 else []
+        for _ in range(4):  # a write or a restart between the rounds: ask again (rare)
+            start = next(self._rr)
+            pick = {s: (start + s) % self.n_replicas for s in shards}
+            stats, expect, miss = None, {}, []
+            if need_bm25:
+                stats, expect, miss = self._bm25_stats(queries, terms, shards, pick, deadline, partial)
+            ask = [s for s in shards if s not in miss]
             left = max(0.0, deadline - time.monotonic())
-            stats = None
-            if mode in ("bm25", "hybrid") and "bm25" in channels:
-                got, miss = self._fanout("bm25_stats", lambda s: (queries,), shards, timeout=left, partial=partial)
-                parts = [r for _, r in got.values() if r is not None]
-                if parts:
-                    stats = (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts))
-            left = max(0.0, deadline - time.monotonic())
-            got, missing = self._fanout("candidates", lambda s: (queries, q, mode, k, C, flt, stats, bool(exhaustive)),
-                                        shards, timeout=left, partial=partial)
-            if stats is not None and miss:
-                missing = sorted(set(missing) | set(miss))
+            got, missing = self._fanout(
+                "candidates", lambda s: (queries, q, mode, k, C, flt, stats, bool(exhaustive), cfg), ask,
+                timeout=left, partial=partial, replica_of=pick, failover=True)
+            stale = [(s, r) for s, (r, res) in got.items() if need_bm25 and expect.get((s, r)) != res[0]]
+            if stale:  # scored with statistics of another generation: forget them, ask again
+                with self._stats_lock:
+                    for sr in stale:
+                        self._stats_cache.pop(sr, None)
+                continue
+            missing = sorted(set(missing) | set(miss))
             picks = [self._merge_one(got, j, mode, k, C, cfg) for j in range(len(queries))]
             docs = self._fetch(got, picks, deadline, partial)
             if docs is not None:
@@ -622,12 +674,45 @@ class ShardedIndex:
             out.append(SearchResult(hits, missing))
         return out
 
+    def _bm25_stats(self, queries, terms, shards, pick, deadline, partial):
+        """The global BM25 statistics of ``terms``: ``(stats, {(shard, replica): generation
+        they hold for}, shards without an answer)``. From the cache where every term of a copy
+        is there; a statistics round (pinned to the copies in ``pick``, which follow a
+        failover) for the others. ``pick`` is updated to the copies that answered."""
+        with self._stats_lock:
+            cached = {s: self._stats_cache.get((s, pick[s])) for s in shards}
+        ask = [s for s in shards if cached[s] is None or not all(t in cached[s][3] for t in terms)]
+        miss = []
+        if ask:
+            left = max(0.0, deadline - time.monotonic())
+            got, miss = self._fanout("bm25_stats", lambda s: (queries,), ask, timeout=left, partial=partial,
+                                     replica_of=pick, failover=True)
+            for s, (r, (gen, st_)) in got.items():
+                pick[s] = r
+                if st_ is None:
+                    cached[s] = None
+                    continue
+                entry = (gen, int(st_[0]), int(st_[1]), dict(zip(terms, np.asarray(st_[2]).tolist())))
+                with self._stats_lock:
+                    old = self._stats_cache.get((s, r))
+                    if old is not None and old[0] == gen and len(old[3]) < 1 << 16:
+                        entry = (gen, entry[1], entry[2], {**old[3], **entry[3]})
+                    self._stats_cache[(s, r)] = entry
+                cached[s] = entry
+        have = [s for s in shards if s not in miss and cached.get(s) is not None]
+        if not have:
+            return None, {}, miss
+        n = sum(cached[s][1] for s in have)
+        total = sum(cached[s][2] for s in have)
+        df = np.array([sum(cached[s][3][t] for s in have) for t in terms], np.int64)
+        return (n, total, df), {(s, pick[s]): cached[s][0] for s in have}, miss
+
     @staticmethod
     def _merge_one(got, j, mode, k, C, cfg):
         """``[(shard, docno, score, channel scores)]``: the global top ``k`` of query ``j``."""
         if mode != "hybrid":
             sc, sh, dn = [], [], []
-            for s, (_, (_, res)) in sorted(got.items()):
+            for s, (_, (_, res, _)) in sorted(got.items()):
                 r = res[j]
                 sc.append(np.asarray(r["scores"], np.float32))
                 dn.append(np.asarray(r["docnos"], np.int64))
@@ -676,14 +761,20 @@ class ShardedIndex:
                  {c: float(v[t]) for c, v in terms.items()}) for t in top]
 
     def _fetch(self, got, picks, deadline, partial):
-        """Text and metadata of the picked docnos, from the replica (and snapshot) that found
-        them. None when a shard lost its snapshot (restarted): the caller asks again."""
+        """Text and metadata of the picked docnos: those the candidates replies carried, the
+        others from the replica (and snapshot) that found them. None when a shard lost its
+        snapshot (restarted): the caller asks again."""
+        out = {}
         want: dict[int, list[int]] = {}
         for pick in picks:
             for s, d, *_ in pick:
-                want.setdefault(s, []).append(d)
+                doc = got[s][1][2].get(d)
+                if doc is not None:
+                    out[(s, d)] = doc
+                else:
+                    want.setdefault(s, []).append(d)
         if not want:
-            return {}, set()
+            return out, set()
         want = {s: sorted(set(d)) for s, d in want.items()}
         replica_of = {s: got[s][0] for s in want}
         try:
@@ -694,7 +785,6 @@ class ShardedIndex:
             return None
         if missing and not partial:
             return None
-        out = {}
         for s, (_, docs) in res.items():
             if docs is None:
                 return None
