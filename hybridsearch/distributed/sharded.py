@@ -177,7 +177,7 @@ class _Shard:
         return state.generation, bm25_postings.collection_stats([s.bm25 for s in state.segments],
                                                                 bm25_postings.query_terms(queries))
 
-    def candidates(self, queries, q, mode, k, C, flt, stats, exhaustive, cfg=None):
+    def candidates(self, queries, q, mode, k, C, flt, stats, exhaustive, cfg=None, send_docs=True):
         """``(generation, per query candidates, {docno: document})``. The documents are those
         of this shard's own top ``k`` (hybrid: fused over its union with ``cfg``), sent along
         so the coordinator seldom needs the documents round: exact in single-channel modes (the
@@ -193,7 +193,7 @@ class _Shard:
             while len(self._states) > 4:
                 self._states.popitem(last=False)
         want = set()
-        for r in out:
+        for r in (out if send_docs else ()):
             if mode != "hybrid":
                 want.update(np.asarray(r["docnos"][:k]).tolist())
             elif len(r["union"]) and cfg is not None:
@@ -297,6 +297,9 @@ class ShardedIndex:
         # write landed) is discarded and the query asks again.
         self._stats_cache: dict = {}
         self._stats_lock = threading.Lock()
+        # False: the three rounds of every query (statistics, candidates, documents), without
+        # the cache or the documents sent along; for bench/bench_ray.py's side-by-side figures.
+        self._lean_rounds = True
 
     # ------------------------------------------------------------------ making one
 
@@ -635,7 +638,11 @@ class ShardedIndex:
         shards = list(range(self.n_shards))
         need_bm25 = mode in ("bm25", "hybrid") and "bm25" in channels
         terms = bm25_postings.query_terms(queries) if need_bm25 else []
+        lean = self._lean_rounds
         for _ in range(4):  # a write or a restart between the rounds: ask again (rare)
+            if not lean:
+                with self._stats_lock:
+                    self._stats_cache.clear()
             start = next(self._rr)
             pick = {s: (start + s) % self.n_replicas for s in shards}
             stats, expect, miss = None, {}, []
@@ -644,7 +651,7 @@ class ShardedIndex:
             ask = [s for s in shards if s not in miss]
             left = max(0.0, deadline - time.monotonic())
             got, missing = self._fanout(
-                "candidates", lambda s: (queries, q, mode, k, C, flt, stats, bool(exhaustive), cfg), ask,
+                "candidates", lambda s: (queries, q, mode, k, C, flt, stats, bool(exhaustive), cfg, lean), ask,
                 timeout=left, partial=partial, replica_of=pick, failover=True)
             stale = [(s, r) for s, (r, res) in got.items() if need_bm25 and expect.get((s, r)) != res[0]]
             if stale:  # scored with statistics of another generation: forget them, ask again
