@@ -63,7 +63,6 @@ from ray.exceptions import (
 from ..errors import HybridSearchError, IndexFormatError
 from ..fusion import FusionConfig, fuse_terms
 from ..index import locking
-from ..index import storage as st
 from ..index.docstore import hash_ids
 from ..index.filters import check_filter
 from ..index.hybrid import (
@@ -71,16 +70,24 @@ from ..index.hybrid import (
     MODES,
     Hit,
     _check_docs,
-    _codec_sample,
     _check_encoded,
     _check_query_inputs,
+    _codec_sample,
     _rerank,
     default_candidates_for,
     default_fusion_for,
 )
+from ..index.storage import fsync_dir
 from ..representations import Encoded
 from ..retrievers import bm25_postings
-from ..retrievers.colbert_codec import INDEX_TRAINING, MAX_TRAIN_SAMPLE, ColbertCodec, default_k, parse_codec
+from ..retrievers.colbert_codec import (
+    CODECS,
+    INDEX_TRAINING,
+    MAX_TRAIN_SAMPLE,
+    ColbertCodec,
+    default_k,
+    parse_codec,
+)
 
 LAYOUT_FILE = "sharding.json"
 LAYOUT_FORMAT = "hybridsearch-sharded"
@@ -943,7 +950,7 @@ def _write_layout(path: Path, layout: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path / LAYOUT_FILE)
-    st.fsync_dir(path)
+    fsync_dir(path)
 
 
 def _save_codebook(path: Path, codec: ColbertCodec) -> str:
@@ -962,9 +969,9 @@ def _save_codebook(path: Path, codec: ColbertCodec) -> str:
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    st.fsync_dir(tmp)
+    fsync_dir(tmp)
     os.replace(tmp, path / name)
-    st.fsync_dir(path)
+    fsync_dir(path)
     return name
 
 
@@ -990,7 +997,7 @@ def _read_layout(path: Path) -> dict:
     cc = layout.get("colbert_codec")
     if cc is not None or layout["version"] >= 2:
         ok = cc is None or (
-            isinstance(cc, dict) and isinstance(cc.get("spec"), str) and cc["spec"] in INDEX_TRAINING.keys() | {"fp16"}
+            isinstance(cc, dict) and isinstance(cc.get("spec"), str) and cc["spec"] in CODECS
             and isinstance(cc.get("train_tokens"), int) and not isinstance(cc["train_tokens"], bool)
             and 1 <= cc["train_tokens"] <= 1 << 40
             and ((cc.get("codebook") is None and cc.get("identity") is None)
