@@ -529,10 +529,11 @@ def test_ray_index_equals_single_process_despite_a_killed_encoder(cluster, tiny_
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
             m = tmp_path / "ray" / "manifest.json"
-            # one window holds every block: once the first is committed, the pool is at work
-            # on the others (in order, so the driver waits for the one it needs next)
+            # three blocks in flight (window 3): once the first is committed, the pool is at work
+            # on the next ones (in order, so the driver waits for the one it needs next)
             if m.exists() and json.loads(m.read_text())["generation"] >= 1:
-                pids = subprocess.run(["pgrep", "-f", "ray::MapWorker"], capture_output=True, text=True).stdout.split()
+                pids = subprocess.run(["pgrep", "-f", "ray::_EncodeBlocks"], capture_output=True,
+                                      text=True).stdout.split()
                 if pids:
                     os.kill(int(pids[0]), signal.SIGKILL)
                     killed.append(int(pids[0]))
@@ -543,7 +544,7 @@ def test_ray_index_equals_single_process_despite_a_killed_encoder(cluster, tiny_
     t.start()
     capsys.readouterr()
     assert main(["index", str(corpus), "--index", str(tmp_path / "ray"), *common, "--ray", "auto",
-                 "--ray-actors", "2", "--ray-window", "100"]) == 0
+                 "--ray-actors", "2", "--ray-window", "3"]) == 0
     t.join()
     assert killed, "no encoder actor was killed mid-run"
     a, b = _manifest(tmp_path / "one"), _manifest(tmp_path / "ray")
@@ -556,6 +557,36 @@ def test_ray_index_equals_single_process_despite_a_killed_encoder(cluster, tiny_
     assert main(["index", str(corpus), "--index", str(tmp_path / "ray"), *common, "--ray", "auto"]) == 0
     assert " 0 passages added, 0 updated" in capsys.readouterr().out
     assert _manifest(tmp_path / "ray")["generation"] == b["generation"]
+
+
+def test_encoder_pool_serves_the_whole_run(cluster, m3_encoder):
+    """One pool for a run: the same actors (one model load each) encode every block, whatever
+    the window; results in order, each block checked against its ids, equal to encode_arrays;
+    a killed actor is restarted and its blocks retried, each still answered once."""
+    from hybridsearch.distributed.encode import EncoderPool
+
+    texts = [" ".join(WORDS[i:i + 5 + i % 4]) for i in range(36)]
+    blocks = [([f"x{i}" for i in range(lo, lo + 6)], texts[lo:lo + 6]) for lo in range(0, 36, 6)]
+    pool = EncoderPool(str(m3_encoder.spec.path), actors=2, gpus=False)
+    try:
+        first = pool.pids()
+        got = []
+        for b, enc in pool.encode_all(blocks, window=2):
+            got.append(b)
+            if b == 1:
+                _kill(first[0])  # blocks in flight on it are retried on its restart
+            want = m3_encoder.encode_arrays(blocks[b][1], kind="passage", sparse=True, colbert=True)
+            np.testing.assert_allclose(enc.dense, want.dense, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(enc.colbert_offsets, want.colbert_offsets)
+        assert got == list(range(6))
+        after = pool.pids()
+        assert after[1] == first[1] and after[0] != first[0]  # the same pool: only the killed one restarted
+        h = pool.submit(7, ["a", "b"], ["one text", "two text"])
+        h = (h[0], 7, ["a", "c"], h[3])  # an answer for other ids is refused, not committed
+        with pytest.raises(RuntimeError, match="another block"):
+            pool.result(h)
+    finally:
+        pool.close()
 
 
 def test_encode_blocks_roundtrip(cluster, m3_encoder):
