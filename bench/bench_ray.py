@@ -1,15 +1,16 @@
 """Ray: encoding throughput on 1, 2, 3 local nodes, fan-out + merge overhead of a sharded index,
 and a paper model of 100M passages on a cluster. Writes bench/results/ray.md.
 
-    python bench/bench_ray.py [--passages 1200] [--docs 20000] [--queries 40] [--rounds 2]
+    python bench/bench_ray.py [--passages 240] [--block 30] [--docs 20000] [--queries 40] [--rounds 3]
 
 Everything runs on one loopback cluster (``ray.cluster_utils.Cluster``: a head and 2 worker
 nodes on 127.0.0.1, 1 CPU each). Timings are interleaved rounds, medians, in one run.
 
 * Encoding: the same commit blocks encoded (a) in this process, one thread, as
-  ``hybridsearch index`` does, and (b) by ``hybridsearch.distributed.encode.encode_blocks``
-  with 1, 2 and 3 encoder actors (1 CPU each, so one per node). Each Ray figure is a whole job
-  (actor start and model load included), as one ``--ray-window`` costs.
+  ``hybridsearch index`` does, (b) by the run-long ``EncoderPool`` that ``index --ray`` uses,
+  with 1, 2 and 3 encoder actors (1 CPU each, so one per node), and (c) by Ray Data jobs
+  (``encode_blocks``) with 2 actors: one job, and one job per 2 blocks (the per-window cost of
+  earlier versions). Every Ray figure includes actor start and model load.
 * Fan-out: one HybridIndex in this process against a ShardedIndex of 3 shards (one actor per
   node) over the same documents, queries precomputed (``query_encoded=``) so no model runs;
   the difference is what the coordinator adds: the round trips and the global merge + fusion.
@@ -58,7 +59,7 @@ def bench_encode(args, out):
     import torch
 
     from hybridsearch import BGEM3Encoder
-    from hybridsearch.distributed.encode import encode_blocks
+    from hybridsearch.distributed.encode import EncoderPool, encode_blocks
 
     torch.set_num_threads(1)
     model = args.encode_model
@@ -68,7 +69,11 @@ def bench_encode(args, out):
     blocks = [([f"p{i}" for i in range(lo, min(lo + bs, len(texts)))], texts[lo:lo + bs])
               for lo in range(0, len(texts), bs)]
     path = str(enc.spec.path)
-    configs = ["one process"] + [f"Ray, {a} actor(s)" for a in (1, 2, 3)]
+    # "Ray Data": encode_blocks, one map_batches job; "windows of 2": one job per 2 blocks (what
+    # index --ray ran before the run-long pool, a model load per window per actor); "pool": the
+    # EncoderPool index --ray runs now (started once, 4 blocks a actor in flight)
+    configs = (["one process"] + [f"Ray pool, {a} actor(s)" for a in (1, 2, 3)]
+               + ["Ray Data, 2 actor(s), one job", "Ray Data, 2 actor(s), one job per 2 blocks"])
     times = {c: [] for c in configs}
     for r in range(args.rounds):
         for c in (configs if r % 2 == 0 else configs[::-1]):
@@ -76,9 +81,18 @@ def bench_encode(args, out):
             if c == "one process":
                 for ids, tx in blocks:
                     enc.encode_arrays(tx, kind="passage", sparse=enc.spec.has_sparse, colbert=enc.spec.has_colbert)
+            elif c.startswith("Ray pool"):
+                a = int(c.split()[2])
+                pool = EncoderPool(path, actors=a, gpus=False)
+                try:
+                    n = sum(len(e) for _, e in pool.encode_all(blocks, window=4 * a))
+                finally:
+                    pool.close()
+                assert n == len(texts)
             else:
-                a = int(c.split()[1])
-                n = sum(len(e) for _, e in encode_blocks(blocks, path, actors=a, gpus=False))
+                step = 2 if c.endswith("2 blocks") else len(blocks)
+                n = sum(len(e) for lo in range(0, len(blocks), step)
+                        for _, e in encode_blocks(blocks[lo:lo + step], path, actors=2, gpus=False))
                 assert n == len(texts)
             times[c].append(time.perf_counter() - t)
             print(f"encode {c}: {times[c][-1]:.1f} s", flush=True)
@@ -261,8 +275,8 @@ def write(out, path: Path):
     L = []
     L.append("# Ray: distributed encoding, sharded index, 100M model\n")
     L.append(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with "
-             "other jobs during the run (load average 6-13), so absolute figures are noisy; ratios come from "
-             "interleaved rounds in one run. Python " + platform.python_version() + ", ray "
+             f"other jobs during the run (load average {out.get('load', '?')} at the start and end of each "
+             "section), so absolute figures are noisy; ratios come from interleaved rounds in one run. Python " + platform.python_version() + ", ray "
              + __import__("ray").__version__ + f". Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n")
     L.append("Command: `" + " ".join(["python bench/bench_ray.py", *sys.argv[1:]]) + "`. One loopback "
              "cluster (`ray.cluster_utils.Cluster`, head + 2 nodes, 1 CPU each, 127.0.0.1).\n")
@@ -272,9 +286,11 @@ def write(out, path: Path):
                  f"blocks of {e['block']}, medians of {e['rounds']} interleaved rounds)\n")
         if out.get("encode_reused_from"):
             L.append(f"(From the run of {out['encode_reused_from']}: `{out.get('encode_command', '')}`.)\n")
-        L.append("Each Ray row is a whole Ray Data job: actor start, model load, encoding, results back "
-                 "(what one `--ray-window` costs). 'one process' is `encode_arrays` on the same blocks "
-                 "in the driver, one thread.\n")
+        L.append("Every Ray row includes actor start and model load. 'Ray pool' is what `index --ray` runs now: "
+                 "one `EncoderPool` for the whole run (4 blocks an actor in flight). 'Ray Data, one job' is "
+                 "`encode_blocks` over every block; 'one job per 2 blocks' is what each `--ray-window` of 2 "
+                 "blocks cost before the pool (a fresh actor pool and model load per window). 'one process' "
+                 "is `encode_arrays` on the same blocks in the driver, one thread.\n")
         L.append("| configuration | wall s | passages/s | speed-up vs one process |")
         L.append("|---|---|---|---|")
         for c, m, pps, x in e["rows"]:
@@ -362,11 +378,17 @@ def main():
     from hybridsearch.distributed.cluster import local_cluster
 
     out = {}
+    loads = []
     with local_cluster(nodes=3, cpus_per_node=1, object_store_mb=300):
         if not args.skip_encode:
+            loads.append(os.getloadavg()[0])
             bench_encode(args, out)
+            loads.append(os.getloadavg()[0])
         if not args.skip_fanout:
+            loads.append(os.getloadavg()[0])
             bench_fanout(args, out)
+            loads.append(os.getloadavg()[0])
+    out["load"] = " / ".join(f"{x:.1f}" for x in loads)
     js = Path(args.out).with_suffix(".json")
     if args.skip_encode and args.reuse_encode and js.exists():
         out["encode"] = json.loads(js.read_text()).get("encode")
