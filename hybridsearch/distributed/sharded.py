@@ -646,6 +646,7 @@ class ShardedIndex:
         need_bm25 = mode in ("bm25", "hybrid") and "bm25" in channels
         terms = bm25_postings.query_terms(queries) if need_bm25 else []
         lean = self._lean_rounds
+        stale = []
         for _ in range(4):  # a write or a restart between the rounds: ask again (rare)
             if not lean:
                 with self._stats_lock:
@@ -672,6 +673,9 @@ class ShardedIndex:
             if docs is not None:
                 break
         else:
+            if stale:
+                raise HybridSearchError(f"shard copies {sorted(stale)} committed writes during each of 4 tries "
+                                        "of this query; ask again")
             raise ShardUnavailableError(shards, timeout)
         docs, lost = docs
         missing = sorted(set(missing) | lost)
