@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ray-actors", type=_positive("--ray-actors"), default=None, metavar="N",
                    help="encoder actors with --ray (default: one per GPU of the cluster, else per CPU)")
     s.add_argument("--ray-window", type=_positive("--ray-window"), default=None, metavar="N",
-                   help="commit blocks per Ray Data job with --ray (default 16 x actors)")
+                   help="commit blocks in flight with --ray: what the driver holds (default 4 x actors)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_index)
 

@@ -90,22 +90,29 @@ def test_nothing_listens_beyond_loopback(cluster):
     assert sum(1 for n in ray.nodes() if n["Alive"]) == 3
 
 
-@pytest.fixture(scope="module")
-def pair(cluster, tiny_m3, tmp_path_factory):
-    """The same documents, writes and deletions in one HybridIndex and a 3-shard ShardedIndex."""
-    from hybridsearch import BGEM3Encoder, HybridIndex
+def _make_pair(enc, root, codec):
+    """The same documents, writes and deletions in one HybridIndex and a 3-shard ShardedIndex.
+    With a residual codec, the sharded index trains its codebook in the second commit (the
+    tokens of the first are below codec_train_tokens, the first two above); the single index is
+    given that codebook at the same point, so the same documents are float16 or coded in both."""
+    from hybridsearch import HybridIndex
     from hybridsearch.distributed import ShardedIndex
 
-    enc = BGEM3Encoder(tiny_m3, device="cpu")
-    root = tmp_path_factory.mktemp("pair")
-    one = HybridIndex.create(root / "one", enc, merge_policy=None)
-    many = ShardedIndex.create(root / "sharded", enc, shards=3, merge_policy=None, timeout=300)
     docs = _docs(400)
-    for lo in range(0, 400, 150):  # three commits; encoded once, the same arrays to both
-        batch = docs[lo:lo + 150]
-        e = enc.encode_arrays([d["text"] for d in batch], kind="passage", sparse=True, colbert=True)
-        one.add(batch, encoded=e)
+    batches = [docs[lo:lo + 150] for lo in range(0, 400, 150)]
+    encs = [enc.encode_arrays([d["text"] for d in b], kind="passage", sparse=True, colbert=True) for b in batches]
+    threshold = int(encs[0].n_tokens.sum()) + 50
+    one = HybridIndex.create(root / "one", enc, merge_policy=None, colbert_codec=codec, train_codebook=False)
+    many = ShardedIndex.create(root / "sharded", enc, shards=3, merge_policy=None, timeout=300,
+                               colbert_codec=codec, codec_train_tokens=threshold)
+    for i, (batch, e) in enumerate(zip(batches, encs)):  # three commits; encoded once, the same arrays to both
         many.add(batch, encoded=e)
+        if i == 1 and codec != "fp16":
+            assert many.codebook is not None
+            one.install_codebook(many.codebook)
+        elif i == 0:
+            assert many.codebook is None
+        one.add(batch, encoded=e)
     changed = [{"id": f"d{i}", "text": "quick quick brown fox " + docs[i]["text"], "metadata": {"year": 1999}}
                for i in range(0, 60, 6)]
     e = enc.encode_arrays([d["text"] for d in changed], kind="passage", sparse=True, colbert=True)
@@ -114,6 +121,28 @@ def pair(cluster, tiny_m3, tmp_path_factory):
     gone = [f"d{i}" for i in range(3, 400, 11)]
     one.delete(gone)
     many.delete(gone)
+    return one, many, gone
+
+
+@pytest.fixture(scope="module")
+def pair(cluster, tiny_m3, tmp_path_factory):
+    """The default codec (res1): one codebook shared by the shards."""
+    from hybridsearch import BGEM3Encoder
+
+    one, many, gone = _make_pair(BGEM3Encoder(tiny_m3, device="cpu"), tmp_path_factory.mktemp("pair"), "res1")
+    kinds = sorted({s.colbert_kind for s in one._current().segments})
+    assert kinds == ["codes", "fp16"], kinds  # both kinds of segment are compared
+    yield one, many, gone
+    many.close()
+    one.close()
+
+
+@pytest.fixture(scope="module")
+def pair16(cluster, tiny_m3, tmp_path_factory):
+    """ColBERT stored as float16 (no codebook)."""
+    from hybridsearch import BGEM3Encoder
+
+    one, many, gone = _make_pair(BGEM3Encoder(tiny_m3, device="cpu"), tmp_path_factory.mktemp("pair16"), "fp16")
     yield one, many, gone
     many.close()
     one.close()
@@ -126,7 +155,11 @@ def test_layout_and_routing(pair):
     assert st["shards"] == 3 and st["documents"] == len(one)
     counts = [s["documents"] for s in st["per_shard"]]
     assert min(counts) > 60, counts  # the hash spreads the ids
-    assert sorted(os.listdir(many.path)) == ["shard-00", "shard-01", "shard-02", "sharding.json"]
+    assert sorted(os.listdir(many.path)) == ["LOCK", "codebook-000001", "shard-00", "shard-01", "shard-02",
+                                             "sharding.json"]
+    ident = many.codebook.identity
+    assert json.loads((many.path / "sharding.json").read_text())["colbert_codec"]["identity"] == ident
+    assert {i for i, _ in many._each_replica("codec_info").values()} == {ident}  # every shard codes with it
     from hybridsearch import HybridIndex
     from hybridsearch.distributed.sharded import shard_of
 
@@ -138,11 +171,13 @@ def test_layout_and_routing(pair):
     assert many.contains(["d0", "d3", "nope"]) == [True, False, False]
 
 
+@pytest.mark.parametrize("codec", ["res1", "fp16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_three_shards_answer_as_one_index(pair, mode):
+def test_three_shards_answer_as_one_index(request, mode, codec):
     """Same top-10 ids and scores as one index over the same documents, in every mode, with
-    and without filters, after upserts and deletions; BM25 scored with global statistics."""
-    one, many, _ = pair
+    and without filters, after upserts and deletions; BM25 scored with global statistics; with
+    the default codec (res1: one codebook for every shard) and with float16 ColBERT."""
+    one, many, _ = request.getfixturevalue("pair" if codec == "res1" else "pair16")
     for flt in (None, {"year": {"gte": 2003}}, {"odd": True}):
         got = many.search_batch(QUERIES, k=10, mode=mode, filter=flt, candidates=20)
         want = one.search_batch(QUERIES, k=10, mode=mode, filter=flt, candidates=20)
@@ -233,10 +268,11 @@ def test_killed_shard_restarts_partial_or_wait(cluster, tiny_m3, tmp_path):
     the last commit, and no acknowledged write is lost."""
     from hybridsearch.distributed import ShardedIndex, ShardUnavailableError
 
-    idx = ShardedIndex.create(tmp_path / "s", tiny_m3, shards=3, timeout=300)
+    idx = ShardedIndex.create(tmp_path / "s", tiny_m3, shards=3, timeout=300, codec_train_tokens=200)
     try:
         docs = _docs(90, seed=3)
         idx.add(docs)
+        ident = idx.codebook.identity  # trained in the first write
         full = idx.search("quick brown fox", k=10)
         pids = idx.shard_pids()
         _kill(pids[1][0])
@@ -247,11 +283,13 @@ def test_killed_shard_restarts_partial_or_wait(cluster, tiny_m3, tmp_path):
 
         lost = set(part.missing)
         assert all(shard_of([h.id], 3)[0] not in lost for h in part)
-        assert [h.id for h in part] == [h.id for h in full if shard_of([h.id], 3)[0] not in lost][:len(part)]
+        kept = [h.id for h in full if shard_of([h.id], 3)[0] not in lost]
+        assert [h.id for h in part][:len(kept)] == kept  # then the live shards' next documents
         waited = idx.search("quick brown fox", k=10)  # waits (up to the index's 300 s) for the restart
         assert not waited.partial
         _assert_same(waited, full, "after restart")
         assert idx.shard_pids()[1][0] != pids[1][0]
+        assert {i for i, _ in idx._each_replica("codec_info").values()} == {ident}  # the restarted one too
         # kill again and ask without partial and a short timeout: a clear error naming the shard
         _kill(idx.shard_pids()[0][0])
         with pytest.raises(ShardUnavailableError, match=r"shard\(s\) \[0") as err:
@@ -283,6 +321,7 @@ def test_killed_shard_restarts_partial_or_wait(cluster, tiny_m3, tmp_path):
             t.join()
         assert all(idx.contains(docs_ids := [d["id"] for d in docs] + acked))
         assert len(idx) == len(docs_ids)
+        assert {i for i, _ in idx._each_replica("codec_info").values()} == {ident}
     finally:
         idx.close()
 
@@ -293,7 +332,8 @@ def test_replicas_serve_reads_while_one_is_down(cluster, tiny_m3, tmp_path):
     idx = ShardedIndex.create(tmp_path / "r", tiny_m3, shards=2, replicas=2, timeout=300)
     try:
         idx.add(_docs(60, seed=7))
-        assert sorted(os.listdir(idx.path)) == ["shard-00", "shard-00-r1", "shard-01", "shard-01-r1", "sharding.json"]
+        assert sorted(os.listdir(idx.path)) == ["LOCK", "shard-00", "shard-00-r1", "shard-01", "shard-01-r1",
+                                                "sharding.json"]
         full = idx.search("brown dog", k=8)
         for s in range(2):  # writes reached every copy
             st = idx._each_replica("count")
@@ -315,13 +355,15 @@ def test_replicas_serve_reads_while_one_is_down(cluster, tiny_m3, tmp_path):
 def test_reopen_at_last_commit(cluster, tiny_m3, tmp_path):
     from hybridsearch.distributed import ShardedIndex
 
-    idx = ShardedIndex.create(tmp_path / "o", tiny_m3, shards=2)
+    idx = ShardedIndex.create(tmp_path / "o", tiny_m3, shards=2, codec_train_tokens=150)
     idx.add(_docs(40, seed=9))
+    ident = idx.codebook.identity
     want = idx.search("lazy dog", k=5)
+    _check_round_trips(idx, tiny_m3)
     idx.close()
     again = ShardedIndex.open(tmp_path / "o")
     try:
-        assert len(again) == 40
+        assert len(again) == 40 and again.codebook.identity == ident
         _assert_same(again.search("lazy dog", k=5), want, "reopen")
     finally:
         again.close()
@@ -331,6 +373,123 @@ def test_reopen_at_last_commit(cluster, tiny_m3, tmp_path):
 
     with pytest.raises(IndexFormatError):
         ShardedIndex.open(tmp_path / "bad")
+
+
+def _check_round_trips(idx, model):
+    """The fan-outs a query makes: BM25 statistics only for a term not seen at the shards'
+    current generations; documents only when the candidates replies lacked one. A write (here
+    or by another process) makes the cached statistics stale: detected, and asked again."""
+    from hybridsearch import HybridIndex
+    from hybridsearch.distributed.sharded import shard_of
+
+    calls = []
+    real = idx._fanout
+
+    def spy(method, *a, **kw):
+        calls.append(method)
+        return real(method, *a, **kw)
+
+    idx._fanout = spy
+
+    def rounds(*a, **kw):
+        calls.clear()
+        hits = idx.search(*a, **kw)
+        return list(calls), hits
+
+    def fresh(*a, **kw):  # the same query without the cache
+        idx._stats_cache.clear()
+        return idx.search(*a, **kw)
+
+    try:
+        idx._stats_cache.clear()
+        assert rounds("lazy dog zorro", k=5, mode="bm25")[0] == ["bm25_stats", "candidates"]
+        assert rounds("lazy dog zorro", k=5, mode="bm25")[0] == ["candidates"]
+        assert rounds("zorro dog", k=5)[0] == ["candidates"]  # hybrid, terms known: one round
+        assert rounds("fox", k=5)[0] == ["bm25_stats", "candidates"]
+        assert rounds("fox", k=5, mode="dense")[0] == ["candidates"]
+        order, _ = rounds("fox", k=5, normalize=["dense", "sparse", "colbert", "bm25"])  # global min-max:
+        assert order[0] == "candidates" and set(order) <= {"candidates", "docs"}  # documents may be missing
+        # a write through this coordinator, then one by another process into a shard's folder
+        idx.upsert([{"id": "x-lazy", "text": "lazy lazy dog zorro"}])
+        order, got = rounds("lazy dog zorro", k=5, mode="bm25")
+        assert order == ["candidates", "bm25_stats", "candidates"] and got[0].id == "x-lazy"
+        _assert_same(got, fresh("lazy dog zorro", k=5, mode="bm25"), "after a write")
+        other = next(f"y{i}" for i in range(100) if shard_of([f"y{i}"], idx.n_shards)[0] == 0)
+        with HybridIndex.open(idx.path / "shard-00", model) as shard:
+            shard.add([{"id": other, "text": "zorro zorro zorro dog lazy"}])
+        order, got = rounds("lazy dog zorro", k=5, mode="bm25")
+        assert order == ["candidates", "bm25_stats", "candidates"] and got[0].id == other
+        _assert_same(got, fresh("lazy dog zorro", k=5, mode="bm25"), "after another process wrote")
+        for mode in ("hybrid", "bm25"):
+            got = idx.search("lazy dog", k=5, mode=mode)
+            _assert_same(got, fresh("lazy dog", k=5, mode=mode), mode)
+        idx.delete(["x-lazy", other])
+    finally:
+        idx._fanout = real
+
+
+def test_codebook_install_completed_on_open_and_hostile_layouts(cluster, tiny_m3, tmp_path):
+    """A coordinator that died after naming the codebook in sharding.json but before installing
+    it on every replica: open() installs it. A layout naming a codebook that is not there, not
+    the one named (identity) or outside the folder, or shards coded with another: clear errors."""
+    import shutil
+
+    from hybridsearch import HybridIndex
+    from hybridsearch.distributed import ShardedIndex
+    from hybridsearch.errors import IndexFormatError
+    from hybridsearch.retrievers.colbert_codec import ColbertCodec
+
+    root = tmp_path / "c"
+    idx = ShardedIndex.create(root, tiny_m3, shards=2, codec_train_tokens=10 ** 9)
+    idx.add(_docs(40, seed=12))
+    want = idx.search("lazy dog", k=5)
+    dim = idx.encoder.spec.colbert_dim
+    idx.close()
+    assert idx.codebook is None and not any(p.name.startswith("codebook-") for p in root.iterdir())
+    # what the coordinator does up to its death: the codebook saved and named, installed on one shard only
+    codec = ColbertCodec.train(np.random.default_rng(1).standard_normal((800, dim)).astype(np.float32), nbits=1, k=8)
+    codec.save(root / "codebook-000001")
+    layout = json.loads((root / "sharding.json").read_text())
+    layout["colbert_codec"].update(codebook="codebook-000001", identity=codec.identity)
+    (root / "sharding.json").write_text(json.dumps(layout))
+    with HybridIndex.open(root / "shard-01", tiny_m3) as one_copy:
+        one_copy.install_codebook(codec)
+    again = ShardedIndex.open(root)
+    try:
+        assert again.codebook.identity == codec.identity
+        assert {i for i, _ in again._each_replica("codec_info").values()} == {codec.identity}
+        _assert_same(again.search("lazy dog", k=5), want, "float16 segments stay float16")
+        again.add(_docs(10, seed=13, prefix="n"))  # coded with it
+        with HybridIndex.open(root / "shard-00", tiny_m3) as copy:
+            assert "codes" in {s.colbert_kind for s in copy._current().segments}
+    finally:
+        again.close()
+    good = (root / "sharding.json").read_text()
+
+    def bad_layout(change, match):
+        layout = json.loads(good)
+        change(layout)
+        (root / "sharding.json").write_text(json.dumps(layout))
+        with pytest.raises(IndexFormatError, match=match):
+            ShardedIndex.open(root, timeout=60)
+
+    bad_layout(lambda m: m["colbert_codec"].update(codebook="../shard-00"), "colbert_codec")
+    bad_layout(lambda m: m["colbert_codec"].update(identity="0" * 64), "not the codebook")
+    bad_layout(lambda m: m["colbert_codec"].update(identity=None), "colbert_codec")
+    bad_layout(lambda m: m["colbert_codec"].update(train_tokens=True), "colbert_codec")
+    bad_layout(lambda m: m.update(colbert_codec="res1"), "colbert_codec")
+    bad_layout(lambda m: m["colbert_codec"].update(codebook="codebook-000002"), "not a folder")
+    (root / "sharding.json").write_text(good)
+    shutil.rmtree(root / "codebook-000001")
+    (root / "codebook-000001").mkdir()  # an empty (or tampered) codebook folder
+    with pytest.raises(IndexFormatError, match="codec"):
+        ShardedIndex.open(root, timeout=60)
+    # a layout that names no codebook while the shards code with one
+    layout = json.loads(good)
+    layout["colbert_codec"].update(codebook=None, identity=None)
+    (root / "sharding.json").write_text(json.dumps(layout))
+    with pytest.raises(IndexFormatError, match="another codebook"):
+        ShardedIndex.open(root, timeout=60)
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -370,10 +529,11 @@ def test_ray_index_equals_single_process_despite_a_killed_encoder(cluster, tiny_
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
             m = tmp_path / "ray" / "manifest.json"
-            # one window holds every block: once the first is committed, the pool is at work
-            # on the others (in order, so the driver waits for the one it needs next)
+            # three blocks in flight (window 3): once the first is committed, the pool is at work
+            # on the next ones (in order, so the driver waits for the one it needs next)
             if m.exists() and json.loads(m.read_text())["generation"] >= 1:
-                pids = subprocess.run(["pgrep", "-f", "ray::MapWorker"], capture_output=True, text=True).stdout.split()
+                pids = subprocess.run(["pgrep", "-f", "ray::_EncodeBlocks"], capture_output=True,
+                                      text=True).stdout.split()
                 if pids:
                     os.kill(int(pids[0]), signal.SIGKILL)
                     killed.append(int(pids[0]))
@@ -384,7 +544,7 @@ def test_ray_index_equals_single_process_despite_a_killed_encoder(cluster, tiny_
     t.start()
     capsys.readouterr()
     assert main(["index", str(corpus), "--index", str(tmp_path / "ray"), *common, "--ray", "auto",
-                 "--ray-actors", "2", "--ray-window", "100"]) == 0
+                 "--ray-actors", "2", "--ray-window", "3"]) == 0
     t.join()
     assert killed, "no encoder actor was killed mid-run"
     a, b = _manifest(tmp_path / "one"), _manifest(tmp_path / "ray")
@@ -397,6 +557,36 @@ def test_ray_index_equals_single_process_despite_a_killed_encoder(cluster, tiny_
     assert main(["index", str(corpus), "--index", str(tmp_path / "ray"), *common, "--ray", "auto"]) == 0
     assert " 0 passages added, 0 updated" in capsys.readouterr().out
     assert _manifest(tmp_path / "ray")["generation"] == b["generation"]
+
+
+def test_encoder_pool_serves_the_whole_run(cluster, m3_encoder):
+    """One pool for a run: the same actors (one model load each) encode every block, whatever
+    the window; results in order, each block checked against its ids, equal to encode_arrays;
+    a killed actor is restarted and its blocks retried, each still answered once."""
+    from hybridsearch.distributed.encode import EncoderPool
+
+    texts = [" ".join(WORDS[i:i + 5 + i % 4]) for i in range(36)]
+    blocks = [([f"x{i}" for i in range(lo, lo + 6)], texts[lo:lo + 6]) for lo in range(0, 36, 6)]
+    pool = EncoderPool(str(m3_encoder.spec.path), actors=2, gpus=False)
+    try:
+        first = pool.pids()
+        got = []
+        for b, enc in pool.encode_all(blocks, window=2):
+            got.append(b)
+            if b == 1:
+                _kill(first[0])  # blocks in flight on it are retried on its restart
+            want = m3_encoder.encode_arrays(blocks[b][1], kind="passage", sparse=True, colbert=True)
+            np.testing.assert_allclose(enc.dense, want.dense, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(enc.colbert_offsets, want.colbert_offsets)
+        assert got == list(range(6))
+        after = pool.pids()
+        assert after[1] == first[1] and after[0] != first[0]  # the same pool: only the killed one restarted
+        h = pool.submit(7, ["a", "b"], ["one text", "two text"])
+        h = (h[0], 7, ["a", "c"], h[3])  # an answer for other ids is refused, not committed
+        with pytest.raises(RuntimeError, match="another block"):
+            pool.result(h)
+    finally:
+        pool.close()
 
 
 def test_encode_blocks_roundtrip(cluster, m3_encoder):

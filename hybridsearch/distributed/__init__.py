@@ -1,11 +1,11 @@
 """Past one machine, on Ray (``pip install "hybridsearch[ray]"``).
 
-* :mod:`.encode`: corpus encoding with Ray Data ``map_batches`` over encoder actors, committed
-  into an index exactly as the single-process ``hybridsearch index`` would
-  (``hybridsearch index CORPUS --index DIR --ray auto|ADDRESS``).
+* :mod:`.encode`: corpus encoding on a pool of Ray encoder actors that lives for the whole run
+  (or one Ray Data ``map_batches`` job), committed into an index exactly as the single-process
+  ``hybridsearch index`` would (``hybridsearch index CORPUS --index DIR --ray auto|ADDRESS``).
 * :mod:`.sharded`: :class:`ShardedIndex`, N shard actors (each a full
   :class:`~hybridsearch.HybridIndex` in its own folder, optionally replicated) behind one
-  coordinator that fuses globally, with global BM25 statistics.
+  coordinator that fuses globally, with global BM25 statistics and one ColBERT codebook.
 * :mod:`.cluster`: attaching to a cluster (``ray.init(address=...)``) and a loopback-only local
   cluster for tests and benchmarks.
 

@@ -1,25 +1,25 @@
-"""Distributed corpus encoding: Ray Data ``map_batches`` over encoder actors.
+"""Distributed corpus encoding on Ray: encoder actors, one commit block per call.
 
 ``hybridsearch index CORPUS --index DIR --ray auto|ADDRESS`` runs the command's own reading,
 passage splitting and resume rules (skip unchanged passages, update changed ones, delete stale
-ones) in the driver, in a stream: the driver holds one *window* of commit blocks at a time
-(``--commit-every`` passages each, ``--ray-window`` blocks), never the corpus. Each window is a
-Ray Data job: one row per block, ``map_batches(_EncodeBlocks, batch_size=1)`` on an actor pool
-(one actor per GPU when the cluster has GPUs, ``num_gpus=1`` each; otherwise one per CPU), and
-each actor encodes a block with the same ``encode_arrays`` call that ``HybridIndex.upsert``
-makes in a single process. The driver commits the blocks in corpus order with
-``upsert(block, encoded=...)``, so the index is the one the single-process command writes,
-element-wise, block for block.
+ones) in the driver, in a stream, and never holds the corpus: commit blocks (``--commit-every``
+passages each) go to one :class:`EncoderPool` for the whole run, at most ``--ray-window`` blocks
+in flight (default 4 per actor: all the driver holds). The actors start once and load the model
+once (one per GPU when the cluster has GPUs, ``num_gpus=1`` each; otherwise one per CPU); each
+encodes a block with the same ``encode_arrays`` call that ``HybridIndex.upsert`` makes in a
+single process. The driver commits the blocks in corpus order with ``upsert(block,
+encoded=...)``, so the index is the one the single-process command writes, element-wise, block
+for block; the command's progress bar covers the whole run.
 
-A dead encoder actor: Ray Data restarts it and retries its block (its pool runs with
-``max_restarts=-1``, ``max_task_retries=-1``). The driver checks that every block comes back
-exactly once with exactly its ids, in its order, before committing it (a missing or doubled
-block is an error, not a silent loss or duplicate). An interrupted run resumes like the
-single-process one: committed blocks are skipped as unchanged.
+A dead encoder actor: Ray restarts it and retries its calls (``max_restarts=-1``,
+``max_task_retries=-1``). The driver checks that every block comes back with exactly its ids,
+in its order, once, before committing it (anything else is an error, never a silent loss or
+duplicate). An interrupted run resumes like the single-process one: committed blocks are
+skipped as unchanged. Blocks travel as ``.npz`` bytes (no pickles).
 
-Costs: every window starts a fresh actor pool, so the model loads once per window per actor
-(choose ``--ray-window`` so a window's encoding dwarfs a model load); blocks travel as ``.npz``
-bytes (no pickles).
+:func:`encode_blocks` is the same encoding as one Ray Data ``map_batches`` job over a list of
+blocks (``ActorPoolStrategy``; what each window of earlier versions ran, with a fresh actor pool
+and model load per window).
 """
 
 from __future__ import annotations
@@ -71,6 +71,14 @@ class _EncodeBlocks:
             torch.set_num_threads(threads)
         self.encoder = BGEM3Encoder(model, device=device)
         self.batch_size = batch_size
+
+    def encode(self, block: int, ids: list[str], texts: list[str]) -> tuple[int, list[str], bytes, int]:
+        """One commit block: ``(block, ids, .npz payload, pid)`` (the run-long pool's call)."""
+        out = self({"block": [block], "ids": [ids], "texts": [texts]})
+        return out["block"][0], out["ids"][0], out["payload"][0], out["pid"][0]
+
+    def ready(self) -> int:
+        return os.getpid()
 
     def __call__(self, batch: dict) -> dict:
         spec = self.encoder.spec
@@ -144,6 +152,74 @@ def encode_blocks(blocks: list[tuple[list[str], list[str]]], model: str, *, acto
         raise RuntimeError(f"encoding returned {nxt} of {len(blocks)} blocks: nothing after block {nxt} committed")
 
 
+class EncoderPool:
+    """Encoder actors that live for a whole run (one model load each, not one per window):
+    ``num_gpus=1`` each where the cluster has GPUs, else ``cpus_per_actor`` CPUs; nothing pins
+    a node. Blocks go to the least busy actor; a killed actor is restarted by Ray and its calls
+    retried (``max_restarts=-1``, ``max_task_retries=-1``), and every result is checked against
+    the block it answers (:meth:`result`), so a block is committed exactly once or the run stops."""
+
+    def __init__(self, model: str, *, actors: int, gpus: bool, batch_size: int | None = None,
+                 cpus_per_actor: float = 1.0, threads: int | None = None):
+        import ray
+
+        Actor = ray.remote(_EncodeBlocks).options(
+            max_restarts=-1, max_task_retries=-1, num_gpus=1 if gpus else 0,
+            num_cpus=0 if gpus else cpus_per_actor)
+        self.actors = [Actor.remote(model, "cuda" if gpus else "cpu", batch_size, threads)
+                       for _ in range(max(1, actors))]
+        self.busy = [0] * len(self.actors)
+
+    def submit(self, block: int, ids: list[str], texts: list[str]):
+        """Start encoding one block; returns a handle for :meth:`result`."""
+        a = min(range(len(self.actors)), key=self.busy.__getitem__)
+        self.busy[a] += 1
+        return a, block, list(ids), self.actors[a].encode.remote(block, list(ids), list(texts))
+
+    def result(self, handle) -> Encoded:
+        """The block's encoding (waits), checked: its block number, its ids in order, one row each."""
+        import ray
+
+        a, block, ids, ref = handle
+        try:
+            b, got_ids, payload, _ = ray.get(ref)
+        finally:
+            self.busy[a] -= 1
+        if int(b) != block or [str(i) for i in got_ids] != ids:
+            raise RuntimeError(f"encoding returned another block for block {block}: refusing to commit it")
+        enc = unpack(payload)
+        if len(enc) != len(ids):
+            raise RuntimeError(f"block {block}: {len(enc)} encoded rows for {len(ids)} passages")
+        return enc
+
+    def encode_all(self, blocks, window: int):
+        """``(block number, Encoded)`` of ``blocks`` (an iterable of ``(ids, texts)``) in order,
+        at most ``window`` blocks in flight."""
+        from collections import deque
+
+        flight: deque = deque()
+        for b, (ids, texts) in enumerate(blocks):
+            flight.append(self.submit(b, ids, texts))
+            if len(flight) >= window:
+                h = flight.popleft()
+                yield h[1], self.result(h)
+        while flight:
+            h = flight.popleft()
+            yield h[1], self.result(h)
+
+    def pids(self) -> list[int]:
+        import ray
+
+        return ray.get([a.ready.remote() for a in self.actors])
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+
+
 def actor_model(encoder) -> str:
     """What encoder actors load: the model's local folder when the driver has one (a cluster
     whose nodes share that path, or one machine), else its name (resolved on each node)."""
@@ -152,8 +228,10 @@ def actor_model(encoder) -> str:
 
 def ray_writer(index, args):
     """The ``index`` command's writer with encoding on Ray (``--ray``): the same reading,
-    splitting, resume rules and commit blocks; blocks are encoded a window at a time by a Ray
-    Data actor pool and committed in order."""
+    splitting, resume rules and commit blocks; blocks are encoded by one :class:`EncoderPool`
+    for the whole run (at most ``--ray-window`` blocks in flight) and committed in order."""
+    from collections import deque
+
     from ..cli import _Writer
     from .cluster import connect
 
@@ -164,31 +242,40 @@ def ray_writer(index, args):
             found, gpus = cluster_actors()
             self.actors = args.ray_actors or found
             self.gpus = gpus
-            self.window_blocks = args.ray_window or 16 * self.actors
-            self.window: list[list[dict]] = []
-            self.model = actor_model(index.encoder)
+            self.window_blocks = args.ray_window or 4 * self.actors
+            self.flight: deque = deque()  # (handle, chunk) in corpus order
+            self.blocks = 0
+            self.pool = None
+
+        def _commit_next(self) -> None:
+            handle, chunk = self.flight.popleft()
+            enc = self.pool.result(handle)
+            self.index.upsert(chunk, encoded=enc)
+            self.commits += 1
+            self.bar.update(len(chunk))
 
         def flush(self, final: bool) -> None:
             n = self.args.commit_every
             while len(self.pending) >= n or (final and self.pending):
                 chunk, self.pending = self.pending[:n], self.pending[n:]
-                self.window.append(chunk)
-            if self.window and (final or len(self.window) >= self.window_blocks):
-                self._run_window()
-            if self.stale and not self.window:  # after the upserts queued before them, as in one process
+                if self.pool is None:  # started at the first block: a run with nothing to encode starts none
+                    self.pool = EncoderPool(actor_model(self.index.encoder), actors=self.actors, gpus=self.gpus,
+                                            batch_size=self.args.batch_size)
+                self.flight.append((self.pool.submit(self.blocks, [d["id"] for d in chunk],
+                                                     [d["text"] for d in chunk]), chunk))
+                self.blocks += 1
+                while len(self.flight) >= self.window_blocks:  # the driver holds at most a window
+                    self._commit_next()
+            if final or self.stale:  # stale ids go after the upserts queued before them, as in one process
+                while self.flight:
+                    self._commit_next()
+            if self.stale:
                 self.index.delete(self.stale)
                 self.commits += 1
                 self.deleted += len(self.stale)
                 self.stale = []
-
-        def _run_window(self) -> None:
-            blocks = [([d["id"] for d in chunk], [d["text"] for d in chunk]) for chunk in self.window]
-            for b, enc in encode_blocks(blocks, self.model, actors=self.actors, gpus=self.gpus,
-                                        batch_size=self.args.batch_size):
-                chunk = self.window[b]
-                self.index.upsert(chunk, encoded=enc)
-                self.commits += 1
-                self.bar.update(len(chunk))
-            self.window = []
+            if final and self.pool is not None:
+                self.pool.close()
+                self.pool = None
 
     return _RayWriter(index, args)

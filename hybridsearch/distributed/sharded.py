@@ -19,6 +19,16 @@ A query is encoded once by the coordinator (this object, in the driver) and fans
 3. Documents: the shards that own the final top ``k`` return their text and metadata, from the
    same snapshot that answered step 2.
 
+ColBERT codebook (``res1``, ``res2``, ``res1-pool2``): one for all shards, so every shard codes
+and scores ColBERT as one index coded with it. Shards are made with ``train_codebook=False``
+(recorded in their manifests: they never train one). The coordinator trains it once, in the
+write that brings the stored float16 vectors plus the write in hand to ``codec_train_tokens``
+(as one index does), on a sample of the write and of the shards' float16 vectors; it saves it as
+``DIR/codebook-NNNNNN/`` (fsync, rename), names it in ``sharding.json`` (with its identity),
+installs it on every replica (``HybridIndex.install_codebook``: one commit), then writes.
+``open`` installs the named codebook on every replica that lacks it (a coordinator that died
+between these steps) and refuses a replica coded with another one.
+
 Faults: shard actors run with ``max_restarts=-1``; a restarted actor reopens its folder at the
 last commit. A call that fails because the actor died is retried (another replica first) until
 ``timeout``; then the query raises :class:`ShardUnavailableError`, or with ``partial=True``
@@ -32,6 +42,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -51,23 +62,40 @@ from ray.exceptions import (
 
 from ..errors import HybridSearchError, IndexFormatError
 from ..fusion import FusionConfig, fuse_terms
+from ..index import locking
 from ..index.docstore import hash_ids
 from ..index.filters import check_filter
 from ..index.hybrid import (
+    CODEC_TRAIN_TOKENS,
     MODES,
     Hit,
     _check_docs,
     _check_encoded,
     _check_query_inputs,
+    _codec_sample,
     _rerank,
     default_candidates_for,
     default_fusion_for,
 )
+from ..index.storage import fsync_dir
 from ..representations import Encoded
+from ..retrievers import bm25_postings
+from ..retrievers.colbert_codec import (
+    CODECS,
+    INDEX_TRAINING,
+    MAX_TRAIN_SAMPLE,
+    ColbertCodec,
+    default_k,
+    parse_codec,
+)
 
 LAYOUT_FILE = "sharding.json"
 LAYOUT_FORMAT = "hybridsearch-sharded"
-LAYOUT_VERSION = 1
+# 2: the shards share one ColBERT codebook (``colbert_codec`` in the layout). 1 (read): each
+# shard trained its own (ColBERT scores then differ from one index's).
+LAYOUT_VERSION = 2
+LAYOUT_VERSIONS = (1, 2)
+CODEBOOK_RE = re.compile(r"codebook-[0-9]{6}")
 DEFAULT_TIMEOUT = 120.0
 _DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
 
@@ -146,9 +174,24 @@ class _Shard:
         return int(self.index._current().generation)
 
     def bm25_stats(self, queries):
-        return self.index._bm25_collection_stats(queries)
+        """``(generation, (N, total length, df of query_terms(queries)))`` of one committed
+        state (None instead of the statistics without BM25 postings)."""
+        from ..retrievers import bm25_postings
 
-    def candidates(self, queries, q, mode, k, C, flt, stats, exhaustive):
+        state = self.index._current()
+        if not state.has_bm25 or state.bm25 is not None:
+            return state.generation, None
+        return state.generation, bm25_postings.collection_stats([s.bm25 for s in state.segments],
+                                                                bm25_postings.query_terms(queries))
+
+    def candidates(self, queries, q, mode, k, C, flt, stats, exhaustive, cfg=None, send_docs=True):
+        """``(generation, per query candidates, {docno: document})``. The documents are those
+        of this shard's own top ``k`` (hybrid: fused over its union with ``cfg``), sent along
+        so the coordinator seldom needs the documents round: exact in single-channel modes (the
+        global top ``k`` is among the shards' top ``k``), a guess in hybrid mode (the global
+        normalisation may rank otherwise; the coordinator asks :meth:`docs` for what it lacks)."""
+        from ..index.hybrid import HybridIndex
+
         state, out = self.index._shard_candidates(queries, q, mode, k, C, filter=flt, bm25_stats=stats,
                                                   exhaustive=exhaustive)
         with self._lock:  # keep the snapshot for docs(): a few recent generations
@@ -156,7 +199,14 @@ class _Shard:
             self._states.move_to_end(state.generation)
             while len(self._states) > 4:
                 self._states.popitem(last=False)
-        return state.generation, out
+        want = set()
+        for r in (out if send_docs else ()):
+            if mode != "hybrid":
+                want.update(np.asarray(r["docnos"][:k]).tolist())
+            elif len(r["union"]) and cfg is not None:
+                want.update(np.asarray(r["union"])[_local_top(r, k, cfg)].tolist())
+        want = sorted(want)
+        return state.generation, out, dict(zip(want, HybridIndex._docs(state, want)))
 
     def docs(self, generation, docnos):
         from ..index.hybrid import HybridIndex
@@ -165,6 +215,29 @@ class _Shard:
         if state is None:
             return None  # the coordinator asks again from the start
         return HybridIndex._docs(state, docnos)
+
+    def codec_info(self):
+        """``(identity of the installed codebook or None, ColBERT vectors stored as float16)``."""
+        state = self.index._current()
+        codec = self.index.codebook()
+        fp16 = sum(int(s.colbert.offsets[-1]) for s in state.segments if s.colbert_kind == "fp16")
+        return (None if codec is None else codec.identity), fp16
+
+    def codec_sample(self, n: int, pool: int, seed: int):
+        """At most ``n`` of this shard's float16 ColBERT vectors (pooled by ``pool``, as the
+        codebook will code them), drawn evenly; float16, bounded by ``n``."""
+        from types import SimpleNamespace
+
+        state = self.index._current()
+        stores = [s.colbert for s in state.segments if s.colbert_kind == "fp16"]
+        dim = self.index.encoder.spec.colbert_dim
+        if n <= 0 or not stores:
+            return np.zeros((0, dim), np.float16)
+        empty = SimpleNamespace(colbert=np.zeros((0, dim), np.float16), colbert_offsets=np.zeros(1, np.int64))
+        return _codec_sample(empty, stores, n, pool, seed).astype(np.float16)
+
+    def install_codebook(self, codec):
+        return self.index.install_codebook(codec)
 
     def upsert(self, docs, encoded):
         return self.index.upsert(docs, encoded=encoded)
@@ -189,6 +262,20 @@ class _Shard:
         self.index.close()
 
 
+def _local_top(r: dict, k: int, cfg: FusionConfig) -> np.ndarray:
+    """Positions in ``r["union"]`` of a shard's own fused top ``k`` (its union only: a guess
+    at which of its documents the global fusion picks)."""
+    scores = dict(r["rescored"])
+    if "bm25" in r["first"]:
+        sc, dn = r["first"]["bm25"]
+        b = np.full(len(r["union"]), np.nan, np.float32)
+        b[np.searchsorted(r["union"], dn)] = sc
+        scores["bm25"] = b
+    scores = {c: scores[c] for c in ("dense", "sparse", "colbert", "bm25") if c in scores}
+    fused, _ = fuse_terms(scores, cfg)
+    return np.argsort(-fused, kind="stable")[:k]
+
+
 def _actor_class():
     return ray.remote(_Shard)
 
@@ -210,6 +297,16 @@ class ShardedIndex:
         self.timeout = float(timeout)
         self._rr = itertools.count()
         self._closed = False
+        self._codebook: ColbertCodec | None = None
+        # BM25 statistics per shard copy, valid while its generation is the one recorded:
+        # {(shard, replica): (generation, N, total length, {term: df})}. A query whose terms are
+        # all here skips the statistics round; a candidates reply of another generation (a
+        # write landed) is discarded and the query asks again.
+        self._stats_cache: dict = {}
+        self._stats_lock = threading.Lock()
+        # False: the three rounds of every query (statistics, candidates, documents), without
+        # the cache or the documents sent along; for bench/bench_ray.py's side-by-side figures.
+        self._lean_rounds = True
 
     # ------------------------------------------------------------------ making one
 
@@ -226,11 +323,21 @@ class ShardedIndex:
         the nodes; ``max_restarts=-1`` is always set)."""
         if not isinstance(shards, int) or shards < 1 or not isinstance(replicas, int) or replicas < 1:
             raise ValueError(f"shards and replicas must be positive integers, got {shards!r}, {replicas!r}")
+        if "train_codebook" in index_kwargs:
+            raise ValueError("train_codebook is the coordinator's: the shards of a sharded index share one codebook")
         path = Path(path)
         encoder = _encoder(model, device)
         layout = {"format": LAYOUT_FORMAT, "version": LAYOUT_VERSION, "shards": shards, "replicas": replicas,
                   "model": str(encoder.spec.path), "model_name": encoder.spec.name,
                   "routing": "docstore.hash_ids(id) % shards"}
+        if encoder.spec.has_colbert:
+            spec = index_kwargs.get("colbert_codec", "res1")
+            parse_codec(spec)  # ValueError naming the valid codecs
+            tokens = index_kwargs.get("codec_train_tokens", CODEC_TRAIN_TOKENS)
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+                raise ValueError(f"codec_train_tokens must be a positive integer, got {tokens!r}")
+            layout["colbert_codec"] = {"spec": spec, "train_tokens": tokens, "codebook": None, "identity": None}
+            index_kwargs = {**index_kwargs, "train_codebook": False}
         f = path / LAYOUT_FILE
         if f.exists():
             have = _read_layout(path)
@@ -242,17 +349,7 @@ class ShardedIndex:
             layout = have
         else:
             path.mkdir(parents=True, exist_ok=True)
-            tmp = path / (LAYOUT_FILE + ".tmp")
-            with open(tmp, "w") as fh:
-                json.dump(layout, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, f)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_layout(path, layout)
         return cls._start(path, encoder, layout, index_kwargs, address, timeout, actor_options)
 
     @classmethod
@@ -276,10 +373,99 @@ class ShardedIndex:
         actors = [[Actor.remote(str(shard_folder(path, s, r)), model, create, 60.0)
                    for r in range(int(layout["replicas"]))] for s in range(int(layout["shards"]))]
         self = cls(path, encoder, layout, actors, timeout=timeout)
-        # Wait for every copy to open (a bad folder fails here, with its own error).
-        self._each_replica("generation", timeout=max(timeout, 120.0))
-        self._channels = tuple(self._shard_stats(timeout)[0]["channels"])
+        try:
+            codec = self._load_codebook(layout)  # a bad codebook folder fails before the wait
+            # Wait for every copy to open (a bad folder fails here, with its own error).
+            self._each_replica("generation", timeout=max(timeout, 120.0))
+            self._channels = tuple(self._shard_stats(timeout)[0]["channels"])
+            self._sync_codebook(layout, codec)
+        except BaseException:
+            self._closed = True  # no actor outlives a failed open (nothing was written: no close needed)
+            for row in actors:
+                for a in row:
+                    ray.kill(a, no_restart=True)
+            raise
         return self
+
+    # ------------------------------------------------------------------ the shared codebook
+
+    @property
+    def codebook(self) -> ColbertCodec | None:
+        """The ColBERT codebook every shard codes with (None: not trained yet, float16, or a
+        version-1 layout whose shards trained their own)."""
+        return self._codebook
+
+    def _load_codebook(self, layout: dict) -> ColbertCodec | None:
+        cc = layout.get("colbert_codec")
+        if cc is None or cc["codebook"] is None:
+            return None
+        folder = self.path / cc["codebook"]
+        if folder.is_symlink() or not folder.is_dir():
+            raise IndexFormatError(f"{self.path / LAYOUT_FILE}: codebook {cc['codebook']} is not a folder here")
+        codec = ColbertCodec.load(folder, dim=self.encoder.spec.colbert_dim)
+        if codec.identity != cc["identity"] or codec.name != cc["spec"]:
+            raise IndexFormatError(f"{folder}: not the codebook {LAYOUT_FILE} names (identity or kind differ)")
+        return codec
+
+    def _sync_codebook(self, layout: dict, codec: ColbertCodec | None = None) -> None:
+        """Check every replica against the layout's codebook (``codec``: already loaded) and
+        install it where it is missing (a coordinator died after naming it); a replica coded
+        with another one is an error."""
+        cc = layout.get("colbert_codec")
+        if cc is None:
+            return
+        if codec is None:
+            codec = self._load_codebook(layout)
+        infos = self._each_replica("codec_info")
+        want = None if codec is None else codec.identity
+        wrong = sorted(sr for sr, (ident, _) in infos.items() if ident is not None and ident != want)
+        if wrong:
+            raise IndexFormatError(f"{self.path}: shard copies {wrong} code ColBERT with another codebook than "
+                                   f"the one {LAYOUT_FILE} names ({cc['codebook']})")
+        lacking = {s for (s, _), (ident, _) in infos.items() if ident is None}
+        if codec is not None and lacking:
+            ref = ray.put(codec)
+            self._each_replica("install_codebook", shard_args={s: (ref,) for s in sorted(lacking)})
+        self.layout, self._codebook = layout, codec
+
+    def _ensure_codebook(self, encoded: Encoded) -> None:
+        """Before a write: train the shared codebook if the float16 vectors stored so far plus
+        this write's reach ``codec_train_tokens`` (as one index does), then save, name and
+        install it. Under the sharded folder's writer lock, so two coordinators train one."""
+        cc = self.layout.get("colbert_codec")
+        if cc is None or cc["spec"] == "fp16" or self._codebook is not None or encoded.colbert is None:
+            return
+        with locking.WriterLock(self.path, 60.0):
+            layout = _read_layout(self.path)
+            if layout["colbert_codec"]["codebook"] is not None:  # another coordinator trained it
+                self._sync_codebook(layout)
+                return
+            got, _ = self._fanout("codec_info", lambda s: (), list(range(self.n_shards)), timeout=self.timeout,
+                                  partial=False)
+            stored = {s: int(r[1]) for s, (_, r) in got.items()}
+            have = len(encoded.colbert) + sum(stored.values())
+            if have < cc["train_tokens"]:
+                return
+            opts = parse_codec(cc["spec"])
+            how = INDEX_TRAINING[cc["spec"]]
+            n = min(MAX_TRAIN_SAMPLE, have)
+            quota = {s: int(round(n * t / have)) for s, t in stored.items() if t}
+            parts = []
+            if quota:
+                got, _ = self._fanout("codec_sample", lambda s: (quota[s], opts["pool"], s), sorted(quota),
+                                      timeout=self.timeout, partial=False)
+                parts = [np.asarray(r, np.float32) for _, (_, r) in sorted(got.items())]
+            own = n - sum(quota.values())
+            if own > 0:
+                parts.append(_codec_sample(encoded, [], own, opts["pool"]))
+            sample = np.concatenate(parts)[:MAX_TRAIN_SAMPLE]
+            k = min(default_k(have // opts["pool"]), how["k_max"], 1 << int(np.log2(max(len(sample) // 2, 1))))
+            codec = ColbertCodec.train(sample, nbits=opts["nbits"], pool=opts["pool"], k=max(k, 1),
+                                       renorm=how["renorm"], transform=how["transform"])
+            name = _save_codebook(self.path, codec)
+            layout["colbert_codec"] = {**layout["colbert_codec"], "codebook": name, "identity": codec.identity}
+            _write_layout(self.path, layout)  # from here on, open() completes the install
+            self._sync_codebook(layout)
 
     # ------------------------------------------------------------------ calls
 
@@ -295,11 +481,12 @@ class ShardedIndex:
         raise e
 
     def _fanout(self, method: str, args_of, shards: Sequence[int], *, timeout: float, partial: bool,
-                replica_of: Mapping[int, int] | None = None):
+                replica_of: Mapping[int, int] | None = None, failover: bool = False):
         """Call ``method(*args_of(shard))`` on one replica of each of ``shards``. Returns
         ``({shard: (replica, result)}, missing)``. A dead or restarting replica is retried, the
         next replica first, until ``timeout``; then ``missing`` names the shards without an
-        answer (``partial``) or ShardUnavailableError is raised. ``replica_of`` pins replicas."""
+        answer (``partial``) or ShardUnavailableError is raised. ``replica_of`` pins replicas
+        (retried on the same one unless ``failover``: then it is only where to start)."""
         deadline = time.monotonic() + timeout
         start = next(self._rr)
         tries = {s: (replica_of[s] if replica_of else start + s) for s in shards}
@@ -331,9 +518,10 @@ class ShardedIndex:
                 try:
                     done[s] = (tries[s] % self.n_replicas, ray.get(ref))
                 except _DEAD:
-                    if replica_of is None:
+                    moves = replica_of is None or failover
+                    if moves:
                         tries[s] += 1  # the next replica; round and round while they restart
-                    retry_at[s] = time.monotonic() + (0.0 if self.n_replicas > 1 and replica_of is None else 0.1)
+                    retry_at[s] = time.monotonic() + (0.0 if self.n_replicas > 1 and moves else 0.1)
                 except RayTaskError as e:
                     for r in refs:
                         ray.cancel(r)
@@ -455,24 +643,39 @@ class ShardedIndex:
         timeout = self.timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + timeout
         shards = list(range(self.n_shards))
-        for _ in range(3):  # a shard restarting between the phases: ask again (rare)
+        need_bm25 = mode in ("bm25", "hybrid") and "bm25" in channels
+        terms = bm25_postings.query_terms(queries) if need_bm25 else []
+        lean = self._lean_rounds
+        stale = []
+        for _ in range(4):  # a write or a restart between the rounds: ask again (rare)
+            if not lean:
+                with self._stats_lock:
+                    self._stats_cache.clear()
+            start = next(self._rr)
+            pick = {s: (start + s) % self.n_replicas for s in shards}
+            stats, expect, miss = None, {}, []
+            if need_bm25:
+                stats, expect, miss = self._bm25_stats(queries, terms, shards, pick, deadline, partial)
+            ask = [s for s in shards if s not in miss]
             left = max(0.0, deadline - time.monotonic())
-            stats = None
-            if mode in ("bm25", "hybrid") and "bm25" in channels:
-                got, miss = self._fanout("bm25_stats", lambda s: (queries,), shards, timeout=left, partial=partial)
-                parts = [r for _, r in got.values() if r is not None]
-                if parts:
-                    stats = (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts))
-            left = max(0.0, deadline - time.monotonic())
-            got, missing = self._fanout("candidates", lambda s: (queries, q, mode, k, C, flt, stats, bool(exhaustive)),
-                                        shards, timeout=left, partial=partial)
-            if stats is not None and miss:
-                missing = sorted(set(missing) | set(miss))
+            got, missing = self._fanout(
+                "candidates", lambda s: (queries, q, mode, k, C, flt, stats, bool(exhaustive), cfg, lean), ask,
+                timeout=left, partial=partial, replica_of=pick, failover=True)
+            stale = [(s, r) for s, (r, res) in got.items() if need_bm25 and expect.get((s, r)) != res[0]]
+            if stale:  # scored with statistics of another generation: forget them, ask again
+                with self._stats_lock:
+                    for sr in stale:
+                        self._stats_cache.pop(sr, None)
+                continue
+            missing = sorted(set(missing) | set(miss))
             picks = [self._merge_one(got, j, mode, k, C, cfg) for j in range(len(queries))]
             docs = self._fetch(got, picks, deadline, partial)
             if docs is not None:
                 break
         else:
+            if stale:
+                raise HybridSearchError(f"shard copies {sorted(stale)} committed writes during each of 4 tries "
+                                        "of this query; ask again")
             raise ShardUnavailableError(shards, timeout)
         docs, lost = docs
         missing = sorted(set(missing) | lost)
@@ -489,12 +692,45 @@ class ShardedIndex:
             out.append(SearchResult(hits, missing))
         return out
 
+    def _bm25_stats(self, queries, terms, shards, pick, deadline, partial):
+        """The global BM25 statistics of ``terms``: ``(stats, {(shard, replica): generation
+        they hold for}, shards without an answer)``. From the cache where every term of a copy
+        is there; a statistics round (pinned to the copies in ``pick``, which follow a
+        failover) for the others. ``pick`` is updated to the copies that answered."""
+        with self._stats_lock:
+            cached = {s: self._stats_cache.get((s, pick[s])) for s in shards}
+        ask = [s for s in shards if cached[s] is None or not all(t in cached[s][3] for t in terms)]
+        miss = []
+        if ask:
+            left = max(0.0, deadline - time.monotonic())
+            got, miss = self._fanout("bm25_stats", lambda s: (queries,), ask, timeout=left, partial=partial,
+                                     replica_of=pick, failover=True)
+            for s, (r, (gen, st_)) in got.items():
+                pick[s] = r
+                if st_ is None:
+                    cached[s] = None
+                    continue
+                entry = (gen, int(st_[0]), int(st_[1]), dict(zip(terms, np.asarray(st_[2]).tolist())))
+                with self._stats_lock:
+                    old = self._stats_cache.get((s, r))
+                    if old is not None and old[0] == gen and len(old[3]) < 1 << 16:
+                        entry = (gen, entry[1], entry[2], {**old[3], **entry[3]})
+                    self._stats_cache[(s, r)] = entry
+                cached[s] = entry
+        have = [s for s in shards if s not in miss and cached.get(s) is not None]
+        if not have:
+            return None, {}, miss
+        n = sum(cached[s][1] for s in have)
+        total = sum(cached[s][2] for s in have)
+        df = np.array([sum(cached[s][3][t] for s in have) for t in terms], np.int64)
+        return (n, total, df), {(s, pick[s]): cached[s][0] for s in have}, miss
+
     @staticmethod
     def _merge_one(got, j, mode, k, C, cfg):
         """``[(shard, docno, score, channel scores)]``: the global top ``k`` of query ``j``."""
         if mode != "hybrid":
             sc, sh, dn = [], [], []
-            for s, (_, (_, res)) in sorted(got.items()):
+            for s, (_, (_, res, _)) in sorted(got.items()):
                 r = res[j]
                 sc.append(np.asarray(r["scores"], np.float32))
                 dn.append(np.asarray(r["docnos"], np.int64))
@@ -543,14 +779,20 @@ class ShardedIndex:
                  {c: float(v[t]) for c, v in terms.items()}) for t in top]
 
     def _fetch(self, got, picks, deadline, partial):
-        """Text and metadata of the picked docnos, from the replica (and snapshot) that found
-        them. None when a shard lost its snapshot (restarted): the caller asks again."""
+        """Text and metadata of the picked docnos: those the candidates replies carried, the
+        others from the replica (and snapshot) that found them. None when a shard lost its
+        snapshot (restarted): the caller asks again."""
+        out = {}
         want: dict[int, list[int]] = {}
         for pick in picks:
             for s, d, *_ in pick:
-                want.setdefault(s, []).append(d)
+                doc = got[s][1][2].get(d)
+                if doc is not None:
+                    out[(s, d)] = doc
+                else:
+                    want.setdefault(s, []).append(d)
         if not want:
-            return {}, set()
+            return out, set()
         want = {s: sorted(set(d)) for s, d in want.items()}
         replica_of = {s: got[s][0] for s in want}
         try:
@@ -561,7 +803,6 @@ class ShardedIndex:
             return None
         if missing and not partial:
             return None
-        out = {}
         for s, (_, docs) in res.items():
             if docs is None:
                 return None
@@ -637,6 +878,7 @@ class ShardedIndex:
             encoded = self.encoder.encode_arrays(texts, kind="passage", batch_size=batch_size,
                                                  sparse=spec.has_sparse, colbert=spec.has_colbert)
         _check_encoded(encoded, len(texts), spec)
+        self._ensure_codebook(encoded)
         route = shard_of(ids, self.n_shards)
         args = {}
         for s in np.unique(route).tolist():
@@ -704,6 +946,39 @@ def _encoder(model, device):
     return model if isinstance(model, BGEM3Encoder) else BGEM3Encoder(model, device=device)
 
 
+def _write_layout(path: Path, layout: dict) -> None:
+    """``sharding.json``, atomically: a temporary file, fsync, rename, fsync of the folder."""
+    tmp = path / (LAYOUT_FILE + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(layout, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path / LAYOUT_FILE)
+    fsync_dir(path)
+
+
+def _save_codebook(path: Path, codec: ColbertCodec) -> str:
+    """Write ``codec`` as ``path/codebook-000001`` through a temporary
+    folder, every file and both folders fsynced; codebooks no layout names (left by a
+    coordinator that died before naming one) are removed first. Writer lock held."""
+    import shutil
+
+    for p in path.iterdir():
+        if (CODEBOOK_RE.fullmatch(p.name) or (p.name.startswith("codebook-") and p.name.endswith(".tmp"))) \
+                and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+    name = "codebook-000001"
+    tmp = path / (name + ".tmp")
+    codec.save(tmp)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(tmp)
+    os.replace(tmp, path / name)
+    fsync_dir(path)
+    return name
+
+
 def _read_layout(path: Path) -> dict:
     f = path / LAYOUT_FILE
     try:
@@ -721,6 +996,18 @@ def _read_layout(path: Path) -> dict:
         raise IndexFormatError(f"{f}: {e}") from None
     if not ok:
         raise IndexFormatError(f"{f}: not a {LAYOUT_FORMAT} layout (format, shards 1-4096, replicas 1-64, model)")
-    if layout.get("version") != LAYOUT_VERSION:
-        raise IndexFormatError(f"{f}: layout version {layout.get('version')!r}; this library reads {LAYOUT_VERSION}")
+    if layout.get("version") not in LAYOUT_VERSIONS:
+        raise IndexFormatError(f"{f}: layout version {layout.get('version')!r}; this library reads {LAYOUT_VERSIONS}")
+    cc = layout.get("colbert_codec")
+    if cc is not None or layout["version"] >= 2:
+        ok = cc is None or (
+            isinstance(cc, dict) and isinstance(cc.get("spec"), str) and cc["spec"] in CODECS
+            and isinstance(cc.get("train_tokens"), int) and not isinstance(cc["train_tokens"], bool)
+            and 1 <= cc["train_tokens"] <= 1 << 40
+            and ((cc.get("codebook") is None and cc.get("identity") is None)
+                 or (isinstance(cc.get("codebook"), str) and CODEBOOK_RE.fullmatch(cc["codebook"]) is not None
+                     and isinstance(cc.get("identity"), str) and re.fullmatch(r"[0-9a-f]{64}", cc["identity"]))))
+        if not ok or (layout["version"] < 2 and cc is not None):
+            raise IndexFormatError(f"{f}: colbert_codec must be null or {{spec, train_tokens 1-2^40, codebook "
+                                   "(null or codebook-NNNNNN), identity (null or 64 hex digits)}} (layout version 2)")
     return layout

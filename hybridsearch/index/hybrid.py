@@ -198,8 +198,8 @@ class HybridIndex:
     @classmethod
     def create(cls, path: str | os.PathLike, model: str | BGEM3Encoder = "BAAI/bge-m3", *,
                dense_factory: str = "auto", dense_storage: str = "fp32", colbert_codec: str = "res1",
-               codec_train_tokens: int = CODEC_TRAIN_TOKENS, bm25: bool = True, exist_ok: bool = False,
-               lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT,
+               codec_train_tokens: int = CODEC_TRAIN_TOKENS, train_codebook: bool = True, bm25: bool = True,
+               exist_ok: bool = False, lock_timeout: float = locking.DEFAULT_LOCK_TIMEOUT,
                merge_policy: MergePolicy | None = MergePolicy()) -> HybridIndex:
         """Make a new, empty index folder for ``model`` (a name/path or a loaded encoder).
         An encoder made with ``mcls=True`` gives an MCLS index (``model.mcls`` in the manifest).
@@ -222,6 +222,9 @@ class HybridIndex:
           ``"res1-pool2"`` (token pooling by 2 first: ~65 bytes a token) or ``"fp16"``. The
           codebook is trained on the first ``codec_train_tokens`` ColBERT vectors; until then
           they are stored as float16 and coded when merged.
+        * ``train_codebook``: ``False`` never trains a codebook here (recorded in the manifest):
+          ColBERT vectors stay float16 until one is given with :meth:`install_codebook` (what
+          the shards of a sharded index do, so that they all code with the same one).
 
         Safe against a concurrent ``create`` of the same folder: the folder is claimed under the
         writer lock, the loser then opens the winner's index (``exist_ok=True``) or raises
@@ -248,6 +251,8 @@ class HybridIndex:
         parse_codec(colbert_codec)  # ValueError naming the valid codecs
         if isinstance(codec_train_tokens, bool) or not isinstance(codec_train_tokens, int) or codec_train_tokens < 1:
             raise ValueError(f"codec_train_tokens must be a positive integer, got {codec_train_tokens!r}")
+        if not isinstance(train_codebook, bool):
+            raise ValueError(f"train_codebook must be True or False, got {train_codebook!r}")
         model_info = {
             "name": spec.name, "fingerprint": st.model_fingerprint(spec.path), "dim": spec.dim,
             "colbert_dim": spec.colbert_dim, "vocab_size": spec.vocab_size, "pooling": spec.pooling,
@@ -260,6 +265,8 @@ class HybridIndex:
         if spec.has_colbert:
             channels["colbert_codec"] = {"spec": colbert_codec, "codebook": None,
                                          "train_tokens": codec_train_tokens}
+            if not train_codebook:  # absent: trained here (older manifests too)
+                channels["colbert_codec"]["train"] = False
         path.mkdir(parents=True, exist_ok=True)
         with locking.WriterLock(path, lock_timeout):
             if (path / st.MANIFEST).exists():  # another process won the race
@@ -575,6 +582,8 @@ class HybridIndex:
             return None, None
         if cc["codebook"]:
             return state.codecs[cc["codebook"]], cc["codebook"]
+        if not cc.get("train", True):  # the codebook comes from outside (install_codebook)
+            return None, None
         fp16 = [s for s in state.segments if s.colbert_kind == "fp16"]
         have = len(enc.colbert) + sum(int(s.colbert.offsets[-1]) for s in fp16)
         if have < cc["train_tokens"]:
@@ -586,6 +595,14 @@ class HybridIndex:
         k = min(default_k(have // opts["pool"]), how["k_max"], 1 << int(np.log2(max(len(sample) // 2, 1))))
         codec = ColbertCodec.train(sample, nbits=opts["nbits"], pool=opts["pool"], k=max(k, 1),
                                    renorm=how["renorm"], transform=how["transform"])
+        name = self._save_codec(codec, gen)
+        cc["codebook"] = name
+        log.info("trained ColBERT codebook %s (%s, K=%d) on %d of %d vectors", name, cc["spec"],
+                 codec.k, len(sample), have)
+        return codec, name
+
+    def _save_codec(self, codec: ColbertCodec, gen: int) -> str:
+        """Write ``codec`` durably into ``codec-G/`` (through a temporary folder and a rename)."""
         name = f"codec-{gen:06d}"
         tmp = self.path / (name + ".tmp")
         st.remove_entry(self.path, tmp.name)
@@ -597,10 +614,52 @@ class HybridIndex:
         st.fsync_dir(tmp)
         os.replace(tmp, self.path / name)
         st.fsync_dir(self.path)
-        cc["codebook"] = name
-        log.info("trained ColBERT codebook %s (%s, K=%d) on %d of %d vectors", name, cc["spec"],
-                 codec.k, len(sample), have)
-        return codec, name
+        return name
+
+    def codebook(self) -> ColbertCodec | None:
+        """The ColBERT codebook new and merged segments are coded with (None: none yet, or a
+        float16 index)."""
+        state = self._current()
+        cc = state.manifest["channels"].get("colbert_codec")
+        return state.codecs.get(cc["codebook"]) if cc is not None and cc.get("codebook") else None
+
+    def install_codebook(self, codec: ColbertCodec) -> str:
+        """Code ColBERT vectors with ``codec``, an already-trained codebook, from the next write
+        on: one commit whose manifest names a copy of it (``codec-G/``). Idempotent: installing
+        the codebook the index already has (same ``codec.identity``) changes nothing. Raises
+        ValueError for a different codebook (an index keeps its first one), a float16 index,
+        or a codec of another kind (``res1``, ``res2``, ``res1-pool2`` must match the index's
+        ``colbert_codec``) or dimension. Segments stored as float16 before it stay float16
+        until merged (as with a codebook trained here). Returns the codebook's folder name.
+
+        A sharded index trains one codebook and installs it on every shard, so every shard
+        scores ColBERT as one index coded with it would."""
+        if not isinstance(codec, ColbertCodec):
+            raise TypeError(f"install_codebook() takes a ColbertCodec, got {type(codec).__name__}")
+        with self._writing():
+            old = self._state
+            m = json.loads(json.dumps(old.manifest))
+            cc = m["channels"].get("colbert_codec")
+            if cc is None:
+                raise ValueError(f"{self.path} has no ColBERT channel: there is nothing to code")
+            if cc["spec"] == "fp16":
+                raise ValueError(f"{self.path} stores ColBERT vectors as float16 (colbert_codec='fp16')")
+            if codec.name != cc["spec"] or codec.dim != m["model"]["colbert_dim"]:
+                raise ValueError(f"codebook {codec.name} of dimension {codec.dim} does not fit {self.path}: "
+                                 f"it codes {cc['spec']} at dimension {m['model']['colbert_dim']}")
+            if cc["codebook"]:
+                if old.codecs[cc["codebook"]].identity == codec.identity:
+                    return cc["codebook"]
+                raise ValueError(f"{self.path} already codes with another codebook ({cc['codebook']}); "
+                                 "an index keeps the codebook its segments are coded with")
+            gen = m["generation"] + 1
+            m["generation"] = gen
+            m["format_version"], m["library_version"] = st.FORMAT_VERSION, st.__version__
+            cc["codebook"] = self._save_codec(codec, gen)
+            self._switch(m)
+            self._install(self._load_state(m, old), self._manifest_stat())
+            log.info("installed ColBERT codebook %s (%s, K=%d) in %s", cc["codebook"], cc["spec"], codec.k, self.path)
+            return cc["codebook"]
 
     # ---------------------------------------------------------------- merging
 

@@ -587,6 +587,8 @@ def validate_manifest(m, folder: str | os.PathLike) -> dict:
     if codec is not None:
         _get(codec, "spec", str, f"{where}: channels.colbert_codec")
         _int(codec.get("train_tokens"), f"{where}: channels.colbert_codec.train_tokens", 1, 1 << 40)
+        if not isinstance(codec.get("train", True), bool):
+            raise IndexFormatError(f"{where}: channels.colbert_codec.train must be true or false")
         if codec.get("codebook") is not None:
             check_name(codec["codebook"], "codec", where)
     segments = _get(m, "segments", list, str(where))
