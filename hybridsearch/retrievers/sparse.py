@@ -75,10 +75,13 @@ PRUNED_READ_EMA = 0.25
 PRUNED_REPROBE = 16
 PRUNE_NE_FRAC = 0.5
 # A first k-th score from the docs best on the PRUNE_SEED_TERMS heaviest query terms with at
-# most PRUNE_SEED_MAX_POSTINGS postings, scored exactly (at most PRUNE_SEED_LOOKUPS look-ups).
+# most PRUNE_SEED_MAX_POSTINGS postings: the k-th best of their partial sums over those terms
+# (PRUNE_SEED_LOOKUPS = 0), or of their exact scores (at most PRUNE_SEED_LOOKUPS look-ups).
+# At 1M docs the exact scores gave a k-th score 7% higher (median) but cost three times as much
+# (0.25 against 0.08 ms a query, mostly cache misses): the partial one made queries 15% faster.
 PRUNE_SEED_TERMS = 4
 PRUNE_SEED_MAX_POSTINGS = 50_000
-PRUNE_SEED_LOOKUPS = 20_000
+PRUNE_SEED_LOOKUPS = 0
 PRUNE_PARALLEL_FACTOR = 2
 
 
@@ -279,19 +282,22 @@ def _score_candidates(indptr, docs, weights, q_idx, q_w, cand):
 # ``w * low_max[t]`` for the others, several times smaller on learned-sparse weights, whose
 # tails are long.
 #
-# A query first gets a lower bound of its k-th score: the exact scores of the docs best on its
-# few heaviest terms with short lists (merged directly), the k-th best of them (when that finds
-# no k docs, the first ``PRUNE_FIRST_DOCS`` rows are read in full, term at a time, instead).
+# A query first gets a lower bound of its k-th score: the k-th best partial sum of the docs on
+# its few heaviest terms with short lists (merged directly), less the float32 roundings (when
+# that finds no k docs, the first ``PRUNE_FIRST_DOCS`` rows are read in full, term at a time,
+# instead).
 # Docs are scored in blocks of ``2**PRUNE_BLOCK_SHIFT`` rows into a float32 accumulator; each
 # block splits the bounds MaxScore-style by the k-th score: bounds whose sum stays under
-# ``PRUNE_NE_FRAC`` times it are "non-essential", picked greedily by postings saved per unit
-# of bound (an entry's rest before its high list). An entry whose both bounds are
-# essential is read in full, one whose high bound only is essential reads its high list only,
-# the others nothing. A doc is a candidate if its partial sum plus the bounds left can beat the
-# k-th score (recorded as its sum crosses that line during the scatter). Candidates are looked
-# up in the lists not read (through a 1-in-64 sample of the doc ids, then the 64 postings it
-# points to), largest bound first, and dropped as soon as they cannot enter; survivors get
-# their exact score, the float32 sum over every entry in query-CSR order, which is the
+# ``PRUNE_NE_FRAC`` times it are "non-essential", picked greedily by postings saved per unit of
+# bound (an entry's rest before its high list). In lists of at least ``PRUNE_OFFSETS_MIN``
+# postings both bounds are those of the block (block-max: the largest weights of the list and of
+# its rest among the block's docs), never above the global ones. An entry whose both bounds are
+# essential is read in full, one whose high bound only is essential reads its high list only, the
+# others nothing. A doc is a candidate if its partial sum plus the bounds left can beat the k-th
+# score (recorded as its sum crosses that line during the scatter). Candidates are looked up in
+# the lists not read (an interpolation search on a 1-in-64 sample of the doc ids, then the 64
+# postings it points to), largest bound first, and dropped as soon as they cannot enter; survivors
+# get their exact score, the float32 sum over every entry in query-CSR order, which is the
 # arithmetic of the term-at-a-time kernel, so the top-k is identical to it, scores included.
 #
 # Bounds are compared after multiplying by ``1 + (n + 2) * 2**-21`` for a query of ``n``
@@ -344,11 +350,14 @@ def _split_lists(indptr, docs, weights, min_len, factor):
 
 
 @njit(cache=True)
-def _block_offsets(indptr, docs, h_indptr, h_docs, shift, n_docs, min_len):
+def _block_offsets(indptr, docs, weights, tau, h_indptr, h_docs, shift, n_docs, min_len):
     """Where each block of ``2**shift`` rows starts in the long lists (at least ``min_len``
-    postings), which galloping searches would reach through a cache miss a step:
-    ``(row (V,) int32, -1 for other terms; offs, h_offs (n_long, n_blocks + 1) int64)``, the
-    positions in ``docs`` and ``h_docs`` of each block's first posting of the term."""
+    postings), which galloping searches would reach through a cache miss a step, and the
+    largest weights there: ``(row (V,) int32, -1 for other terms; offs, h_offs (n_long,
+    n_blocks + 1) int64; b_max, b_low (n_long, n_blocks) float32)``, the positions in ``docs``
+    and ``h_docs`` of each block's first posting of the term, the largest weight of its
+    postings in the block, and the largest of those not in its high list (weight <= ``tau``;
+    0 for a list not split)."""
     vocab = indptr.shape[0] - 1
     n_blocks = (n_docs + (1 << shift) - 1) >> shift
     row = np.full(vocab, -1, np.int32)
@@ -359,6 +368,8 @@ def _block_offsets(indptr, docs, h_indptr, h_docs, shift, n_docs, min_len):
             n_long += 1
     offs = np.empty((n_long, n_blocks + 1), np.int64)
     h_offs = np.empty((n_long, n_blocks + 1), np.int64)
+    b_max = np.zeros((n_long, max(n_blocks, 1)), np.float32)
+    b_low = np.zeros((n_long, max(n_blocks, 1)), np.float32)
     for t in range(vocab):
         r = row[t]
         if r < 0:
@@ -367,28 +378,59 @@ def _block_offsets(indptr, docs, h_indptr, h_docs, shift, n_docs, min_len):
         h = h_indptr[t]
         for b in range(n_blocks + 1):
             lo = b << shift
+            mx = np.float32(0.0)
+            ml = np.float32(0.0)
             while p < indptr[t + 1] and docs[p] < lo:
+                w = weights[p]
+                mx = max(mx, w)
+                if tau[t] >= 0 and w <= tau[t]:
+                    ml = max(ml, w)
                 p += 1
             while h < h_indptr[t + 1] and h_docs[h] < lo:
                 h += 1
             offs[r, b] = p
             h_offs[r, b] = h
-    return row, offs, h_offs
+            if b > 0:
+                b_max[r, b - 1] = mx
+                b_low[r, b - 1] = ml
+    return row, offs, h_offs, b_max, b_low
 
 
 @njit(cache=True)
 def _seek(docs, skip, p, hi, row):
     """:func:`_gallop` for long lists: the search runs on ``skip`` (every 64th entry of
-    ``docs``, 64 times denser in cache), then within the 64 postings it points to."""
+    ``docs``, 64 times denser in cache), then within the 64 postings it points to. On
+    ``skip`` it starts where the row would sit if the list's rows were evenly spread
+    (interpolation) and gallops from there: look-ups at random rows are cache misses, and
+    this takes fewer of them than a search from ``p``."""
     if p >= hi or docs[p] >= row:
         return p
-    j = (p >> 6) + 1  # the first sampled position after p
-    j_end = (hi - 1) >> 6  # the last sampled position before hi
-    if j > j_end:
+    jl = (p >> 6) + 1  # the first sampled position after p
+    jh = (hi - 1) >> 6  # the last sampled position before hi
+    if jl > jh:
         return _gallop(docs, p, hi, row)
-    j = _gallop(skip, j, j_end + 1, row)  # first sample >= row (j_end + 1 if none)
+    a = np.int64(skip[jl])
+    b = np.int64(skip[jh])
+    if row <= a:
+        j = jl
+    elif row > b:
+        j = jh + 1
+    else:
+        # The first j in (jl, jh] with skip[j] >= row, searched from a guess g.
+        g = min(max(jl + (jh - jl) * (row - a) // max(b - a, 1), jl + 1), jh)
+        step = 1
+        if skip[g] >= row:  # downwards: the answer is in (jl, g]
+            while g - step > jl and skip[g - step] >= row:
+                g -= step
+                step <<= 1
+            j = _lower_bound(skip, max(g - step, jl) + 1, g, row)
+        else:  # upwards: in (g, jh]
+            while g + step <= jh and skip[g + step] < row:
+                g += step
+                step <<= 1
+            j = _lower_bound(skip, g + 1, min(g + step, jh + 1), row)
     lo = max(p, (j - 1) << 6)
-    up = hi if j > j_end else (j << 6) + 1
+    up = hi if j > jh else (j << 6) + 1
     return _lower_bound(docs, lo, up, row)
 
 
@@ -473,12 +515,14 @@ def _gain_per_bound(postings, bound):
 @njit(cache=True)
 def _seed_theta(indptr, docs, weights, skip, ts, ws, b_high, allowed, use_allowed, k, n_top,
                 cap, budget):
-    """A lower bound of the query's k-th score, 0.0 if none: the exact score of docs likely to
-    rank high, the k-th best of them. The docs: those with the largest partial sums over the
-    ``n_top`` entries of largest bound whose lists hold at most ``cap`` postings (merged
-    directly); ``2k`` of them, fewer if ``budget`` look-ups would not cover that many."""
+    """A lower bound of the query's k-th score, 0.0 if none, from the docs with the largest
+    partial sums over the ``n_top`` entries of largest bound whose lists hold at most ``cap``
+    postings (merged directly). With ``budget`` > 0: the exact scores of ``2k`` of them (fewer
+    if ``budget`` look-ups would not cover that many), the k-th best of them. With
+    ``budget`` == 0: the k-th best partial sum itself, less the float32 roundings (a score is
+    at least its partial sum over some of its terms): no look-ups."""
     n = ts.shape[0]
-    m = min(2 * k, budget // max(n, 1))
+    m = min(2 * k, budget // max(n, 1)) if budget > 0 else k
     if m < k:
         return 0.0
     lists = np.empty(n_top, np.int64)
@@ -543,19 +587,24 @@ def _seed_theta(indptr, docs, weights, skip, ts, ws, b_high, allowed, use_allowe
                 j = c
     if size < k:
         return 0.0
+    if budget <= 0:
+        # ps is a min-heap of the k best partial sums (float64, exact products): its root is
+        # the k-th. A float32 score of n entries is at least (1 - 2**-24)**(n + 1) times the
+        # real sum, which is at least the partial one.
+        return ps[0] * (1.0 - (n + 2) * 2.0 ** -21)
     # Their exact scores, every entry in query order (the search's arithmetic).
     rows = np.sort(pi[:size])
     exact = np.zeros(size, np.float32)
     for e in range(n):
         t = ts[e]
-        p = indptr[t]
+        lo = indptr[t]
         hi = indptr[t + 1]
         w = ws[e]
         for c in range(size):
-            p = _seek(docs, skip, p, hi, rows[c])
-            if p >= hi:
-                break
-            if docs[p] == rows[c]:
+            # Each search from the list's start: independent of the previous one, so the CPU
+            # overlaps their cache misses (chained, they would wait for each other).
+            p = _seek(docs, skip, lo, hi, rows[c])
+            if p < hi and docs[p] == rows[c]:
                 exact[c] += w * weights[p]
     exact.sort()
     kth = exact[size - k]
@@ -564,8 +613,8 @@ def _seed_theta(indptr, docs, weights, skip, ts, ws, b_high, allowed, use_allowe
 
 @njit(cache=True)
 def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs, h_weights,
-                  off_row, offs, h_offs, skip, q_indptr, q_idx, q_w, seeds, allowed,
-                  use_allowed, shift, first_width, n_docs, ne_frac, seed_top, seed_cap,
+                  off_row, offs, h_offs, bm_all, bm_low, skip, q_indptr, q_idx, q_w, seeds,
+                  allowed, use_allowed, shift, first_width, n_docs, ne_frac, seed_top, seed_cap,
                   seed_budget, n_parts, item_lo, item_hi, out_s, out_i, acc, touched, cand,
                   cbound, stats):
     """Items ``[item_lo, item_hi)``; item ``q * n_parts + j`` is query ``q`` over the blocks
@@ -624,6 +673,8 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
         pos = np.empty(n, np.int64)
         contrib = np.empty(n, np.float32)
         resid = np.empty(n, np.float64)  # bound of what is not read
+        wb_high = np.empty(n, np.float64)  # this window's bounds (b_high, b_low in blocks)
+        wb_low = np.empty(n, np.float64)
         size = 0
         b = part
         d_lo = b << shift
@@ -648,9 +699,14 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                 if aligned and r >= 0:
                     cur[e] = offs[r, blk]
                     end[e] = offs[r, blk + 1]
+                    # Block-max: the largest weights of this block only.
+                    wb_high[e] = np.float64(ws[e]) * bm_all[r, blk]
+                    wb_low[e] = np.float64(ws[e]) * bm_low[r, blk]
                 else:
                     cur[e] = _gallop(docs, cur[e], indptr[t + 1], w_lo)
                     end[e] = _gallop(docs, cur[e], indptr[t + 1], d_hi)
+                    wb_high[e] = b_high[e]
+                    wb_low[e] = b_low[e]
             # The non-essential bounds: the smallest, while their sum times the slack stays
             # under ne_frac times the k-th score (none while fewer than k hits are held).
             for e in range(n):
@@ -665,20 +721,20 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                     if v < n:
                         if not split[e]:
                             continue
-                        cost = b_low[e]
+                        cost = wb_low[e]
                     else:
                         if split[e] and level[e] != 1:
                             continue
-                        cost = b_high[e] - b_low[e]
+                        cost = wb_high[e] - wb_low[e]
                     if cost > 0.0 and (ne_bound + cost) * slack >= theta_ne:
                         continue
                     ne_bound += cost
                     if v < n:
                         level[e] = 1
-                        resid[e] = b_low[e]
+                        resid[e] = wb_low[e]
                     else:
                         level[e] = 0
-                        resid[e] = b_high[e]
+                        resid[e] = wb_high[e]
             if ne_bound == 0.0:
                 # Every list read in full, in query order: the exact term-at-a-time sums.
                 stats[1] += 1
@@ -831,16 +887,16 @@ def _taat_block(docs, weights, ws, cur, end, allowed, use_allowed, d_lo, width, 
 
 @njit(cache=True, parallel=True)
 def _pruned_parallel(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
-                     h_weights, off_row, offs, h_offs, skip, q_indptr, q_idx, q_w, seeds,
-                     allowed, use_allowed, shift, first_width, n_docs, ne_frac, seed_top,
-                     seed_cap, seed_budget, n_parts, n_chunks, out_s, out_i, acc, touched, cand,
-                     cbound, stats):
+                     h_weights, off_row, offs, h_offs, bm_all, bm_low, skip, q_indptr, q_idx,
+                     q_w, seeds, allowed, use_allowed, shift, first_width, n_docs, ne_frac,
+                     seed_top, seed_cap, seed_budget, n_parts, n_chunks, out_s, out_i, acc,
+                     touched, cand, cbound, stats):
     n_items = out_s.shape[0]
     for c in prange(n_chunks):
         _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
-                      h_weights, off_row, offs, h_offs, skip, q_indptr, q_idx, q_w, seeds,
-                      allowed, use_allowed, shift, first_width, n_docs, ne_frac, seed_top,
-                      seed_cap, seed_budget, n_parts, c * n_items // n_chunks,
+                      h_weights, off_row, offs, h_offs, bm_all, bm_low, skip, q_indptr, q_idx,
+                      q_w, seeds, allowed, use_allowed, shift, first_width, n_docs, ne_frac,
+                      seed_top, seed_cap, seed_budget, n_parts, c * n_items // n_chunks,
                       (c + 1) * n_items // n_chunks, out_s, out_i, acc[c], touched[c], cand[c],
                       cbound[c], stats[c])
 
@@ -1215,14 +1271,16 @@ class SparsePostings:
     def _split(self):
         """The pruned kernel's split lists and block offsets, computed on first use (a few
         passes over the postings, O(nnz)) and kept: ``(tau, low_max, h_indptr, h_docs,
-        h_weights, off_row, offs, h_offs, skip)``, rebuilt if the PRUNE_* settings change."""
+        h_weights, off_row, offs, h_offs, b_max, b_low, skip)``, rebuilt if the PRUNE_* settings
+        change."""
         key = (PRUNE_SPLIT_MIN, PRUNE_SPLIT_FACTOR, PRUNE_BLOCK_SHIFT, PRUNE_OFFSETS_MIN)
         with self._lock:
             if self._split_lists is None or self._split_key != key:
                 split = _split_lists(self.indptr, self.docs, self.weights, PRUNE_SPLIT_MIN,
                                      PRUNE_SPLIT_FACTOR)
-                offsets = _block_offsets(self.indptr, self.docs, split[2], split[3],
-                                         PRUNE_BLOCK_SHIFT, self.n_docs, PRUNE_OFFSETS_MIN)
+                offsets = _block_offsets(self.indptr, self.docs, self.weights, split[0],
+                                         split[2], split[3], PRUNE_BLOCK_SHIFT, self.n_docs,
+                                         PRUNE_OFFSETS_MIN)
                 skip = np.ascontiguousarray(self.docs[::64])  # for _seek
                 self._split_lists = tuple(_readonly(a) for a in split + offsets + (skip,))
                 self._split_key = key
