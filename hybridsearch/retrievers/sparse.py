@@ -83,6 +83,8 @@ PRUNE_SEED_TERMS = 4
 PRUNE_SEED_MAX_POSTINGS = 50_000
 PRUNE_SEED_LOOKUPS = 0
 PRUNE_PARALLEL_FACTOR = 2
+# Candidates evaluated together (see _eval_candidates).
+PRUNE_EVAL_CHUNK = 256
 
 
 @njit(cache=True, inline="always")
@@ -670,8 +672,9 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                                use_allowed, k, seed_top, seed_cap, seed_budget)
             stats[6] += seed > 0.0
         level = np.empty(n, np.int8)  # 0: read nothing, 1: high list only, 2: whole list
-        pos = np.empty(n, np.int64)
-        contrib = np.empty(n, np.float32)
+        cw = np.empty((PRUNE_EVAL_CHUNK, n), np.float32)  # candidates' looked-up terms
+        c_idx = np.empty(PRUNE_EVAL_CHUNK, np.int64)
+        c_sum = np.empty(PRUNE_EVAL_CHUNK, np.float32)
         resid = np.empty(n, np.float64)  # bound of what is not read
         wb_high = np.empty(n, np.float64)  # this window's bounds (b_high, b_low in blocks)
         wb_low = np.empty(n, np.float64)
@@ -811,55 +814,97 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
             stats[3] += n_cand
             if n_cand == 0:
                 continue
-            # Candidates one by one, in row order (each list's cursor only moves forward).
-            # MaxScore: look the doc up in the unread lists, largest bound first, while it can
-            # still beat the k-th score; the survivors get their exact score: the float32 sum
-            # over every entry in query order, as term at a time (a missing term adds nothing).
-            by_resid = np.argsort(-resid)
-            m = 0
-            while m < n and resid[by_resid[m]] > 0.0:
-                m += 1
-            rest = np.empty(m + 1, np.float64)
-            rest[m] = 0.0
-            for i in range(m - 1, -1, -1):
-                rest[i] = rest[i + 1] + resid[by_resid[i]]
-            for e in range(n):
-                pos[e] = cur[e]
-            for c in range(n_cand):
-                row = cand[c]
-                bound = cbound[c]
-                alive = True
-                for i in range(m):
-                    if (bound + rest[i]) * slack < theta:
-                        alive = False
-                        break
-                    e = by_resid[i]
-                    p = _seek(docs, skip, pos[e], end[e], row)
-                    pos[e] = p
-                    stats[5] += 1
-                    contrib[e] = 0.0
-                    if p < end[e] and docs[p] == row:
-                        contrib[e] = ws[e] * weights[p]
-                        if not (level[e] == 1 and weights[p] > tau[ts[e]]):
-                            bound += contrib[e]  # the high list did not count it yet
-                if not alive or bound * slack < theta:
-                    continue
-                stats[4] += 1
-                s = np.float32(0.0)
-                for e in range(n):
-                    if resid[e] > 0.0:
-                        s += contrib[e]
-                    else:
-                        p = _seek(docs, skip, pos[e], end[e], row)
-                        pos[e] = p
-                        if p < end[e] and docs[p] == row:
-                            s += ws[e] * weights[p]
-                if s <= 0.0 or (size == k and (s < hs[0] or (s == hs[0] and row > hi[0]))):
-                    continue
-                size = _heap_push(hs, hi, size, k, s, np.int64(row))
-                if size == k:
-                    theta = max(seed, np.float64(hs[0]))
+            size, theta = _eval_candidates(docs, weights, skip, tau, ts, ws, level, resid, cur,
+                                           end, cand, cbound, n_cand, slack, seed, theta, k,
+                                           size, hs, hi, cw, c_idx, c_sum, stats)
         _heap_drain(hs, hi, size, out_s[item], out_i[item])
+
+
+@njit(cache=True)
+def _eval_candidates(docs, weights, skip, tau, ts, ws, level, resid, cur, end, cand, cbound,
+                     n_cand, slack, seed, theta, k, size, hs, hi, cw, c_idx, c_sum, stats):
+    """MaxScore's second half for one window: the candidates ``cand[:n_cand]`` (rows, with
+    ``cbound`` their partial sums over the lists read) are looked up in the lists not read
+    (``resid[e]`` > 0: the bound of what entry ``e`` did not read), largest bound first, and
+    dropped as soon as their bound cannot reach the k-th score ``theta``; the survivors get
+    their exact score, the float32 sum over every entry in query order, as term at a time (a
+    missing term adds nothing), and are offered to the heap. Returns ``(size, theta)``.
+
+    Candidates go list by list in chunks of ``cw.shape[0]``, not one by one: the searches
+    of one list for different candidates do not depend on each other, so their cache misses
+    overlap (one candidate's searches in list after list wait for each other's bounds).
+    ``theta`` rises between chunks only. ``cbound`` is updated in place."""
+    n = ts.shape[0]
+    by_resid = np.argsort(-resid)
+    m = 0
+    while m < n and resid[by_resid[m]] > 0.0:
+        m += 1
+    rest = np.empty(m + 1, np.float64)
+    rest[m] = 0.0
+    for i in range(m - 1, -1, -1):
+        rest[i] = rest[i + 1] + resid[by_resid[i]]
+    chunk = cw.shape[0]
+    for c0 in range(0, n_cand, chunk):
+        n_alive = min(chunk, n_cand - c0)
+        for j in range(n_alive):
+            c_idx[j] = c0 + j
+        for i in range(m):
+            e = by_resid[i]
+            lo = cur[e]
+            up = end[e]
+            w = ws[e]
+            high_read = level[e] == 1  # its high list was read: those postings are counted
+            t_cut = tau[ts[e]]
+            kept = 0
+            for j in range(n_alive):
+                c = c_idx[j]
+                bound = cbound[c]
+                if (bound + rest[i]) * slack < theta:
+                    continue
+                row = cand[c]
+                p = _seek(docs, skip, lo, up, row)
+                x = np.float32(0.0)
+                if p < up and docs[p] == row:
+                    x = w * weights[p]
+                    if not (high_read and weights[p] > t_cut):
+                        cbound[c] = bound + x
+                cw[c - c0, e] = x
+                c_idx[kept] = c
+                kept += 1
+            stats[5] += kept
+            n_alive = kept
+        kept = 0
+        for j in range(n_alive):
+            c = c_idx[j]
+            if cbound[c] * slack >= theta:
+                c_idx[kept] = c
+                c_sum[kept] = 0.0
+                kept += 1
+        n_alive = kept
+        stats[4] += n_alive
+        # Exact scores, entry by entry in query order for every survivor at once.
+        for e in range(n):
+            if resid[e] > 0.0:
+                for j in range(n_alive):
+                    c_sum[j] += cw[c_idx[j] - c0, e]
+            else:
+                lo = cur[e]
+                up = end[e]
+                w = ws[e]
+                for j in range(n_alive):
+                    row = cand[c_idx[j]]
+                    p = _seek(docs, skip, lo, up, row)
+                    if p < up and docs[p] == row:
+                        c_sum[j] += w * weights[p]
+        for j in range(n_alive):
+            s = c_sum[j]
+            row = np.int64(cand[c_idx[j]])
+            if s <= 0.0 or (size == k and (s < hs[0] or (s == hs[0] and row > hi[0]))):
+                continue
+            size = _heap_push(hs, hi, size, k, s, row)
+            if size == k:
+                theta = max(seed, np.float64(hs[0]))
+    return size, theta
 
 
 @njit(cache=True)
