@@ -113,6 +113,7 @@ def test_pruned_equals_taat_and_brute_force(data, brute, block_shift, k):
     postings = int(np.diff(ix.indptr)[queries.indices].sum())
     assert 0 < stats[2] < postings // 2
     assert stats[1] < stats[0]  # not every window read in full
+    assert 0 < stats[7] < stats[2]  # some lists were read from their mid list only
 
 
 def test_ties_resolved_to_the_lower_row(data, brute):
@@ -153,19 +154,23 @@ def test_allowed_masks(data, brute, block_shift, density):
         assert allowed[got[1][got[1] >= 0]].all()
 
 
-@pytest.mark.parametrize("ne_frac,split_min,split_factor,seed_terms",
-                         [(1.0, 256, 2.0, 4), (0.2, 256, 2.0, 4), (0.6, 16, 1.2, 0),
-                          (0.9, 10**9, 2.0, 0), (0.5, 256, 2.0, 20)])
+@pytest.mark.parametrize("ne_frac,split_min,split_factor,mid_factor,seed_terms,lookups",
+                         [(1.0, 256, 3.0, 1.5, 4, 0), (0.2, 256, 2.0, 1.0, 4, 0),
+                          (0.6, 16, 1.2, 1.5, 0, 0), (0.9, 10**9, 2.0, 1.0, 0, 0),
+                          (0.5, 256, 2.0, 2.0, 20, 20_000), (0.7, 64, 4.0, 0.5, 4, 20_000)])
 def test_any_pruning_setting_stays_exact(data, monkeypatch, ne_frac, split_min, split_factor,
-                                         seed_terms):
-    """The knobs trade speed only: from no split lists to most lists split, from a small
-    to the largest non-essential share, with and without a first k-th score."""
+                                         mid_factor, seed_terms, lookups):
+    """The knobs trade speed only: from no split lists to most lists split, mid lists from
+    as large as the high ones (or larger: clamped) to most of the list, from a small to the
+    largest non-essential share, with and without a first k-th score (partial or exact)."""
     docs, queries, _ = data
     monkeypatch.setattr(sparse, "PRUNE_BLOCK_SHIFT", 14)
     monkeypatch.setattr(sparse, "PRUNE_SEED_TERMS", seed_terms)
+    monkeypatch.setattr(sparse, "PRUNE_SEED_LOOKUPS", lookups)
     monkeypatch.setattr(sparse, "PRUNE_NE_FRAC", ne_frac)
     monkeypatch.setattr(sparse, "PRUNE_SPLIT_MIN", split_min)
     monkeypatch.setattr(sparse, "PRUNE_SPLIT_FACTOR", split_factor)
+    monkeypatch.setattr(sparse, "PRUNE_MID_FACTOR", mid_factor)
     ix = SparsePostings(*(getattr(data[2], a) for a in ("indptr", "docs", "weights",
                                                         "term_max", "n_docs")))
     for k in (1, 10):
@@ -190,7 +195,7 @@ def test_query_parts_merge_exactly(data, monkeypatch):
                          sparse._readonly(np.zeros(0, np.bool_)), False, 13, 1 << 12,
                          ix.n_docs, 0.5, 4, 50_000, 20_000, n_parts, 0, nq * n_parts, part_s,
                          part_i, *scratch,
-                         np.zeros(7, np.int64))
+                         np.zeros(8, np.int64))
     sparse._local.clean = True
     out_s, out_i = np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
     sparse._merge_blocks(part_s, part_i, n_parts, out_s, out_i)

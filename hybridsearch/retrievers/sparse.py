@@ -21,11 +21,11 @@ slots beyond the hits hold score ``0`` and id ``-1``.
 Files written by :meth:`SparsePostings.save` (all plain ``.npy``, never pickled):
 ``{prefix}_indptr.npy``, ``{prefix}_docs.npy``, ``{prefix}_weights.npy``,
 ``{prefix}_term_max.npy`` and ``{prefix}_n_docs.npy`` (a 0-d int64: trailing empty documents
-cannot be derived from the postings). The pruned kernel's extra arrays (split lists, block
-starts of long lists, a 1-in-64 sample of the doc ids) are not stored: they are built from these
-files on its first use (a few passes over the postings, ~0.2 s at 1M documents) and kept in
-memory (under a tenth of the postings' size on learned-sparse weights), so segments written
-before it existed work unchanged.
+cannot be derived from the postings). The pruned kernel's extra arrays (high and mid lists,
+block starts and block maxima of long lists, a 1-in-64 sample of the doc ids) are not stored:
+they are built from these files on its first use (a few passes over the postings, ~0.5 s at 1M
+documents) and kept in memory (65 MiB next to 419 MiB of postings at 1M learned-sparse-like
+documents, mostly the mid lists), so segments written before it existed work unchanged.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ BLOCK_DOCS = 1 << 16
 # the pool costs microseconds on an idle machine but milliseconds on a busy one.
 PARALLEL_MIN_POSTINGS = 1 << 20
 # The pruned kernel scores blocks of 2**PRUNE_BLOCK_SHIFT docs; it splits lists of at least
-# PRUNE_SPLIT_MIN postings at PRUNE_SPLIT_FACTOR times their mean weight; its non-essential
-# bounds add up to at most PRUNE_NE_FRAC times the k-th score (see "pruned search" below).
+# PRUNE_SPLIT_MIN postings at PRUNE_SPLIT_FACTOR (high list) and PRUNE_MID_FACTOR (mid list)
+# times their mean weight; its non-essential bounds add up to at most PRUNE_NE_FRAC times the
+# k-th score (see "pruned search" below).
 PRUNE_BLOCK_SHIFT = 16
 PRUNE_SPLIT_MIN = 256
-PRUNE_SPLIT_FACTOR = 2.0
+PRUNE_SPLIT_FACTOR = 3.0
+PRUNE_MID_FACTOR = 1.5
 # Docs scored in full (term at a time) for a first k-th score.
 PRUNE_FIRST_DOCS = 1 << 12
 # Lists of at least this many postings get their block starts precomputed (no searches).
@@ -278,11 +280,15 @@ def _score_candidates(indptr, docs, weights, q_idx, q_w, cand):
 # ----------------------------------------------------------------------------- pruned search
 #
 # Exact MaxScore over split posting lists. At first use (never stored), the long lists are
-# split by weight: term ``t``'s postings heavier than ``tau[t]`` (a few times the list's mean
-# weight) are copied into a short "high" list, and ``low_max[t]`` is the largest weight of the
-# rest. A query entry then offers two bounds, ``w * term_max[t]`` for docs in its high list and
-# ``w * low_max[t]`` for the others, several times smaller on learned-sparse weights, whose
-# tails are long.
+# split by weight into three tiers: term ``t``'s postings heavier than ``tau[t]``
+# (``PRUNE_SPLIT_FACTOR`` times the list's mean weight) are copied into a short "high" list,
+# those heavier than ``tau2[t]`` (``PRUNE_MID_FACTOR`` times it, high ones included) into a
+# "mid" list; ``low_max[t]`` and ``low2_max[t]`` are the largest weights left out of each. A
+# query entry then offers three bounds, ``w * term_max[t]`` for docs in its high list,
+# ``w * low_max[t]`` for the rest of its mid list and ``w * low2_max[t]`` for the others,
+# several times smaller on learned-sparse weights, whose tails are long; it reads nothing, its
+# high list, its mid list or its whole list. (Two tiers, the high list only, read 24% more
+# postings at 1M documents: 429k against 346k a query; 5% slower.)
 #
 # A query first gets a lower bound of its k-th score: the k-th best partial sum of the docs on
 # its few heaviest terms with short lists (merged directly), less the float32 roundings (when
@@ -291,16 +297,16 @@ def _score_candidates(indptr, docs, weights, q_idx, q_w, cand):
 # Docs are scored in blocks of ``2**PRUNE_BLOCK_SHIFT`` rows into a float32 accumulator; each
 # block splits the bounds MaxScore-style by the k-th score: bounds whose sum stays under
 # ``PRUNE_NE_FRAC`` times it are "non-essential", picked greedily by postings saved per unit of
-# bound (an entry's rest before its high list). In lists of at least ``PRUNE_OFFSETS_MIN``
-# postings both bounds are those of the block (block-max: the largest weights of the list and of
-# its rest among the block's docs), never above the global ones. An entry whose both bounds are
-# essential is read in full, one whose high bound only is essential reads its high list only, the
-# others nothing. A doc is a candidate if its partial sum plus the bounds left can beat the k-th
-# score (recorded as its sum crosses that line during the scatter). Candidates are looked up in
-# the lists not read (an interpolation search on a 1-in-64 sample of the doc ids, then the 64
-# postings it points to), largest bound first, and dropped as soon as they cannot enter; survivors
-# get their exact score, the float32 sum over every entry in query-CSR order, which is the
-# arithmetic of the term-at-a-time kernel, so the top-k is identical to it, scores included.
+# bound (a tier never before the one under it). In lists of at least ``PRUNE_OFFSETS_MIN``
+# postings the three bounds are those of the block (block-max: the largest weights of the list and
+# of what each of its high and mid lists leaves out, among the block's docs), never above the
+# global ones. An entry reads the tiers whose bounds are essential. A doc is a candidate if its
+# partial sum plus the bounds left can beat the k-th score (recorded as its sum crosses that line
+# during the scatter). Candidates are looked up in the lists not read (an interpolation search on
+# a 1-in-64 sample of the doc ids, then the 64 postings it points to), largest bound first, and
+# dropped as soon as they cannot enter; survivors get their exact score, the float32 sum over
+# every entry in query-CSR order, which is the arithmetic of the term-at-a-time kernel, so the
+# top-k is identical to it, scores included.
 #
 # Bounds are compared after multiplying by ``1 + (n + 2) * 2**-21`` for a query of ``n``
 # entries: a float32 sum of ``n`` non-negative rounded products exceeds the real sum by at most
@@ -615,15 +621,17 @@ def _seed_theta(indptr, docs, weights, skip, ts, ws, b_high, allowed, use_allowe
 
 @njit(cache=True)
 def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs, h_weights,
-                  off_row, offs, h_offs, bm_all, bm_low, skip, q_indptr, q_idx, q_w, seeds,
+                  tau2, low2_max, m_indptr, m_docs, m_weights, off_row, offs, h_offs, m_offs,
+                  bm_all, bm_low, bm_low2, skip, q_indptr, q_idx, q_w, seeds,
                   allowed, use_allowed, shift, first_width, n_docs, ne_frac, seed_top, seed_cap,
                   seed_budget, n_parts, item_lo, item_hi, out_s, out_i, acc, touched, cand,
                   cbound, stats):
     """Items ``[item_lo, item_hi)``; item ``q * n_parts + j`` is query ``q`` over the blocks
     ``b`` with ``b % n_parts == j``. Writes each item's top-k into its output row. ``stats``
-    (int64, 7) counts windows, windows read in full, postings read, candidates, docs scored
-    exactly, list look-ups and queries given a first k-th score by :func:`_seed_theta`
-    (``seed_top`` > 0 enables it; ``seeds[q]`` > 0 gives one instead). Scratch of at least
+    (int64, 8) counts windows, windows read in full, postings read, candidates, docs scored
+    exactly, list look-ups, queries given a first k-th score by :func:`_seed_theta`
+    (``seed_top`` > 0 enables it; ``seeds[q]`` > 0 gives one instead) and postings read from
+    mid lists. Scratch of at least
     ``2**shift`` entries, reused across calls: ``acc`` (float32, all zero on entry and left
     so), ``touched``, ``cand`` (int32) and ``cbound`` (float32)."""
     k = out_s.shape[1]
@@ -637,46 +645,63 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
         slack = 1.0 + (n + 2) * 2.0 ** -21
         # A k-th score known beforehand (exact scores of k allowed docs), 0 if none.
         seed = np.float64(seeds[q])
-        # Per entry: term, weight, bounds (high list, rest), cursors in both lists.
+        # Per entry: term, weight, bounds (whole list, less its high list, less its mid list),
+        # cursors in the three lists.
         ts = q_idx[e0:e0 + n]
         ws = q_w[e0:e0 + n]
         b_high = np.empty(n, np.float64)
+        b_mid = np.empty(n, np.float64)
         b_low = np.empty(n, np.float64)
         split = np.empty(n, np.bool_)
         cur = np.empty(n, np.int64)
         cur_h = np.empty(n, np.int64)
+        cur_m = np.empty(n, np.int64)
         end = np.empty(n, np.int64)
         end_h = np.empty(n, np.int64)
+        end_m = np.empty(n, np.int64)
         for e in range(n):
             t = ts[e]
             b_high[e] = np.float64(ws[e]) * term_max[t]
             split[e] = tau[t] >= 0
-            b_low[e] = np.float64(ws[e]) * low_max[t] if split[e] else 0.0
+            b_mid[e] = np.float64(ws[e]) * low_max[t] if split[e] else 0.0
+            b_low[e] = np.float64(ws[e]) * low2_max[t] if split[e] else 0.0
             cur[e] = indptr[t]
             cur_h[e] = h_indptr[t]
-        # What leaving a list unread saves (postings) per unit of bound it costs: v < n is
-        # entry v's rest (its list less its high list), v >= n its high list, never before its
-        # rest. Per block, the non-essential lists are picked greedily in that order.
-        ratio = np.empty(2 * n, np.float64)
+            cur_m[e] = m_indptr[t]
+        # What leaving a tier unread saves (postings) per unit of bound it costs: v < n is
+        # entry v's bottom tier (its list less its mid list), n <= v < 2n its mid tier (the mid
+        # list less the high list), 2n <= v its high list; never a tier before the one under
+        # it. Per block, the non-essential tiers are picked greedily in that order.
+        ratio = np.empty(3 * n, np.float64)
         for e in range(n):
             t = ts[e]
             n_high = h_indptr[t + 1] - h_indptr[t]
+            n_mid = m_indptr[t + 1] - m_indptr[t]
             n_all = indptr[t + 1] - indptr[t]
-            ratio[e] = _gain_per_bound(n_all - n_high, b_low[e]) if split[e] else -1.0
-            ratio[n + e] = _gain_per_bound(n_high if split[e] else n_all, b_high[e] - b_low[e])
             if split[e]:
-                ratio[n + e] = min(ratio[n + e], ratio[e])
+                ratio[e] = _gain_per_bound(n_all - n_mid, b_low[e])
+                ratio[n + e] = min(_gain_per_bound(n_mid - n_high, b_mid[e] - b_low[e]),
+                                   ratio[e])
+                ratio[2 * n + e] = min(_gain_per_bound(n_high, b_high[e] - b_mid[e]),
+                                       ratio[n + e])
+            else:
+                ratio[e] = -1.0
+                ratio[n + e] = -1.0
+                ratio[2 * n + e] = _gain_per_bound(n_all, b_high[e])
         by_ratio = np.argsort(-ratio, kind="mergesort")
         if seed == 0.0 and seed_top > 0:
             seed = _seed_theta(indptr, docs, weights, skip, ts, ws, b_high, allowed,
                                use_allowed, k, seed_top, seed_cap, seed_budget)
             stats[6] += seed > 0.0
-        level = np.empty(n, np.int8)  # 0: read nothing, 1: high list only, 2: whole list
+        # 0: read nothing, 1: the high list only, 2: the mid list (high included), 3: all
+        level = np.empty(n, np.int8)
+        above = np.empty(n, np.float32)  # postings heavier than this were read
         cw = np.empty((PRUNE_EVAL_CHUNK, n), np.float32)  # candidates' looked-up terms
         c_idx = np.empty(PRUNE_EVAL_CHUNK, np.int64)
         c_sum = np.empty(PRUNE_EVAL_CHUNK, np.float32)
         resid = np.empty(n, np.float64)  # bound of what is not read
-        wb_high = np.empty(n, np.float64)  # this window's bounds (b_high, b_low in blocks)
+        wb_high = np.empty(n, np.float64)  # this window's bounds (in blocks: block-max)
+        wb_mid = np.empty(n, np.float64)
         wb_low = np.empty(n, np.float64)
         size = 0
         b = part
@@ -704,16 +729,18 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                     end[e] = offs[r, blk + 1]
                     # Block-max: the largest weights of this block only.
                     wb_high[e] = np.float64(ws[e]) * bm_all[r, blk]
-                    wb_low[e] = np.float64(ws[e]) * bm_low[r, blk]
+                    wb_mid[e] = np.float64(ws[e]) * bm_low[r, blk]
+                    wb_low[e] = np.float64(ws[e]) * bm_low2[r, blk]
                 else:
                     cur[e] = _gallop(docs, cur[e], indptr[t + 1], w_lo)
                     end[e] = _gallop(docs, cur[e], indptr[t + 1], d_hi)
                     wb_high[e] = b_high[e]
+                    wb_mid[e] = b_mid[e]
                     wb_low[e] = b_low[e]
             # The non-essential bounds: the smallest, while their sum times the slack stays
             # under ne_frac times the k-th score (none while fewer than k hits are held).
             for e in range(n):
-                level[e] = 2
+                level[e] = 3
                 resid[e] = 0.0
             ne_bound = 0.0
             theta = max(seed, np.float64(hs[0])) if size == k else seed
@@ -721,23 +748,22 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                 theta_ne = theta * ne_frac
                 for v in by_ratio:
                     e = v % n
-                    if v < n:
-                        if not split[e]:
-                            continue
-                        cost = wb_low[e]
+                    tier = v // n  # 0: bottom, 1: mid, 2: high
+                    if split[e]:
+                        if level[e] != 3 - tier:
+                            continue  # the tier under it is read
+                        cost = (wb_low[e] if tier == 0 else wb_mid[e] - wb_low[e] if tier == 1
+                                else wb_high[e] - wb_mid[e])
                     else:
-                        if split[e] and level[e] != 1:
+                        if tier != 2:
                             continue
-                        cost = wb_high[e] - wb_low[e]
+                        cost = wb_high[e]
                     if cost > 0.0 and (ne_bound + cost) * slack >= theta_ne:
                         continue
                     ne_bound += cost
-                    if v < n:
-                        level[e] = 1
-                        resid[e] = wb_low[e]
-                    else:
-                        level[e] = 0
-                        resid[e] = wb_high[e]
+                    level[e] = 2 - tier
+                    resid[e] = (wb_low[e] if tier == 0 else wb_mid[e] if tier == 1
+                                else wb_high[e])
             if ne_bound == 0.0:
                 # Every list read in full, in query order: the exact term-at-a-time sums.
                 stats[1] += 1
@@ -747,9 +773,11 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
             # Essential lists into the accumulator: partial sums of the docs they reach.
             total = 0
             for e in range(n):
+                t = ts[e]
+                r = off_row[t]
+                above[e] = np.inf
                 if level[e] == 1:
-                    t = ts[e]
-                    r = off_row[t]
+                    above[e] = tau[t]
                     if aligned and r >= 0:
                         cur_h[e] = h_offs[r, blk]
                         end_h[e] = h_offs[r, blk + 1]
@@ -758,6 +786,16 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                         end_h[e] = _gallop(h_docs, cur_h[e], h_indptr[t + 1], d_hi)
                     total += end_h[e] - cur_h[e]
                 elif level[e] == 2:
+                    above[e] = tau2[t]
+                    if aligned and r >= 0:
+                        cur_m[e] = m_offs[r, blk]
+                        end_m[e] = m_offs[r, blk + 1]
+                    else:
+                        cur_m[e] = _gallop(m_docs, cur_m[e], m_indptr[t + 1], w_lo)
+                        end_m[e] = _gallop(m_docs, cur_m[e], m_indptr[t + 1], d_hi)
+                    total += end_m[e] - cur_m[e]
+                    stats[7] += end_m[e] - cur_m[e]
+                elif level[e] == 3:
                     total += end[e] - cur[e]
             stats[2] += total
             # Docs whose partial sum is under cut cannot enter (rounded down: lets more through).
@@ -774,6 +812,9 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                         n_up = _scatter_cut(h_docs, h_weights, ws[e], cur_h[e], end_h[e], w_lo,
                                             acc, cut, touched, n_up)
                     elif level[e] == 2:
+                        n_up = _scatter_cut(m_docs, m_weights, ws[e], cur_m[e], end_m[e], w_lo,
+                                            acc, cut, touched, n_up)
+                    elif level[e] == 3:
                         n_up = _scatter_cut(docs, weights, ws[e], cur[e], end[e], w_lo, acc,
                                             cut, touched, n_up)
                 for j in range(n_up):
@@ -794,6 +835,9 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                         n_touched = _scatter_touched(h_docs, h_weights, ws[e], cur_h[e],
                                                      end_h[e], w_lo, acc, touched, n_touched)
                     elif level[e] == 2:
+                        n_touched = _scatter_touched(m_docs, m_weights, ws[e], cur_m[e],
+                                                     end_m[e], w_lo, acc, touched, n_touched)
+                    elif level[e] == 3:
                         n_touched = _scatter_touched(docs, weights, ws[e], cur[e], end[e],
                                                      w_lo, acc, touched, n_touched)
                 for j in range(n_touched):
@@ -814,18 +858,19 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
             stats[3] += n_cand
             if n_cand == 0:
                 continue
-            size, theta = _eval_candidates(docs, weights, skip, tau, ts, ws, level, resid, cur,
-                                           end, cand, cbound, n_cand, slack, seed, theta, k,
-                                           size, hs, hi, cw, c_idx, c_sum, stats)
+            size, theta = _eval_candidates(docs, weights, skip, ts, ws, above, resid, cur, end,
+                                           cand, cbound, n_cand, slack, seed, theta, k, size,
+                                           hs, hi, cw, c_idx, c_sum, stats)
         _heap_drain(hs, hi, size, out_s[item], out_i[item])
 
 
 @njit(cache=True)
-def _eval_candidates(docs, weights, skip, tau, ts, ws, level, resid, cur, end, cand, cbound,
+def _eval_candidates(docs, weights, skip, ts, ws, above, resid, cur, end, cand, cbound,
                      n_cand, slack, seed, theta, k, size, hs, hi, cw, c_idx, c_sum, stats):
     """MaxScore's second half for one window: the candidates ``cand[:n_cand]`` (rows, with
     ``cbound`` their partial sums over the lists read) are looked up in the lists not read
-    (``resid[e]`` > 0: the bound of what entry ``e`` did not read), largest bound first, and
+    (``resid[e]`` > 0: the bound of what entry ``e`` did not read; it read its postings
+    heavier than ``above[e]``, already in ``cbound``), largest bound first, and
     dropped as soon as their bound cannot reach the k-th score ``theta``; the survivors get
     their exact score, the float32 sum over every entry in query order, as term at a time (a
     missing term adds nothing), and are offered to the heap. Returns ``(size, theta)``.
@@ -853,8 +898,7 @@ def _eval_candidates(docs, weights, skip, tau, ts, ws, level, resid, cur, end, c
             lo = cur[e]
             up = end[e]
             w = ws[e]
-            high_read = level[e] == 1  # its high list was read: those postings are counted
-            t_cut = tau[ts[e]]
+            read_above = above[e]
             kept = 0
             for j in range(n_alive):
                 c = c_idx[j]
@@ -866,7 +910,7 @@ def _eval_candidates(docs, weights, skip, tau, ts, ws, level, resid, cur, end, c
                 x = np.float32(0.0)
                 if p < up and docs[p] == row:
                     x = w * weights[p]
-                    if not (high_read and weights[p] > t_cut):
+                    if not weights[p] > read_above:
                         cbound[c] = bound + x
                 cw[c - c0, e] = x
                 c_idx[kept] = c
@@ -932,14 +976,16 @@ def _taat_block(docs, weights, ws, cur, end, allowed, use_allowed, d_lo, width, 
 
 @njit(cache=True, parallel=True)
 def _pruned_parallel(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
-                     h_weights, off_row, offs, h_offs, bm_all, bm_low, skip, q_indptr, q_idx,
+                     h_weights, tau2, low2_max, m_indptr, m_docs, m_weights, off_row, offs,
+                     h_offs, m_offs, bm_all, bm_low, bm_low2, skip, q_indptr, q_idx,
                      q_w, seeds, allowed, use_allowed, shift, first_width, n_docs, ne_frac,
                      seed_top, seed_cap, seed_budget, n_parts, n_chunks, out_s, out_i, acc,
                      touched, cand, cbound, stats):
     n_items = out_s.shape[0]
     for c in prange(n_chunks):
         _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
-                      h_weights, off_row, offs, h_offs, bm_all, bm_low, skip, q_indptr, q_idx,
+                      h_weights, tau2, low2_max, m_indptr, m_docs, m_weights, off_row, offs,
+                      h_offs, m_offs, bm_all, bm_low, bm_low2, skip, q_indptr, q_idx,
                       q_w, seeds, allowed, use_allowed, shift, first_width, n_docs, ne_frac,
                       seed_top, seed_cap, seed_budget, n_parts, c * n_items // n_chunks,
                       (c + 1) * n_items // n_chunks, out_s, out_i, acc[c], touched[c], cand[c],
@@ -1138,7 +1184,7 @@ class SparsePostings:
         self._weight_max = 0.0
         # Counters of the pruned kernel summed over calls, for the benchmark (not thread safe):
         # see _pruned_items.
-        self.prune_stats = np.zeros((1, 7), np.int64)
+        self.prune_stats = np.zeros((1, 8), np.int64)
         # kernel="auto": running share of postings its pruned searches read (None: none yet),
         # searches it sent to the scan since the last pruned one, and how many went each way
         self._read_share = None
@@ -1316,18 +1362,27 @@ class SparsePostings:
     def _split(self):
         """The pruned kernel's split lists and block offsets, computed on first use (a few
         passes over the postings, O(nnz)) and kept: ``(tau, low_max, h_indptr, h_docs,
-        h_weights, off_row, offs, h_offs, b_max, b_low, skip)``, rebuilt if the PRUNE_* settings
-        change."""
-        key = (PRUNE_SPLIT_MIN, PRUNE_SPLIT_FACTOR, PRUNE_BLOCK_SHIFT, PRUNE_OFFSETS_MIN)
+        h_weights, tau2, low2_max, m_indptr, m_docs, m_weights, off_row, offs, h_offs, m_offs,
+        b_max, b_low, b_low2, skip)`` (high lists, mid lists, block starts and maxima, doc-id
+        sample), rebuilt if the PRUNE_* settings change."""
+        mid_factor = min(PRUNE_MID_FACTOR, PRUNE_SPLIT_FACTOR)  # the mid list holds the high
+        key = (PRUNE_SPLIT_MIN, PRUNE_SPLIT_FACTOR, mid_factor, PRUNE_BLOCK_SHIFT,
+               PRUNE_OFFSETS_MIN)
         with self._lock:
             if self._split_lists is None or self._split_key != key:
-                split = _split_lists(self.indptr, self.docs, self.weights, PRUNE_SPLIT_MIN,
-                                     PRUNE_SPLIT_FACTOR)
-                offsets = _block_offsets(self.indptr, self.docs, self.weights, split[0],
-                                         split[2], split[3], PRUNE_BLOCK_SHIFT, self.n_docs,
-                                         PRUNE_OFFSETS_MIN)
+                high = _split_lists(self.indptr, self.docs, self.weights, PRUNE_SPLIT_MIN,
+                                    PRUNE_SPLIT_FACTOR)
+                mid = _split_lists(self.indptr, self.docs, self.weights, PRUNE_SPLIT_MIN,
+                                   mid_factor)
+                row, offs, h_offs, b_max, b_low = _block_offsets(
+                    self.indptr, self.docs, self.weights, high[0], high[2], high[3],
+                    PRUNE_BLOCK_SHIFT, self.n_docs, PRUNE_OFFSETS_MIN)
+                _, _, m_offs, _, b_low2 = _block_offsets(
+                    self.indptr, self.docs, self.weights, mid[0], mid[2], mid[3],
+                    PRUNE_BLOCK_SHIFT, self.n_docs, PRUNE_OFFSETS_MIN)
                 skip = np.ascontiguousarray(self.docs[::64])  # for _seek
-                self._split_lists = tuple(_readonly(a) for a in split + offsets + (skip,))
+                arrays = high + mid + (row, offs, h_offs, m_offs, b_max, b_low, b_low2, skip)
+                self._split_lists = tuple(_readonly(a) for a in arrays)
                 self._split_key = key
                 self._weight_max = float(self.term_max.max()) if self.term_max.size else 0.0
             return self._split_lists
