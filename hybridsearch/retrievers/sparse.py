@@ -77,13 +77,14 @@ PRUNED_READ_EMA = 0.25
 PRUNED_REPROBE = 16
 PRUNE_NE_FRAC = 0.5
 # A first k-th score from the docs best on the PRUNE_SEED_TERMS heaviest query terms with at
-# most PRUNE_SEED_MAX_POSTINGS postings: the k-th best of their partial sums over those terms
-# (PRUNE_SEED_LOOKUPS = 0), or of their exact scores (at most PRUNE_SEED_LOOKUPS look-ups).
-# At 1M docs the exact scores gave a k-th score 7% higher (median) but cost three times as much
-# (0.25 against 0.08 ms a query, mostly cache misses): the partial one made queries 15% faster.
+# most PRUNE_SEED_MAX_POSTINGS postings: the k-th best of their exact scores (at most
+# PRUNE_SEED_LOOKUPS look-ups), or with PRUNE_SEED_LOOKUPS = 0 of their partial sums over those
+# terms. At 1M docs the partial one costs a third (0.08 against 0.25 ms a query) but is lower
+# (0.92 of the true k-th score against 0.98, medians): on `doc` queries the two came out even
+# (within 5%, both ways), on `flat` ones the exact one was 8% faster.
 PRUNE_SEED_TERMS = 4
 PRUNE_SEED_MAX_POSTINGS = 50_000
-PRUNE_SEED_LOOKUPS = 0
+PRUNE_SEED_LOOKUPS = 20_000
 PRUNE_PARALLEL_FACTOR = 2
 # Candidates evaluated together (see _eval_candidates).
 PRUNE_EVAL_CHUNK = 256
@@ -290,10 +291,9 @@ def _score_candidates(indptr, docs, weights, q_idx, q_w, cand):
 # high list, its mid list or its whole list. (Two tiers, the high list only, read 24% more
 # postings at 1M documents: 429k against 346k a query; 5% slower.)
 #
-# A query first gets a lower bound of its k-th score: the k-th best partial sum of the docs on
-# its few heaviest terms with short lists (merged directly), less the float32 roundings (when
-# that finds no k docs, the first ``PRUNE_FIRST_DOCS`` rows are read in full, term at a time,
-# instead).
+# A query first gets a lower bound of its k-th score: the exact scores of the docs best on its
+# few heaviest terms with short lists (merged directly), the k-th best of them (when that finds
+# no k docs, the first ``PRUNE_FIRST_DOCS`` rows are read in full, term at a time, instead).
 # Docs are scored in blocks of ``2**PRUNE_BLOCK_SHIFT`` rows into a float32 accumulator; each
 # block splits the bounds MaxScore-style by the k-th score: bounds whose sum stays under
 # ``PRUNE_NE_FRAC`` times it are "non-essential", picked greedily by postings saved per unit of
