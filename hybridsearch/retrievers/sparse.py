@@ -631,9 +631,9 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
     (int64, 8) counts windows, windows read in full, postings read, candidates, docs scored
     exactly, list look-ups, queries given a first k-th score by :func:`_seed_theta`
     (``seed_top`` > 0 enables it; ``seeds[q]`` > 0 gives one instead) and postings read from
-    mid lists. Scratch of at least
-    ``2**shift`` entries, reused across calls: ``acc`` (float32, all zero on entry and left
-    so), ``touched``, ``cand`` (int32) and ``cbound`` (float32)."""
+    mid lists. Scratch of at least ``2**shift`` entries, reused across calls: ``acc``
+    (float32, all zero on entry and left so), ``touched``, ``cand`` (int32) and ``cbound``
+    (float32)."""
     k = out_s.shape[1]
     hs = np.empty(k, np.float32)
     hi = np.empty(k, np.int64)
