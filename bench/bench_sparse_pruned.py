@@ -218,12 +218,13 @@ def main():
            else "."), "",
         "Settings: " + ", ".join(f"{n} = {getattr(sparse, n)}" for n in (
             "PRUNE_BLOCK_SHIFT", "PRUNE_FIRST_DOCS", "PRUNE_SPLIT_MIN", "PRUNE_SPLIT_FACTOR",
-            "PRUNE_NE_FRAC", "PRUNED_MIN_DOCS", "PRUNED_DOCS_PER_K")) + ".", "",
+            "PRUNE_MID_FACTOR", "PRUNE_NE_FRAC", "PRUNE_SEED_LOOKUPS", "PRUNED_MIN_DOCS",
+            "PRUNED_DOCS_PER_K")) + ".", "",
         table(header, all_rows), "",
         "\n".join(f"- {i}" for i in infos), "",
-        "`postings read`: postings the pruned kernel scanned (essential lists, high lists and "
-        "the first windows read in full), as a share of the postings of the query terms that "
-        "term at a time reads, one thread; candidate look-ups are not counted.", "",
+        "`postings read`: postings the pruned kernel scanned (whole lists, mid lists, high "
+        "lists and the first windows read in full), as a share of the postings of the query "
+        "terms that term at a time reads, one thread; candidate look-ups are not counted.", "",
         *(["Other k (`doc` queries, one thread, each kernel over the queries in a row; "
            "identical results checked):", "",
            table(["docs", "k", "TAAT p50 ms", "pruned p50 ms", "speedup"], sweep), ""]
@@ -236,38 +237,53 @@ NOTES = """
 ## Notes
 
 - **Target (issue 13, item 2): exact mode >= 5x faster than today at 1M documents, k = 10.
-  Missed, narrowly.** On the learned-sparse-like `doc` queries at 1M the pruned kernel is
-  4.8x faster on one thread when each kernel runs the queries in a row, 4.1x when they take
-  turns (each then starts from caches the other churned), and 4.1x / 3.5x with both kernels on
-  two threads; 2.5-2.8x at 300k; at 100k 1.7x in turns, 1.4x in a row. It reads 6.5% of the
-  postings at 1M. On `flat` queries it is about 2x at 1M, 1.2x at 300k, and slower at 100k.
-- k matters (second table): at 1M, 7.7x for k = 1, 2.1x for k = 100, 1.3x for k = 250, and
+  Met when each kernel runs the queries in a row, missed when they take turns.** On the
+  learned-sparse-like `doc` queries at 1M, one thread: 5.25x in a row (6.27 vs 1.19 ms; 5.11x
+  in a second run of this file), 4.26x taking turns (5.95 vs 1.40 ms; 4.30x in the second run),
+  where each pruned query starts from caches the term-at-a-time scan of the same query has just
+  churned. Two threads: 3.65x / 3.06x. 2.4x at 300k, 1.3-1.6x at 100k (where `auto` scans).
+  The pruned kernel reads 4.9% of the postings at 1M (6.5% before this round). On `flat`
+  queries it is 2.0x at 1M and 1.1x at 300k, as before; slower at 100k.
+- This round (4.14x / 4.81x before, same file): block-max bounds (the largest weights of each
+  list in each block of 65,536 docs, ~6% fewer postings read), three weight tiers per long list
+  instead of two (a "mid" list of the postings above 1.5x the list's mean next to the high list
+  above 3x: 19% fewer postings, ~5% faster), candidate look-ups and exact scoring done list by
+  list for a window's candidates at once so that their cache misses overlap (~7%), and an
+  interpolation search on the 1-in-64 doc-id sample (30-40% cheaper searches in long lists).
+  Tried and dropped, no gain measured: software prefetch of the runs to scatter, bigger or
+  smaller blocks, copying the split lists to huge pages, a vectorized scan of the accumulator
+  instead of tracking the docs that cross the cut during the scatter (4x slower), a first k-th
+  score from partial sums instead of exact ones (8% slower on `flat` queries, even on `doc`;
+  kept as `PRUNE_SEED_LOOKUPS = 0`). A larger non-essential share (`PRUNE_NE_FRAC` 0.6-0.7)
+  reads 20-40% fewer postings but its extra candidates cost as much.
+- Where the time goes (cycle counters in a copy of the kernel, 1M, one thread, in a row): ~56%
+  scattering the essential tiers into the accumulator and collecting candidates (about 2 ns a
+  posting against ~1 ns for the scan's long sequential runs: the kernel reads ~900 short runs
+  a query), ~21% the first k-th score (exact scores of 20 docs: ~1,100 searches, cache misses),
+  ~15% candidate look-ups and exact scores, ~7% block set-up. Taking turns adds ~0.2-0.3 ms of
+  cache misses to every phase. With the true k-th score given up front (an oracle, measured
+  before the tiers) the kernel took 1.00 ms against 1.17: a better first k-th score is worth
+  ~15% at most, and a cheaper one (partial sums) lost as much on the later phases.
+  Documents are in random order here, so block maxima are close to the global ones; reordering
+  documents so that similar ones share blocks would let whole blocks be skipped, but it changes
+  doc ids and belongs to the segment writer.
+- k matters (second table): at 1M, 9.0x for k = 1, 2.1x for k = 100, 1.3x for k = 250, and
   slower from k = 500 (more candidates survive, each scored exactly). `search(kernel="auto")`
   therefore prunes only while k <= n_docs / `PRUNED_DOCS_PER_K` (250 at 1M).
-- Where the time goes now (perf at 1M, one thread): mostly scattering the essential lists into
-  the accumulator, then the candidate look-ups in long lists (a cache miss or two each, even
-  through the 1-in-64 sample), then the exact scoring of the seed docs and the per-block setup.
-  Today's kernel is a fast baseline, about 1 ns a posting (each list streams into an
-  accumulator that stays in L2), so skipping 93% of the postings does not buy 14x. Documents
-  are in random order here: a block's maximum weight for a term is its global maximum and no
-  block is ever skipped; all the pruning comes from the MaxScore split, sharpened by splitting
-  long lists by weight and by the first k-th score taken from the query's heaviest terms
-  (within 1% of the true k-th score for most `doc` queries; it cut the time by a quarter).
-  Reordering documents so that similar ones share blocks is what would let whole blocks be
-  skipped; it changes doc ids, so it belongs to the segment writer, not to this kernel.
 - The data decide the figure. Weights shrink for frequent terms (``log(2 + rank)``), as learned
   models learn to do; with uniform weights (the `flat` set, or `bench_kernels.py`'s data) the
   long lists carry bounds as large as any and little can be left unread.
-- Threads: 2 cores shared with other jobs. When the second core was busy (earlier runs of this
-  file), a parallel region for one query waited 6-8 ms for it, for both kernels; this run had
-  a calm machine. The pruned kernel splits one query over threads from 2x the term-at-a-time
-  kernel's threshold (so at 1M, not at 300k), each part with its own top-k.
+- Threads and load: 2 cores shared with two other sessions' jobs (load average 1.3-5.5 during
+  this round). The two-thread rows at 300k (and, in the second run, at 1M) caught a busy second
+  core: the term-at-a-time scan's 7-8 ms there against 2 ms on one thread is that wait, not the
+  kernels. The pruned kernel splits one query over threads from 2x the term-at-a-time kernel's
+  threshold (so at 1M, not at 300k), each part with its own top-k.
 - `search(kernel="auto")` also needs `PRUNED_MIN_DOCS` = 131,072 documents: at 100k the
   pruned kernel wins on `doc` queries but loses on `flat` ones (the ~100k crossover Milvus
-  reported for the naive scan); from 300k it wins on both. Query length did not move the
-  crossover in these runs (30-100 terms; not measured separately).
-- The first pruned query on a segment builds its split lists, block starts and doc-id sample
-  (nothing is stored on disk, so old segments keep working): see the lines under the table.
+  reported for the naive scan); from 300k it wins on both.
+- The first pruned query on a segment builds its high and mid lists, block starts and maxima
+  and doc-id sample (nothing is stored on disk, so old segments keep working): 0.5 s and 65 MiB
+  next to 419 MiB of postings at 1M (see the lines under the table; 27 MiB with two tiers).
 - Not done: the approximate (SEISMIC-style) mode; 10M documents; batched throughput (a batch
   runs one query per thread, each as here).
 """

@@ -113,6 +113,7 @@ def test_pruned_equals_taat_and_brute_force(data, brute, block_shift, k):
     postings = int(np.diff(ix.indptr)[queries.indices].sum())
     assert 0 < stats[2] < postings // 2
     assert stats[1] < stats[0]  # not every window read in full
+    assert 0 < stats[7] < stats[2]  # some lists were read from their mid list only
 
 
 def test_ties_resolved_to_the_lower_row(data, brute):
@@ -153,19 +154,23 @@ def test_allowed_masks(data, brute, block_shift, density):
         assert allowed[got[1][got[1] >= 0]].all()
 
 
-@pytest.mark.parametrize("ne_frac,split_min,split_factor,seed_terms",
-                         [(1.0, 256, 2.0, 4), (0.2, 256, 2.0, 4), (0.6, 16, 1.2, 0),
-                          (0.9, 10**9, 2.0, 0), (0.5, 256, 2.0, 20)])
+@pytest.mark.parametrize("ne_frac,split_min,split_factor,mid_factor,seed_terms,lookups",
+                         [(1.0, 256, 3.0, 1.5, 4, 0), (0.2, 256, 2.0, 1.0, 4, 0),
+                          (0.6, 16, 1.2, 1.5, 0, 0), (0.9, 10**9, 2.0, 1.0, 0, 0),
+                          (0.5, 256, 2.0, 2.0, 20, 20_000), (0.7, 64, 4.0, 0.5, 4, 20_000)])
 def test_any_pruning_setting_stays_exact(data, monkeypatch, ne_frac, split_min, split_factor,
-                                         seed_terms):
-    """The knobs trade speed only: from no split lists to most lists split, from a small
-    to the largest non-essential share, with and without a first k-th score."""
+                                         mid_factor, seed_terms, lookups):
+    """The knobs trade speed only: from no split lists to most lists split, mid lists from
+    as large as the high ones (or larger: clamped) to most of the list, from a small to the
+    largest non-essential share, with and without a first k-th score (partial or exact)."""
     docs, queries, _ = data
     monkeypatch.setattr(sparse, "PRUNE_BLOCK_SHIFT", 14)
     monkeypatch.setattr(sparse, "PRUNE_SEED_TERMS", seed_terms)
+    monkeypatch.setattr(sparse, "PRUNE_SEED_LOOKUPS", lookups)
     monkeypatch.setattr(sparse, "PRUNE_NE_FRAC", ne_frac)
     monkeypatch.setattr(sparse, "PRUNE_SPLIT_MIN", split_min)
     monkeypatch.setattr(sparse, "PRUNE_SPLIT_FACTOR", split_factor)
+    monkeypatch.setattr(sparse, "PRUNE_MID_FACTOR", mid_factor)
     ix = SparsePostings(*(getattr(data[2], a) for a in ("indptr", "docs", "weights",
                                                         "term_max", "n_docs")))
     for k in (1, 10):
@@ -190,7 +195,7 @@ def test_query_parts_merge_exactly(data, monkeypatch):
                          sparse._readonly(np.zeros(0, np.bool_)), False, 13, 1 << 12,
                          ix.n_docs, 0.5, 4, 50_000, 20_000, n_parts, 0, nq * n_parts, part_s,
                          part_i, *scratch,
-                         np.zeros(7, np.int64))
+                         np.zeros(8, np.int64))
     sparse._local.clean = True
     out_s, out_i = np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
     sparse._merge_blocks(part_s, part_i, n_parts, out_s, out_i)
@@ -342,21 +347,35 @@ def test_block_offsets_match_searchsorted(data):
     shift, min_len = 13, 1000
     tau, low_max, h_indptr, h_docs, h_weights = sparse._split_lists(
         ix.indptr, ix.docs, ix.weights, 256, 2.0)
-    row, offs, h_offs = sparse._block_offsets(ix.indptr, ix.docs, h_indptr, h_docs, shift,
-                                              ix.n_docs, min_len)
+    row, offs, h_offs, b_max, b_low = sparse._block_offsets(
+        ix.indptr, ix.docs, ix.weights, tau, h_indptr, h_docs, shift, ix.n_docs, min_len)
     lengths = np.diff(ix.indptr)
     np.testing.assert_array_equal(row >= 0, lengths >= min_len)
     edges = np.arange(offs.shape[1]) << shift
+    assert b_max.shape == b_low.shape == (offs.shape[0], offs.shape[1] - 1)
+    n_checked = 0
     for t in np.flatnonzero(row >= 0)[::7]:
         lo, hi = ix.indptr[t], ix.indptr[t + 1]
         np.testing.assert_array_equal(offs[row[t]], lo + np.searchsorted(ix.docs[lo:hi], edges))
+        # Block maxima: of all the block's postings, and of those left out of the high list.
+        w = ix.weights[lo:hi]
+        blk = ix.docs[lo:hi] >> shift
+        for b in range(b_max.shape[1]):
+            in_b = w[blk == b]
+            assert b_max[row[t], b] == (in_b.max() if in_b.size else 0)
+            low = in_b[in_b <= tau[t]] if tau[t] >= 0 else in_b[:0]
+            assert b_low[row[t], b] == (low.max() if low.size else 0)
+            n_checked += in_b.size > 0 and low.size > 0 and low.size < in_b.size
         lo, hi = h_indptr[t], h_indptr[t + 1]
         np.testing.assert_array_equal(h_offs[row[t]], lo + np.searchsorted(h_docs[lo:hi], edges))
+    assert n_checked > 100  # blocks with both parts were compared
 
 
+@pytest.mark.parametrize("budget", [20_000, 0], ids=["exact", "partial"])
 @pytest.mark.parametrize("density", [1.0, 0.05])
-def test_seed_is_a_lower_bound_of_the_kth_score(data, brute, density):
-    """The first k-th score comes from exact scores of allowed docs: never above the true
+def test_seed_is_a_lower_bound_of_the_kth_score(data, brute, density, budget):
+    """The first k-th score comes from exact scores of allowed docs (a look-up budget) or
+    from their partial sums less the float32 roundings (no budget): never above the true
     k-th score (equal to it is allowed), and found for the queries built around documents."""
     docs, queries, ix = data
     allowed = np.random.default_rng(3).random(N_DOCS) < density
@@ -370,8 +389,32 @@ def test_seed_is_a_lower_bound_of_the_kth_score(data, brute, density):
             ts, ws = q.indices.astype(np.int32), q.data
             b_high = ws.astype(np.float64) * ix.term_max[ts]
             seed = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, ts, ws, b_high,
-                                      allowed, density < 1.0, k, 4, 50_000, 20_000)
+                                      allowed, density < 1.0, k, 4, 50_000, budget)
             assert seed <= ref[0][r, -1]
             assert seed == 0.0 or ref[1][r, -1] >= 0  # a seed implies k hits exist
             found += seed > 0
         assert found >= (10 if k <= 10 and density == 1.0 else 0)
+
+
+def test_seek_matches_searchsorted(data):
+    """The interpolating search on the 1-in-64 sample: the first position >= row in
+    docs[p:hi], for lists of every length, rows on postings, between them and outside."""
+    _, _, ix = data
+    skip = ix._split()[-1]
+    rng = np.random.default_rng(11)
+    lengths = np.diff(ix.indptr)
+    terms = np.concatenate([np.argsort(-lengths)[:40], rng.choice(np.flatnonzero(lengths), 400)])
+    checked = 0
+    for t in terms.tolist():
+        lo, hi = int(ix.indptr[t]), int(ix.indptr[t + 1])
+        lst = ix.docs[lo:hi]
+        rows = np.concatenate([lst[rng.integers(0, lst.size, 20)],
+                               rng.integers(0, ix.n_docs, 20), [0, ix.n_docs, lst[0], lst[-1],
+                                                                lst[-1] + 1]])
+        for p in {lo, lo + 1, (lo + hi) // 2, hi - 1, hi}:
+            p = min(max(p, lo), hi)
+            for row in rows.tolist():
+                want = p + int(np.searchsorted(ix.docs[p:hi], row))
+                assert sparse._seek(ix.docs, skip, p, hi, row) == want, (t, p, row)
+                checked += 1
+    assert checked > 20_000

@@ -21,11 +21,11 @@ slots beyond the hits hold score ``0`` and id ``-1``.
 Files written by :meth:`SparsePostings.save` (all plain ``.npy``, never pickled):
 ``{prefix}_indptr.npy``, ``{prefix}_docs.npy``, ``{prefix}_weights.npy``,
 ``{prefix}_term_max.npy`` and ``{prefix}_n_docs.npy`` (a 0-d int64: trailing empty documents
-cannot be derived from the postings). The pruned kernel's extra arrays (split lists, block
-starts of long lists, a 1-in-64 sample of the doc ids) are not stored: they are built from these
-files on its first use (a few passes over the postings, ~0.2 s at 1M documents) and kept in
-memory (under a tenth of the postings' size on learned-sparse weights), so segments written
-before it existed work unchanged.
+cannot be derived from the postings). The pruned kernel's extra arrays (high and mid lists,
+block starts and block maxima of long lists, a 1-in-64 sample of the doc ids) are not stored:
+they are built from these files on its first use (a few passes over the postings, ~0.5 s at 1M
+documents) and kept in memory (65 MiB next to 419 MiB of postings at 1M learned-sparse-like
+documents, mostly the mid lists), so segments written before it existed work unchanged.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ BLOCK_DOCS = 1 << 16
 # the pool costs microseconds on an idle machine but milliseconds on a busy one.
 PARALLEL_MIN_POSTINGS = 1 << 20
 # The pruned kernel scores blocks of 2**PRUNE_BLOCK_SHIFT docs; it splits lists of at least
-# PRUNE_SPLIT_MIN postings at PRUNE_SPLIT_FACTOR times their mean weight; its non-essential
-# bounds add up to at most PRUNE_NE_FRAC times the k-th score (see "pruned search" below).
+# PRUNE_SPLIT_MIN postings at PRUNE_SPLIT_FACTOR (high list) and PRUNE_MID_FACTOR (mid list)
+# times their mean weight; its non-essential bounds add up to at most PRUNE_NE_FRAC times the
+# k-th score (see "pruned search" below).
 PRUNE_BLOCK_SHIFT = 16
 PRUNE_SPLIT_MIN = 256
-PRUNE_SPLIT_FACTOR = 2.0
+PRUNE_SPLIT_FACTOR = 3.0
+PRUNE_MID_FACTOR = 1.5
 # Docs scored in full (term at a time) for a first k-th score.
 PRUNE_FIRST_DOCS = 1 << 12
 # Lists of at least this many postings get their block starts precomputed (no searches).
@@ -75,11 +77,17 @@ PRUNED_READ_EMA = 0.25
 PRUNED_REPROBE = 16
 PRUNE_NE_FRAC = 0.5
 # A first k-th score from the docs best on the PRUNE_SEED_TERMS heaviest query terms with at
-# most PRUNE_SEED_MAX_POSTINGS postings, scored exactly (at most PRUNE_SEED_LOOKUPS look-ups).
+# most PRUNE_SEED_MAX_POSTINGS postings: the k-th best of their exact scores (at most
+# PRUNE_SEED_LOOKUPS look-ups), or with PRUNE_SEED_LOOKUPS = 0 of their partial sums over those
+# terms. At 1M docs the partial one costs a third (0.08 against 0.25 ms a query) but is lower
+# (0.92 of the true k-th score against 0.98, medians): on `doc` queries the two came out even
+# (within 5%, both ways), on `flat` ones the exact one was 8% faster.
 PRUNE_SEED_TERMS = 4
 PRUNE_SEED_MAX_POSTINGS = 50_000
 PRUNE_SEED_LOOKUPS = 20_000
 PRUNE_PARALLEL_FACTOR = 2
+# Candidates evaluated together (see _eval_candidates).
+PRUNE_EVAL_CHUNK = 256
 
 
 @njit(cache=True, inline="always")
@@ -273,26 +281,32 @@ def _score_candidates(indptr, docs, weights, q_idx, q_w, cand):
 # ----------------------------------------------------------------------------- pruned search
 #
 # Exact MaxScore over split posting lists. At first use (never stored), the long lists are
-# split by weight: term ``t``'s postings heavier than ``tau[t]`` (a few times the list's mean
-# weight) are copied into a short "high" list, and ``low_max[t]`` is the largest weight of the
-# rest. A query entry then offers two bounds, ``w * term_max[t]`` for docs in its high list and
-# ``w * low_max[t]`` for the others, several times smaller on learned-sparse weights, whose
-# tails are long.
+# split by weight into three tiers: term ``t``'s postings heavier than ``tau[t]``
+# (``PRUNE_SPLIT_FACTOR`` times the list's mean weight) are copied into a short "high" list,
+# those heavier than ``tau2[t]`` (``PRUNE_MID_FACTOR`` times it, high ones included) into a
+# "mid" list; ``low_max[t]`` and ``low2_max[t]`` are the largest weights left out of each. A
+# query entry then offers three bounds, ``w * term_max[t]`` for docs in its high list,
+# ``w * low_max[t]`` for the rest of its mid list and ``w * low2_max[t]`` for the others,
+# several times smaller on learned-sparse weights, whose tails are long; it reads nothing, its
+# high list, its mid list or its whole list. (Two tiers, the high list only, read 24% more
+# postings at 1M documents: 429k against 346k a query; 5% slower.)
 #
 # A query first gets a lower bound of its k-th score: the exact scores of the docs best on its
 # few heaviest terms with short lists (merged directly), the k-th best of them (when that finds
 # no k docs, the first ``PRUNE_FIRST_DOCS`` rows are read in full, term at a time, instead).
 # Docs are scored in blocks of ``2**PRUNE_BLOCK_SHIFT`` rows into a float32 accumulator; each
 # block splits the bounds MaxScore-style by the k-th score: bounds whose sum stays under
-# ``PRUNE_NE_FRAC`` times it are "non-essential", picked greedily by postings saved per unit
-# of bound (an entry's rest before its high list). An entry whose both bounds are
-# essential is read in full, one whose high bound only is essential reads its high list only,
-# the others nothing. A doc is a candidate if its partial sum plus the bounds left can beat the
-# k-th score (recorded as its sum crosses that line during the scatter). Candidates are looked
-# up in the lists not read (through a 1-in-64 sample of the doc ids, then the 64 postings it
-# points to), largest bound first, and dropped as soon as they cannot enter; survivors get
-# their exact score, the float32 sum over every entry in query-CSR order, which is the
-# arithmetic of the term-at-a-time kernel, so the top-k is identical to it, scores included.
+# ``PRUNE_NE_FRAC`` times it are "non-essential", picked greedily by postings saved per unit of
+# bound (a tier never before the one under it). In lists of at least ``PRUNE_OFFSETS_MIN``
+# postings the three bounds are those of the block (block-max: the largest weights of the list and
+# of what each of its high and mid lists leaves out, among the block's docs), never above the
+# global ones. An entry reads the tiers whose bounds are essential. A doc is a candidate if its
+# partial sum plus the bounds left can beat the k-th score (recorded as its sum crosses that line
+# during the scatter). Candidates are looked up in the lists not read (an interpolation search on
+# a 1-in-64 sample of the doc ids, then the 64 postings it points to), largest bound first, and
+# dropped as soon as they cannot enter; survivors get their exact score, the float32 sum over
+# every entry in query-CSR order, which is the arithmetic of the term-at-a-time kernel, so the
+# top-k is identical to it, scores included.
 #
 # Bounds are compared after multiplying by ``1 + (n + 2) * 2**-21`` for a query of ``n``
 # entries: a float32 sum of ``n`` non-negative rounded products exceeds the real sum by at most
@@ -344,11 +358,14 @@ def _split_lists(indptr, docs, weights, min_len, factor):
 
 
 @njit(cache=True)
-def _block_offsets(indptr, docs, h_indptr, h_docs, shift, n_docs, min_len):
+def _block_offsets(indptr, docs, weights, tau, h_indptr, h_docs, shift, n_docs, min_len):
     """Where each block of ``2**shift`` rows starts in the long lists (at least ``min_len``
-    postings), which galloping searches would reach through a cache miss a step:
-    ``(row (V,) int32, -1 for other terms; offs, h_offs (n_long, n_blocks + 1) int64)``, the
-    positions in ``docs`` and ``h_docs`` of each block's first posting of the term."""
+    postings), which galloping searches would reach through a cache miss a step, and the
+    largest weights there: ``(row (V,) int32, -1 for other terms; offs, h_offs (n_long,
+    n_blocks + 1) int64; b_max, b_low (n_long, n_blocks) float32)``, the positions in ``docs``
+    and ``h_docs`` of each block's first posting of the term, the largest weight of its
+    postings in the block, and the largest of those not in its high list (weight <= ``tau``;
+    0 for a list not split)."""
     vocab = indptr.shape[0] - 1
     n_blocks = (n_docs + (1 << shift) - 1) >> shift
     row = np.full(vocab, -1, np.int32)
@@ -359,6 +376,8 @@ def _block_offsets(indptr, docs, h_indptr, h_docs, shift, n_docs, min_len):
             n_long += 1
     offs = np.empty((n_long, n_blocks + 1), np.int64)
     h_offs = np.empty((n_long, n_blocks + 1), np.int64)
+    b_max = np.zeros((n_long, max(n_blocks, 1)), np.float32)
+    b_low = np.zeros((n_long, max(n_blocks, 1)), np.float32)
     for t in range(vocab):
         r = row[t]
         if r < 0:
@@ -367,28 +386,59 @@ def _block_offsets(indptr, docs, h_indptr, h_docs, shift, n_docs, min_len):
         h = h_indptr[t]
         for b in range(n_blocks + 1):
             lo = b << shift
+            mx = np.float32(0.0)
+            ml = np.float32(0.0)
             while p < indptr[t + 1] and docs[p] < lo:
+                w = weights[p]
+                mx = max(mx, w)
+                if tau[t] >= 0 and w <= tau[t]:
+                    ml = max(ml, w)
                 p += 1
             while h < h_indptr[t + 1] and h_docs[h] < lo:
                 h += 1
             offs[r, b] = p
             h_offs[r, b] = h
-    return row, offs, h_offs
+            if b > 0:
+                b_max[r, b - 1] = mx
+                b_low[r, b - 1] = ml
+    return row, offs, h_offs, b_max, b_low
 
 
 @njit(cache=True)
 def _seek(docs, skip, p, hi, row):
     """:func:`_gallop` for long lists: the search runs on ``skip`` (every 64th entry of
-    ``docs``, 64 times denser in cache), then within the 64 postings it points to."""
+    ``docs``, 64 times denser in cache), then within the 64 postings it points to. On
+    ``skip`` it starts where the row would sit if the list's rows were evenly spread
+    (interpolation) and gallops from there: look-ups at random rows are cache misses, and
+    this takes fewer of them than a search from ``p``."""
     if p >= hi or docs[p] >= row:
         return p
-    j = (p >> 6) + 1  # the first sampled position after p
-    j_end = (hi - 1) >> 6  # the last sampled position before hi
-    if j > j_end:
+    jl = (p >> 6) + 1  # the first sampled position after p
+    jh = (hi - 1) >> 6  # the last sampled position before hi
+    if jl > jh:
         return _gallop(docs, p, hi, row)
-    j = _gallop(skip, j, j_end + 1, row)  # first sample >= row (j_end + 1 if none)
+    a = np.int64(skip[jl])
+    b = np.int64(skip[jh])
+    if row <= a:
+        j = jl
+    elif row > b:
+        j = jh + 1
+    else:
+        # The first j in (jl, jh] with skip[j] >= row, searched from a guess g.
+        g = min(max(jl + (jh - jl) * (row - a) // max(b - a, 1), jl + 1), jh)
+        step = 1
+        if skip[g] >= row:  # downwards: the answer is in (jl, g]
+            while g - step > jl and skip[g - step] >= row:
+                g -= step
+                step <<= 1
+            j = _lower_bound(skip, max(g - step, jl) + 1, g, row)
+        else:  # upwards: in (g, jh]
+            while g + step <= jh and skip[g + step] < row:
+                g += step
+                step <<= 1
+            j = _lower_bound(skip, g + 1, min(g + step, jh + 1), row)
     lo = max(p, (j - 1) << 6)
-    up = hi if j > j_end else (j << 6) + 1
+    up = hi if j > jh else (j << 6) + 1
     return _lower_bound(docs, lo, up, row)
 
 
@@ -473,12 +523,14 @@ def _gain_per_bound(postings, bound):
 @njit(cache=True)
 def _seed_theta(indptr, docs, weights, skip, ts, ws, b_high, allowed, use_allowed, k, n_top,
                 cap, budget):
-    """A lower bound of the query's k-th score, 0.0 if none: the exact score of docs likely to
-    rank high, the k-th best of them. The docs: those with the largest partial sums over the
-    ``n_top`` entries of largest bound whose lists hold at most ``cap`` postings (merged
-    directly); ``2k`` of them, fewer if ``budget`` look-ups would not cover that many."""
+    """A lower bound of the query's k-th score, 0.0 if none, from the docs with the largest
+    partial sums over the ``n_top`` entries of largest bound whose lists hold at most ``cap``
+    postings (merged directly). With ``budget`` > 0: the exact scores of ``2k`` of them (fewer
+    if ``budget`` look-ups would not cover that many), the k-th best of them. With
+    ``budget`` == 0: the k-th best partial sum itself, less the float32 roundings (a score is
+    at least its partial sum over some of its terms): no look-ups."""
     n = ts.shape[0]
-    m = min(2 * k, budget // max(n, 1))
+    m = min(2 * k, budget // max(n, 1)) if budget > 0 else k
     if m < k:
         return 0.0
     lists = np.empty(n_top, np.int64)
@@ -543,19 +595,24 @@ def _seed_theta(indptr, docs, weights, skip, ts, ws, b_high, allowed, use_allowe
                 j = c
     if size < k:
         return 0.0
+    if budget <= 0:
+        # ps is a min-heap of the k best partial sums (float64, exact products): its root is
+        # the k-th. A float32 score of n entries is at least (1 - 2**-24)**(n + 1) times the
+        # real sum, which is at least the partial one.
+        return ps[0] * (1.0 - (n + 2) * 2.0 ** -21)
     # Their exact scores, every entry in query order (the search's arithmetic).
     rows = np.sort(pi[:size])
     exact = np.zeros(size, np.float32)
     for e in range(n):
         t = ts[e]
-        p = indptr[t]
+        lo = indptr[t]
         hi = indptr[t + 1]
         w = ws[e]
         for c in range(size):
-            p = _seek(docs, skip, p, hi, rows[c])
-            if p >= hi:
-                break
-            if docs[p] == rows[c]:
+            # Each search from the list's start: independent of the previous one, so the CPU
+            # overlaps their cache misses (chained, they would wait for each other).
+            p = _seek(docs, skip, lo, hi, rows[c])
+            if p < hi and docs[p] == rows[c]:
                 exact[c] += w * weights[p]
     exact.sort()
     kth = exact[size - k]
@@ -564,17 +621,19 @@ def _seed_theta(indptr, docs, weights, skip, ts, ws, b_high, allowed, use_allowe
 
 @njit(cache=True)
 def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs, h_weights,
-                  off_row, offs, h_offs, skip, q_indptr, q_idx, q_w, seeds, allowed,
-                  use_allowed, shift, first_width, n_docs, ne_frac, seed_top, seed_cap,
+                  tau2, low2_max, m_indptr, m_docs, m_weights, off_row, offs, h_offs, m_offs,
+                  bm_all, bm_low, bm_low2, skip, q_indptr, q_idx, q_w, seeds,
+                  allowed, use_allowed, shift, first_width, n_docs, ne_frac, seed_top, seed_cap,
                   seed_budget, n_parts, item_lo, item_hi, out_s, out_i, acc, touched, cand,
                   cbound, stats):
     """Items ``[item_lo, item_hi)``; item ``q * n_parts + j`` is query ``q`` over the blocks
     ``b`` with ``b % n_parts == j``. Writes each item's top-k into its output row. ``stats``
-    (int64, 7) counts windows, windows read in full, postings read, candidates, docs scored
-    exactly, list look-ups and queries given a first k-th score by :func:`_seed_theta`
-    (``seed_top`` > 0 enables it; ``seeds[q]`` > 0 gives one instead). Scratch of at least
-    ``2**shift`` entries, reused across calls: ``acc`` (float32, all zero on entry and left
-    so), ``touched``, ``cand`` (int32) and ``cbound`` (float32)."""
+    (int64, 8) counts windows, windows read in full, postings read, candidates, docs scored
+    exactly, list look-ups, queries given a first k-th score by :func:`_seed_theta`
+    (``seed_top`` > 0 enables it; ``seeds[q]`` > 0 gives one instead) and postings read from
+    mid lists. Scratch of at least ``2**shift`` entries, reused across calls: ``acc``
+    (float32, all zero on entry and left so), ``touched``, ``cand`` (int32) and ``cbound``
+    (float32)."""
     k = out_s.shape[1]
     hs = np.empty(k, np.float32)
     hi = np.empty(k, np.int64)
@@ -586,44 +645,64 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
         slack = 1.0 + (n + 2) * 2.0 ** -21
         # A k-th score known beforehand (exact scores of k allowed docs), 0 if none.
         seed = np.float64(seeds[q])
-        # Per entry: term, weight, bounds (high list, rest), cursors in both lists.
+        # Per entry: term, weight, bounds (whole list, less its high list, less its mid list),
+        # cursors in the three lists.
         ts = q_idx[e0:e0 + n]
         ws = q_w[e0:e0 + n]
         b_high = np.empty(n, np.float64)
+        b_mid = np.empty(n, np.float64)
         b_low = np.empty(n, np.float64)
         split = np.empty(n, np.bool_)
         cur = np.empty(n, np.int64)
         cur_h = np.empty(n, np.int64)
+        cur_m = np.empty(n, np.int64)
         end = np.empty(n, np.int64)
         end_h = np.empty(n, np.int64)
+        end_m = np.empty(n, np.int64)
         for e in range(n):
             t = ts[e]
             b_high[e] = np.float64(ws[e]) * term_max[t]
             split[e] = tau[t] >= 0
-            b_low[e] = np.float64(ws[e]) * low_max[t] if split[e] else 0.0
+            b_mid[e] = np.float64(ws[e]) * low_max[t] if split[e] else 0.0
+            b_low[e] = np.float64(ws[e]) * low2_max[t] if split[e] else 0.0
             cur[e] = indptr[t]
             cur_h[e] = h_indptr[t]
-        # What leaving a list unread saves (postings) per unit of bound it costs: v < n is
-        # entry v's rest (its list less its high list), v >= n its high list, never before its
-        # rest. Per block, the non-essential lists are picked greedily in that order.
-        ratio = np.empty(2 * n, np.float64)
+            cur_m[e] = m_indptr[t]
+        # What leaving a tier unread saves (postings) per unit of bound it costs: v < n is
+        # entry v's bottom tier (its list less its mid list), n <= v < 2n its mid tier (the mid
+        # list less the high list), 2n <= v its high list; never a tier before the one under
+        # it. Per block, the non-essential tiers are picked greedily in that order.
+        ratio = np.empty(3 * n, np.float64)
         for e in range(n):
             t = ts[e]
             n_high = h_indptr[t + 1] - h_indptr[t]
+            n_mid = m_indptr[t + 1] - m_indptr[t]
             n_all = indptr[t + 1] - indptr[t]
-            ratio[e] = _gain_per_bound(n_all - n_high, b_low[e]) if split[e] else -1.0
-            ratio[n + e] = _gain_per_bound(n_high if split[e] else n_all, b_high[e] - b_low[e])
             if split[e]:
-                ratio[n + e] = min(ratio[n + e], ratio[e])
+                ratio[e] = _gain_per_bound(n_all - n_mid, b_low[e])
+                ratio[n + e] = min(_gain_per_bound(n_mid - n_high, b_mid[e] - b_low[e]),
+                                   ratio[e])
+                ratio[2 * n + e] = min(_gain_per_bound(n_high, b_high[e] - b_mid[e]),
+                                       ratio[n + e])
+            else:
+                ratio[e] = -1.0
+                ratio[n + e] = -1.0
+                ratio[2 * n + e] = _gain_per_bound(n_all, b_high[e])
         by_ratio = np.argsort(-ratio, kind="mergesort")
         if seed == 0.0 and seed_top > 0:
             seed = _seed_theta(indptr, docs, weights, skip, ts, ws, b_high, allowed,
                                use_allowed, k, seed_top, seed_cap, seed_budget)
             stats[6] += seed > 0.0
-        level = np.empty(n, np.int8)  # 0: read nothing, 1: high list only, 2: whole list
-        pos = np.empty(n, np.int64)
-        contrib = np.empty(n, np.float32)
+        # 0: read nothing, 1: the high list only, 2: the mid list (high included), 3: all
+        level = np.empty(n, np.int8)
+        above = np.empty(n, np.float32)  # postings heavier than this were read
+        cw = np.empty((PRUNE_EVAL_CHUNK, n), np.float32)  # candidates' looked-up terms
+        c_idx = np.empty(PRUNE_EVAL_CHUNK, np.int64)
+        c_sum = np.empty(PRUNE_EVAL_CHUNK, np.float32)
         resid = np.empty(n, np.float64)  # bound of what is not read
+        wb_high = np.empty(n, np.float64)  # this window's bounds (in blocks: block-max)
+        wb_mid = np.empty(n, np.float64)
+        wb_low = np.empty(n, np.float64)
         size = 0
         b = part
         d_lo = b << shift
@@ -648,13 +727,20 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                 if aligned and r >= 0:
                     cur[e] = offs[r, blk]
                     end[e] = offs[r, blk + 1]
+                    # Block-max: the largest weights of this block only.
+                    wb_high[e] = np.float64(ws[e]) * bm_all[r, blk]
+                    wb_mid[e] = np.float64(ws[e]) * bm_low[r, blk]
+                    wb_low[e] = np.float64(ws[e]) * bm_low2[r, blk]
                 else:
                     cur[e] = _gallop(docs, cur[e], indptr[t + 1], w_lo)
                     end[e] = _gallop(docs, cur[e], indptr[t + 1], d_hi)
+                    wb_high[e] = b_high[e]
+                    wb_mid[e] = b_mid[e]
+                    wb_low[e] = b_low[e]
             # The non-essential bounds: the smallest, while their sum times the slack stays
             # under ne_frac times the k-th score (none while fewer than k hits are held).
             for e in range(n):
-                level[e] = 2
+                level[e] = 3
                 resid[e] = 0.0
             ne_bound = 0.0
             theta = max(seed, np.float64(hs[0])) if size == k else seed
@@ -662,23 +748,22 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                 theta_ne = theta * ne_frac
                 for v in by_ratio:
                     e = v % n
-                    if v < n:
-                        if not split[e]:
-                            continue
-                        cost = b_low[e]
+                    tier = v // n  # 0: bottom, 1: mid, 2: high
+                    if split[e]:
+                        if level[e] != 3 - tier:
+                            continue  # the tier under it is read
+                        cost = (wb_low[e] if tier == 0 else wb_mid[e] - wb_low[e] if tier == 1
+                                else wb_high[e] - wb_mid[e])
                     else:
-                        if split[e] and level[e] != 1:
+                        if tier != 2:
                             continue
-                        cost = b_high[e] - b_low[e]
+                        cost = wb_high[e]
                     if cost > 0.0 and (ne_bound + cost) * slack >= theta_ne:
                         continue
                     ne_bound += cost
-                    if v < n:
-                        level[e] = 1
-                        resid[e] = b_low[e]
-                    else:
-                        level[e] = 0
-                        resid[e] = b_high[e]
+                    level[e] = 2 - tier
+                    resid[e] = (wb_low[e] if tier == 0 else wb_mid[e] if tier == 1
+                                else wb_high[e])
             if ne_bound == 0.0:
                 # Every list read in full, in query order: the exact term-at-a-time sums.
                 stats[1] += 1
@@ -688,9 +773,11 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
             # Essential lists into the accumulator: partial sums of the docs they reach.
             total = 0
             for e in range(n):
+                t = ts[e]
+                r = off_row[t]
+                above[e] = np.inf
                 if level[e] == 1:
-                    t = ts[e]
-                    r = off_row[t]
+                    above[e] = tau[t]
                     if aligned and r >= 0:
                         cur_h[e] = h_offs[r, blk]
                         end_h[e] = h_offs[r, blk + 1]
@@ -699,6 +786,16 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                         end_h[e] = _gallop(h_docs, cur_h[e], h_indptr[t + 1], d_hi)
                     total += end_h[e] - cur_h[e]
                 elif level[e] == 2:
+                    above[e] = tau2[t]
+                    if aligned and r >= 0:
+                        cur_m[e] = m_offs[r, blk]
+                        end_m[e] = m_offs[r, blk + 1]
+                    else:
+                        cur_m[e] = _gallop(m_docs, cur_m[e], m_indptr[t + 1], w_lo)
+                        end_m[e] = _gallop(m_docs, cur_m[e], m_indptr[t + 1], d_hi)
+                    total += end_m[e] - cur_m[e]
+                    stats[7] += end_m[e] - cur_m[e]
+                elif level[e] == 3:
                     total += end[e] - cur[e]
             stats[2] += total
             # Docs whose partial sum is under cut cannot enter (rounded down: lets more through).
@@ -715,6 +812,9 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                         n_up = _scatter_cut(h_docs, h_weights, ws[e], cur_h[e], end_h[e], w_lo,
                                             acc, cut, touched, n_up)
                     elif level[e] == 2:
+                        n_up = _scatter_cut(m_docs, m_weights, ws[e], cur_m[e], end_m[e], w_lo,
+                                            acc, cut, touched, n_up)
+                    elif level[e] == 3:
                         n_up = _scatter_cut(docs, weights, ws[e], cur[e], end[e], w_lo, acc,
                                             cut, touched, n_up)
                 for j in range(n_up):
@@ -735,6 +835,9 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                         n_touched = _scatter_touched(h_docs, h_weights, ws[e], cur_h[e],
                                                      end_h[e], w_lo, acc, touched, n_touched)
                     elif level[e] == 2:
+                        n_touched = _scatter_touched(m_docs, m_weights, ws[e], cur_m[e],
+                                                     end_m[e], w_lo, acc, touched, n_touched)
+                    elif level[e] == 3:
                         n_touched = _scatter_touched(docs, weights, ws[e], cur[e], end[e],
                                                      w_lo, acc, touched, n_touched)
                 for j in range(n_touched):
@@ -755,55 +858,97 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
             stats[3] += n_cand
             if n_cand == 0:
                 continue
-            # Candidates one by one, in row order (each list's cursor only moves forward).
-            # MaxScore: look the doc up in the unread lists, largest bound first, while it can
-            # still beat the k-th score; the survivors get their exact score: the float32 sum
-            # over every entry in query order, as term at a time (a missing term adds nothing).
-            by_resid = np.argsort(-resid)
-            m = 0
-            while m < n and resid[by_resid[m]] > 0.0:
-                m += 1
-            rest = np.empty(m + 1, np.float64)
-            rest[m] = 0.0
-            for i in range(m - 1, -1, -1):
-                rest[i] = rest[i + 1] + resid[by_resid[i]]
-            for e in range(n):
-                pos[e] = cur[e]
-            for c in range(n_cand):
-                row = cand[c]
-                bound = cbound[c]
-                alive = True
-                for i in range(m):
-                    if (bound + rest[i]) * slack < theta:
-                        alive = False
-                        break
-                    e = by_resid[i]
-                    p = _seek(docs, skip, pos[e], end[e], row)
-                    pos[e] = p
-                    stats[5] += 1
-                    contrib[e] = 0.0
-                    if p < end[e] and docs[p] == row:
-                        contrib[e] = ws[e] * weights[p]
-                        if not (level[e] == 1 and weights[p] > tau[ts[e]]):
-                            bound += contrib[e]  # the high list did not count it yet
-                if not alive or bound * slack < theta:
-                    continue
-                stats[4] += 1
-                s = np.float32(0.0)
-                for e in range(n):
-                    if resid[e] > 0.0:
-                        s += contrib[e]
-                    else:
-                        p = _seek(docs, skip, pos[e], end[e], row)
-                        pos[e] = p
-                        if p < end[e] and docs[p] == row:
-                            s += ws[e] * weights[p]
-                if s <= 0.0 or (size == k and (s < hs[0] or (s == hs[0] and row > hi[0]))):
-                    continue
-                size = _heap_push(hs, hi, size, k, s, np.int64(row))
-                if size == k:
-                    theta = max(seed, np.float64(hs[0]))
+            size, theta = _eval_candidates(docs, weights, skip, ts, ws, above, resid, cur, end,
+                                           cand, cbound, n_cand, slack, seed, theta, k, size,
+                                           hs, hi, cw, c_idx, c_sum, stats)
         _heap_drain(hs, hi, size, out_s[item], out_i[item])
+
+
+@njit(cache=True)
+def _eval_candidates(docs, weights, skip, ts, ws, above, resid, cur, end, cand, cbound,
+                     n_cand, slack, seed, theta, k, size, hs, hi, cw, c_idx, c_sum, stats):
+    """MaxScore's second half for one window: the candidates ``cand[:n_cand]`` (rows, with
+    ``cbound`` their partial sums over the lists read) are looked up in the lists not read
+    (``resid[e]`` > 0: the bound of what entry ``e`` did not read; it read its postings
+    heavier than ``above[e]``, already in ``cbound``), largest bound first, and
+    dropped as soon as their bound cannot reach the k-th score ``theta``; the survivors get
+    their exact score, the float32 sum over every entry in query order, as term at a time (a
+    missing term adds nothing), and are offered to the heap. Returns ``(size, theta)``.
+
+    Candidates go list by list in chunks of ``cw.shape[0]``, not one by one: the searches
+    of one list for different candidates do not depend on each other, so their cache misses
+    overlap (one candidate's searches in list after list wait for each other's bounds).
+    ``theta`` rises between chunks only. ``cbound`` is updated in place."""
+    n = ts.shape[0]
+    by_resid = np.argsort(-resid)
+    m = 0
+    while m < n and resid[by_resid[m]] > 0.0:
+        m += 1
+    rest = np.empty(m + 1, np.float64)
+    rest[m] = 0.0
+    for i in range(m - 1, -1, -1):
+        rest[i] = rest[i + 1] + resid[by_resid[i]]
+    chunk = cw.shape[0]
+    for c0 in range(0, n_cand, chunk):
+        n_alive = min(chunk, n_cand - c0)
+        for j in range(n_alive):
+            c_idx[j] = c0 + j
+        for i in range(m):
+            e = by_resid[i]
+            lo = cur[e]
+            up = end[e]
+            w = ws[e]
+            read_above = above[e]
+            kept = 0
+            for j in range(n_alive):
+                c = c_idx[j]
+                bound = cbound[c]
+                if (bound + rest[i]) * slack < theta:
+                    continue
+                row = cand[c]
+                p = _seek(docs, skip, lo, up, row)
+                x = np.float32(0.0)
+                if p < up and docs[p] == row:
+                    x = w * weights[p]
+                    if not weights[p] > read_above:
+                        cbound[c] = bound + x
+                cw[c - c0, e] = x
+                c_idx[kept] = c
+                kept += 1
+            stats[5] += kept
+            n_alive = kept
+        kept = 0
+        for j in range(n_alive):
+            c = c_idx[j]
+            if cbound[c] * slack >= theta:
+                c_idx[kept] = c
+                c_sum[kept] = 0.0
+                kept += 1
+        n_alive = kept
+        stats[4] += n_alive
+        # Exact scores, entry by entry in query order for every survivor at once.
+        for e in range(n):
+            if resid[e] > 0.0:
+                for j in range(n_alive):
+                    c_sum[j] += cw[c_idx[j] - c0, e]
+            else:
+                lo = cur[e]
+                up = end[e]
+                w = ws[e]
+                for j in range(n_alive):
+                    row = cand[c_idx[j]]
+                    p = _seek(docs, skip, lo, up, row)
+                    if p < up and docs[p] == row:
+                        c_sum[j] += w * weights[p]
+        for j in range(n_alive):
+            s = c_sum[j]
+            row = np.int64(cand[c_idx[j]])
+            if s <= 0.0 or (size == k and (s < hs[0] or (s == hs[0] and row > hi[0]))):
+                continue
+            size = _heap_push(hs, hi, size, k, s, row)
+            if size == k:
+                theta = max(seed, np.float64(hs[0]))
+    return size, theta
 
 
 @njit(cache=True)
@@ -831,16 +976,18 @@ def _taat_block(docs, weights, ws, cur, end, allowed, use_allowed, d_lo, width, 
 
 @njit(cache=True, parallel=True)
 def _pruned_parallel(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
-                     h_weights, off_row, offs, h_offs, skip, q_indptr, q_idx, q_w, seeds,
-                     allowed, use_allowed, shift, first_width, n_docs, ne_frac, seed_top,
-                     seed_cap, seed_budget, n_parts, n_chunks, out_s, out_i, acc, touched, cand,
-                     cbound, stats):
+                     h_weights, tau2, low2_max, m_indptr, m_docs, m_weights, off_row, offs,
+                     h_offs, m_offs, bm_all, bm_low, bm_low2, skip, q_indptr, q_idx,
+                     q_w, seeds, allowed, use_allowed, shift, first_width, n_docs, ne_frac,
+                     seed_top, seed_cap, seed_budget, n_parts, n_chunks, out_s, out_i, acc,
+                     touched, cand, cbound, stats):
     n_items = out_s.shape[0]
     for c in prange(n_chunks):
         _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
-                      h_weights, off_row, offs, h_offs, skip, q_indptr, q_idx, q_w, seeds,
-                      allowed, use_allowed, shift, first_width, n_docs, ne_frac, seed_top,
-                      seed_cap, seed_budget, n_parts, c * n_items // n_chunks,
+                      h_weights, tau2, low2_max, m_indptr, m_docs, m_weights, off_row, offs,
+                      h_offs, m_offs, bm_all, bm_low, bm_low2, skip, q_indptr, q_idx,
+                      q_w, seeds, allowed, use_allowed, shift, first_width, n_docs, ne_frac,
+                      seed_top, seed_cap, seed_budget, n_parts, c * n_items // n_chunks,
                       (c + 1) * n_items // n_chunks, out_s, out_i, acc[c], touched[c], cand[c],
                       cbound[c], stats[c])
 
@@ -1037,7 +1184,7 @@ class SparsePostings:
         self._weight_max = 0.0
         # Counters of the pruned kernel summed over calls, for the benchmark (not thread safe):
         # see _pruned_items.
-        self.prune_stats = np.zeros((1, 7), np.int64)
+        self.prune_stats = np.zeros((1, 8), np.int64)
         # kernel="auto": running share of postings its pruned searches read (None: none yet),
         # searches it sent to the scan since the last pruned one, and how many went each way
         self._read_share = None
@@ -1215,16 +1362,27 @@ class SparsePostings:
     def _split(self):
         """The pruned kernel's split lists and block offsets, computed on first use (a few
         passes over the postings, O(nnz)) and kept: ``(tau, low_max, h_indptr, h_docs,
-        h_weights, off_row, offs, h_offs, skip)``, rebuilt if the PRUNE_* settings change."""
-        key = (PRUNE_SPLIT_MIN, PRUNE_SPLIT_FACTOR, PRUNE_BLOCK_SHIFT, PRUNE_OFFSETS_MIN)
+        h_weights, tau2, low2_max, m_indptr, m_docs, m_weights, off_row, offs, h_offs, m_offs,
+        b_max, b_low, b_low2, skip)`` (high lists, mid lists, block starts and maxima, doc-id
+        sample), rebuilt if the PRUNE_* settings change."""
+        mid_factor = min(PRUNE_MID_FACTOR, PRUNE_SPLIT_FACTOR)  # the mid list holds the high
+        key = (PRUNE_SPLIT_MIN, PRUNE_SPLIT_FACTOR, mid_factor, PRUNE_BLOCK_SHIFT,
+               PRUNE_OFFSETS_MIN)
         with self._lock:
             if self._split_lists is None or self._split_key != key:
-                split = _split_lists(self.indptr, self.docs, self.weights, PRUNE_SPLIT_MIN,
-                                     PRUNE_SPLIT_FACTOR)
-                offsets = _block_offsets(self.indptr, self.docs, split[2], split[3],
-                                         PRUNE_BLOCK_SHIFT, self.n_docs, PRUNE_OFFSETS_MIN)
+                high = _split_lists(self.indptr, self.docs, self.weights, PRUNE_SPLIT_MIN,
+                                    PRUNE_SPLIT_FACTOR)
+                mid = _split_lists(self.indptr, self.docs, self.weights, PRUNE_SPLIT_MIN,
+                                   mid_factor)
+                row, offs, h_offs, b_max, b_low = _block_offsets(
+                    self.indptr, self.docs, self.weights, high[0], high[2], high[3],
+                    PRUNE_BLOCK_SHIFT, self.n_docs, PRUNE_OFFSETS_MIN)
+                _, _, m_offs, _, b_low2 = _block_offsets(
+                    self.indptr, self.docs, self.weights, mid[0], mid[2], mid[3],
+                    PRUNE_BLOCK_SHIFT, self.n_docs, PRUNE_OFFSETS_MIN)
                 skip = np.ascontiguousarray(self.docs[::64])  # for _seek
-                self._split_lists = tuple(_readonly(a) for a in split + offsets + (skip,))
+                arrays = high + mid + (row, offs, h_offs, m_offs, b_max, b_low, b_low2, skip)
+                self._split_lists = tuple(_readonly(a) for a in arrays)
                 self._split_key = key
                 self._weight_max = float(self.term_max.max()) if self.term_max.size else 0.0
             return self._split_lists
