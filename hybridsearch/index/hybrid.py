@@ -19,13 +19,14 @@ import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._blas import BLAS_THREADS_FROM, one_blas_thread
 from ..errors import DiskFullError, IndexFormatError, ModelMismatchError
 from ..fusion import CHANNELS, FusionConfig, fuse_terms, minmax
 from ..representations import Encoded
@@ -924,8 +925,9 @@ class HybridIndex:
             candidates = FIRST_STAGE_CANDIDATES if mode == "colbert" else self.default_candidates()
         if not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
-        results = self._search(state, queries, depth, mode, cfg, allowed, max(candidates, depth), query_encoded,
-                               exhaustive=bool(exhaustive))
+        with one_blas_thread() if len(queries) < BLAS_THREADS_FROM else nullcontext():
+            results = self._search(state, queries, depth, mode, cfg, allowed, max(candidates, depth),
+                                   query_encoded, exhaustive=bool(exhaustive))
         if reranker is not None:
             results = [_rerank(reranker, q, hits, k, float(rerank_weight)) for q, hits in zip(queries, results)]
         return results
