@@ -185,6 +185,7 @@ class CaseResult:
     searches_in_window: int = 0
     lat: dict[str, list[float]] = field(default_factory=dict)  # op -> seconds
     errors: dict[str, int] = field(default_factory=dict)  # "op: kind" -> count
+    error_samples: dict[str, str] = field(default_factory=dict)  # "op: kind" -> the first answer's body
     overflows: int = 0
     drops: int = 0
     client_cpu_s: float = 0.0
@@ -199,6 +200,8 @@ class CaseResult:
             self.lat.setdefault(k, []).extend(v)
         for k, v in o.errors.items():
             self.errors[k] = self.errors.get(k, 0) + v
+        for k, v in o.error_samples.items():
+            self.error_samples.setdefault(k, v)
         self.overflows += o.overflows
         self.drops += o.drops
         self.client_cpu_s += o.client_cpu_s
@@ -246,6 +249,7 @@ class Load:
         if status != 200:
             k = f"{op}: HTTP {status}"
             res.errors[k] = res.errors.get(k, 0) + 1
+            res.error_samples.setdefault(k, bytes(data or b"")[:300].decode("utf-8", "replace"))
             return status, data
         res.lat.setdefault(op, []).append(dt)
         w = headers.get("x-worker")
@@ -732,7 +736,8 @@ def report(servers: list[Server], args, cases: list[Case], wall: float) -> tuple
                              "p50_ms": {op: pct(v, 50) for op, v in r.lat.items()},
                              "p99_ms": {op: pct(v, 99) for op, v in r.lat.items()},
                              "count": {op: len(v) for op, v in r.lat.items()},
-                             "errors": r.errors, "listen_overflows": r.overflows, "client_cpu_s": r.client_cpu_s,
+                             "errors": r.errors, "error_samples": r.error_samples,
+                             "listen_overflows": r.overflows, "client_cpu_s": r.client_cpu_s,
                              "rss_mb": r.rss_mb, "load_avg": r.load, "searches_per_worker": r.workers}
                       for name, r in s.results.items()},
             "per_round_qps": s.per_round_qps,

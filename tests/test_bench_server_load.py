@@ -22,7 +22,7 @@ def test_load_bench_smoke(tmp_path, tiny_dense):
     (server,) = json.loads(raw.read_text())["servers"].values()
     for name in ("16 read-only fresh", "16 + writer keep-alive"):
         case = server["cases"][name]
-        assert case["errors"] == {}, case
+        assert case["errors"] == {}, (case["errors"], case.get("error_samples"))
         assert case["count"]["search"] > 0 and case["searches_per_s"] > 0
     writer = server["cases"]["16 + writer keep-alive"]["count"]
     assert writer["add"] >= 1

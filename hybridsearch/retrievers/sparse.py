@@ -454,6 +454,20 @@ def _lower_bound(docs, lo, up, row):
     return lo
 
 
+@njit(cache=True, inline="always")
+def _tier_window(docs, indptr, offs, aligned, r, blk, t, e, w_lo, d_hi, cur, end):
+    """Set entry ``e``'s span of a tier list (high or mid) of term ``t`` to the window's docs
+    ``[w_lo, d_hi)``: from the block offsets when the window is a block (``aligned``, row ``r``
+    of ``offs``), else by galloping from where it was. Returns the span's length."""
+    if aligned and r >= 0:
+        cur[e] = offs[r, blk]
+        end[e] = offs[r, blk + 1]
+    else:
+        cur[e] = _gallop(docs, cur[e], indptr[t + 1], w_lo)
+        end[e] = _gallop(docs, cur[e], indptr[t + 1], d_hi)
+    return end[e] - cur[e]
+
+
 @njit(cache=True)
 def _gallop(docs, p, hi, row):
     """First position in ``docs[p:hi]`` (ascending) holding a row >= ``row``, or ``hi``: an
@@ -778,23 +792,14 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
                 above[e] = np.inf
                 if level[e] == 1:
                     above[e] = tau[t]
-                    if aligned and r >= 0:
-                        cur_h[e] = h_offs[r, blk]
-                        end_h[e] = h_offs[r, blk + 1]
-                    else:
-                        cur_h[e] = _gallop(h_docs, cur_h[e], h_indptr[t + 1], w_lo)
-                        end_h[e] = _gallop(h_docs, cur_h[e], h_indptr[t + 1], d_hi)
-                    total += end_h[e] - cur_h[e]
+                    total += _tier_window(h_docs, h_indptr, h_offs, aligned, r, blk, t, e, w_lo, d_hi,
+                                          cur_h, end_h)
                 elif level[e] == 2:
                     above[e] = tau2[t]
-                    if aligned and r >= 0:
-                        cur_m[e] = m_offs[r, blk]
-                        end_m[e] = m_offs[r, blk + 1]
-                    else:
-                        cur_m[e] = _gallop(m_docs, cur_m[e], m_indptr[t + 1], w_lo)
-                        end_m[e] = _gallop(m_docs, cur_m[e], m_indptr[t + 1], d_hi)
-                    total += end_m[e] - cur_m[e]
-                    stats[7] += end_m[e] - cur_m[e]
+                    got = _tier_window(m_docs, m_indptr, m_offs, aligned, r, blk, t, e, w_lo, d_hi,
+                                       cur_m, end_m)
+                    total += got
+                    stats[7] += got
                 elif level[e] == 3:
                     total += end[e] - cur[e]
             stats[2] += total
