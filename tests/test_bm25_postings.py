@@ -360,3 +360,34 @@ def test_link_is_refused(tmp_path):
     os.symlink(tmp_path / "real.npy", tmp_path / "bm25_tf.npy")
     with pytest.raises(IndexFormatError):
         bp.Bm25Postings.load(tmp_path)
+
+
+def test_query_preparation_kernels_match_numpy():
+    """The Numba helpers that build a segment's kernel input agree with plain numpy."""
+    rng = np.random.default_rng(7)
+    vocab = [f"t{i}" for i in range(300)]
+    docs = [list(rng.choice(vocab, size=rng.integers(1, 40))) for _ in range(2000)]
+    p = bp.Bm25Postings.from_terms(docs)
+    # upper bounds and posting counts
+    q_idx = rng.integers(0, p.vocab_size, 500).astype(np.int32)
+    q_w = rng.random(500).astype(np.float32) + 0.1
+    cache, _ = bp._tables(np.float32(17.3))
+    tb = p.term_bound[q_idx]
+    tf = tb[:, 0].astype(np.float64)
+    want = q_w * tf / (tf + cache[bp.fieldnorm_ids(tb[:, 1])])
+    got = np.empty(500)
+    postings = bp._entry_bounds(p.indptr, p.term_bound, cache, bp.FIELDNORM_TABLE, q_idx, q_w, got)
+    np.testing.assert_array_equal(got, want)
+    assert postings == int((p.indptr[q_idx + 1] - p.indptr[q_idx]).sum())
+    # entries kept for one segment: term present and weight > 0, order preserved
+    nq = 40
+    e_q = np.sort(rng.integers(0, nq, 900)).astype(np.int64)
+    e_t = rng.integers(0, 120, 900).astype(np.int64)
+    e_w = (rng.random(900) - 0.2).astype(np.float32)
+    local = np.where(rng.random(120) < 0.7, rng.integers(0, p.vocab_size, 120), -1).astype(np.int64)
+    q_indptr, q_i, q_ww = bp._segment_entries(e_q, e_t, e_w, local, nq)
+    loc = local[e_t]
+    keep = (loc >= 0) & (e_w > 0)
+    np.testing.assert_array_equal(q_i, loc[keep].astype(np.int32))
+    np.testing.assert_array_equal(q_ww, e_w[keep])
+    np.testing.assert_array_equal(q_indptr, np.concatenate([[0], np.cumsum(np.bincount(e_q[keep], minlength=nq))]))

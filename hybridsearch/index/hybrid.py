@@ -795,6 +795,10 @@ class HybridIndex:
     def _docs(state: _State, docnos) -> list[dict]:
         """Stored documents for many docnos, segments located in one vectorised call."""
         docnos = np.asarray(docnos, np.int64)
+        if len(state.segments) == 1:  # the usual compacted index: no grouping by segment
+            s = state.segments[0]
+            ids, texts, metas = s.docs_of(s.rows_of(docnos))
+            return [{"id": i, "text": t, "metadata": md} for i, t, md in zip(ids, texts, metas)]
         seg_of = state.locate(docnos)
         out: list = [None] * len(docnos)
         for si in np.unique(seg_of):
@@ -925,7 +929,9 @@ class HybridIndex:
             candidates = FIRST_STAGE_CANDIDATES if mode == "colbert" else self.default_candidates()
         if not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
-        with one_blas_thread() if len(queries) < BLAS_THREADS_FROM else nullcontext():
+        # BM25 and learned sparse run no BLAS: only the other modes need the one-thread scope.
+        with one_blas_thread() if len(queries) < BLAS_THREADS_FROM and mode not in ("bm25", "sparse") \
+                else nullcontext():
             results = self._search(state, queries, depth, mode, cfg, allowed, max(candidates, depth),
                                    query_encoded, exhaustive=bool(exhaustive))
         if reranker is not None:

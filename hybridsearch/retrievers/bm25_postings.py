@@ -52,6 +52,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import accumulate
 from pathlib import Path
 
 import numba
@@ -132,11 +133,55 @@ def _hash_terms(terms: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndar
     """``(hashes (V,) uint64, blob (B,) uint8, offsets (V + 1,) int64)`` of UTF-8 terms."""
     from ..index.docstore import hash_spans
 
-    offsets = np.zeros(len(terms) + 1, np.int64)
-    if terms:
+    if len(terms) < 64:  # a query's few terms: fewer numpy calls
+        offsets = np.array([0, *accumulate(map(len, terms))], np.int64)
+    else:
+        offsets = np.zeros(len(terms) + 1, np.int64)
         np.cumsum(np.fromiter(map(len, terms), np.int64, len(terms)), out=offsets[1:])
     blob = np.frombuffer(b"".join(terms), np.uint8)
     return hash_spans(blob, offsets), blob, offsets
+
+
+class _QueryTerms:
+    """A batch's distinct terms, hashed once for every segment: ``hashes`` (m,) uint64,
+    ``blob`` (B,) uint8 and ``offsets`` (m + 1,) int64 of their UTF-8 bytes."""
+
+    __slots__ = ("terms", "hashes", "blob", "offsets")
+
+    def __init__(self, terms: Sequence[str]):
+        self.terms = list(terms)
+        self.hashes, self.blob, self.offsets = _hash_terms([t.encode("utf-8") for t in self.terms])
+
+
+@njit(cache=True)
+def _find_terms(term_hash, term_offsets, term_blob, indptr, q_hash, q_offsets, q_blob, ids, df):
+    """For each query term ``i``: ``ids[i]``, its row in the segment's sorted ``term_hash``
+    whose bytes equal the term's (left at -1 if none), and ``df[i]`` its posting count."""
+    v = term_hash.shape[0]
+    for i in range(q_hash.shape[0]):
+        h = q_hash[i]
+        lo, hi = 0, v
+        while lo < hi:  # first entry >= h
+            mid = (lo + hi) >> 1
+            if term_hash[mid] < h:
+                lo = mid + 1
+            else:
+                hi = mid
+        a, n = q_offsets[i], q_offsets[i + 1] - q_offsets[i]
+        j = lo
+        while j < v and term_hash[j] == h:  # one entry, unless two terms share a hash
+            b = term_offsets[j]
+            if term_offsets[j + 1] - b == n:
+                same = True
+                for c in range(n):
+                    if term_blob[b + c] != q_blob[a + c]:
+                        same = False
+                        break
+                if same:
+                    ids[i] = j
+                    df[i] = indptr[j + 1] - indptr[j]
+                    break
+            j += 1
 
 
 # ----------------------------------------------------------------------------- scoring kernel
@@ -534,20 +579,18 @@ class Bm25Postings:
     # ------------------------------------------------------------------ reading
     def lookup(self, terms: Sequence[str]) -> np.ndarray:
         """``(m,)`` int64 term ids of ``terms`` in this segment, -1 where absent."""
-        out = np.full(len(terms), -1, np.int64)
-        if not terms or not self.vocab_size:
-            return out
-        enc = [t.encode("utf-8") for t in terms]
-        qh, _, _ = _hash_terms(enc)
-        at = np.searchsorted(self.term_hash, qh)
-        th, off, blob = self.term_hash, self.term_offsets, self.term_blob
-        for i, (j, h, b) in enumerate(zip(at.tolist(), qh.tolist(), enc)):
-            while j < th.shape[0] and th[j] == h:  # one entry, unless two terms share a hash
-                if blob[off[j]:off[j + 1]].tobytes() == b:
-                    out[i] = j
-                    break
-                j += 1
-        return out
+        return self.find(_QueryTerms(terms))[0]
+
+    def find(self, qt: _QueryTerms) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, df)``, ``(m,)`` int64 each, of hashed query terms: the term id in this
+        segment (-1 where absent) and the documents holding it (0 where absent). One kernel
+        call: the hash search and the byte check of every term (two terms may share a hash)."""
+        m = qt.hashes.shape[0]
+        ids, df = np.full(m, -1, np.int64), np.zeros(m, np.int64)
+        if m and self.vocab_size:
+            _find_terms(self.term_hash, self.term_offsets, self.term_blob, self.indptr, qt.hashes,
+                        qt.offsets, qt.blob, ids, df)
+        return ids, df
 
     def doc_freq(self, term_ids: np.ndarray) -> np.ndarray:
         """``(m,)`` int64 documents holding each term (0 for id -1)."""
@@ -575,15 +618,13 @@ class Bm25Postings:
             return out_s, out_i
         cache, table = _tables(np.float32(avg))
         ip = self.indptr
-        postings = int((ip[q_idx + 1] - ip[q_idx]).sum())
         # Each entry's largest possible contribution: its largest tf in its shortest document.
-        tb = self.term_bound[q_idx]
-        tf_max = tb[:, 0].astype(np.float64)
-        q_ub = q_w * tf_max / (tf_max + cache[fieldnorm_ids(tb[:, 1])])
+        q_ub = np.empty(q_idx.shape[0], np.float64)
+        postings = _entry_bounds(ip, self.term_bound, cache, FIELDNORM_TABLE, q_idx, q_w, q_ub)
         block = min(self.n_docs, BLOCK_DOCS)
         n_blocks = -(-self.n_docs // block)
-        threads = numba.get_num_threads()
-        parallel = threads > 1 and postings >= PARALLEL_MIN_POSTINGS
+        threads = numba.get_num_threads() if postings >= PARALLEL_MIN_POSTINGS else 1
+        parallel = threads > 1
         # Without pruning, one query alone is split over the threads by blocks (each part keeps
         # its own top-k). Pruned, it stays on one thread: it reads a small share of the postings
         # (a 1M-doc query: 0.9 ms on one thread, 10 ms split over two on a busy 2-core machine,
@@ -634,9 +675,10 @@ def collection_stats(segments, terms: list[str]) -> tuple[int, int, np.ndarray]:
     """``(N, total length, df)`` of ``terms`` summed over ``segments``: what BM25 needs from a
     collection. Several collections (the shards of a sharded index) add theirs up and pass the
     sums to :func:`search` as ``stats``, so every shard scores as one index would."""
+    qt = _QueryTerms(terms)
     df = np.zeros(len(terms), np.int64)
     for s in segments:
-        df += s.doc_freq(s.lookup(terms))
+        df += s.find(qt)[1]
     return (sum(s.n_docs for s in segments), sum(s.total_length for s in segments), df)
 
 
@@ -650,11 +692,11 @@ def _statistics(segments, terms: list[str], stats=None):
     absent); ``idf * (1 + k1)`` of each term ((m,) float32, 0 for terms in no segment); the
     average length (float32), from statistics summed over ``segments``, or from ``stats``
     (``(N, total length, df)`` as :func:`collection_stats` gives them) when given."""
-    ids = [s.lookup(terms) for s in segments]
+    qt = _QueryTerms(terms)
+    found = [s.find(qt) for s in segments]
+    ids = [f[0] for f in found]
     if stats is None:
-        df = np.zeros(len(terms), np.int64)
-        for s, t in zip(segments, ids):
-            df += s.doc_freq(t)
+        df = found[0][1] if len(found) == 1 else np.sum([f[1] for f in found], axis=0, dtype=np.int64)
         n = sum(s.n_docs for s in segments)
         total = sum(s.total_length for s in segments)
     else:
@@ -711,20 +753,64 @@ def search(segments: Sequence[Bm25Postings], queries: list[str], k: int,
         raise ValueError(f"{len(segments)} segments but {len(allowed)} masks")
     ids, weight, avg = _statistics(segments, terms, stats)
     # The batch's entries, flat: query, term index, occurrences.
-    e_q = np.fromiter((j for j, es in enumerate(per_query) for _ in es), np.int64)
-    e_t = np.fromiter((ti for es in per_query for ti, _ in es), np.int64, e_q.shape[0])
-    e_c = np.fromiter((c for es in per_query for _, c in es), np.float32, e_q.shape[0])
-    e_w = weight[e_t] * e_c
+    flat = [(j, ti, c) for j, es in enumerate(per_query) for ti, c in es]
+    e_q = np.array([e[0] for e in flat], np.int64)
+    e_t = np.array([e[1] for e in flat], np.int64)
+    e_w = weight[e_t] * np.array([e[2] for e in flat], np.float32)
     nq = len(per_query)
     out = []
     for s, local, mask in zip(segments, ids, allowed):
-        loc = local[e_t]
-        keep = (loc >= 0) & (e_w > 0)
-        q_indptr = np.zeros(nq + 1, np.int64)
-        np.cumsum(np.bincount(e_q[keep], minlength=nq), out=q_indptr[1:])
-        out.append(s.search_ids(_readonly(q_indptr), _readonly(loc[keep].astype(np.int32)),
-                                _readonly(e_w[keep]), avg, k, mask, prune=prune))
+        q_indptr, q_idx, q_w = _segment_entries(e_q, e_t, e_w, local, nq)
+        out.append(s.search_ids(_readonly(q_indptr), _readonly(q_idx), _readonly(q_w), avg, k, mask,
+                                prune=prune))
     return out
+
+
+@njit(cache=True)
+def _segment_entries(e_q, e_t, e_w, local, nq):
+    """One segment's kernel input from a batch's entries (query ``e_q``, term ``e_t``, weight
+    ``e_w``; ``e_q`` ascending): the entries whose term is in the segment (``local[e_t] >= 0``)
+    with a positive weight, in order, as ``(q_indptr (nq + 1,) int64, q_idx int32, q_w float32)``."""
+    n = 0
+    for e in range(e_q.shape[0]):
+        if local[e_t[e]] >= 0 and e_w[e] > 0:
+            n += 1
+    q_indptr = np.zeros(nq + 1, np.int64)
+    q_idx = np.empty(n, np.int32)
+    q_w = np.empty(n, np.float32)
+    j = 0
+    for e in range(e_q.shape[0]):
+        t = local[e_t[e]]
+        if t >= 0 and e_w[e] > 0:
+            q_indptr[e_q[e] + 1] += 1
+            q_idx[j] = t
+            q_w[j] = e_w[e]
+            j += 1
+    for i in range(nq):
+        q_indptr[i + 1] += q_indptr[i]
+    return q_indptr, q_idx, q_w
+
+
+@njit(cache=True)
+def _entry_bounds(indptr, term_bound, cache, fieldnorms, q_idx, q_w, q_ub):
+    """Fill ``q_ub`` (e,) float64 with each entry's largest possible contribution, ``q_w * tf /
+    (tf + cache[code])`` for the term's largest tf and the field-norm code of its shortest
+    document (:func:`fieldnorm_ids`); returns the entries' posting count."""
+    postings = 0
+    for e in range(q_idx.shape[0]):
+        t = q_idx[e]
+        postings += indptr[t + 1] - indptr[t]
+        length = term_bound[t, 1]
+        lo, hi = 0, fieldnorms.shape[0]
+        while lo < hi:  # the last table entry <= length
+            mid = (lo + hi) >> 1
+            if fieldnorms[mid] <= length:
+                lo = mid + 1
+            else:
+                hi = mid
+        tf = np.float64(term_bound[t, 0])
+        q_ub[e] = np.float64(q_w[e]) * tf / (tf + np.float64(cache[lo - 1]))
+    return postings
 
 
 def reference_scores(docs_terms: Sequence[Sequence[str]], query: str, n_stats: int | None = None,
