@@ -31,6 +31,26 @@ def test_quick_bench_runs_and_writes_results(tmp_path):
         assert f"results/plots/{png}" in text
 
 
+def test_sparse_section_checks_both_kernels_and_reports_them(tmp_path):
+    """run.py's sparse section: both kernels' top-k compared on every query before timing (an
+    assertion inside the run), then one table row per size, query set and thread setting."""
+    out = tmp_path / "RESULTS.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--tiny", "--sections", "sparse",
+                        "--out", str(out), "--tmp", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "This section failed" not in text, text
+    assert "## Learned sparse: exact pruning against the term-at-a-time scan" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| 10,000 | ")]
+    assert {ln.split(" | ")[1] for ln in rows} == {"doc", "flat"}, rows
+
+
+def test_m3_reuse_must_name_kept_run_folders(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--tiny", "--sections", "scale_m3",
+                        "--m3-reuse", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a kept scale_m3 run folder" in r.stderr
+
+
 def test_bad_arguments_fail_clearly(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--tiny", "--scifact", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)

@@ -56,6 +56,22 @@ def latency_curves(data: dict, out: Path) -> Path | None:
     return _save(plt, fig, out)
 
 
+def latency_m3(data: dict, out: Path) -> Path | None:
+    """BGE-M3-shaped corpora: p50 latency against size per channel, ours and each anchor (log-log);
+    ``data["latency_m3"]`` is ``{channel: {system: {docs: ms}}}``."""
+    lat = data.get("latency_m3", {})
+    if not lat:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(lat), figsize=(4.5 * len(lat), 4.2), squeeze=False)
+    for ax, (channel, systems) in zip(axes[0], lat.items()):
+        for name, pts in systems.items():
+            xs = sorted(pts)
+            ax.plot(xs, [pts[x] for x in xs], marker="o", label=name)
+        _loglog(ax, f"{channel}: p50, top 10 (BGE-M3 shape)", "ms", 7)
+    return _save(plt, fig, out)
+
+
 def build_rates(data: dict, out: Path) -> Path | None:
     build, sizes = data.get("build", {}), data.get("sizes", [])
     if not build:
