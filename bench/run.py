@@ -274,11 +274,12 @@ WHY = {
         "**BM25 against bm25s.** BM25 now runs on our own Numba postings (exact MaxScore), with N, df "
         "and the average length summed over segments at query time, so adds and deletes never "
         "rescore old documents; bm25s freezes every score into one matrix at index time and "
-        "re-indexes on each change. Measured alone, side by side in one process, ours is 0.75x "
-        "bm25s-numba's single-query p50 at 100k and 0.08x at 1M (`results/bm25_postings.md`). In "
-        "this section's loaded runs the remaining gap at 10k-100k is a fixed cost per query of our "
-        "`search()` around the kernel (query analysis in Python, hits with id, text and metadata "
-        "from the document store), which bm25s' `retrieve` does not pay."),
+        "re-indexes on each change. Where bm25s-numba is ahead, it is by a fixed cost per query "
+        "of our `search()` around the kernel (query analysis, term look-ups in every segment, hits "
+        "with id, text and metadata from the document store), which bm25s' `retrieve` (row numbers "
+        "and scores only) does not pay; it was cut from ~0.2 to ~0.1 ms on 2026-12-07 evening (terms "
+        "hashed once and found by one Numba call per segment; the kernel's input built in Numba). "
+        "Sections dated before that carry the larger cost."),
     "dense top-10": (
         "**Dense against bare FAISS.** At 10k our segment is an exact scan of the stored vectors and "
         "our `search()` adds hits with id, text and metadata (a fixed cost per query). At 100k ours is "
