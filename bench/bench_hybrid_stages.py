@@ -7,6 +7,9 @@ Usage::
     python bench/bench_hybrid_stages.py RUN_FOLDER [--queries 30] [--rounds 3] [--query-tokens N]
                                         [--json OUT.json]
 
+It also times every query in one ``search_batch`` call under the BLAS scope of today (one BLAS
+thread for hybrid batches) and of before (BLAS threads from 4 queries), taking turns.
+
 ``RUN_FOLDER`` is what ``bench_scale_m3.py --keep`` leaves (``index/``, ``queries/``, ``build.json``).
 Stages call the index's private first-stage methods (the same ones ``search`` runs, under the same
 one-BLAS-thread scope); medians in ms. Then ``search`` alone, query after query, gives the p50 and p99
@@ -107,6 +110,34 @@ def main(argv=None) -> int:
             lat.append(1000 * (time.perf_counter() - a))
         if rnd:
             alone.append((float(np.percentile(lat, 50)), float(np.percentile(lat, 99))))
+    # Batched: every query in one search_batch call, under today's BLAS scope (one BLAS thread for
+    # hybrid batches) and under the rule before 2026-12-07 evening (BLAS threads from 4 queries),
+    # taking turns round by round.
+    batch = {}
+    try:
+        if args.query_tokens:  # the batch is timed on the queries as generated only
+            raise ImportError
+        from hybridsearch import _blas
+        from hybridsearch.index import hybrid as hybrid_mod
+
+        texts = [t for t, _ in rows]
+        enc = Queries(Q.dense[:nq], Q.sparse[:nq], Q.colbert[:Q.colbert_offsets[nq]], Q.colbert_offsets[:nq + 1],
+                      Q.texts[:nq], Q.sources[:nq]).encoded()
+        policies = {"one BLAS thread (now)": _blas.search_scope,
+                    "BLAS threads from 4 queries (before)": lambda mode, n: (
+                        _blas.one_blas_thread() if n < _blas.BLAS_THREADS_FROM else nullcontext())}
+        qps = {p: [] for p in policies}
+        for rnd in range(args.rounds + 1):
+            for p, fn in policies.items():
+                hybrid_mod.search_scope = fn
+                a = time.perf_counter()
+                idx.search_batch(texts, k=10, mode="hybrid", query_encoded=enc)
+                if rnd:
+                    qps[p].append(nq / (time.perf_counter() - a))
+        hybrid_mod.search_scope = _blas.search_scope
+        batch = {p: float(np.median(v)) for p, v in qps.items()}
+    except (ImportError, AttributeError):  # code before search_scope
+        pass
     med = {n: float(np.median(v)) for n, v in T.items()}
     stages = {"dense": med["dense first stage"], "sparse": med["sparse first stage"],
               "bm25": med["bm25 first stage"], "colbert rescoring": med["rescore colbert"],
@@ -116,12 +147,15 @@ def main(argv=None) -> int:
            "query_tokens": args.query_tokens or "all",
            "search_alone": {"p50": float(np.median([a[0] for a in alone])),
                             "p99": float(np.median([a[1] for a in alone])), "rounds": alone},
-           "union_median": float(np.median(unions)), "median_ms": med, "stages": stages}
+           "union_median": float(np.median(unions)), "median_ms": med, "stages": stages,
+           "batch_queries_per_s": batch}
     for n in names:
         print(f"{n:24s} {med[n]:8.2f} ms")
     print(f"union median {out['union_median']:.0f} documents")
     print(f"search alone, p50 {out['search_alone']['p50']:.2f} ms, p99 {out['search_alone']['p99']:.2f} ms "
           f"(medians over {args.rounds} rounds of {nq} queries)")
+    for p, v in batch.items():
+        print(f"search_batch of {nq} hybrid queries, {p}: {v:.1f} queries/s")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     idx.close()

@@ -54,25 +54,41 @@ def test_one_blas_thread_shared_by_concurrent_searches():
 
 
 def test_search_runs_under_the_limit(monkeypatch, tmp_path, m3_encoder):
-    """HybridIndex.search of one query runs inside one_blas_thread (BLAS on one thread during
-    the search); a batch of BLAS_THREADS_FROM queries or more keeps every thread."""
+    """Hybrid searches, single or batched, run inside one_blas_thread (BLAS on one thread: MaxSim's
+    pool needs the cores); dense searches only below BLAS_THREADS_FROM queries (a larger dense
+    batch keeps every thread); the limit is lifted afterwards."""
     from hybridsearch import HybridIndex
     from hybridsearch.index import hybrid
 
     idx = HybridIndex.create(tmp_path / "idx", m3_encoder)
     idx.add([{"id": f"d{i}", "text": f"document number {i} about topic {i % 7}"} for i in range(50)])
     seen = []
-    real = hybrid.HybridIndex._hybrid
+    real_hybrid, real_dense = hybrid.HybridIndex._hybrid, hybrid.HybridIndex._dense_topk
 
-    def spy(self, *a, **kw):
-        seen.append(_blas_threads())
-        return real(self, *a, **kw)
+    def spy_hybrid(self, *a, **kw):
+        seen.append(("hybrid", _blas_threads()))
+        return real_hybrid(self, *a, **kw)
 
-    monkeypatch.setattr(hybrid.HybridIndex, "_hybrid", spy)
+    def spy_dense(self, *a, **kw):
+        seen.append(("dense", _blas_threads()))
+        return real_dense(self, *a, **kw)
+
+    monkeypatch.setattr(hybrid.HybridIndex, "_hybrid", spy_hybrid)
+    monkeypatch.setattr(hybrid.HybridIndex, "_dense_topk", spy_dense)
+    batch = ["topic 1", "topic 2", "topic 3", "topic 4"]
+    assert len(batch) >= _blas.BLAS_THREADS_FROM
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
         hits = idx.search("document about topic 3", k=5)
-        assert len(hits) == 5 and seen == [[1]]
+        assert len(hits) == 5 and seen[0] == ("hybrid", [1])
         assert _blas_threads() == [2]
-        idx.search_batch(["topic 1", "topic 2", "topic 3", "topic 4"], k=5)
-        assert seen[1] == [2]
+        seen.clear()
+        idx.search_batch(batch, k=5)
+        assert seen[0] == ("hybrid", [1])
+        seen.clear()
+        idx.search("topic 2", k=5, mode="dense")
+        assert seen == [("dense", [1])]
+        seen.clear()
+        idx.search_batch(batch, k=5, mode="dense")
+        assert seen == [("dense", [2])]
+        assert _blas_threads() == [2]
     idx.close()

@@ -47,7 +47,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -191,10 +190,10 @@ class _Shard:
         so the coordinator seldom needs the documents round: exact in single-channel modes (the
         global top ``k`` is among the shards' top ``k``), a guess in hybrid mode (the global
         normalisation may rank otherwise; the coordinator asks :meth:`docs` for what it lacks)."""
-        from .._blas import BLAS_THREADS_FROM, one_blas_thread
+        from .._blas import search_scope
         from ..index.hybrid import HybridIndex
 
-        with one_blas_thread() if len(queries) < BLAS_THREADS_FROM else nullcontext():
+        with search_scope(mode, len(queries)):
             state, out = self.index._shard_candidates(queries, q, mode, k, C, filter=flt, bm25_stats=stats,
                                                       exhaustive=exhaustive)
         with self._lock:  # keep the snapshot for docs(): a few recent generations

@@ -19,14 +19,14 @@ import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._blas import BLAS_THREADS_FROM, one_blas_thread
+from .._blas import search_scope
 from ..errors import DiskFullError, IndexFormatError, ModelMismatchError
 from ..fusion import CHANNELS, FusionConfig, fuse_terms, minmax
 from ..representations import Encoded
@@ -929,9 +929,7 @@ class HybridIndex:
             candidates = FIRST_STAGE_CANDIDATES if mode == "colbert" else self.default_candidates()
         if not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
-        # BM25 and learned sparse run no BLAS: only the other modes need the one-thread scope.
-        with one_blas_thread() if len(queries) < BLAS_THREADS_FROM and mode not in ("bm25", "sparse") \
-                else nullcontext():
+        with search_scope(mode, len(queries)):
             results = self._search(state, queries, depth, mode, cfg, allowed, max(candidates, depth),
                                    query_encoded, exhaustive=bool(exhaustive))
         if reranker is not None:
