@@ -127,7 +127,8 @@ def run(n_docs, n_queries, repeat, k, rng, k_sweep=()):
     t = time.perf_counter()
     split = ix._split()
     t_split = time.perf_counter() - t
-    split_mb = sum(a.nbytes for a in split) / 2**20
+    split_mb = sum(a.nbytes for a in split[:-1]) / 2**20
+    fwd_bytes = split[-1][0].nbytes + split[-1][1].nbytes  # [2] views [1]'s buffer
     postings_mb = (ix.docs.nbytes + ix.weights.nbytes) / 2**20
     rows = []
     for name, queries in qsets.items():
@@ -161,7 +162,9 @@ def run(n_docs, n_queries, repeat, k, rng, k_sweep=()):
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     info = (f"{n_docs:,} docs: {ix.docs.size / n_docs:.1f} terms a doc, {postings_mb:.0f} MiB "
             f"of postings; generated in {t_gen:.1f} s, index built in {t_build:.2f} s; split "
-            f"lists (first pruned query) {t_split:.2f} s, {split_mb:.0f} MiB in memory")
+            f"lists and forward index (first pruned query) {t_split:.2f} s, {split_mb:.0f} MiB "
+            f"in memory + {fwd_bytes / 2**20:.0f} MiB forward index "
+            f"({fwd_bytes / n_docs:.0f} bytes a doc)")
     print(info, flush=True)
     sweep = []
     for kk in k_sweep:  # doc queries, one thread, each kernel in a row
@@ -218,7 +221,8 @@ def main():
            else "."), "",
         "Settings: " + ", ".join(f"{n} = {getattr(sparse, n)}" for n in (
             "PRUNE_BLOCK_SHIFT", "PRUNE_FIRST_DOCS", "PRUNE_SPLIT_MIN", "PRUNE_SPLIT_FACTOR",
-            "PRUNE_MID_FACTOR", "PRUNE_NE_FRAC", "PRUNE_SEED_LOOKUPS", "PRUNED_MIN_DOCS",
+            "PRUNE_MID_FACTOR", "PRUNE_NE_FRAC", "PRUNE_SEED_LOOKUPS", "PRUNE_FORWARD",
+            "PRUNE_SEED_FWD_MULT", "PRUNED_MIN_DOCS",
             "PRUNED_DOCS_PER_K")) + ".", "",
         table(header, all_rows), "",
         "\n".join(f"- {i}" for i in infos), "",

