@@ -247,8 +247,11 @@ NOTES = """
   the table) and 5.73x (6.22 vs 1.08 ms); taking turns 4.11x (6.33 vs 1.54 ms, the table) and
   4.85x (6.26 vs 1.29 ms). The round before this one, same file: 5.25x / 4.26x. The scratch
   A/B below (both pruned codes in one process, on the same arrays) puts this round at
-  0.84-0.90 of the previous round's time taking turns (4.7-5.4x there against 4.1-4.6x for the
-  previous code) and 0.81-0.86 in a row. Two threads at 1M: 3.43x / 4.86x in the table; in the
+  0.84-0.91 of the previous round's time taking turns (4.4-5.4x there against 4.0-4.6x for the
+  previous code) and 0.81-0.87 in a row; on an idle machine (load 0.1-0.6), 0.91 and 0.87:
+  4.42x taking turns, 6.16x in a row. A third run of this file, 1M alone (so other queries:
+  60 terms, 5.5% of the postings read), load 0.1-0.6: 4.19x taking turns, 5.00x in a row.
+  Taking turns costs the pruned kernel ~0.2-0.4 ms a query, a third of its time. Two threads at 1M: 3.43x / 4.86x in the table; in the
   first run both kernels took ~8 ms there, a busy second core. `flat` queries at 1M: 1.9-2.0x
   (2.0x before); 300k: 2.8-2.9x `doc`, 1.1x `flat`; 100k (where `auto` scans): 1.6-1.7x `doc`,
   0.6x `flat`, as before.
@@ -268,7 +271,8 @@ NOTES = """
   the previous memory.
 - Scratch A/B (`/tmp` harness, not kept: both codes on the same arrays in one process, 1M,
   `doc`, one thread, each pruned query after a scan of the same query, 4-5 rounds, medians,
-  ratio new/old; the same code against itself read 0.96 taking turns): forward rows scored by
+  ratio new/old; the same code against itself read 0.96 taking turns; the machine was
+  loaded, load average 1.7-2.4, except where said): forward rows scored by
   a merge 0.94 / 0.95 (turns / in a row), by a hash table 0.91 / 0.91, with the bit per term
   0.88 / 0.84, with 4k seed docs 0.84-0.87 / 0.82 (8k: 0.87 / 0.86; 12 docs instead of 20:
   1.08 / 1.13). Tried and dropped: reading the query terms' doc-id samples and the accumulator
