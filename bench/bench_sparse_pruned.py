@@ -127,7 +127,8 @@ def run(n_docs, n_queries, repeat, k, rng, k_sweep=()):
     t = time.perf_counter()
     split = ix._split()
     t_split = time.perf_counter() - t
-    split_mb = sum(a.nbytes for a in split) / 2**20
+    split_mb = sum(a.nbytes for a in split[:-1]) / 2**20
+    fwd_bytes = split[-1][0].nbytes + split[-1][1].nbytes  # [2] views [1]'s buffer
     postings_mb = (ix.docs.nbytes + ix.weights.nbytes) / 2**20
     rows = []
     for name, queries in qsets.items():
@@ -161,7 +162,9 @@ def run(n_docs, n_queries, repeat, k, rng, k_sweep=()):
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     info = (f"{n_docs:,} docs: {ix.docs.size / n_docs:.1f} terms a doc, {postings_mb:.0f} MiB "
             f"of postings; generated in {t_gen:.1f} s, index built in {t_build:.2f} s; split "
-            f"lists (first pruned query) {t_split:.2f} s, {split_mb:.0f} MiB in memory")
+            f"lists and forward index (first pruned query) {t_split:.2f} s, {split_mb:.0f} MiB "
+            f"in memory + {fwd_bytes / 2**20:.0f} MiB forward index "
+            f"({fwd_bytes / n_docs:.0f} bytes a doc)")
     print(info, flush=True)
     sweep = []
     for kk in k_sweep:  # doc queries, one thread, each kernel in a row
@@ -218,7 +221,8 @@ def main():
            else "."), "",
         "Settings: " + ", ".join(f"{n} = {getattr(sparse, n)}" for n in (
             "PRUNE_BLOCK_SHIFT", "PRUNE_FIRST_DOCS", "PRUNE_SPLIT_MIN", "PRUNE_SPLIT_FACTOR",
-            "PRUNE_MID_FACTOR", "PRUNE_NE_FRAC", "PRUNE_SEED_LOOKUPS", "PRUNED_MIN_DOCS",
+            "PRUNE_MID_FACTOR", "PRUNE_NE_FRAC", "PRUNE_SEED_LOOKUPS", "PRUNE_FORWARD",
+            "PRUNE_SEED_FWD_MULT", "PRUNED_MIN_DOCS",
             "PRUNED_DOCS_PER_K")) + ".", "",
         table(header, all_rows), "",
         "\n".join(f"- {i}" for i in infos), "",
@@ -237,55 +241,77 @@ NOTES = """
 ## Notes
 
 - **Target (issue 13, item 2): exact mode >= 5x faster than today at 1M documents, k = 10.
-  Met when each kernel runs the queries in a row, missed when they take turns.** On the
-  learned-sparse-like `doc` queries at 1M, one thread: 5.25x in a row (6.27 vs 1.19 ms; 5.11x
-  in a second run of this file), 4.26x taking turns (5.95 vs 1.40 ms; 4.30x in the second run),
-  where each pruned query starts from caches the term-at-a-time scan of the same query has just
-  churned. Two threads: 3.65x / 3.06x. 2.4x at 300k, 1.3-1.6x at 100k (where `auto` scans).
-  The pruned kernel reads 4.9% of the postings at 1M (6.5% before this round). On `flat`
-  queries it is 2.0x at 1M and 1.1x at 300k, as before; slower at 100k.
-- This round (4.14x / 4.81x before, same file): block-max bounds (the largest weights of each
-  list in each block of 65,536 docs, ~6% fewer postings read), three weight tiers per long list
-  instead of two (a "mid" list of the postings above 1.5x the list's mean next to the high list
-  above 3x: 19% fewer postings, ~5% faster), candidate look-ups and exact scoring done list by
-  list for a window's candidates at once so that their cache misses overlap (~7%), and an
-  interpolation search on the 1-in-64 doc-id sample (30-40% cheaper searches in long lists).
-  Tried and dropped, no gain measured: software prefetch of the runs to scatter, bigger or
-  smaller blocks, copying the split lists to huge pages, a vectorized scan of the accumulator
-  instead of tracking the docs that cross the cut during the scatter (4x slower), a first k-th
-  score from partial sums instead of exact ones (8% slower on `flat` queries, even on `doc`;
-  kept as `PRUNE_SEED_LOOKUPS = 0`). A larger non-essential share (`PRUNE_NE_FRAC` 0.6-0.7)
-  reads 20-40% fewer postings but its extra candidates cost as much.
-- Where the time goes (cycle counters in a copy of the kernel, 1M, one thread, in a row): ~56%
-  scattering the essential tiers into the accumulator and collecting candidates (about 2 ns a
-  posting against ~1 ns for the scan's long sequential runs: the kernel reads ~900 short runs
-  a query), ~21% the first k-th score (exact scores of 20 docs: ~1,100 searches, cache misses),
-  ~15% candidate look-ups and exact scores, ~7% block set-up. Taking turns adds ~0.2-0.3 ms of
-  cache misses to every phase. With the true k-th score given up front (an oracle, measured
-  before the tiers) the kernel took 1.00 ms against 1.17: a better first k-th score is worth
-  ~15% at most, and a cheaper one (partial sums) lost as much on the later phases.
-  Documents are in random order here, so block maxima are close to the global ones; reordering
-  documents so that similar ones share blocks would let whole blocks be skipped, but it changes
-  doc ids and belongs to the segment writer.
-- k matters (second table): at 1M, 9.0x for k = 1, 2.1x for k = 100, 1.3x for k = 250, and
-  slower from k = 500 (more candidates survive, each scored exactly). `search(kernel="auto")`
-  therefore prunes only while k <= n_docs / `PRUNED_DOCS_PER_K` (250 at 1M).
+  Met when each kernel runs the queries in a row; taking turns query by query, not met
+  reliably.** `doc` queries at 1M, one thread, two runs of this file on a machine shared with
+  another session's jobs (load average 1.7-2.4 throughout): in a row 5.28x (7.46 vs 1.41 ms,
+  the table) and 5.73x (6.22 vs 1.08 ms); taking turns 4.11x (6.33 vs 1.54 ms, the table) and
+  4.85x (6.26 vs 1.29 ms). The round before this one, same file: 5.25x / 4.26x. The scratch
+  A/B below (both pruned codes in one process, on the same arrays) puts this round at
+  0.84-0.91 of the previous round's time taking turns (4.4-5.4x there against 4.0-4.6x for the
+  previous code) and 0.81-0.87 in a row; on an idle machine (load 0.1-0.6), 0.91 and 0.87:
+  4.42x taking turns, 6.16x in a row. A third run of this file, 1M alone (so other queries:
+  60 terms, 5.5% of the postings read), load 0.1-0.6: 4.19x taking turns, 5.00x in a row.
+  Taking turns costs the pruned kernel ~0.2-0.4 ms a query, a third of its time. Two threads at 1M: 3.43x / 4.86x in the table; in the
+  first run both kernels took ~8 ms there, a busy second core. `flat` queries at 1M: 1.9-2.0x
+  (2.0x before); 300k: 2.8-2.9x `doc`, 1.1x `flat`; 100k (where `auto` scans): 1.6-1.7x `doc`,
+  0.6x `flat`, as before.
+- This round: a **forward index** (doc -> its terms ascending, then their weights, one int32
+  buffer; 8 bytes a posting + 8 a doc: 447 bytes a doc here, 427 MiB next to 419 MiB of
+  postings at 1M), built with the split lists on a segment's first pruned query
+  (`PRUNE_FORWARD`, on by default). Candidates whose partial sum plus every unread bound can
+  still enter get their exact score from their row (the float32 sum in query order, as term at
+  a time: a bit per vocabulary term rules out a row's other terms, a small hash table gives a
+  query term's entry; rows searched per entry when a query repeats a term), and so do the
+  first k-th score's docs, now 4k of them (`PRUNE_SEED_FWD_MULT`). This replaces ~2,700
+  searches a query in the posting lists (20 seed docs x 57 lists, ~900 bound look-ups for
+  ~265 candidates, ~650 for the ~12 exact scores), most of them cache misses once the scan has
+  churned the caches, with ~300 row reads. Cost: the memory, and the first pruned query on a
+  1M segment now takes 2.5 s to build (0.5 s before; the forward index is filled doc range by
+  doc range, 1.0 s against 2.3 s in one pass). `PRUNE_FORWARD = False` keeps the searches and
+  the previous memory.
+- Scratch A/B (`/tmp` harness, not kept: both codes on the same arrays in one process, 1M,
+  `doc`, one thread, each pruned query after a scan of the same query, 4-5 rounds, medians,
+  ratio new/old; the same code against itself read 0.96 taking turns; the machine was
+  loaded, load average 1.7-2.4, except where said): forward rows scored by
+  a merge 0.94 / 0.95 (turns / in a row), by a hash table 0.91 / 0.91, with the bit per term
+  0.88 / 0.84, with 4k seed docs 0.84-0.87 / 0.82 (8k: 0.87 / 0.86; 12 docs instead of 20:
+  1.08 / 1.13). Tried and dropped: reading the query terms' doc-id samples and the accumulator
+  sequentially before the query (the cold working set: ~2%, within the noise); touching a
+  chunk's forward rows before scoring them (no change: scoring a row costs ~0.4 us of compute
+  and misses, not latency alone); a branch-free score through a per-query byte map of the
+  vocabulary (no change); first k-th score from the high lists of the top 4 or 8 terms instead
+  of whole lists of at most 50k postings (0.85 / 0.86 and 0.93 / 1.08); seed lists capped at
+  10k or 200k postings (0.95 both); a larger non-essential share now that candidates are
+  cheaper (`PRUNE_NE_FRAC` 0.6: 1.08, 0.65: 1.43: 4x the candidates at ~0.5 us each for ~27%
+  fewer postings).
+- Where the time goes now (by the counters and the A/B above; no cycle counters this round):
+  the scatter of the essential tiers (~300k postings a query at 1M, ~2.4 MB from memory when
+  the caches are cold) is most of it; ~300 forward rows (~0.1 ms); the seed's merge of up to 4
+  lists of <= 50k postings. Taking turns still adds ~0.2 ms a query: the postings the scatter
+  reads, which stay in the 32 MiB L3 between pruned queries in a row but not after a scan has
+  streamed ~45 MB. Reading fewer postings (not more candidates) is what is left: documents
+  reordered so that similar ones share blocks would let block-max bounds skip whole blocks
+  (random order here: block maxima are close to the global ones), but that changes doc ids and
+  belongs to the segment writer.
+- Earlier rounds (see git history of this file): block-max bounds over blocks of 65,536 docs,
+  three weight tiers per long list (high above 3x the list's mean, mid above 1.5x), candidate
+  look-ups list by list, an interpolating search on a 1-in-64 doc-id sample; tried and dropped
+  then: software prefetch of the runs to scatter, other block sizes, huge pages for the split
+  lists, a vectorized accumulator scan, a first k-th score from partial sums.
+- k matters (second table; the first run's figures after the slash): at 1M, 10.2x / 10.6x for
+  k = 1, 2.5x / 2.6x for k = 100, 1.35x / 1.5x for k = 250 and 1.2x / 1.0x at k = 500 (0.8x
+  before: candidates cost less). `search(kernel="auto")` still prunes only
+  while k <= n_docs / `PRUNED_DOCS_PER_K` (250 at 1M).
 - The data decide the figure. Weights shrink for frequent terms (``log(2 + rank)``), as learned
   models learn to do; with uniform weights (the `flat` set, or `bench_kernels.py`'s data) the
   long lists carry bounds as large as any and little can be left unread.
-- Threads and load: 2 cores shared with two other sessions' jobs (load average 1.3-5.5 during
-  this round). The two-thread rows at 300k (and, in the second run, at 1M) caught a busy second
-  core: the term-at-a-time scan's 7-8 ms there against 2 ms on one thread is that wait, not the
-  kernels. The pruned kernel splits one query over threads from 2x the term-at-a-time kernel's
-  threshold (so at 1M, not at 300k), each part with its own top-k.
 - `search(kernel="auto")` also needs `PRUNED_MIN_DOCS` = 131,072 documents: at 100k the
-  pruned kernel wins on `doc` queries but loses on `flat` ones (the ~100k crossover Milvus
-  reported for the naive scan); from 300k it wins on both.
-- The first pruned query on a segment builds its high and mid lists, block starts and maxima
-  and doc-id sample (nothing is stored on disk, so old segments keep working): 0.5 s and 65 MiB
-  next to 419 MiB of postings at 1M (see the lines under the table; 27 MiB with two tiers).
+  pruned kernel wins on `doc` queries but loses on `flat` ones; from 300k it wins on both.
+- Nothing is stored on disk (old segments keep working); the lines under the table give each
+  size's build time and memory.
 - Not done: the approximate (SEISMIC-style) mode; 10M documents; batched throughput (a batch
-  runs one query per thread, each as here).
+  runs one query per thread, each as here); a smaller forward index (term ids delta-coded in
+  16 bits would take it to ~6 bytes a posting).
 """
 
 

@@ -154,12 +154,13 @@ def test_allowed_masks(data, brute, block_shift, density):
         assert allowed[got[1][got[1] >= 0]].all()
 
 
+@pytest.mark.parametrize("forward", [True, False], ids=["forward", "searches"])
 @pytest.mark.parametrize("ne_frac,split_min,split_factor,mid_factor,seed_terms,lookups",
                          [(1.0, 256, 3.0, 1.5, 4, 0), (0.2, 256, 2.0, 1.0, 4, 0),
                           (0.6, 16, 1.2, 1.5, 0, 0), (0.9, 10**9, 2.0, 1.0, 0, 0),
                           (0.5, 256, 2.0, 2.0, 20, 20_000), (0.7, 64, 4.0, 0.5, 4, 20_000)])
 def test_any_pruning_setting_stays_exact(data, monkeypatch, ne_frac, split_min, split_factor,
-                                         mid_factor, seed_terms, lookups):
+                                         mid_factor, seed_terms, lookups, forward):
     """The knobs trade speed only: from no split lists to most lists split, mid lists from
     as large as the high ones (or larger: clamped) to most of the list, from a small to the
     largest non-essential share, with and without a first k-th score (partial or exact)."""
@@ -171,6 +172,7 @@ def test_any_pruning_setting_stays_exact(data, monkeypatch, ne_frac, split_min, 
     monkeypatch.setattr(sparse, "PRUNE_SPLIT_MIN", split_min)
     monkeypatch.setattr(sparse, "PRUNE_SPLIT_FACTOR", split_factor)
     monkeypatch.setattr(sparse, "PRUNE_MID_FACTOR", mid_factor)
+    monkeypatch.setattr(sparse, "PRUNE_FORWARD", forward)
     ix = SparsePostings(*(getattr(data[2], a) for a in ("indptr", "docs", "weights",
                                                         "term_max", "n_docs")))
     for k in (1, 10):
@@ -277,10 +279,12 @@ def test_auto_follows_the_share_of_postings_read(data, monkeypatch):
     assert ix.auto_counts["taat"] == counts["taat"] + 1
 
 
-def test_query_csr_order_duplicates_and_odd_weights(data):
+@pytest.mark.parametrize("forward", [True, False], ids=["forward", "searches"])
+def test_query_csr_order_duplicates_and_odd_weights(data, monkeypatch, forward):
     """Unsorted and repeated query entries, zero weights: the sums follow the query's CSR
     order exactly as term at a time does; an infinite weight falls back to it."""
     docs, queries, ix = data
+    monkeypatch.setattr(sparse, "PRUNE_FORWARD", forward)
     q = queries[:3]
     rng = np.random.default_rng(5)
     indptr, indices, values = [0], [], []
@@ -297,6 +301,13 @@ def test_query_csr_order_duplicates_and_odd_weights(data):
                          np.array(indptr)), shape=(3, VOCAB))
     assert not odd.has_canonical_format
     assert_identical(ix.search(odd, 10, kernel="pruned"), ix.search(odd, 10, kernel="taat"))
+    # Unsorted without repeats (the forward rows' hash path, not the per-entry searches).
+    uniq = sp.csr_matrix((np.concatenate([queries[r].data[::-1] for r in range(6)]),
+                          np.concatenate([queries[r].indices[::-1] for r in range(6)]),
+                          np.concatenate([[0], np.cumsum(np.diff(queries.indptr)[:6])])),
+                         shape=(6, VOCAB))
+    for k in (1, 10, 50):
+        assert_identical(ix.search(uniq, k, kernel="pruned"), ix.search(uniq, k, kernel="taat"))
     inf = odd.copy()
     inf.data[3] = np.inf
     got = ix.search(inf, 10, kernel="pruned")
@@ -380,7 +391,9 @@ def test_seed_is_a_lower_bound_of_the_kth_score(data, brute, density, budget):
     docs, queries, ix = data
     allowed = np.random.default_rng(3).random(N_DOCS) < density
     split = ix._split()
-    skip = split[-1]
+    skip, fwd = split[-2], split[-1]
+    no_fwd = (np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+    assert fwd[0].shape[0] == N_DOCS + 1  # the forward index is on by default
     for k in (1, 10, 100):
         ref = brute_force_topk(docs, queries, k, allowed=allowed)
         found = 0
@@ -388,9 +401,14 @@ def test_seed_is_a_lower_bound_of_the_kth_score(data, brute, density, budget):
             q = queries[r]
             ts, ws = q.indices.astype(np.int32), q.data
             b_high = ws.astype(np.float64) * ix.term_max[ts]
-            seed = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, ts, ws, b_high,
-                                      allowed, density < 1.0, k, 4, 50_000, budget)
+            seed = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, no_fwd, ts, ws,
+                                      b_high, allowed, density < 1.0, k, 4, 50_000, budget)
             assert seed <= ref[0][r, -1]
+            # From forward rows: exact scores of more docs, still a lower bound.
+            seed_f = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, fwd, ts, ws,
+                                        b_high, allowed, density < 1.0, k, 4, 50_000, budget)
+            assert seed_f <= ref[0][r, -1]
+            assert budget == 0 or seed_f >= seed  # 4k docs scored against 2k
             assert seed == 0.0 or ref[1][r, -1] >= 0  # a seed implies k hits exist
             found += seed > 0
         assert found >= (10 if k <= 10 and density == 1.0 else 0)
@@ -400,7 +418,7 @@ def test_seek_matches_searchsorted(data):
     """The interpolating search on the 1-in-64 sample: the first position >= row in
     docs[p:hi], for lists of every length, rows on postings, between them and outside."""
     _, _, ix = data
-    skip = ix._split()[-1]
+    skip = ix._split()[-2]
     rng = np.random.default_rng(11)
     lengths = np.diff(ix.indptr)
     terms = np.concatenate([np.argsort(-lengths)[:40], rng.choice(np.flatnonzero(lengths), 400)])
@@ -418,3 +436,67 @@ def test_seek_matches_searchsorted(data):
                 assert sparse._seek(ix.docs, skip, p, hi, row) == want, (t, p, row)
                 checked += 1
     assert checked > 20_000
+
+
+def test_forward_index_matches_the_csr(data):
+    """Row r of the forward index: the doc's terms ascending, then their weights."""
+    docs, _, ix = data
+    f_indptr, f_terms, f_weights = ix._split()[-1]
+    np.testing.assert_array_equal(f_indptr, docs.indptr)
+    assert f_terms.size == f_weights.size == 2 * docs.nnz
+    for r in [0, 1, N_DOCS - 1] + list(range(5, N_DOCS, 997)):
+        lo, m = 2 * f_indptr[r], f_indptr[r + 1] - f_indptr[r]
+        np.testing.assert_array_equal(f_terms[lo:lo + m], docs.indices[docs.indptr[r]:
+                                                                       docs.indptr[r + 1]])
+        np.testing.assert_array_equal(f_weights[lo + m:lo + 2 * m],
+                                      docs.data[docs.indptr[r]:docs.indptr[r + 1]])
+
+
+def _taat_score(ts, ws, doc_terms, doc_w):
+    """The reference: float32 sum in entry order of w * weight over the entries present."""
+    s = np.float32(0.0)
+    for t, w in zip(ts.tolist(), ws):
+        hit = np.flatnonzero(doc_terms == t)
+        if hit.size:
+            s = np.float32(s + np.float32(w * doc_w[hit[0]]))
+    return s
+
+
+def test_forward_scores_equal_term_at_a_time_sums(data):
+    """Exact scores from forward rows, for sorted queries, unsorted ones (hash table) and
+    ones repeating a term (searches per entry), against a plain float32 loop and against
+    the term-at-a-time kernel's own scores."""
+    docs, queries, ix = data
+    fwd = ix._split()[-1]
+    rng = np.random.default_rng(21)
+    checked = 0
+    for r in range(queries.shape[0]):
+        q = queries[r]
+        if not q.nnz:
+            continue
+        variants = [(q.indices, q.data)]
+        perm = rng.permutation(q.nnz)
+        variants.append((q.indices[perm], q.data[perm]))
+        rep = np.concatenate([perm, perm[:3]])
+        variants.append((q.indices[rep], (q.data[rep] * 0.75).astype(np.float32)))
+        taat_s, taat_i = ix.search(q, 20, kernel="taat")
+        rows = np.concatenate([taat_i[0][taat_i[0] >= 0], rng.integers(0, N_DOCS, 20)])
+        for ts, ws in variants:
+            ts = ts.astype(np.int32)
+            ws = np.ascontiguousarray(ws, np.float32)
+            qmap = sparse._query_map(ts, VOCAB)
+            assert (qmap[0].size == 0) == (len(set(ts.tolist())) < ts.size)
+            found = np.empty(2 * ts.size, np.int64)
+            for row in rows.tolist():
+                got = sparse._fwd_score(fwd, ts, ws, qmap, found, row)
+                d = docs[row]
+                assert got == _taat_score(ts, ws, d.indices, d.data), (r, row)
+                checked += 1
+        # Sorted and canonical: equal to the term-at-a-time kernel's scores.
+        qmap = sparse._query_map(q.indices.astype(np.int32), VOCAB)
+        found = np.empty(2 * q.nnz, np.int64)
+        for s, row in zip(taat_s[0], taat_i[0]):
+            if row >= 0:
+                assert sparse._fwd_score(fwd, q.indices.astype(np.int32), q.data, qmap, found,
+                                         row) == s
+    assert checked > 1000
