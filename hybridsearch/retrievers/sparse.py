@@ -994,11 +994,7 @@ def _eval_forward(fwd, ts, ws, qmap, found, resid, cand, cbound, n_cand, slack, 
         row = np.int64(cand[c])
         s = _fwd_score(fwd, ts, ws, qmap, found, row)
         stats[4] += 1
-        if s <= 0.0 or (size == k and (s < hs[0] or (s == hs[0] and row > hi[0]))):
-            continue
-        size = _heap_push(hs, hi, size, k, s, row)
-        if size == k:
-            theta = max(seed, np.float64(hs[0]))
+        size, theta = _offer_exact(hs, hi, size, k, s, row, theta, seed)
     return size, theta
 
 
@@ -1110,13 +1106,19 @@ def _eval_candidates(docs, weights, skip, ts, ws, above, resid, cur, end, cand, 
                     if p < up and docs[p] == row:
                         c_sum[j] += w * weights[p]
         for j in range(n_alive):
-            s = c_sum[j]
-            row = np.int64(cand[c_idx[j]])
-            if s <= 0.0 or (size == k and (s < hs[0] or (s == hs[0] and row > hi[0]))):
-                continue
-            size = _heap_push(hs, hi, size, k, s, row)
-            if size == k:
-                theta = max(seed, np.float64(hs[0]))
+            size, theta = _offer_exact(hs, hi, size, k, c_sum[j], np.int64(cand[c_idx[j]]), theta, seed)
+    return size, theta
+
+
+@njit(cache=True, inline="always")
+def _offer_exact(hs, hi, size, k, s, row, theta, seed):
+    """Offer a candidate's exact score ``s`` to the top-``k`` heap (ties go to the lower row);
+    returns ``(size, theta)``, ``theta`` raised to the heap's floor once it holds ``k``."""
+    if s <= 0.0 or (size == k and (s < hs[0] or (s == hs[0] and row > hi[0]))):
+        return size, theta
+    size = _heap_push(hs, hi, size, k, s, row)
+    if size == k:
+        theta = max(seed, np.float64(hs[0]))
     return size, theta
 
 
