@@ -695,7 +695,9 @@ def _statistics(segments, terms: list[str], stats=None):
     found = [s.find(qt) for s in segments]
     ids = [f[0] for f in found]
     if stats is None:
-        df = found[0][1] if len(found) == 1 else np.sum([f[1] for f in found], axis=0, dtype=np.int64)
+        df = np.zeros(len(terms), np.int64)
+        for f in found:
+            df += f[1]
         n = sum(s.n_docs for s in segments)
         total = sum(s.total_length for s in segments)
     else:
