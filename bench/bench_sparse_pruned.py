@@ -255,6 +255,11 @@ NOTES = """
   first run both kernels took ~8 ms there, a busy second core. `flat` queries at 1M: 1.9-2.0x
   (2.0x before); 300k: 2.8-2.9x `doc`, 1.1x `flat`; 100k (where `auto` scans): 1.6-1.7x `doc`,
   0.6x `flat`, as before.
+- **Spread on an idle machine** (night of 2026-12-07): eight runs of `--docs 1000000 --queries
+  50 --repeat 3 --k-sweep`, alternating the code before and after a refactor of the heap offer
+  (`_offer_exact`; the two were indistinguishable: pruned p50 taking turns 1.27 vs 1.28 ms, in a
+  row 1.04 vs 1.06 ms, medians of 4 runs each): `doc`, one thread, taking turns 4.28-5.13x
+  (median ~4.6x), in a row 5.45-6.08x. The `bench/run.py` run of that night: 4.67x / 5.49x.
 - This round: a **forward index** (doc -> its terms ascending, then their weights, one int32
   buffer; 8 bytes a posting + 8 a doc: 447 bytes a doc here, 427 MiB next to 419 MiB of
   postings at 1M), built with the split lists on a segment's first pruned query
