@@ -1,4 +1,4 @@
-"""One BLAS thread for the small matrix products of a single query.
+"""One BLAS thread for the small matrix products of a search.
 
 A query multiplies a few dozen vectors by matrices of a few hundred rows (the ColBERT query's
 rotation and centroid scores, dense rescoring). OpenBLAS splits even those over its threads, and
@@ -7,10 +7,12 @@ machine the spinning thread took the core that ColBERT's rescoring pool needed n
 pool's 2 threads ran no faster than 1 (``bench/results/query_speed_1m.md``).
 
 :func:`one_blas_thread` sets the process's BLAS libraries to one thread while at least one
-single-query search runs, and restores their setting when the last one ends; batches and index
-builds keep every thread. The setting is process-wide (OpenBLAS's pthreads build has no other):
-a batch that runs while a single query does gets one BLAS thread until it ends, which changes its
-speed, never its results. Libraries threaded by OpenMP (per-thread settings, only FAISS's own
+search inside it runs, and restores their setting when the last one ends. :func:`search_scope`
+says which searches enter it: hybrid and ColBERT searches, batched or not, and dense searches of
+fewer than :data:`BLAS_THREADS_FROM` queries; dense batches, BM25, sparse and index builds keep
+every thread. The setting is process-wide (OpenBLAS's pthreads build has no other): other BLAS
+work running meanwhile gets one thread until the search ends, which changes its speed, never
+its results. Libraries threaded by OpenMP (per-thread settings, only FAISS's own
 OpenBLAS here, which single queries do not call) are left alone.
 
 The libraries are found through threadpoolctl (without it, nothing is limited), again whenever
@@ -24,8 +26,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
-#: searches of fewer queries than this run with one BLAS thread (as FAISS's single queries run on
-#: one OpenMP thread: ``retrievers.dense.SINGLE_THREAD_BELOW``)
+#: dense searches of fewer queries than this run with one BLAS thread (as FAISS's single queries
+#: run on one OpenMP thread: ``retrievers.dense.SINGLE_THREAD_BELOW``)
 BLAS_THREADS_FROM = 4
 
 _lock = threading.Lock()

@@ -132,11 +132,7 @@ def _hash_terms(terms: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndar
     """``(hashes (V,) uint64, blob (B,) uint8, offsets (V + 1,) int64)`` of UTF-8 terms."""
     from ..index.docstore import hash_spans
 
-    if len(terms) < 64:  # a query's few terms: fewer numpy calls
-        offsets = np.array([0, *accumulate(map(len, terms))], np.int64)
-    else:
-        offsets = np.zeros(len(terms) + 1, np.int64)
-        np.cumsum(np.fromiter(map(len, terms), np.int64, len(terms)), out=offsets[1:])
+    offsets = np.fromiter(accumulate(map(len, terms), initial=0), np.int64, len(terms) + 1)
     blob = np.frombuffer(b"".join(terms), np.uint8)
     return hash_spans(blob, offsets), blob, offsets
 
