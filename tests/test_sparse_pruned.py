@@ -195,7 +195,7 @@ def test_query_parts_merge_exactly(data, monkeypatch):
     sparse._pruned_items(ix.indptr, ix.docs, ix.weights, ix.term_max, *split, *q_args,
                          sparse._readonly(np.zeros(nq, np.float32)),
                          sparse._readonly(np.zeros(0, np.bool_)), False, 13, 1 << 12,
-                         ix.n_docs, 0.5, 4, 50_000, 20_000, n_parts, 0, nq * n_parts, part_s,
+                         ix.n_docs, 0.5, 16, 20_000, n_parts, 0, nq * n_parts, part_s,
                          part_i, *scratch,
                          np.zeros(8, np.int64))
     sparse._local.clean = True
@@ -391,7 +391,7 @@ def test_seed_is_a_lower_bound_of_the_kth_score(data, brute, density, budget):
     docs, queries, ix = data
     allowed = np.random.default_rng(3).random(N_DOCS) < density
     split = ix._split()
-    skip, fwd = split[-2], split[-1]
+    skip, tops, fwd = split[-3], split[-2], split[-1]
     no_fwd = (np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
     assert fwd[0].shape[0] == N_DOCS + 1  # the forward index is on by default
     for k in (1, 10, 100):
@@ -401,12 +401,12 @@ def test_seed_is_a_lower_bound_of_the_kth_score(data, brute, density, budget):
             q = queries[r]
             ts, ws = q.indices.astype(np.int32), q.data
             b_high = ws.astype(np.float64) * ix.term_max[ts]
-            seed = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, no_fwd, ts, ws,
-                                      b_high, allowed, density < 1.0, k, 4, 50_000, budget)
+            seed = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, tops, no_fwd, ts,
+                                      ws, b_high, allowed, density < 1.0, k, 16, budget)
             assert seed <= ref[0][r, -1]
             # From forward rows: exact scores of more docs, still a lower bound.
-            seed_f = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, fwd, ts, ws,
-                                        b_high, allowed, density < 1.0, k, 4, 50_000, budget)
+            seed_f = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, tops, fwd, ts,
+                                        ws, b_high, allowed, density < 1.0, k, 16, budget)
             assert seed_f <= ref[0][r, -1]
             assert budget == 0 or seed_f >= seed  # 4k docs scored against 2k
             assert seed == 0.0 or ref[1][r, -1] >= 0  # a seed implies k hits exist
@@ -414,11 +414,33 @@ def test_seed_is_a_lower_bound_of_the_kth_score(data, brute, density, budget):
         assert found >= (10 if k <= 10 and density == 1.0 else 0)
 
 
+@pytest.mark.parametrize("m", [1, 5, 32])
+def test_tops_are_each_lists_heaviest_postings(data, m):
+    """The first k-th score's postings: for every list longer than m, m of its postings whose
+    weights are its m largest (a plain sort as the reference); none for the other lists."""
+    _, _, ix = data
+    t_indptr, t_docs, t_weights = sparse._tops(ix.indptr, ix.docs, ix.weights, m)
+    lengths = np.diff(ix.indptr)
+    np.testing.assert_array_equal(np.diff(t_indptr), np.where(lengths > m, m, 0))
+    checked = 0
+    for t in np.flatnonzero(lengths > m).tolist():
+        lo, hi = int(ix.indptr[t]), int(ix.indptr[t + 1])
+        got_w = t_weights[t_indptr[t]:t_indptr[t + 1]]
+        got_d = t_docs[t_indptr[t]:t_indptr[t + 1]]
+        np.testing.assert_array_equal(np.sort(got_w), np.sort(ix.weights[lo:hi])[-m:])
+        assert np.unique(got_d).size == m  # distinct postings of this list, with their weights
+        pos = lo + np.searchsorted(ix.docs[lo:hi], got_d)
+        np.testing.assert_array_equal(ix.docs[pos], got_d)
+        np.testing.assert_array_equal(ix.weights[pos], got_w)
+        checked += 1
+    assert checked > 100
+
+
 def test_seek_matches_searchsorted(data):
     """The interpolating search on the 1-in-64 sample: the first position >= row in
     docs[p:hi], for lists of every length, rows on postings, between them and outside."""
     _, _, ix = data
-    skip = ix._split()[-2]
+    skip = ix._split()[-3]
     rng = np.random.default_rng(11)
     lengths = np.diff(ix.indptr)
     terms = np.concatenate([np.argsort(-lengths)[:40], rng.choice(np.flatnonzero(lengths), 400)])

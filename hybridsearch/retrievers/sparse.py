@@ -37,7 +37,10 @@ from pathlib import Path
 import numba
 import numpy as np
 import scipy.sparse as sp
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from hybridsearch.errors import IndexFormatError
 
@@ -76,14 +79,12 @@ PRUNED_MAX_READ = 0.3
 PRUNED_READ_EMA = 0.25
 PRUNED_REPROBE = 16
 PRUNE_NE_FRAC = 0.5
-# A first k-th score from the docs best on the PRUNE_SEED_TERMS heaviest query terms with at
-# most PRUNE_SEED_MAX_POSTINGS postings: the k-th best of their exact scores (at most
-# PRUNE_SEED_LOOKUPS look-ups), or with PRUNE_SEED_LOOKUPS = 0 of their partial sums over those
-# terms. At 1M docs the partial one costs a third (0.08 against 0.25 ms a query) but is lower
-# (0.92 of the true k-th score against 0.98, medians): on `doc` queries the two came out even
-# (within 5%, both ways), on `flat` ones the exact one was 8% faster.
-PRUNE_SEED_TERMS = 4
-PRUNE_SEED_MAX_POSTINGS = 50_000
+# A first k-th score from the docs best on the heaviest postings (the PRUNE_SEED_TOPS heaviest
+# of each list, kept with the split lists) of the PRUNE_SEED_TERMS query terms of largest
+# bound: the k-th best of their exact scores (at most PRUNE_SEED_LOOKUPS look-ups without a
+# forward index), or with PRUNE_SEED_LOOKUPS = 0 of their partial sums over those postings.
+PRUNE_SEED_TERMS = 16
+PRUNE_SEED_TOPS = 32
 PRUNE_SEED_LOOKUPS = 20_000
 PRUNE_PARALLEL_FACTOR = 2
 # Candidates evaluated together (see _eval_candidates).
@@ -97,6 +98,41 @@ PRUNE_FORWARD = True
 # With the forward index the first k-th score is the k-th of the exact scores of this many
 # times k docs (compiled in: change it before the first pruned search).
 PRUNE_SEED_FWD_MULT = 4
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    """``_prefetch(arr, i)``: asks the CPU to bring ``arr[i]``'s cache line in (LLVM's
+    ``llvm.prefetch``: a read, kept in every cache level). It changes no value and needs no
+    bounds check: a prefetch of any address is harmless."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]],
+                                       wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(arr, types.int64), codegen
+
+
+@njit(cache=True)
+def _prefetch_rows(fwd, rows, n):
+    """Prefetches the forward-index rows ``rows[:n]`` (``fwd``: see :func:`_fwd_score`): their
+    offsets first, then every line of each row, so that the rows' cache misses overlap instead
+    of following one another (scoring ~200 candidates a query at 1M documents took half the
+    cycles)."""
+    f_indptr, words = fwd[0], fwd[1]
+    for c in range(n):
+        _prefetch(f_indptr, np.int64(rows[c]))
+    for c in range(n):
+        r = np.int64(rows[c])
+        for p in range(2 * f_indptr[r], 2 * f_indptr[r + 1], 16):
+            _prefetch(words, p)
 
 
 @njit(cache=True, inline="always")
@@ -546,93 +582,138 @@ def _gain_per_bound(postings, bound):
 
 
 @njit(cache=True)
-def _seed_theta(indptr, docs, weights, skip, fwd, ts, ws, b_high, allowed, use_allowed, k, n_top,
-                cap, budget):
+def _tops(indptr, docs, weights, m):
+    """``(t_indptr (V + 1,) int64, t_docs, t_weights)``: the ``m`` heaviest postings of every
+    list longer than ``m`` (in no particular order; ties broken arbitrarily), none for the
+    others, whose whole list serves instead. One pass over the postings with a min-heap a list."""
+    vocab = indptr.shape[0] - 1
+    t_indptr = np.zeros(vocab + 1, np.int64)
+    for t in range(vocab):
+        t_indptr[t + 1] = t_indptr[t] + (m if indptr[t + 1] - indptr[t] > m else 0)
+    t_docs = np.empty(t_indptr[vocab], np.int32)
+    t_weights = np.empty(t_indptr[vocab], np.float32)
+    for t in range(vocab):
+        lo = indptr[t]
+        hi = indptr[t + 1]
+        if hi - lo <= m:
+            continue
+        f = t_indptr[t]
+        hw = t_weights[f:f + m]
+        hd = t_docs[f:f + m]
+        for j in range(m):  # the first m postings, heapified (the lightest at the root)
+            w = weights[lo + j]
+            d = docs[lo + j]
+            c = j
+            while c > 0 and hw[(c - 1) // 2] > w:
+                hw[c] = hw[(c - 1) // 2]
+                hd[c] = hd[(c - 1) // 2]
+                c = (c - 1) // 2
+            hw[c] = w
+            hd[c] = d
+        for p in range(lo + m, hi):
+            w = weights[p]
+            if w <= hw[0]:
+                continue
+            d = docs[p]
+            c = 0
+            while True:
+                ch = 2 * c + 1
+                if ch >= m:
+                    break
+                if ch + 1 < m and hw[ch + 1] < hw[ch]:
+                    ch += 1
+                if w <= hw[ch]:
+                    break
+                hw[c] = hw[ch]
+                hd[c] = hd[ch]
+                c = ch
+            hw[c] = w
+            hd[c] = d
+    return t_indptr, t_docs, t_weights
+
+
+@njit(cache=True)
+def _seed_theta(indptr, docs, weights, skip, tops, fwd, ts, ws, b_high, allowed, use_allowed, k,
+                n_top, budget):
     """A lower bound of the query's k-th score, 0.0 if none, from the docs with the largest
-    partial sums over the ``n_top`` entries of largest bound whose lists hold at most ``cap``
-    postings (merged directly). With ``budget`` > 0: the exact scores of ``2k`` of them (fewer
-    if ``budget`` look-ups would not cover that many), the k-th best of them. With
-    ``budget`` == 0: the k-th best partial sum itself, less the float32 roundings (a score is
-    at least its partial sum over some of its terms): no look-ups."""
+    partial sums over the heaviest postings (``tops``, :func:`_tops`; a short list in full) of
+    the ``n_top`` entries of largest bound. With ``budget`` > 0: the exact scores of ``2k`` of
+    them (fewer if ``budget`` look-ups would not cover that many; with a forward index
+    ``PRUNE_SEED_FWD_MULT * k``), the k-th best of them. With ``budget`` == 0: the k-th best
+    partial sum itself, less the float32 roundings (a score is at least its partial sum over
+    some of its terms): no look-ups."""
     n = ts.shape[0]
     m = min(2 * k, budget // max(n, 1)) if budget > 0 else k
     if budget > 0 and fwd[0].shape[0] > 1:
         m = PRUNE_SEED_FWD_MULT * k  # a row a doc: cheap
     if m < k:
         return 0.0
-    lists = np.empty(n_top, np.int64)
-    n_lists = 0
-    for e in np.argsort(-b_high):
+    t_indptr, t_docs, t_weights = tops
+    order = np.argsort(-b_high)
+    n_use = 0
+    n_post = 0
+    while n_use < min(n_top, n) and b_high[order[n_use]] > 0.0:
+        t = ts[order[n_use]]
+        got = t_indptr[t + 1] - t_indptr[t]
+        n_post += got if got > 0 else indptr[t + 1] - indptr[t]
+        n_use += 1
+    if n_post < k:
+        return 0.0
+    # Partial sums by doc in an open-addressing table of at least twice the postings.
+    bits = 4
+    while (1 << bits) < 2 * n_post:
+        bits += 1
+    mask = (1 << bits) - 1
+    keys = np.full(1 << bits, -1, np.int64)
+    sums = np.zeros(1 << bits, np.float64)
+    n_keys = 0
+    for i in range(n_use):
+        e = order[i]
         t = ts[e]
-        if b_high[e] > 0.0 and indptr[t + 1] - indptr[t] <= cap:
-            lists[n_lists] = e
-            n_lists += 1
-            if n_lists == n_top:
-                break
-    if n_lists == 0:
+        w = np.float64(ws[e])
+        lo = t_indptr[t]
+        hi = t_indptr[t + 1]
+        src_d, src_w = t_docs, t_weights
+        if hi == lo:
+            lo = indptr[t]
+            hi = indptr[t + 1]
+            src_d, src_w = docs, weights
+        for p in range(lo, hi):
+            row = np.int64(src_d[p])
+            if use_allowed and not allowed[row]:
+                continue
+            h = _hash_slot(row, bits)
+            while keys[h] >= 0 and keys[h] != row:
+                h = (h + 1) & mask
+            if keys[h] < 0:
+                keys[h] = row
+                n_keys += 1
+            sums[h] += w * src_w[p]
+    if n_keys < k:
         return 0.0
-    head = np.empty(n_lists, np.int64)
-    for i in range(n_lists):
-        head[i] = indptr[ts[lists[i]]]
-    # Merge the lists in row order, keeping the m best partial sums (a min-heap).
-    ps = np.empty(m, np.float64)
-    pi = np.empty(m, np.int64)
-    size = 0
-    while True:
-        row = np.int64(-1)
-        for i in range(n_lists):
-            if head[i] < indptr[ts[lists[i]] + 1]:
-                d = np.int64(docs[head[i]])
-                if row < 0 or d < row:
-                    row = d
-        if row < 0:
-            break
-        part = 0.0
-        for i in range(n_lists):
-            p = head[i]
-            if p < indptr[ts[lists[i]] + 1] and docs[p] == row:
-                part += np.float64(ws[lists[i]]) * weights[p]
-                head[i] = p + 1
-        if use_allowed and not allowed[row]:
-            continue
-        if size < m:
-            ps[size] = part
-            pi[size] = row
-            size += 1
-            j = size - 1
-            while j > 0 and ps[(j - 1) // 2] > ps[j]:
-                par = (j - 1) // 2
-                ps[j], ps[par] = ps[par], ps[j]
-                pi[j], pi[par] = pi[par], pi[j]
-                j = par
-        elif part > ps[0]:
-            ps[0] = part
-            pi[0] = row
-            j = 0
-            while True:
-                c = 2 * j + 1
-                if c >= size:
-                    break
-                if c + 1 < size and ps[c + 1] < ps[c]:
-                    c += 1
-                if ps[j] <= ps[c]:
-                    break
-                ps[j], ps[c] = ps[c], ps[j]
-                pi[j], pi[c] = pi[c], pi[j]
-                j = c
-    if size < k:
-        return 0.0
+    pi = np.empty(n_keys, np.int64)
+    ps = np.empty(n_keys, np.float64)
+    j = 0
+    for h in range(1 << bits):
+        if keys[h] >= 0:
+            pi[j] = keys[h]
+            ps[j] = sums[h]
+            j += 1
+    best = np.argsort(-ps)
+    size = min(m, n_keys)
     if budget <= 0:
-        # ps is a min-heap of the k best partial sums (float64, exact products): its root is
-        # the k-th. A float32 score of n entries is at least (1 - 2**-24)**(n + 1) times the
-        # real sum, which is at least the partial one.
-        return ps[0] * (1.0 - (n + 2) * 2.0 ** -21)
+        # The k-th best partial sum (float64, exact products). A float32 score of n entries
+        # is at least (1 - 2**-24)**(n + 1) times the real sum, which is at least the
+        # partial one.
+        return ps[best[k - 1]] * (1.0 - (n + 2) * 2.0 ** -21)
+    pi = pi[best[:size]]
     # Their exact scores, every entry in query order (the search's arithmetic).
     rows = np.sort(pi[:size])
     exact = np.zeros(size, np.float32)
     if fwd[0].shape[0] > 1:
         qmap = _query_map(ts, indptr.shape[0] - 1)
         found = np.empty(2 * n, np.int64)
+        _prefetch_rows(fwd, rows, size)
         for c in range(size):
             exact[c] = _fwd_score(fwd, ts, ws, qmap, found, rows[c])
         n = 0  # the loop below has nothing left to do
@@ -655,8 +736,8 @@ def _seed_theta(indptr, docs, weights, skip, fwd, ts, ws, b_high, allowed, use_a
 @njit(cache=True)
 def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs, h_weights,
                   tau2, low2_max, m_indptr, m_docs, m_weights, off_row, offs, h_offs, m_offs,
-                  bm_all, bm_low, bm_low2, skip, fwd, q_indptr, q_idx, q_w, seeds,
-                  allowed, use_allowed, shift, first_width, n_docs, ne_frac, seed_top, seed_cap,
+                  bm_all, bm_low, bm_low2, skip, tops, fwd, q_indptr, q_idx, q_w, seeds,
+                  allowed, use_allowed, shift, first_width, n_docs, ne_frac, seed_top,
                   seed_budget, n_parts, item_lo, item_hi, out_s, out_i, acc, touched, cand,
                   cbound, stats):
     """Items ``[item_lo, item_hi)``; item ``q * n_parts + j`` is query ``q`` over the blocks
@@ -725,8 +806,8 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
         qmap = _query_map(ts, indptr.shape[0] - 1)
         found = np.empty(2 * n, np.int64)
         if seed == 0.0 and seed_top > 0:
-            seed = _seed_theta(indptr, docs, weights, skip, fwd, ts, ws, b_high, allowed,
-                               use_allowed, k, seed_top, seed_cap, seed_budget)
+            seed = _seed_theta(indptr, docs, weights, skip, tops, fwd, ts, ws, b_high, allowed,
+                               use_allowed, k, seed_top, seed_budget)
             stats[6] += seed > 0.0
         # 0: read nothing, 1: the high list only, 2: the mid list (high included), 3: all
         level = np.empty(n, np.int8)
@@ -988,8 +1069,15 @@ def _eval_forward(fwd, ts, ws, qmap, found, resid, cand, cbound, n_cand, slack, 
     rest = 0.0
     for e in range(ts.shape[0]):
         rest += resid[e]
-    for c in range(n_cand):
-        if (cbound[c] + rest) * slack < theta:
+    n_live = 0
+    for c in range(n_cand):  # those that can enter now, kept in place, rows prefetched
+        if (cbound[c] + rest) * slack >= theta:
+            cand[n_live] = cand[c]
+            cbound[n_live] = cbound[c]
+            n_live += 1
+    _prefetch_rows(fwd, cand, n_live)
+    for c in range(n_live):
+        if (cbound[c] + rest) * slack < theta:  # theta rises as they are scored
             continue
         row = np.int64(cand[c])
         s = _fwd_score(fwd, ts, ws, qmap, found, row)
@@ -1148,17 +1236,17 @@ def _taat_block(docs, weights, ws, cur, end, allowed, use_allowed, d_lo, width, 
 @njit(cache=True, parallel=True)
 def _pruned_parallel(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
                      h_weights, tau2, low2_max, m_indptr, m_docs, m_weights, off_row, offs,
-                     h_offs, m_offs, bm_all, bm_low, bm_low2, skip, fwd, q_indptr, q_idx,
+                     h_offs, m_offs, bm_all, bm_low, bm_low2, skip, tops, fwd, q_indptr, q_idx,
                      q_w, seeds, allowed, use_allowed, shift, first_width, n_docs, ne_frac,
-                     seed_top, seed_cap, seed_budget, n_parts, n_chunks, out_s, out_i, acc,
+                     seed_top, seed_budget, n_parts, n_chunks, out_s, out_i, acc,
                      touched, cand, cbound, stats):
     n_items = out_s.shape[0]
     for c in prange(n_chunks):
         _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_docs,
                       h_weights, tau2, low2_max, m_indptr, m_docs, m_weights, off_row, offs,
-                      h_offs, m_offs, bm_all, bm_low, bm_low2, skip, fwd, q_indptr, q_idx,
+                      h_offs, m_offs, bm_all, bm_low, bm_low2, skip, tops, fwd, q_indptr, q_idx,
                       q_w, seeds, allowed, use_allowed, shift, first_width, n_docs, ne_frac,
-                      seed_top, seed_cap, seed_budget, n_parts, c * n_items // n_chunks,
+                      seed_top, seed_budget, n_parts, c * n_items // n_chunks,
                       (c + 1) * n_items // n_chunks, out_s, out_i, acc[c], touched[c], cand[c],
                       cbound[c], stats[c])
 
@@ -1267,7 +1355,19 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return v
 
 
+_CSR_TYPES = (sp.csr_matrix, sp.csr_array)
+
+
 def _as_query_csr(q, vocab_size: int) -> sp.csr_matrix:
+    # The common case (a float32 CSR of the right width) in a few attribute reads: with the
+    # caches cold, as after other work, the general checks below cost ~0.08 ms a query.
+    if type(q) in _CSR_TYPES and q.data.dtype == np.float32 and len(q.shape) == 2 \
+            and q.shape[1] == vocab_size:
+        data = q.data
+        if data.size and not data.min() >= 0:  # also catches NaN, which min() propagates
+            raise ValueError("query weights must be >= 0 and not NaN "
+                             "(learned-sparse weights are non-negative)")
+        return q
     if not sp.issparse(q):
         raise TypeError(f"queries must be a scipy.sparse CSR matrix (nq, {vocab_size}), "
                         f"got {type(q)}")
@@ -1353,6 +1453,7 @@ class SparsePostings:
         self._split_lists = None  # the pruned kernel's split lists, built on first use
         self._split_key = None
         self._weight_max = 0.0
+        self._list_lengths = None
         # Counters of the pruned kernel summed over calls, for the benchmark (not thread safe):
         # see _pruned_items.
         self.prune_stats = np.zeros((1, 8), np.int64)
@@ -1479,7 +1580,8 @@ class SparsePostings:
         allowed, use_allowed = _check_allowed(allowed, self.n_docs)
         nq = q.shape[0]
         out_s = np.zeros((nq, k), np.float32)
-        out_i = np.full((nq, k), -1, np.int64)
+        out_i = np.empty((nq, k), np.int64)
+        out_i.fill(-1)
         if nq == 0 or self.n_docs == 0:
             return out_s, out_i
         auto = kernel == "auto"
@@ -1488,8 +1590,9 @@ class SparsePostings:
         q_indptr = _readonly(q.indptr.astype(np.int64))
         q_idx = _readonly(q.indices.astype(np.int32))
         q_w = _readonly(q.data)
-        postings = int((self.indptr[q.indices + 1] - self.indptr[q.indices]).sum())
-        threads = numba.get_num_threads()
+        postings = int(self._lengths()[q.indices].sum())
+        # Below PARALLEL_MIN_POSTINGS no kernel uses threads (and asking costs ~0.02 ms cold).
+        threads = numba.get_num_threads() if postings >= PARALLEL_MIN_POSTINGS else 1
         if kernel == "pruned" and self._prunable(q):
             read = self._search_pruned(q_indptr, q_idx, q_w, k, allowed, use_allowed,
                                        postings, threads, out_s, out_i)
@@ -1510,6 +1613,13 @@ class SparsePostings:
         if n_blocks > 1:
             _merge_blocks(part_s, part_i, n_blocks, out_s, out_i)
         return out_s, out_i
+
+    def _lengths(self) -> np.ndarray:
+        """``(V,)`` int64 postings per term (computed once)."""
+        lengths = self._list_lengths
+        if lengths is None:
+            lengths = self._list_lengths = np.diff(self.indptr)
+        return lengths
 
     def _auto_kernel(self, k: int) -> str:
         if self.n_docs < PRUNED_MIN_DOCS or k * PRUNED_DOCS_PER_K > self.n_docs:
@@ -1538,7 +1648,7 @@ class SparsePostings:
         sample), rebuilt if the PRUNE_* settings change."""
         mid_factor = min(PRUNE_MID_FACTOR, PRUNE_SPLIT_FACTOR)  # the mid list holds the high
         key = (PRUNE_SPLIT_MIN, PRUNE_SPLIT_FACTOR, mid_factor, PRUNE_BLOCK_SHIFT,
-               PRUNE_OFFSETS_MIN, PRUNE_FORWARD)
+               PRUNE_OFFSETS_MIN, PRUNE_FORWARD, PRUNE_SEED_TOPS)
         with self._lock:
             if self._split_lists is None or self._split_key != key:
                 high = _split_lists(self.indptr, self.docs, self.weights, PRUNE_SPLIT_MIN,
@@ -1561,8 +1671,9 @@ class SparsePostings:
                     fwd = (f_indptr, words, words.view(np.float32))
                 else:
                     fwd = (np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+                tops = _tops(self.indptr, self.docs, self.weights, max(int(PRUNE_SEED_TOPS), 1))
                 self._split_lists = tuple(_readonly(a) for a in arrays) + (
-                    tuple(_readonly(a) for a in fwd),)
+                    tuple(_readonly(a) for a in tops), tuple(_readonly(a) for a in fwd))
                 self._split_key = key
                 self._weight_max = float(self.term_max.max()) if self.term_max.size else 0.0
             return self._split_lists
@@ -1571,11 +1682,13 @@ class SparsePostings:
         """Whether the pruned kernel's float64 bounds hold: finite query weights and no sum that
         could overflow float32 (the term-at-a-time kernel serves the rest)."""
         self._split()
-        if not q.nnz:
+        data = q.data
+        if not data.size:
             return True
-        longest = int(np.diff(q.indptr).max())
-        return bool(np.isfinite(q.data).all()) and (
-            float(q.data.max()) * self._weight_max * longest < 1e37)
+        longest = data.size if q.shape[0] == 1 else int(np.diff(q.indptr).max())
+        # The weights are >= 0 and not NaN (checked on entry): finite if their largest is.
+        top = float(data.max())
+        return top < np.inf and top * self._weight_max * longest < 1e37
 
     def _search_pruned(self, q_indptr, q_idx, q_w, k, allowed, use_allowed, postings, threads,
                        out_s, out_i):
@@ -1596,8 +1709,7 @@ class SparsePostings:
         args = (self.indptr, self.docs, self.weights, self.term_max, *split, q_indptr, q_idx,
                 q_w, seeds, _readonly(allowed), use_allowed, PRUNE_BLOCK_SHIFT,
                 min(PRUNE_FIRST_DOCS, 1 << PRUNE_BLOCK_SHIFT), self.n_docs,
-                min(float(PRUNE_NE_FRAC), 1.0), PRUNE_SEED_TERMS, PRUNE_SEED_MAX_POSTINGS,
-                PRUNE_SEED_LOOKUPS, n_parts)
+                min(float(PRUNE_NE_FRAC), 1.0), PRUNE_SEED_TERMS, PRUNE_SEED_LOOKUPS, n_parts)
         n_chunks = 1 if not parallel or n_items == 1 else min(threads, n_items)
         scratch = _scratch(n_chunks, 1 << PRUNE_BLOCK_SHIFT)
         stats = np.zeros((n_chunks, self.prune_stats.shape[1]), np.int64)
@@ -1605,7 +1717,7 @@ class SparsePostings:
             _pruned_items(*args, 0, n_items, part_s, part_i, *(a[0] for a in scratch), stats[0])
         else:
             _pruned_parallel(*args, n_chunks, part_s, part_i, *scratch, stats)
-        stats = stats.sum(axis=0)
+        stats = stats[0] if n_chunks == 1 else stats.sum(axis=0)
         self.prune_stats[0] += stats
         _local.clean = True
         if n_parts > 1:
