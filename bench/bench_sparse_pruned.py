@@ -221,8 +221,8 @@ def main():
            else "."), "",
         "Settings: " + ", ".join(f"{n} = {getattr(sparse, n)}" for n in (
             "PRUNE_BLOCK_SHIFT", "PRUNE_FIRST_DOCS", "PRUNE_SPLIT_MIN", "PRUNE_SPLIT_FACTOR",
-            "PRUNE_MID_FACTOR", "PRUNE_NE_FRAC", "PRUNE_SEED_LOOKUPS", "PRUNE_FORWARD",
-            "PRUNE_SEED_FWD_MULT", "PRUNED_MIN_DOCS",
+            "PRUNE_MID_FACTOR", "PRUNE_NE_FRAC", "PRUNE_SEED_TERMS", "PRUNE_SEED_TOPS",
+            "PRUNE_SEED_LOOKUPS", "PRUNE_FORWARD", "PRUNE_SEED_FWD_MULT", "PRUNED_MIN_DOCS",
             "PRUNED_DOCS_PER_K")) + ".", "",
         table(header, all_rows), "",
         "\n".join(f"- {i}" for i in infos), "",

@@ -22,10 +22,12 @@ Files written by :meth:`SparsePostings.save` (all plain ``.npy``, never pickled)
 ``{prefix}_indptr.npy``, ``{prefix}_docs.npy``, ``{prefix}_weights.npy``,
 ``{prefix}_term_max.npy`` and ``{prefix}_n_docs.npy`` (a 0-d int64: trailing empty documents
 cannot be derived from the postings). The pruned kernel's extra arrays (high and mid lists,
-block starts and block maxima of long lists, a 1-in-64 sample of the doc ids) are not stored:
-they are built from these files on its first use (a few passes over the postings, ~0.5 s at 1M
-documents) and kept in memory (65 MiB next to 419 MiB of postings at 1M learned-sparse-like
-documents, mostly the mid lists), so segments written before it existed work unchanged.
+block starts and block maxima of long lists, a 1-in-64 sample of the doc ids, each list's
+:data:`PRUNE_SEED_TOPS` heaviest postings, and a forward index with :data:`PRUNE_FORWARD`) are
+not stored: they are built from these files on its first use (a few passes over the postings,
+~3 s at 1M documents) and kept in memory (104 MiB, of which 39 MiB of heaviest postings, plus a
+427 MiB forward index, next to 419 MiB of postings at 1M learned-sparse-like documents), so
+segments written before it existed work unchanged.
 """
 
 from __future__ import annotations
