@@ -240,27 +240,50 @@ def main():
 NOTES = """
 ## Notes
 
-- **Target (issue 13, item 2): exact mode >= 5x faster than today at 1M documents, k = 10.
-  Met when each kernel runs the queries in a row; taking turns query by query, not met
-  reliably.** `doc` queries at 1M, one thread, two runs of this file on a machine shared with
-  another session's jobs (load average 1.7-2.4 throughout): in a row 5.28x (7.46 vs 1.41 ms,
-  the table) and 5.73x (6.22 vs 1.08 ms); taking turns 4.11x (6.33 vs 1.54 ms, the table) and
-  4.85x (6.26 vs 1.29 ms). The round before this one, same file: 5.25x / 4.26x. The scratch
-  A/B below (both pruned codes in one process, on the same arrays) puts this round at
-  0.84-0.91 of the previous round's time taking turns (4.4-5.4x there against 4.0-4.6x for the
-  previous code) and 0.81-0.87 in a row; on an idle machine (load 0.1-0.6), 0.91 and 0.87:
-  4.42x taking turns, 6.16x in a row. A third run of this file, 1M alone (so other queries:
-  60 terms, 5.5% of the postings read), load 0.1-0.6: 4.19x taking turns, 5.00x in a row.
-  Taking turns costs the pruned kernel ~0.2-0.4 ms a query, a third of its time. Two threads at 1M: 3.43x / 4.86x in the table; in the
-  first run both kernels took ~8 ms there, a busy second core. `flat` queries at 1M: 1.9-2.0x
-  (2.0x before); 300k: 2.8-2.9x `doc`, 1.1x `flat`; 100k (where `auto` scans): 1.6-1.7x `doc`,
-  0.6x `flat`, as before.
-- **Spread on an idle machine** (night of 2026-12-07): eight runs of `--docs 1000000 --queries
-  50 --repeat 3 --k-sweep`, alternating the code before and after a refactor of the heap offer
-  (`_offer_exact`; the two were indistinguishable: pruned p50 taking turns 1.27 vs 1.28 ms, in a
-  row 1.04 vs 1.06 ms, medians of 4 runs each): `doc`, one thread, taking turns 4.28-5.13x
-  (median ~4.6x), in a row 5.45-6.08x. The `bench/run.py` run of that night: 4.67x / 5.49x.
-- This round: a **forward index** (doc -> its terms ascending, then their weights, one int32
+- **Target (issue 13, item 2): exact mode >= 5x faster than today at 1M documents, k = 10:
+  met both ways this round.** `doc` queries at 1M, one thread, this file on an idle machine
+  (load average 0.8-1.0): taking turns query by query 5.20x (6.20 vs 1.19 ms, the table), each
+  kernel in a row 6.64x (6.62 vs 1.00 ms); a run at 1M alone (other queries: 60 terms a query)
+  6.01x / 6.80x. The round before: taking turns 4.28-5.13x (median ~4.6x over eight idle
+  runs), in a row 5.45-6.08x. Two threads at 1M: 4.73x / 5.72x. `flat` queries at 1M: 2.5x /
+  2.8x (1.9-2.0x before); 300k: 3.2x / 3.8x `doc`, 1.6x `flat` (1.1x before); 100k (where
+  `auto` scans): 2.0x / 2.1x `doc`, 0.9x `flat` (0.6x before).
+- This round, three changes (scratch A/B in `/tmp`, not kept: both codes on the same arrays in
+  one process, 1M, `doc`, one thread, 5 rounds alternating which code goes first, medians,
+  ratio new/old; the machine shared its host with other jobs, so absolute times moved
+  1.3-2.2 ms between runs while the ratios held):
+  - **A first k-th score from each list's heaviest postings.** `_tops` keeps each list's
+    `PRUNE_SEED_TOPS` = 32 heaviest postings (built with the split lists: 39 MiB at 1M, one
+    pass with a heap a list); the seed sums them by doc over the `PRUNE_SEED_TERMS` = 16 query
+    terms of largest bound in a small hash table and scores the 4k best sums exactly from
+    their forward rows. It replaces a merge of up to 4 whole lists of <= 50k postings. In a
+    Python model of it (exact scores by brute force), 16 terms x 32 postings gave 0.999-1.000
+    of the true k-th score (median over 50 queries; 4 terms x 16 postings: 0.986). The kernel
+    then read 318.8k postings a query instead of 328.0k, against 316.3k with the true k-th
+    score handed in beforehand, so the first k-th score is no longer where the time goes.
+    A/B: 0.93 taking turns, 0.90 in a row.
+  - **Candidates' forward rows prefetched** (`_prefetch`, LLVM's prefetch intrinsic through
+    numba): the offsets of every candidate that can still enter first, then every line of
+    their rows, then the scoring. Cycle counters (`llvm.readcyclecounter` in an instrumented
+    copy) put candidate scoring at 220-250k cycles a query against 410-440k without it. With
+    the seed: 0.86 taking turns, 0.75 in a row (new/old).
+  - **Fewer numpy and scipy calls in `search()`** (one check of a float32 CSR query, list
+    lengths kept, the thread count asked only where threads could be used, one reduction for
+    finiteness): each costs microseconds warm and tens of microseconds after a scan has
+    churned the caches; `search()` around the kernel took ~0.2-0.3 ms a query in that state
+    (numba's dispatch of the kernel alone: ~40 us, 4 us warm). With both changes above:
+    0.83 taking turns, 0.81 in a row.
+- Where the time goes now (cycle counters, 1M, `doc`, one thread, per query): the scatter
+  of the essential tiers ~68% (~319k postings, ~5 cycles each: a micro-benchmark of the same
+  loop over warm data runs at ~3), candidates ~10%, the seed ~9%, each window's bounds and
+  tier choice ~7%. Tried and dropped this round: a larger non-essential share now that
+  candidates cost less (`PRUNE_NE_FRAC` 0.55: 1.10x the time taking turns, 0.6: 1.09x; before
+  the prefetch, 0.45: 1.06x); prefetching the first lines of every run before the scatter (1.02
+  / 1.01); before the prefetch, a seed over 8 terms x 16 postings (1.01 taking turns, 1.23 in a
+  row, against 16 x 32). Four tiers instead of three
+  (a model of the greedy choice with the true k-th score: 0.75x, 1.0x or 0.5x the mean as a
+  fourth split) would read 0-4% fewer postings: not built.
+- Previous round: a **forward index** (doc -> its terms ascending, then their weights, one int32
   buffer; 8 bytes a posting + 8 a doc: 447 bytes a doc here, 427 MiB next to 419 MiB of
   postings at 1M), built with the split lists on a segment's first pruned query
   (`PRUNE_FORWARD`, on by default). Candidates whose partial sum plus every unread bound can
@@ -274,7 +297,7 @@ NOTES = """
   1M segment now takes 2.5 s to build (0.5 s before; the forward index is filled doc range by
   doc range, 1.0 s against 2.3 s in one pass). `PRUNE_FORWARD = False` keeps the searches and
   the previous memory.
-- Scratch A/B (`/tmp` harness, not kept: both codes on the same arrays in one process, 1M,
+- Previous round's scratch A/B (`/tmp` harness, not kept: both codes on the same arrays in one process, 1M,
   `doc`, one thread, each pruned query after a scan of the same query, 4-5 rounds, medians,
   ratio new/old; the same code against itself read 0.96 taking turns; the machine was
   loaded, load average 1.7-2.4, except where said): forward rows scored by
@@ -289,24 +312,20 @@ NOTES = """
   10k or 200k postings (0.95 both); a larger non-essential share now that candidates are
   cheaper (`PRUNE_NE_FRAC` 0.6: 1.08, 0.65: 1.43: 4x the candidates at ~0.5 us each for ~27%
   fewer postings).
-- Where the time goes now (by the counters and the A/B above; no cycle counters this round):
-  the scatter of the essential tiers (~300k postings a query at 1M, ~2.4 MB from memory when
-  the caches are cold) is most of it; ~300 forward rows (~0.1 ms); the seed's merge of up to 4
-  lists of <= 50k postings. Taking turns still adds ~0.2 ms a query: the postings the scatter
-  reads, which stay in the 32 MiB L3 between pruned queries in a row but not after a scan has
-  streamed ~45 MB. Reading fewer postings (not more candidates) is what is left: documents
-  reordered so that similar ones share blocks would let block-max bounds skip whole blocks
-  (random order here: block maxima are close to the global ones), but that changes doc ids and
-  belongs to the segment writer.
+- Previous round's view of the time (counters, no cycle counters): mostly the scatter; taking
+  turns added ~0.2 ms a query (postings that stay in the 32 MiB L3 between pruned queries in a
+  row but not after a scan streams ~45 MB). Documents reordered so that similar ones share
+  blocks would let block-max bounds skip whole blocks (random order here: block maxima are
+  close to the global ones), but that changes doc ids and belongs to the segment writer.
 - Earlier rounds (see git history of this file): block-max bounds over blocks of 65,536 docs,
   three weight tiers per long list (high above 3x the list's mean, mid above 1.5x), candidate
   look-ups list by list, an interpolating search on a 1-in-64 doc-id sample; tried and dropped
   then: software prefetch of the runs to scatter, other block sizes, huge pages for the split
   lists, a vectorized accumulator scan, a first k-th score from partial sums.
-- k matters (second table; the first run's figures after the slash): at 1M, 10.2x / 10.6x for
-  k = 1, 2.5x / 2.6x for k = 100, 1.35x / 1.5x for k = 250 and 1.2x / 1.0x at k = 500 (0.8x
-  before: candidates cost less). `search(kernel="auto")` still prunes only
-  while k <= n_docs / `PRUNED_DOCS_PER_K` (250 at 1M).
+- k matters (second table, each kernel in a row): at 1M, 11.7x for k = 1, 3.6x for k = 100,
+  2.3x for k = 250 and 1.2x at k = 500 (previous round: 10.2x, 2.5x, 1.35x, 1.2x).
+  `search(kernel="auto")` still prunes only while k <= n_docs / `PRUNED_DOCS_PER_K` (250 at
+  1M).
 - The data decide the figure. Weights shrink for frequent terms (``log(2 + rank)``), as learned
   models learn to do; with uniform weights (the `flat` set, or `bench_kernels.py`'s data) the
   long lists carry bounds as large as any and little can be left unread.
