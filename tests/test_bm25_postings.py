@@ -258,17 +258,17 @@ def test_hash_collisions_are_resolved_by_bytes(monkeypatch, tmp_path):
     docs = [["x", "y"], ["y", "z", "z"], ["w"]]
     p = bp.Bm25Postings.from_terms(docs)
     assert (p.term_hash == 12345).all()
-    ids = p.lookup(["x", "y", "z", "w", "v"])
+    ids, df = p.find(bp._QueryTerms(["x", "y", "z", "w", "v"]))
     assert ids[4] == -1
     got = [p.term_blob[p.term_offsets[i]:p.term_offsets[i + 1]].tobytes() for i in ids[:4]]
     assert got == [b"x", b"y", b"z", b"w"]
-    assert p.doc_freq(ids).tolist() == [1, 2, 1, 1, 0]
+    assert df.tolist() == [1, 2, 1, 1, 0]
     (tmp_path / "a").mkdir()
     p.save(tmp_path / "a")
     (tmp_path / "m").mkdir()
     bp.merge_bm25(tmp_path / "m", [(bp.Bm25Postings.load(tmp_path / "a"), np.array([1, 2]))])
     m = bp.Bm25Postings.load(tmp_path / "m")
-    assert m.doc_freq(m.lookup(["x", "y", "z", "w"])).tolist() == [0, 1, 1, 1]
+    assert m.find(bp._QueryTerms(["x", "y", "z", "w"]))[1].tolist() == [0, 1, 1, 1]
 
 
 def test_empty_segment_and_queries(tmp_path):

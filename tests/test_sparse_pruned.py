@@ -401,12 +401,15 @@ def test_seed_is_a_lower_bound_of_the_kth_score(data, brute, density, budget):
             q = queries[r]
             ts, ws = q.indices.astype(np.int32), q.data
             b_high = ws.astype(np.float64) * ix.term_max[ts]
-            seed = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, tops, no_fwd, ts,
-                                      ws, b_high, allowed, density < 1.0, k, 16, budget)
+            qmap = sparse._query_map(ts, ix.vocab_size)
+            scratch = np.empty(2 * ts.size, np.int64)
+            seed = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, tops, no_fwd, qmap,
+                                      scratch, ts, ws, b_high, allowed, density < 1.0, k, 16, budget)
             assert seed <= ref[0][r, -1]
             # From forward rows: exact scores of more docs, still a lower bound.
-            seed_f = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, tops, fwd, ts,
-                                        ws, b_high, allowed, density < 1.0, k, 16, budget)
+            seed_f = sparse._seed_theta(ix.indptr, ix.docs, ix.weights, skip, tops, fwd, qmap,
+                                        scratch, ts, ws, b_high, allowed, density < 1.0, k, 16,
+                                        budget)
             assert seed_f <= ref[0][r, -1]
             assert budget == 0 or seed_f >= seed  # 4k docs scored against 2k
             assert seed == 0.0 or ref[1][r, -1] >= 0  # a seed implies k hits exist
@@ -508,7 +511,7 @@ def test_forward_scores_equal_term_at_a_time_sums(data):
             ws = np.ascontiguousarray(ws, np.float32)
             qmap = sparse._query_map(ts, VOCAB)
             assert (qmap[0].size == 0) == (len(set(ts.tolist())) < ts.size)
-            found = np.empty(2 * ts.size, np.int64)
+            scratch = np.empty(2 * ts.size, np.int64)
             for row in rows.tolist():
                 got = sparse._fwd_score(fwd, ts, ws, qmap, found, row)
                 d = docs[row]

@@ -572,10 +572,6 @@ class Bm25Postings:
         return cls(hashes, blob, offsets, indptr, docs, tf, impact, lengths, bound)
 
     # ------------------------------------------------------------------ reading
-    def lookup(self, terms: Sequence[str]) -> np.ndarray:
-        """``(m,)`` int64 term ids of ``terms`` in this segment, -1 where absent."""
-        return self.find(_QueryTerms(terms))[0]
-
     def find(self, qt: _QueryTerms) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, df)``, ``(m,)`` int64 each, of hashed query terms: the term id in this
         segment (-1 where absent) and the documents holding it (0 where absent). One kernel
@@ -586,14 +582,6 @@ class Bm25Postings:
             _find_terms(self.term_hash, self.term_offsets, self.term_blob, self.indptr, qt.hashes,
                         qt.offsets, qt.blob, ids, df)
         return ids, df
-
-    def doc_freq(self, term_ids: np.ndarray) -> np.ndarray:
-        """``(m,)`` int64 documents holding each term (0 for id -1)."""
-        t = np.asarray(term_ids, np.int64)
-        ok = t >= 0
-        df = np.zeros(t.shape[0], np.int64)
-        df[ok] = self.indptr[t[ok] + 1] - self.indptr[t[ok]]
-        return df
 
     def search_ids(self, q_indptr, q_idx, q_w, avg, k: int, allowed=None, *,
                    prune: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -635,15 +635,16 @@ def _tops(indptr, docs, weights, m):
 
 
 @njit(cache=True)
-def _seed_theta(indptr, docs, weights, skip, tops, fwd, ts, ws, b_high, allowed, use_allowed, k,
-                n_top, budget):
+def _seed_theta(indptr, docs, weights, skip, tops, fwd, qmap, found, ts, ws, b_high, allowed,
+                use_allowed, k, n_top, budget):
     """A lower bound of the query's k-th score, 0.0 if none, from the docs with the largest
     partial sums over the heaviest postings (``tops``, :func:`_tops`; a short list in full) of
     the ``n_top`` entries of largest bound. With ``budget`` > 0: the exact scores of ``2k`` of
     them (fewer if ``budget`` look-ups would not cover that many; with a forward index
     ``PRUNE_SEED_FWD_MULT * k``), the k-th best of them. With ``budget`` == 0: the k-th best
     partial sum itself, less the float32 roundings (a score is at least its partial sum over
-    some of its terms): no look-ups."""
+    some of its terms): no look-ups. ``qmap`` and ``found``: the query's :func:`_query_map`
+    and scratch for :func:`_fwd_score`, as the search made them."""
     n = ts.shape[0]
     m = min(2 * k, budget // max(n, 1)) if budget > 0 else k
     if budget > 0 and fwd[0].shape[0] > 1:
@@ -713,8 +714,6 @@ def _seed_theta(indptr, docs, weights, skip, tops, fwd, ts, ws, b_high, allowed,
     rows = np.sort(pi[:size])
     exact = np.zeros(size, np.float32)
     if fwd[0].shape[0] > 1:
-        qmap = _query_map(ts, indptr.shape[0] - 1)
-        found = np.empty(2 * n, np.int64)
         _prefetch_rows(fwd, rows, size)
         for c in range(size):
             exact[c] = _fwd_score(fwd, ts, ws, qmap, found, rows[c])
@@ -808,8 +807,8 @@ def _pruned_items(indptr, docs, weights, term_max, tau, low_max, h_indptr, h_doc
         qmap = _query_map(ts, indptr.shape[0] - 1)
         found = np.empty(2 * n, np.int64)
         if seed == 0.0 and seed_top > 0:
-            seed = _seed_theta(indptr, docs, weights, skip, tops, fwd, ts, ws, b_high, allowed,
-                               use_allowed, k, seed_top, seed_budget)
+            seed = _seed_theta(indptr, docs, weights, skip, tops, fwd, qmap, found, ts, ws,
+                               b_high, allowed, use_allowed, k, seed_top, seed_budget)
             stats[6] += seed > 0.0
         # 0: read nothing, 1: the high list only, 2: the mid list (high included), 3: all
         level = np.empty(n, np.int8)
