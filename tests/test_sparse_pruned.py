@@ -511,7 +511,7 @@ def test_forward_scores_equal_term_at_a_time_sums(data):
             ws = np.ascontiguousarray(ws, np.float32)
             qmap = sparse._query_map(ts, VOCAB)
             assert (qmap[0].size == 0) == (len(set(ts.tolist())) < ts.size)
-            scratch = np.empty(2 * ts.size, np.int64)
+            found = np.empty(2 * ts.size, np.int64)
             for row in rows.tolist():
                 got = sparse._fwd_score(fwd, ts, ws, qmap, found, row)
                 d = docs[row]
