@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hybridsearch.errors import IndexFormatError
-from hybridsearch.retrievers import colbert_codec, multivector
+from hybridsearch.retrievers import _nibbles, colbert_codec, multivector
 from hybridsearch.retrievers.colbert_codec import (
     ColbertCodec,
     default_k,
@@ -647,9 +647,10 @@ def test_renormalised_store_uses_the_full_decode(small, monkeypatch):
 
 @pytest.mark.parametrize("nbits", [1, 2])
 @pytest.mark.parametrize("transform", [False, True])
-def test_word_decode_matches_relative_decode(data128, nbits, transform):
-    """The split kernel's decode (one table look-up a residual byte, 1-bit dimensions as 0/1)
-    against the plain per-dimension decode: equal values once the 1-bit ones get their weights."""
+def test_nibble_tables_match_relative_decode(data128, nbits, transform):
+    """The split kernel's scores past the base (nibble tables of the folded query rows, summed
+    over each token's residual nibbles) against the plain per-dimension decode times the
+    rotated rows."""
     codec = ColbertCodec.train(data128[:3000], nbits=nbits, k=32, seed=1, transform=transform)
     n4, n2, n1 = codec.sections
     if transform:
@@ -657,17 +658,19 @@ def test_word_decode_matches_relative_decode(data128, nbits, transform):
     ids, res = codec.encode(data128[3000:3400])
     nc = codec.n_coded
     _, w4, w2, d1, _ = codec.kernel_tables()
-    t4, t2, d1w = codec.split_tables()
-    assert np.array_equal(d1, d1w)
     want = np.zeros(400 * nc, np.float32)
     colbert_codec._decode_relative(res, 0, 400, w4, w2, d1, nc, want)
-    got = np.zeros(400 * nc, np.float32)
-    colbert_codec._decode_words(res, 0, 400, t4, t2, d1.shape[0] // 8, nc // 2, got.view(np.uint64))
-    got = got.reshape(400, nc)
-    bits = got[:, n4 + n2:]
-    assert set(np.unique(bits).tolist()) <= {0.0, 1.0}
-    got[:, n4 + n2:] *= d1
-    np.testing.assert_array_equal(got, want.reshape(400, nc))
+    q = data128[5000:5016]
+    coded, cs = codec.split_query(q)
+    weights, first, count = codec.nibble_layout()
+    assert weights.shape[0] == 2 * res.shape[1] and int(count.sum()) == nc
+    table = _nibbles.tables_reference(coded, weights, first, count).reshape(-1, q.shape[0])
+    x = res.astype(np.int64)
+    entries = np.concatenate([32 * np.arange(res.shape[1]) + (x & 15),
+                              32 * np.arange(res.shape[1]) + 16 + (x >> 4)], axis=1)
+    got = table[entries].sum(axis=1).T  # (16 rows, 400 tokens)
+    rq = codec.rotate(q)[:, :nc].astype(np.float64)
+    np.testing.assert_allclose(got, rq @ want.reshape(400, nc).T, rtol=1e-4, atol=2e-5)
     # split_query: the coded columns of the rotated rows, the 1-bit ones times d1; rows x bases.
     q = data128[5000:5010]
     coded, cs = codec.split_query(q)

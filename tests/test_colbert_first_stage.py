@@ -338,8 +338,9 @@ def test_partial_maxsim_matches_reference(coded):
     nc = codec.n_coded
     cand = np.array([0, 3, 7, 50, 2999, 11, 7], np.int64)  # empty docs and repeats
     for dims in (0, 1, n4, n4 + 5, n4 + n2, n4 + n2 + 9, nc, nc + 100):
-        t4, t2, d1 = store._leading_tables(dims)
-        kept = 2 * t4.shape[0] + 4 * t2.shape[0] + d1.shape[0]
+        nbytes = store._leading_bytes(dims)
+        b4, b2 = n4 // 2, n2 // 4
+        kept = 2 * min(nbytes, b4) + 4 * min(max(nbytes - b4, 0), b2) + 8 * max(nbytes - b4 - b2, 0)
         assert kept <= max(dims, 0) and (dims < nc or kept == nc)
         for q in queries[:3]:
             docs = []

@@ -62,6 +62,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from hybridsearch.errors import IndexFormatError
+from hybridsearch.retrievers import _nibbles
 
 CODEC_FILES = ("codec.json", "centroids.npy", "cutoffs.npy", "weights.npy")
 TRANSFORM_FILES = CODEC_FILES + ("rotation.npy", "fill.npy")
@@ -202,51 +203,6 @@ def _decode_relative(res, start, n, w4, w2, d1, stride, out):
             j = 8 * b
             for s in range(8):
                 out[base + j + s] = bits[s] * d1[j + s]
-
-
-# The same table as 64-bit words (two floats a word), for :func:`_decode_words`.
-_BITS64 = np.ascontiguousarray(_BITS).view(np.uint64).reshape(256, 4)
-
-
-def _byte_words(values: np.ndarray) -> np.ndarray:
-    """``(nbytes, 256, f)`` float32 (the ``f`` values each byte of a section stands for) as
-    ``(nbytes, 256, f // 2)`` uint64 words, read-only."""
-    v = np.ascontiguousarray(values, dtype=np.float32)
-    w = v.view(np.uint64).reshape(v.shape[0], 256, v.shape[2] // 2)
-    w.flags.writeable = False
-    return w
-
-
-@njit(cache=True, nogil=True)
-def _decode_words(res, start, n, t4, t2, n1b, stride2, out64):
-    """The split kernel's decode: the coded dimensions of tokens ``[start, start + n)``
-    relative to their base, 4- and 2-bit dimensions as their values and 1-bit dimensions as
-    0.0 / 1.0 (the kernel's query carries the 1-bit weights ``d1``). Token ``t`` goes to
-    ``out64[t * stride2:]`` (float32 pairs as uint64 words). Each residual byte is one look-up
-    in its table of words (``t4`` ``(n4 // 2, 256)``, ``t2`` ``(n2 // 4, 256, 2)``,
-    ``_BITS64``) and 1 to 4 word copies; views from offset 0 keep every index provably
-    non-negative, so no wraparound checks are emitted."""
-    b4 = t4.shape[0]
-    b2 = t2.shape[0]
-    for t in range(n):
-        row = res[start + t]
-        r2 = row[b4:]
-        r1 = row[b4 + b2:]
-        o4 = out64[t * stride2:]
-        o2 = out64[t * stride2 + b4:]
-        o1 = out64[t * stride2 + b4 + 2 * b2:]
-        for b in range(b4):
-            o4[b] = t4[b, row[b]]
-        for b in range(b2):
-            x = r2[b]
-            o2[2 * b] = t2[b, x, 0]
-            o2[2 * b + 1] = t2[b, x, 1]
-        for b in range(n1b):
-            x = r1[b]
-            o1[4 * b] = _BITS64[x, 0]
-            o1[4 * b + 1] = _BITS64[x, 1]
-            o1[4 * b + 2] = _BITS64[x, 2]
-            o1[4 * b + 3] = _BITS64[x, 3]
 
 
 @njit(cache=True, nogil=True)
@@ -647,11 +603,8 @@ class ColbertCodec:
         self._w4 = np.ascontiguousarray(rel[:n4], dtype=np.float32)
         self._w2 = np.ascontiguousarray(rel[n4:n4 + n2, :4], dtype=np.float32)
         self._d1 = np.ascontiguousarray(rel[n4 + n2:nc, 1], dtype=np.float32)
-        by = np.arange(256)
-        w4, w2 = self._w4.reshape(n4 // 2, 2, self._w4.shape[1]), self._w2.reshape(n2 // 4, 4, 4)
-        self._t4 = _byte_words(np.stack([w4[:, 0, by & 15], w4[:, 1, by >> 4]], axis=-1)).reshape(n4 // 2, 256)
+        self._nibbles = _nibbles.layout(self.sections, self._w4, self._w2)
         self._query_maps = None  # split_query's matrices, made on first use
-        self._t2 = _byte_words(np.stack([w2[:, s, (by >> (2 * s)) & 3] for s in range(4)], axis=-1))
         for a in (centroids, cutoffs, weights, rotation, fill, self._nlev, self._byte,
                   self._shift, self._cut, self._base, self._w4, self._w2, self._d1):
             if a is not None:
@@ -860,10 +813,11 @@ class ColbertCodec:
             raise ValueError(f"ids must be < k={self.k}")
         return ids, residual
 
-    def split_tables(self) -> tuple:
-        """``(t4, t2, d1)``: what :func:`_decode_words` takes (with ``n1b = len(d1) // 8``)
-        and the 1-bit weights the split kernel's query rows are multiplied by."""
-        return self._t4, self._t2, self._d1
+    def nibble_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(weights, first, count)`` of the residual rows' nibble positions
+        (:func:`_nibbles.layout`): what the split kernel's tables are built from, with the
+        query rows of :meth:`split_query`."""
+        return self._nibbles
 
     def kernel_tables(self) -> tuple:
         """``(base, w4, w2, d1, renorm)``: what the decode kernel takes after

@@ -46,12 +46,11 @@ import numpy as np
 from numba import njit, prange
 
 from hybridsearch.errors import IndexFormatError
-from hybridsearch.retrievers import centroid_stage
+from hybridsearch.retrievers import _nibbles, centroid_stage
 from hybridsearch.retrievers._tiles import tile_4x2
 from hybridsearch.retrievers.colbert_codec import (
     ColbertCodec,
     _decode_tokens,
-    _decode_words,
     _float32,
     _half_to_float,
     _widen,
@@ -63,6 +62,11 @@ _FASTMATH = {"reassoc", "contract", "nsz"}
 # Below this many multiply-adds (about a millisecond) a batch runs on the calling thread: waking
 # the pool costs microseconds on an idle machine but milliseconds on a busy one.
 PARALLEL_MIN_FLOPS = 1 << 24
+# maxsim_batch on a coded store builds the nibble tables of queries holding up to this many
+# bytes of them at once (16 KiB a query row at d=1024, res1: about 128 queries of 32 rows).
+LUT_BATCH_BYTES = 64 << 20
+# ... and builds them on Numba's threads from this many queries (about 30 us a query of 32 rows).
+PARALLEL_MIN_QUERIES = 16
 # search() with a query of at least SEARCH_BLOCKED_MIN_QUERY vectors scores whole blocks of
 # SEARCH_BLOCK_TOKENS tokens (decoded to float32: 32 MiB at d=1024) by BLAS, when the allowed docs
 # hold at least 1/SEARCH_BLOCKED_MIN_SHARE of the tokens. Measured at d=1024, 100-token docs, one
@@ -177,43 +181,18 @@ def _coded_range(q4, q_off4, q_len, owner, ids, res, base, w4, w2, d1, renorm, o
         out[t] = _tile_maxsim(q4[q_off4[b]:q_off4[b + 1]], m, buf, n, d, best)
 
 
-@njit(cache=True, fastmath=_FASTMATH)
-def _tile_maxsim_split(q, m, buf, n, d, best, cs, ids, start):
-    """:func:`_tile_maxsim` of a coded document split in two: the score of query row ``i`` and
-    token ``t`` is ``cs[i, ids[start + t]]`` (the row against the token's base, precomputed per
-    centroid) plus the dot product of ``q[i, :d]`` with the token's coded dimensions in ``buf``."""
-    last = n - 1
-    if n % 2 == 1:
-        buf[n * d:(n + 1) * d] = buf[(n - 1) * d:n * d]
-        n += 1
-    p = buf[:n * d].reshape((n, d))
-    m4 = q.shape[0]
-    best[:m4] = -np.inf
-    for j in range(0, n, 2):
-        c0 = ids[start + j]
-        c1 = ids[start + min(j + 1, last)]
-        for i in range(0, m4, 4):
-            s00, s01, s10, s11, s20, s21, s30, s31 = tile_4x2(q, i, p, j, d)
-            best[i] = max(best[i], max(s00 + cs[i, c0], s01 + cs[i, c1]))
-            best[i + 1] = max(best[i + 1], max(s10 + cs[i + 1, c0], s11 + cs[i + 1, c1]))
-            best[i + 2] = max(best[i + 2], max(s20 + cs[i + 2, c0], s21 + cs[i + 2, c1]))
-            best[i + 3] = max(best[i + 3], max(s30 + cs[i + 3, c0], s31 + cs[i + 3, c1]))
-    total = np.float32(0.0)
-    for i in range(m):
-        total += best[i]
-    return total / np.float32(m)
-
-
 @njit(cache=True, fastmath=_FASTMATH, nogil=True)
-def _split_range(q4, q_off4, q_len, owner, cs, ids, res, t4, t2, n1b, offsets, cand, lo, hi, out):
-    """:func:`_coded_range` for a codec without renormalisation: only the coded dimensions are
-    decoded (:func:`_decode_words`) and multiplied (``q4`` holds the rotated queries' first
-    ``n_coded`` columns, the 1-bit ones already multiplied by their weights:
-    :meth:`ColbertCodec.split_query`);
-    the rest of every score comes from ``cs`` ``(rows of q4, k)`` = rotated queries x bases."""
-    nc = 2 * t4.shape[0] + 4 * t2.shape[0] + 8 * n1b
-    buf, best = _buffers(q_off4, owner, offsets, cand, lo, hi, max(nc, 2))
-    words = buf.view(np.uint64)
+def _lut_range(tab, q_off8, q_len, owner, cs, k, ids, res, nbytes, offsets, cand, lo, hi, out):
+    """:func:`_coded_range` for a codec without renormalisation, by nibble tables
+    (:mod:`_nibbles`): the score of query row ``i`` and token ``u`` is the row against the
+    token's base, ``cs`` (query ``b``'s ``(k, m8)`` row-major at ``k * q_off8[b]``), plus the
+    sum of the row's table entries for the token's first ``nbytes`` residual bytes (all of them
+    for the exact score). ``tab`` holds each query's tables (:func:`_nibbles.build_tables`),
+    rows padded to a multiple of 8 by repeating the last one (``q_off8``; maxima unchanged,
+    ``q_len`` real rows)."""
+    ne = 32 * res.shape[1]
+    acc = np.empty(_nibbles.BLOCK_ROWS, np.float32)
+    best = np.empty(0, np.float32)
     for t in range(lo, hi):
         b = owner[t]
         m = q_len[b]
@@ -222,18 +201,33 @@ def _split_range(q4, q_off4, q_len, owner, cs, ids, res, t4, t2, n1b, offsets, c
         if m == 0 or n == 0:
             out[t] = 0.0
             continue
-        _decode_words(res, start, n, t4, t2, n1b, nc // 2, words)
-        out[t] = _tile_maxsim_split(q4[q_off4[b]:q_off4[b + 1]], m, buf, n, nc, best,
-                                    cs[q_off4[b]:q_off4[b + 1]], ids, start)
+        r0 = q_off8[b]
+        m8 = q_off8[b + 1] - r0
+        if best.shape[0] < m8:
+            best = np.empty(m8, np.float32)
+        best[:m8] = -np.inf
+        csb = cs[k * r0:k * (r0 + m8)]
+        for j in range(0, m8, _nibbles.BLOCK_ROWS):
+            rows = min(_nibbles.BLOCK_ROWS, m8 - j)
+            block = tab[ne * (r0 + j):ne * (r0 + j + rows)]
+            bj = best[j:j + rows]
+            for u in range(start, start + n):
+                _nibbles.nibble_sum(block, res, u, nbytes, rows, acc)
+                c = csb[ids[u] * m8 + j:]
+                for i in range(rows):
+                    bj[i] = max(bj[i], acc[i] + c[i])
+        total = np.float32(0.0)
+        for i in range(m):
+            total += best[i]
+        out[t] = total / np.float32(m)
 
 
 @njit(cache=True, parallel=True)
-def _split_parallel(q4, q_off4, q_len, owner, cs, ids, res, t4, t2, n1b, offsets, cand, n_chunks,
-                    out):
+def _lut_parallel(tab, q_off8, q_len, owner, cs, k, ids, res, nbytes, offsets, cand, n_chunks, out):
     c = cand.shape[0]
-    for k in prange(n_chunks):
-        _split_range(q4, q_off4, q_len, owner, cs, ids, res, t4, t2, n1b, offsets, cand,
-                     k * c // n_chunks, (k + 1) * c // n_chunks, out)
+    for x in prange(n_chunks):
+        _lut_range(tab, q_off8, q_len, owner, cs, k, ids, res, nbytes, offsets, cand,
+                   x * c // n_chunks, (x + 1) * c // n_chunks, out)
 
 
 @njit(cache=True, parallel=True)
@@ -278,10 +272,11 @@ def _check_vectors(q, d: int, what: str) -> np.ndarray:
     return np.ascontiguousarray(q, dtype=np.float32)
 
 
-def _pad_queries(q: np.ndarray, q_offsets: np.ndarray):
-    """Repeat each query's last row up to a multiple of 4 rows; returns (q4, q_off4, q_len)."""
+def _pad_queries(q: np.ndarray, q_offsets: np.ndarray, multiple: int = 4):
+    """Repeat each query's last row up to a multiple of ``multiple`` rows; returns
+    (q4, q_off4, q_len)."""
     q_len = np.diff(q_offsets)
-    pad = (-q_len) % 4
+    pad = (-q_len) % multiple
     pad[q_len == 0] = 0
     q_off4 = np.zeros_like(q_offsets)
     np.cumsum(q_len + pad, out=q_off4[1:])
@@ -378,6 +373,18 @@ class _MaxSimStore:
         out = np.zeros(cand.shape[0], np.float32)
         if cand.size == 0:
             return out
+        for a, z in self._query_groups(q_offsets):
+            lo, hi = int(cand_offsets[a]), int(cand_offsets[z])
+            if hi > lo:
+                self._batch_group(Q[q_offsets[a]:q_offsets[z]], q_offsets[a:z + 1] - q_offsets[a],
+                                  cand[lo:hi], cand_offsets[a:z + 1] - lo, out[lo:hi])
+        return out
+
+    def _query_groups(self, q_offsets: np.ndarray) -> list[tuple[int, int]]:
+        """Queries ``[a, z)`` that :meth:`maxsim_batch` prepares and scores together."""
+        return [(0, q_offsets.shape[0] - 1)]
+
+    def _batch_group(self, Q, q_offsets, cand, cand_offsets, out) -> None:
         q4, q_off4, q_len, extra = self._query_args(Q, q_offsets)
         owner = np.repeat(np.arange(q_len.shape[0], dtype=np.int64), np.diff(cand_offsets))
         doc_len = self.offsets[cand + 1] - self.offsets[cand]
@@ -393,7 +400,6 @@ class _MaxSimStore:
                 self._kernel(args, _readonly(cand), out, min(8 * threads, cand.shape[0]))
             finally:
                 numba.set_parallel_chunksize(old)
-        return out
 
     def _check_search(self, k, allowed) -> np.ndarray | None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -691,23 +697,55 @@ class CodedColbertStore(_MaxSimStore):
 
     def _query_args(self, Q: np.ndarray, q_offsets: np.ndarray) -> tuple:
         """Without renormalisation, a score splits into the query row against the token's base
-        (``cs``, one product per centroid) plus the coded dimensions (the kernel's only work)."""
+        (``cs``, one product per centroid) plus the coded dimensions, which the kernel adds up
+        from nibble tables (:mod:`_nibbles`): ``(tables, q_off8, q_len, cs)``, rows padded to
+        a multiple of 8, ``cs`` each query's ``(k, rows)`` flat."""
         if self.codec.renorm:
             q4, q_off4, q_len = _pad_queries(self._prepare(Q), q_offsets)
             return _readonly(q4), _readonly(q_off4), _readonly(q_len), None
-        q4, q_off4, q_len = _pad_queries(np.ascontiguousarray(Q, dtype=np.float32), q_offsets)
-        coded, cs = self.codec.split_query(q4)
-        return _readonly(coded), _readonly(q_off4), _readonly(q_len), _readonly(cs)
+        q8, q_off8, q_len = _pad_queries(np.ascontiguousarray(Q, dtype=np.float32), q_offsets,
+                                         _nibbles.LANES)
+        coded, cs = self.codec.split_query(q8)
+        weights, first, count = self.codec.nibble_layout()
+        tab = _nibbles.empty_tables(q8.shape[0] * 16 * weights.shape[0])
+        if q8.shape[0]:
+            build = (_nibbles.build_tables_parallel if q_len.shape[0] >= PARALLEL_MIN_QUERIES
+                     and numba.get_num_threads() > 1 else _nibbles.build_tables)
+            build(_readonly(np.ascontiguousarray(coded.T)), _readonly(q_off8), weights, first,
+                  count, tab)
+        if q_off8.shape[0] == 2:
+            cs_t = cs.T
+        else:
+            cs_t = np.concatenate([cs[a:z].T.ravel() for a, z in zip(q_off8[:-1], q_off8[1:])])
+        return (_readonly(tab), _readonly(q_off8), _readonly(q_len),
+                _readonly(np.ascontiguousarray(cs_t).reshape(-1)))
 
-    def _kernel(self, args, cand, out, n_chunks):
+    def _query_groups(self, q_offsets: np.ndarray) -> list[tuple[int, int]]:
+        """Queries ``[a, z)`` whose nibble tables (16 KiB a query row at d=1024, res1) take at
+        most ``LUT_BATCH_BYTES`` together (a query alone may take more)."""
+        if self.codec.renorm:
+            return super()._query_groups(q_offsets)
+        per_row = 16 * 4 * self.codec.nibble_layout()[0].shape[0]
+        rows = np.diff(q_offsets) + _nibbles.LANES  # at most this many once padded
+        groups, a, used = [], 0, 0
+        for z, r in enumerate(rows.tolist()):
+            if z > a and used + r * per_row > LUT_BATCH_BYTES:
+                groups.append((a, z))
+                a, used = z, 0
+            used += r * per_row
+        groups.append((a, rows.shape[0]))
+        return groups
+
+    def _kernel(self, args, cand, out, n_chunks, nbytes=None):
         q4, q_off4, q_len, owner, cs = args
         if cs is not None:
-            t4, t2, d1 = self.codec.split_tables()
-            tail = (cs, self.codes, self.residuals, t4, t2, d1.shape[0] // 8, self.offsets, cand)
+            res = self.residuals
+            nbytes = res.shape[1] if nbytes is None else nbytes
+            tail = (cs, self.codec.k, self.codes, res, nbytes, self.offsets, cand)
             if n_chunks:
-                _split_parallel(q4, q_off4, q_len, owner, *tail, n_chunks, out)
+                _lut_parallel(q4, q_off4, q_len, owner, *tail, n_chunks, out)
             else:
-                _split_range(q4, q_off4, q_len, owner, *tail, 0, cand.shape[0], out)
+                _lut_range(q4, q_off4, q_len, owner, *tail, 0, cand.shape[0], out)
             return
         args = args[:4]
         tail = (self.codes, self.residuals, *self.codec.kernel_tables(), self.offsets, cand)
@@ -726,20 +764,16 @@ class CodedColbertStore(_MaxSimStore):
     def _refines(self) -> bool:
         return self.codec.transform and not self.codec.renorm
 
-    def _leading_tables(self, dims: int):
-        """The split kernel's tables (:meth:`ColbertCodec.split_tables`) cut to the leading
-        ``dims`` coded dimensions (at a byte boundary of the last section kept; earlier sections
-        whole, so byte offsets hold)."""
-        t4, t2, d1 = self.codec.split_tables()
-        n4, n2 = 2 * t4.shape[0], 4 * t2.shape[0]
+    def _leading_bytes(self, dims: int) -> int:
+        """Residual bytes of the leading ``dims`` coded dimensions (at a byte boundary of the
+        last section kept; earlier sections whole, so byte offsets hold)."""
+        n4, n2, _ = self.codec.sections
         dims = max(0, int(dims))
         if dims <= n4:
-            t4, t2, d1 = t4[:dims // 2], t2[:0], d1[:0]
-        elif dims <= n4 + n2:
-            t2, d1 = t2[:(dims - n4) // 4], d1[:0]
-        else:
-            d1 = d1[:(dims - n4 - n2) // 8 * 8]
-        return _readonly(t4), _readonly(t2), _readonly(d1)
+            return dims // 2
+        if dims <= n4 + n2:
+            return n4 // 2 + (dims - n4) // 4
+        return min(self.residuals.shape[1], n4 // 2 + n2 // 4 + (dims - n4 - n2) // 8)
 
     def partial_maxsim(self, q: np.ndarray, cand: np.ndarray, dims: int = REFINE_DIMS) -> np.ndarray:
         """MaxSim of one query ``(m, d)`` against rows ``cand`` ``(c,)`` with every token cut to
@@ -753,19 +787,15 @@ class CodedColbertStore(_MaxSimStore):
         out = np.zeros(cand.shape[0], np.float32)
         if cand.size == 0:
             return out
-        q4, q_off4, q_len, cs = self._query_args(q, np.array([0, q.shape[0]], np.int64))
-        t4, t2, d1 = self._leading_tables(dims)
-        q4 = _readonly(np.ascontiguousarray(q4[:, :2 * t4.shape[0] + 4 * t2.shape[0] + d1.shape[0]]))
-        owner = _readonly(np.zeros(cand.shape[0], np.int64))
-        tail = (cs, self.codes, self.residuals, t4, t2, d1.shape[0] // 8, self.offsets, _readonly(cand))
+        args = _with_owner(self._query_args(q, np.array([0, q.shape[0]], np.int64)), cand)
+        nbytes = self._leading_bytes(dims)
         threads = numba.get_num_threads()
         if threads == 1 or cand.shape[0] < 64:
-            _split_range(q4, _readonly(q_off4), _readonly(q_len), owner, *tail, 0, cand.shape[0], out)
+            self._kernel(args, _readonly(cand), out, 0, nbytes)
         else:
             old = numba.set_parallel_chunksize(1)
             try:
-                _split_parallel(q4, _readonly(q_off4), _readonly(q_len), owner, *tail,
-                                min(8 * threads, cand.shape[0]), out)
+                self._kernel(args, _readonly(cand), out, min(8 * threads, cand.shape[0]), nbytes)
             finally:
                 numba.set_parallel_chunksize(old)
         return out
