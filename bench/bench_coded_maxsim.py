@@ -1,4 +1,4 @@
-"""Coded ColBERT MaxSim: whole-token decode against the split kernel (base by BLAS + coded axes).
+"""Coded ColBERT MaxSim: whole-token decode against the split kernel (base by BLAS + nibble tables).
 
     python bench/bench_coded_maxsim.py bench/.cache/m3small1024/enc/corpus_colbert.npy
 
@@ -10,7 +10,8 @@ against all 500 by both kernels of ``multivector``:
 * ``full``: ``_coded_range``, every token decoded whole (centroid + residual, ``d`` floats) and
   multiplied on all ``d`` axes (the kernel used before, and still for renormalising codecs);
 * ``split``: ``CodedColbertStore.maxsim``, the query against each centroid's base by BLAS once,
-  then only the coded axes decoded and multiplied.
+  then the coded axes summed from the query's nibble tables (``_nibbles``; since 2026-12-07
+  night: before, the coded axes were decoded and multiplied).
 
 For the uniform layout and the transform layout. One thread, the two kernels interleaved, median
 of ``--rounds``; scores are checked equal (to float32 rounding). Writes
@@ -80,7 +81,7 @@ def main() -> None:
         rows.append(("transform" if transform else "uniform", codec.sections, codec.n_coded, f, s, f / s, diff))
         print(rows[-1], flush=True)
     lines = [
-        "# Coded ColBERT MaxSim: whole-token decode vs split kernel", "",
+        "# Coded ColBERT MaxSim: whole-token decode vs split kernel (nibble tables)", "",
         f"Machine: {machine_info()}. Command: `python bench/bench_coded_maxsim.py {a.vectors} "
         f"--rounds {a.rounds}`. One thread; 500 documents x 100 tokens, {x.shape[1]}-d, a "
         "32-token query; median ms of interleaved rounds.", "",

@@ -6,13 +6,14 @@ Two stores share one reading API (``n_docs``, ``dim``, ``offsets``, ``maxsim``, 
 * :class:`ColbertStore` keeps float16 vectors (half the disk and page cache of float32), widened
   to float32 per document inside the kernel.
 * :class:`CodedColbertStore` keeps residual codes (:mod:`colbert_codec`: a uint16 centroid id and
-  ``dim * nbits / 8`` bytes per token, 130 B at d=1024 and 1 bit against 2,048 B); the kernel
-  decodes one candidate document at a time into a per-thread buffer. Without renormalisation a
-  score splits into the query row against the token's base (centroid + bucket-0 weights +
-  fill, one product per centroid and query row, by BLAS) plus the coded dimensions alone, so a
-  transform codec that leaves axes uncoded multiplies only the coded ones (3.3x faster than
-  decoding whole tokens on SciFact's 1024-d vectors, 368 of 1,024 axes coded;
-  bench/results/coded_maxsim.md).
+  ``dim * nbits / 8`` bytes per token, 130 B at d=1024 and 1 bit against 2,048 B). Without
+  renormalisation a score splits into the query row against the token's base (centroid +
+  bucket-0 weights + fill, one product per centroid and query row, by BLAS) plus the coded
+  dimensions, and those come from per-query nibble tables (:mod:`_nibbles`): one vector load
+  and add per residual nibble and 8 query rows, no decode and no multiply (1.9x faster than
+  decoding the coded dimensions and multiplying, on the 1M hybrid's union;
+  bench/results/query_speed_1m.md). A renormalising codec decodes one candidate document at a
+  time into a per-thread buffer.
 
 ``search`` on a coded store is approximate by default: documents ranked by their centroids
 alone (:mod:`centroid_stage`), ``refine_depth(candidates, allowed)`` of them by MaxSim on the leading
