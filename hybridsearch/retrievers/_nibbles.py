@@ -9,8 +9,9 @@ with query row ``i`` takes one of 16 values, ``T[p, v, i]``, fixed once the quer
 Per query, :func:`build_tables` fills ``T`` for every nibble position in blocks of up to
 ``BLOCK_ROWS`` rows (a block is ``(16 * positions, R)`` float32, row-major: 512 KiB for 256
 positions and 32 rows, which stays in L2). A token's scores for the ``R`` rows of a block are
-then ``2 * nbytes`` vector loads and adds (:func:`nibble_sum`): no decode and no multiply, where
-decoding then multiplying costs ``8 * nbytes`` multiply-adds per row.
+then ``2 * nbytes`` vector loads and adds of 8 rows each (:func:`nibble_sum`): no decode and no
+multiply, where decoding then multiplying costs one multiply-add per coded dimension and row (up
+to ``8 * nbytes``).
 
 :func:`nibble_sum` is written in LLVM IR: Numba's loop vectoriser turns the plain loop into
 gathers along the nibbles (5x slower than the kernel it replaces), while this keeps the ``R``
