@@ -405,18 +405,28 @@ def _check_topk(scores, ids, full, k):
     assert len(set(ids.tolist())) == k
 
 
+@pytest.mark.parametrize("renorm", [False, True])
 @pytest.mark.parametrize("blocked", [False, True])
-def test_coded_search_equals_brute_force(small, monkeypatch, blocked):
+def test_coded_search_equals_brute_force(small, monkeypatch, blocked, renorm):
     vectors, offsets, queries, codec = small
+    if renorm:
+        codec = codec.with_options(renorm=True)
     if blocked:
         monkeypatch.setattr(multivector, "SEARCH_BLOCKED_MIN_QUERY", 1)
         monkeypatch.setattr(multivector, "SEARCH_BLOCK_TOKENS", 16)  # many blocks, some one doc
     store = CodedColbertStore.from_arrays(vectors, offsets, codec)
+    # long queries take the blocked path only where it pays: a renormalising codec
+    assert store._blocked_pays() == codec.renorm
+    calls = []
+    real = CodedColbertStore.scores_blocked
+    monkeypatch.setattr(CodedColbertStore, "scores_blocked", lambda *a, **k: calls.append(1) or real(*a, **k))
     decoded = codec.decode_reference(store.codes, store.residuals)
     docs = [decoded[offsets[i]:offsets[i + 1]] for i in range(60)]
     for q in queries[:4]:
         full = maxsim_reference(q, docs)
+        calls.clear()
         scores, ids = store.search(q, 7)
+        assert bool(calls) == (blocked and codec.renorm)
         _check_topk(scores, ids, full, 7)
         np.testing.assert_allclose(store.scores_blocked(q, block_tokens=5), full, rtol=1e-5, atol=1e-5)
     allowed = np.random.default_rng(2).random(60) < 0.6

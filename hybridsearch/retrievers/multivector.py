@@ -72,7 +72,9 @@ PARALLEL_MIN_QUERIES = 16
 # SEARCH_BLOCK_TOKENS tokens (decoded to float32: 32 MiB at d=1024) by BLAS, when the allowed docs
 # hold at least 1/SEARCH_BLOCKED_MIN_SHARE of the tokens. Measured at d=1024, 100-token docs, one
 # thread: the kernel wins up to 32 query vectors (fp16 95 vs 128 ms, codes 118 vs 154 ms per 500
-# docs), BLAS from 128 (fp16 381 vs 337, codes 405 vs 360).
+# docs), BLAS from 128 (fp16 381 vs 337, codes 405 vs 360). Codes without renormalisation never
+# take it since the nibble tables: their kernel won at every length measured, 32 to 1,024 vectors
+# (17 vs 97 ms, 66 vs 156 at 128, 519 vs 1,054 at 1,024; bench/results/coded_long_queries.md).
 SEARCH_BLOCKED_MIN_QUERY = 64
 SEARCH_BLOCK_TOKENS = 1 << 13
 SEARCH_BLOCKED_MIN_SHARE = 4
@@ -189,38 +191,46 @@ def _lut_range(tab, q_off8, q_len, owner, cs, k, ids, res, nbytes, offsets, cand
     token's base, ``cs`` (query ``b``'s ``(k, m8)`` row-major at ``k * q_off8[b]``), plus the
     sum of the row's table entries for the token's first ``nbytes`` residual bytes (all of them
     for the exact score). ``tab`` holds each query's tables (:func:`_nibbles.build_tables`),
-    rows padded to a multiple of 8 by repeating the last one (``q_off8``; maxima unchanged,
-    ``q_len`` real rows)."""
+    rows padded to a multiple of 8 by repeating the last one (``q_off8``; ``q_len`` real rows).
+
+    A MaxSim is a sum over query rows, so the pairs are scored one block of rows at a time
+    (outer loop): each block's tables (512 KiB at res1, d=1024) stay in cache across all the
+    pairs, where a long query's tables taken document by document would not."""
     ne = 32 * res.shape[1]
     acc = np.empty(_nibbles.BLOCK_ROWS, np.float32)
-    best = np.empty(0, np.float32)
+    best = np.empty(_nibbles.BLOCK_ROWS, np.float32)
+    top = 0
     for t in range(lo, hi):
+        out[t] = 0.0
         b = owner[t]
-        m = q_len[b]
-        start = offsets[cand[t]]
-        n = offsets[cand[t] + 1] - start
-        if m == 0 or n == 0:
-            out[t] = 0.0
-            continue
-        r0 = q_off8[b]
-        m8 = q_off8[b + 1] - r0
-        if best.shape[0] < m8:
-            best = np.empty(m8, np.float32)
-        best[:m8] = -np.inf
-        csb = cs[k * r0:k * (r0 + m8)]
-        for j in range(0, m8, _nibbles.BLOCK_ROWS):
+        top = max(top, q_off8[b + 1] - q_off8[b])
+    for j in range(0, top, _nibbles.BLOCK_ROWS):
+        for t in range(lo, hi):
+            b = owner[t]
+            m = q_len[b]
+            r0 = q_off8[b]
+            m8 = q_off8[b + 1] - r0
+            start = offsets[cand[t]]
+            n = offsets[cand[t] + 1] - start
+            if j >= m or n == 0:
+                continue
             rows = min(_nibbles.BLOCK_ROWS, m8 - j)
             block = tab[ne * (r0 + j):ne * (r0 + j + rows)]
-            bj = best[j:j + rows]
+            csb = cs[k * r0:k * (r0 + m8)]
+            best[:rows] = -np.inf
             for u in range(start, start + n):
                 _nibbles.nibble_sum(block, res, u, nbytes, rows, acc)
                 c = csb[ids[u] * m8 + j:]
                 for i in range(rows):
-                    bj[i] = max(bj[i], acc[i] + c[i])
-        total = np.float32(0.0)
-        for i in range(m):
-            total += best[i]
-        out[t] = total / np.float32(m)
+                    best[i] = max(best[i], acc[i] + c[i])
+            total = np.float32(0.0)
+            for i in range(min(rows, m - j)):  # padding rows repeat the last real one
+                total += best[i]
+            out[t] += total
+    for t in range(lo, hi):
+        m = q_len[owner[t]]
+        if m:
+            out[t] /= np.float32(m)
 
 
 @njit(cache=True, parallel=True)
@@ -428,7 +438,8 @@ class _MaxSimStore:
         against the exhaustive search in bench/results/colbert_first_stage.md). A float16 store
         is always searched exhaustively. Exhaustively, long queries (``SEARCH_BLOCKED_MIN_QUERY``
         vectors or more) score whole blocks of documents by BLAS (:meth:`scores_blocked`) unless
-        few documents are allowed; otherwise the MaxSim kernel scores the allowed docs one by one.
+        few documents are allowed or the store's kernel is faster anyway (codes without
+        renormalisation); otherwise the MaxSim kernel scores the allowed docs one by one.
         """
         allowed = self._check_search(k, allowed)
         q = _check_vectors(q, self.dim, "q")
@@ -448,7 +459,7 @@ class _MaxSimStore:
         else:
             cand = np.flatnonzero(allowed).astype(np.int64)
         lengths = self.offsets[cand + 1] - self.offsets[cand]
-        if (q.shape[0] >= SEARCH_BLOCKED_MIN_QUERY and cand.size
+        if (self._blocked_pays() and q.shape[0] >= SEARCH_BLOCKED_MIN_QUERY and cand.size
                 and int(lengths.sum()) * SEARCH_BLOCKED_MIN_SHARE >= self.n_tokens):
             scores = self.scores_blocked(q, allowed)[cand]
         else:
@@ -457,6 +468,10 @@ class _MaxSimStore:
 
     def _has_first_stage(self) -> bool:
         return False
+
+    def _blocked_pays(self) -> bool:
+        """Whether long queries score faster by :meth:`scores_blocked` than by the kernel."""
+        return True
 
     def _refines(self) -> bool:
         return False
@@ -761,6 +776,9 @@ class CodedColbertStore(_MaxSimStore):
 
     def _has_first_stage(self) -> bool:
         return self.codec.k <= FIRST_STAGE_MAX_K
+
+    def _blocked_pays(self) -> bool:
+        return self.codec.renorm  # the nibble-table kernel wins at every query length
 
     def _refines(self) -> bool:
         return self.codec.transform and not self.codec.renorm
