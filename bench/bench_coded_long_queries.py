@@ -12,7 +12,6 @@ then lost. This times both on the same store for query lengths 32 to 1,024: a tr
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,26 +21,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import machine_info  # noqa: E402
+from common import machine_info, token_args, token_sample  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("vectors", help="(T, d) float .npy of token vectors, T >= 101,024")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", default=str(HERE / "results" / "coded_long_queries.md"))
-    a = ap.parse_args()
-
-    import numba
+    a = token_args(__doc__, 101_024, 5, "coded_long_queries.md")
 
     from hybridsearch.retrievers import multivector as mv
     from hybridsearch.retrievers.colbert_codec import ColbertCodec
 
-    numba.set_num_threads(1)
-    x = np.load(a.vectors, mmap_mode="r")
-    if x.ndim != 2 or x.shape[0] < 101_024:
-        raise SystemExit(f"need a (T >= 101024, d) array, got {x.shape}")
-    v = np.asarray(x[:101_024], np.float32)
+    shape, v = token_sample(a.vectors, 101_024)
     codec = ColbertCodec.train(v[60_000:100_000], nbits=1, k=256, transform=True)
     store = mv.CodedColbertStore.from_arrays(v[:50_000], np.arange(0, 50_001, 100), codec)
     cand = np.arange(500, dtype=np.int64)
@@ -62,7 +51,7 @@ def main() -> None:
     lines = [
         "# Long ColBERT queries on a coded store: MaxSim kernel vs blocked BLAS", "",
         f"Machine: {machine_info()}. Command: `python bench/bench_coded_long_queries.py {a.vectors} "
-        f"--rounds {a.rounds}`. One thread; 500 documents x 100 tokens, {x.shape[1]}-d, transform res1 "
+        f"--rounds {a.rounds}`. One thread; 500 documents x 100 tokens, {shape[1]}-d, transform res1 "
         f"codebook {codec.sections}; every document scored; median ms, the two paths taking turns.", "",
         "| query vectors | kernel ms | blocked BLAS ms | kernel speed-up | max score diff |",
         "|---|---|---|---|---|",

@@ -20,7 +20,6 @@ bench/results/coded_maxsim.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,26 +29,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import machine_info  # noqa: E402
+from common import machine_info, token_args, token_sample  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("vectors", help="(T, d) float .npy of token vectors, T >= 110,000")
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--out", default=str(HERE / "results" / "coded_maxsim.md"))
-    a = ap.parse_args()
-
-    import numba
+    a = token_args(__doc__, 110_000, 15, "coded_maxsim.md")
 
     from hybridsearch.retrievers import multivector as mv
     from hybridsearch.retrievers.colbert_codec import ColbertCodec
 
-    numba.set_num_threads(1)
-    x = np.load(a.vectors, mmap_mode="r")
-    if x.ndim != 2 or x.shape[0] < 110_000:
-        raise SystemExit(f"need a (T >= 110000, d) array, got {x.shape}")
-    v = np.asarray(x[:110_000], np.float32)
+    shape, v = token_sample(a.vectors, 110_000)
     q = v[100_000:100_032]
     offsets = np.arange(0, 50_001, 100)
     rows = []
@@ -83,7 +72,7 @@ def main() -> None:
     lines = [
         "# Coded ColBERT MaxSim: whole-token decode vs split kernel (nibble tables)", "",
         f"Machine: {machine_info()}. Command: `python bench/bench_coded_maxsim.py {a.vectors} "
-        f"--rounds {a.rounds}`. One thread; 500 documents x 100 tokens, {x.shape[1]}-d, a "
+        f"--rounds {a.rounds}`. One thread; 500 documents x 100 tokens, {shape[1]}-d, a "
         "32-token query; median ms of interleaved rounds.", "",
         "| layout | sections (4/2/1-bit axes) | coded axes | full decode ms | split ms | speed-up | max score diff |",
         "|---|---|---|---|---|---|---|",

@@ -7,6 +7,7 @@ import os
 import platform
 import time
 from importlib import metadata
+from pathlib import Path
 
 
 def machine_info(packages=("hybridsearch", "torch", "transformers", "numpy", "numba", "faiss-cpu", "tantivy")) -> str:
@@ -48,3 +49,28 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def token_args(doc: str, need: int, rounds: int, out: str):
+    """Arguments of a bench on a ``(T, d)`` .npy of token vectors (``vectors``, ``--rounds``,
+    ``--out``: bench/results/``out`` by default)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("vectors", help=f"(T, d) float .npy of token vectors, T >= {need:,}")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / out))
+    return ap.parse_args()
+
+
+def token_sample(path: str, need: int):
+    """``(T, d)`` of the file and its first ``need`` rows as float32 (exits when it has fewer);
+    Numba is set to one thread, as these benches time one."""
+    import numba
+    import numpy as np
+
+    numba.set_num_threads(1)
+    x = np.load(path, mmap_mode="r")
+    if x.ndim != 2 or x.shape[0] < need:
+        raise SystemExit(f"need a (T >= {need}, d) array, got {x.shape}")
+    return x.shape, np.asarray(x[:need], np.float32)
