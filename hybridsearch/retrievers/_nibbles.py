@@ -15,7 +15,8 @@ to ``8 * nbytes``).
 
 :func:`nibble_sum` is written in LLVM IR: Numba's loop vectoriser turns the plain loop into
 gathers along the nibbles (5x slower than the kernel it replaces), while this keeps the ``R``
-rows in vector registers, with two accumulator sets so that no add waits on the one before.
+rows in vector registers (one accumulator set per nibble of a byte; with aligned tables a single
+set measured the same, 9.5 ms for 28,099 tokens and 32 rows on one thread).
 :func:`tables_reference` and :func:`nibble_sum_reference` are plain numpy versions.
 """
 
