@@ -135,3 +135,11 @@ def test_search_equals_brute_force_at_size(store):
         np.testing.assert_allclose(s, ref[i], rtol=1e-5, atol=1e-5)
         assert len(set(i.tolist()) & set(top.tolist())) >= 9  # near-ties may swap at the edge
         np.testing.assert_allclose(np.sort(s), np.sort(ref[top]), rtol=1e-5, atol=1e-5)
+
+
+def test_store_refuses_residuals_of_another_width(store):
+    st, _ = store
+    with pytest.raises(ValueError, match="residuals"):
+        CodedColbertStore(st.codes, st.residuals[:, :-1], st.offsets, st.codec)
+    with pytest.raises(ValueError, match="residuals"):
+        CodedColbertStore(st.codes[:-1], st.residuals, st.offsets, st.codec)
